@@ -1,0 +1,210 @@
+"""The `fastcifar` command line: train, eval, predict, summary, list.
+
+User mistakes end in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from pathlib import Path
+
+from fastcifar.config import TrainConfig, read_toml
+from fastcifar.errors import UserError
+
+BOOLEAN_FLAGS = {"download", "nesterov", "flip", "channels_last", "compile", "deterministic", "track"}
+RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
+
+
+def _field_help() -> dict[str, str]:
+    """Each config field's help text: its comment in config.py (one place for units)."""
+    source = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.MULTILINE))
+
+
+def _parser_for(type_name: str):
+    base = type_name.replace(" | None", "")
+    return {"int": int, "float": float, "str": str}[base]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay absent so recipes can fill them."""
+    helps = _field_help()
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        text = helps.get(field.name, "")
+        if field.name == "amp":
+            parser.add_argument(
+                "--amp", nargs="?", const="bf16", choices=["bf16", "fp16", "none"],
+                default=argparse.SUPPRESS, help="autocast dtype; bare --amp means bf16",
+            )  # fmt: skip
+            parser.add_argument(
+                "--no-amp", dest="amp", action="store_const", const="none",
+                default=argparse.SUPPRESS, help="train in fp32",
+            )  # fmt: skip
+        elif field.name in BOOLEAN_FLAGS:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
+        else:
+            parser.add_argument(
+                flag, type=_parser_for(field.type), default=argparse.SUPPRESS, help=text,
+                metavar=field.name.upper(),
+            )  # fmt: skip
+    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
+    parser.add_argument(
+        "--resume", type=Path, default=argparse.SUPPRESS, help="continue the run in this directory"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
+    """Layer defaults, the arch's device recipe, --config, then flags (later wins)."""
+    from fastcifar.models import list_models
+    from fastcifar.recipes import recipe
+    from fastcifar.train.device import resolve_device
+
+    flags = {
+        k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume", "quiet")
+    }
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        extra = set(flags) - RESUME_OVERRIDES
+        if extra:
+            names = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
+            raise UserError(f"--resume continues the saved config; it cannot change {names}")
+        saved = read_toml_or_json(resume / "config.json")
+        return TrainConfig.from_dict({**saved, **flags}), resume
+    file_values = read_toml(args.config) if getattr(args, "config", None) else {}
+    arch = flags.get("arch") or file_values.get("arch") or TrainConfig.arch
+    if arch not in list_models():
+        raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(list_models())}")
+    device = resolve_device(flags.get("device") or file_values.get("device") or "auto")
+    values = {**recipe(arch, device.type), **file_values, **flags, "arch": arch}
+    return TrainConfig.from_dict(values), None
+
+
+def read_toml_or_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"nothing to resume: {path} not found") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def cmd_train(args) -> int:
+    from fastcifar.display import TrainingDisplay
+    from fastcifar.train.engine import fit
+
+    cfg, resume = resolve_train_config(args)
+    fit(cfg, TrainingDisplay(quiet=args.quiet), resume=resume)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rich.console import Console
+
+    from fastcifar.inference import eval_checkpoint
+
+    console = Console()
+    result = eval_checkpoint(args.checkpoint, args.data, args.tta, args.device, log=console.print)
+    tta = " (flip TTA)" if args.tta else ""
+    console.print(
+        f"test accuracy{tta}: {result.acc:.2%}  loss {result.loss:.4f}  ({len(result.labels)} images)"
+    )
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from fastcifar.inference import predict_images
+
+    for image, (name, prob) in zip(
+        args.images, predict_images(args.checkpoint, args.images, args.device), strict=True
+    ):
+        print(f"{image}\t{name}\t{prob:.4f}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastcifar.models import create_model
+    from fastcifar.summary import summarize
+
+    s = summarize(create_model(args.arch))
+    table = Table(title=f"{args.arch}", show_footer=False)
+    for name, justify in [("Layer (type)", "left"), ("Output Shape", "left"), ("Param #", "right"),
+                          ("Mult-adds", "right")]:  # fmt: skip
+        table.add_column(name, justify=justify)
+    for row in s.layers:
+        shape = "[" + ", ".join(str(d) for d in row.output_shape) + "]"
+        table.add_row(row.name, shape, f"{row.params:,}" if row.params else "--", f"{row.mult_adds:,}")
+    console = Console()
+    console.print(table)
+    console.print(f"Total params: {s.total_params:,}")
+    console.print(f"Trainable params: {s.trainable_params:,}")
+    console.print(f"Non-trainable params: {s.total_params - s.trainable_params:,}")
+    console.print(f"Total mult-adds (M): {s.mult_adds / 1e6:.2f}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from fastcifar.models import create_model, list_models
+
+    for name in list_models(args.pattern):
+        params = sum(p.numel() for p in create_model(name).parameters())
+        print(f"{name:<22} {params:>12,} params")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model")
+    add_train_arguments(train)
+    train.set_defaults(run=cmd_train)
+
+    ev = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    ev.add_argument("checkpoint", type=Path, help="a .pt file or a run directory (uses best.pt)")
+    ev.add_argument("--data", help="CIFAR-10 source (default: the one the run trained on)")
+    ev.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.set_defaults(run=cmd_eval)
+
+    pr = sub.add_parser("predict", help="classify image files")
+    pr.add_argument("checkpoint", type=Path)
+    pr.add_argument("images", type=Path, nargs="+")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.set_defaults(run=cmd_predict)
+
+    sm = sub.add_parser("summary", help="per-layer table: output shapes, parameters, mult-adds")
+    sm.add_argument("--arch", required=True)
+    sm.set_defaults(run=cmd_summary)
+
+    ls = sub.add_parser("list", help="registered architectures")
+    ls.add_argument("pattern", nargs="?", default="*")
+    ls.set_defaults(run=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"fastcifar: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastcifar: interrupted; continue a training run with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The one training configuration: a frozen dataclass whose fields map 1:1 to the
+`fastcifar train` flags, saved in every run directory and checkpoint.
+
+Values are resolved in this order, later winning: field defaults, the arch's recipe for
+the device (`fastcifar.recipes`), a `--config FILE` (TOML, field names as keys), and
+flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastcifar.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
+AMP_MODES = ("none", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "cerberus"
+    data: str | None = None  # path to a CIFAR-10 source; None: $FASTCIFAR_DATA, then the cache
+    download: bool = False  # fetch the official tarball when no data is found
+    out: str | None = None  # run directory; None: runs/<arch>-<timestamp>
+    epochs: int = 20  # epoch cap
+    batch_size: int = 128  # images per training step
+    eval_batch_size: int = 1000  # images per evaluation step
+    lr: float = 0.05  # peak learning rate
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    momentum: float = 0.9  # SGD momentum (Adam: beta1)
+    nesterov: bool = True  # Nesterov momentum for SGD
+    weight_decay: float = 5e-4  # L2 penalty (decoupled for adamw)
+    schedule: str = "onecycle"  # constant | step | cosine | onecycle | plateau
+    warmup_epochs: float = 0.0  # linear warm-up length, epochs (onecycle has its own)
+    step_epochs: int = 10  # step schedule: epochs between decays
+    gamma: float = 0.1  # step / plateau decay factor
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, 0..1
+    dropout: float | None = None  # override the arch's dropout rate; None keeps the arch's
+    activation: str | None = None  # override the arch's activations; None keeps the arch's
+    patience: int = 0  # early stopping: epochs without val improvement; 0 = off
+    crop_pad: int = 4  # random-crop padding, pixels; 0 = no crop
+    flip: bool = True  # random horizontal flips
+    cutout: int = 0  # cutout square side, pixels; 0 = off
+    seed: int = 0  # seeds model init, sample order and augmentation
+    split_seed: int = 0  # seeds the validation split (kept apart so val is fixed across seeds)
+    val: int = 5000  # validation images held out of train (class-balanced); 0 = none
+    subset: int | None = None  # train on the first N training images (after the val split)
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "none"  # none | bf16 | fp16: autocast dtype
+    channels_last: bool = True  # NHWC memory format for activations and weights
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)
+    threads: int = 0  # CPU intra-op threads; 0 = torch's default
+    track: bool = True  # MLflow tracking (when installed)
+    tracking_uri: str | None = None  # MLflow tracking URI; None: $MLFLOW_TRACKING_URI or local
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs > 0, f"--epochs must be positive, not {self.epochs}"),
+            (self.batch_size > 0, f"--batch-size must be positive, not {self.batch_size}"),
+            (self.eval_batch_size > 0, "--eval-batch-size must be positive"),
+            (self.lr > 0, f"--lr must be positive, not {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.patience >= 0, "--patience must be >= 0"),
+            (self.val >= 0, f"--val must be >= 0, not {self.val}"),
+            (self.subset is None or self.subset > 0, "--subset must be positive"),
+            (self.crop_pad >= 0 and self.cutout >= 0, "--crop-pad and --cutout must be >= 0"),
+            (self.warmup_epochs >= 0 and self.step_epochs > 0, "bad warm-up or step length"),
+            (self.weight_decay >= 0 and self.momentum >= 0, "momentum/weight decay must be >= 0"),
+            (self.threads >= 0, "--threads must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def read_toml(path: Path) -> dict:
+    """A config file's values, with a one-line error for a missing or malformed file."""
+    try:
+        with path.open("rb") as f:
+            values = tomllib.load(f)
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config {path} is not valid TOML: {exc}") from None
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise UserError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+    return values

@@ -1,0 +1,1 @@
+"""Data: source readers, the decoded-array cache, the validation split and loaders."""

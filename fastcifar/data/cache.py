@@ -1,0 +1,110 @@
+"""The decoded-array cache: a source is decoded once, later runs memory-map the arrays.
+
+Entries live in `$FASTCIFAR_CACHE` (default `~/.cache/fastcifar`) under the source's
+content hash. An entry is a directory of `.npy` files and a `manifest.json` holding each
+file's size and BLAKE2 digest; it is built in a temporary directory and renamed into
+place, so a reader never sees half an entry. A truncated or tampered entry fails the
+check and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fastcifar.data.sources import CifarArrays, read_source
+
+ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+FORMAT = 1
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASTCIFAR_CACHE", Path.home() / ".cache" / "fastcifar"))
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file, or of every file's relative path and bytes under a directory."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_cached(source: Path, log=print) -> CifarArrays:
+    """Arrays for `source`, from the cache when a valid entry exists, else decoded and cached."""
+    entry = cache_root() / content_hash(source)
+    arrays = read_entry(entry)
+    if arrays is not None:
+        return arrays
+    if entry.exists():
+        log(f"cache entry {entry} is damaged; rebuilding it")
+    log(f"decoding {source} once into {entry}")
+    write_entry(entry, read_source(source), source)
+    arrays = read_entry(entry)
+    if arrays is None:
+        raise OSError(f"cache entry {entry} failed its check right after writing")
+    return arrays
+
+
+def latest_entry() -> Path | None:
+    """The most recently written valid-looking cache entry, for runs given no --data."""
+    root = cache_root()
+    entries = [p for p in root.glob("*") if (p / "manifest.json").exists()] if root.is_dir() else []
+    return max(entries, key=lambda p: (p / "manifest.json").stat().st_mtime, default=None)
+
+
+def read_entry(entry: Path) -> CifarArrays | None:
+    """Memory-map a cache entry's arrays; None when missing, truncated or tampered."""
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        if manifest.get("format") != FORMAT:
+            return None
+        arrays = {}
+        for name in ARRAYS:
+            file = entry / f"{name}.npy"
+            expected = manifest["files"][name]
+            if file.stat().st_size != expected["bytes"] or _file_digest(file) != expected["blake2b"]:
+                return None
+            arrays[name] = np.load(file, mmap_mode="r")
+        return CifarArrays(**arrays)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_entry(entry: Path, arrays: CifarArrays, source: Path) -> None:
+    """Write an entry atomically: build it beside the target, then rename it into place."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent))
+    try:
+        files = {}
+        for name in ARRAYS:
+            file = tmp / f"{name}.npy"
+            np.save(file, np.ascontiguousarray(getattr(arrays, name)))
+            files[name] = {"bytes": file.stat().st_size, "blake2b": _file_digest(file)}
+        manifest = {"format": FORMAT, "source": str(source), "created": time.time(), "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""From `--data` to device tensors: resolve the source, load it through the cache,
+split off validation, take the subset, and move everything to the device as uint8."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcifar.data.cache import cache_root, latest_entry, load_cached, read_entry
+from fastcifar.data.sources import HOW_TO_GET, OFFICIAL_MD5, OFFICIAL_URL, CifarArrays, md5sum
+from fastcifar.data.split import validation_split
+from fastcifar.errors import UserError
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 32, 32, 3) on the device
+    labels: torch.Tensor  # int64 (N,) on the device
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    val: Split | None
+    test: Split
+    source: str
+
+
+def resolve_arrays(data: str | None, download: bool, log=print) -> tuple[CifarArrays, str]:
+    """The arrays for `--data`, `$FASTCIFAR_DATA`, a download, or the newest cache entry."""
+    path = data or os.environ.get("FASTCIFAR_DATA") or None
+    if path:
+        return load_cached(Path(path).expanduser(), log), str(path)
+    if download:
+        tarball = download_official(log)
+        return load_cached(tarball, log), str(tarball)
+    entry = latest_entry()
+    arrays = read_entry(entry) if entry else None
+    if arrays is None:
+        raise UserError(f"no CIFAR-10 data given; {HOW_TO_GET}")
+    return arrays, str(entry)
+
+
+def download_official(log=print) -> Path:
+    """Fetch the official tarball into the cache folder (once) and check its md5."""
+    target = cache_root() / "cifar-10-python.tar.gz"
+    if target.exists() and md5sum(target) == OFFICIAL_MD5:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    log(f"downloading {OFFICIAL_URL}")
+    try:
+        with urllib.request.urlopen(OFFICIAL_URL, timeout=60) as response, partial.open("wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot download CIFAR-10 from {OFFICIAL_URL}: {exc}") from None
+    if md5sum(partial) != OFFICIAL_MD5:
+        partial.unlink()
+        raise UserError("downloaded CIFAR-10 tarball fails its md5 check")
+    os.replace(partial, target)
+    return target
+
+
+def prepare_data(
+    data: str | None,
+    *,
+    val: int,
+    split_seed: int,
+    subset: int | None,
+    device: torch.device,
+    download: bool = False,
+    log=print,
+) -> DataBundle:
+    arrays, source = resolve_arrays(data, download, log)
+    train_idx, val_idx = validation_split(arrays.train_labels, val, split_seed)
+    if subset is not None:
+        train_idx = train_idx[:subset]
+
+    def to_device(images: np.ndarray, labels: np.ndarray, rows=None) -> Split:
+        if rows is not None:
+            images, labels = images[rows], labels[rows]
+        return Split(
+            torch.from_numpy(np.array(images)).to(device),
+            torch.from_numpy(np.array(labels)).to(device),
+        )
+
+    return DataBundle(
+        train=to_device(arrays.train_images, arrays.train_labels, train_idx),
+        val=to_device(arrays.train_images, arrays.train_labels, val_idx) if val else None,
+        test=to_device(arrays.test_images, arrays.test_labels),
+        source=source,
+    )

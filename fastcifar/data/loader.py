@@ -1,0 +1,84 @@
+"""The tensor loader: the dataset lives on the device as uint8 and is augmented in batches.
+
+A loader is an iterable of `(images, labels)` batches with `len()` and `set_epoch()`;
+other loaders (DALI, native) implement the same small interface.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcifar.data.augment import augment_batch, draw, normalize, pad_images
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, stream)."""
+    return (seed * 1_000_003 + epoch * 7919 + stream) % (2**63)
+
+
+class TensorLoader:
+    """Batches from a device-resident uint8 NHWC dataset.
+
+    Training loaders shuffle per epoch and augment (crop with `pad`, flip, optional
+    `cutout`); evaluation loaders keep order and only normalise. Every sample order and
+    augmentation draw is a function of (seed, epoch), so a resumed run sees the same
+    batches as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        pad: int = 4,
+        flip: bool = True,
+        cutout: int = 0,
+        dtype: torch.dtype = torch.float32,
+        drop_last: bool | None = None,
+    ):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError("images must be uint8 (N, H, W, 3)")
+        self.size = images.shape[1]
+        self.images = pad_images(images, pad) if train else images
+        self.labels = labels
+        self.batch_size = batch_size
+        self.train, self.seed, self.pad, self.flip, self.cutout = train, seed, pad, flip, cutout
+        self.dtype = dtype
+        self.drop_last = train if drop_last is None else drop_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Images yielded per epoch."""
+        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        device = self.images.device
+        n = len(self.labels)
+        if not self.train:
+            for start in range(0, n, self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                yield normalize(self.images[rows], self.dtype), self.labels[rows]
+            return
+        order_gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 0))
+        order = torch.randperm(n, generator=order_gen).to(device)
+        aug_gen = torch.Generator(device).manual_seed(epoch_seed(self.seed, self.epoch, 1))
+        for b in range(len(self)):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            d = draw(len(index), self.pad, self.cutout, self.size, aug_gen)
+            if not self.flip:
+                d = type(d)(d.dy, d.dx, torch.zeros_like(d.flip), d.cut_y, d.cut_x)
+            x = augment_batch(
+                self.images, index, d, size=self.size, cutout=self.cutout, dtype=self.dtype
+            )
+            yield x, self.labels[index]

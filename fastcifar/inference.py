@@ -1,0 +1,72 @@
+"""Using a trained checkpoint: test-set evaluation and per-image prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcifar.config import TrainConfig
+from fastcifar.data.augment import normalize
+from fastcifar.data.dataset import prepare_data
+from fastcifar.data.loader import TensorLoader
+from fastcifar.data.sources import CLASSES
+from fastcifar.errors import UserError
+from fastcifar.train.checkpoint import load_checkpoint, load_model_state
+from fastcifar.train.device import input_dtype, resolve_device
+from fastcifar.train.engine import build_model
+from fastcifar.train.evaluate import EvalResult, evaluate
+
+
+def load_trained(path: Path, device_name: str = "auto") -> tuple[torch.nn.Module, TrainConfig]:
+    """The model of a checkpoint (or of a run directory's best.pt), ready for inference."""
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    device = resolve_device(device_name)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        cfg = cfg.replace(amp="bf16")
+    cfg = cfg.replace(device=device.type)
+    model = build_model(cfg, device)
+    load_model_state(model, ckpt["model"], cfg.arch, path)
+    return model.eval(), cfg
+
+
+def eval_checkpoint(
+    path: Path, data: str | None, tta: bool, device_name: str = "auto", log=print
+) -> EvalResult:
+    model, cfg = load_trained(path, device_name)
+    device = next(model.parameters()).device
+    bundle = prepare_data(data or cfg.data, val=0, split_seed=0, subset=None, device=device, log=log)
+    loader = TensorLoader(
+        bundle.test.images, bundle.test.labels, cfg.eval_batch_size, train=False,
+        dtype=input_dtype(cfg.amp),
+    )  # fmt: skip
+    return evaluate(model, loader, cfg.amp, device, tta=tta)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 (32, 32, 3), resized when it is another size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+    if rgb.size != (32, 32):
+        rgb = rgb.resize((32, 32), Image.BILINEAR)
+    return np.asarray(rgb)
+
+
+@torch.no_grad()
+def predict_images(path: Path, images: list[Path], device_name: str = "auto") -> list[tuple[str, float]]:
+    """(class name, probability) for each image."""
+    model, cfg = load_trained(path, device_name)
+    device = next(model.parameters()).device
+    batch = torch.from_numpy(np.stack([read_image(p) for p in images])).to(device)
+    logits = model(normalize(batch, torch.float32)).float()
+    probs, classes = logits.softmax(1).max(1)
+    return [(CLASSES[c], p) for c, p in zip(classes.tolist(), probs.tolist(), strict=True)]

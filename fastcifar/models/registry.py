@@ -1,0 +1,35 @@
+"""Model registry in the style of timm: `register_model`, `create_model`, `list_models`."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+from torch import nn
+
+from fastcifar.errors import UserError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a model factory under its function name."""
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"model {fn.__name__!r} is registered twice")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model; `overrides` go to its factory (activation, dropout, ...)."""
+    if name not in _MODELS:
+        raise UserError(f"unknown arch {name!r}; choose one of: {', '.join(list_models())}")
+    try:
+        return _MODELS[name](**overrides)
+    except TypeError as exc:
+        raise UserError(f"bad option for arch {name!r}: {exc}") from None

@@ -1,0 +1,1 @@
+"""The training engine: device set-up, optimiser and schedule, checkpoints, run directory."""

@@ -1,0 +1,43 @@
+"""Checkpoints: written atomically, loaded with `weights_only=True`.
+
+A checkpoint holds the model, optimiser, schedule and early-stopping state, the epoch it
+ends, and the run's config, so `--resume` and `fastcifar eval` need nothing else.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from fastcifar.atomic import write_atomic
+from fastcifar.errors import UserError
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A checkpoint dict; a one-line UserError for a missing, corrupt or foreign file."""
+    if path.is_dir():
+        path = path / "best.pt"
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load checkpoint {path}: {first_line}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a fastcifar checkpoint")
+    return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict, arch: str, source: Path) -> None:
+    """Load weights, with a one-line error when they belong to another architecture."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"checkpoint {source} does not fit arch {arch!r}") from None

@@ -1,0 +1,48 @@
+"""Device, precision and thread set-up, decided once per run."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastcifar.errors import UserError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without it is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context for a forward pass (a no-op context when amp is 'none')."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def input_dtype(amp: str) -> torch.dtype:
+    """The dtype the loader should emit: the autocast dtype saves a cast inside the model."""
+    return AMP_DTYPES.get(amp, torch.float32)
+
+
+def configure_runtime(threads: int, deterministic: bool, seed: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True

@@ -1,0 +1,228 @@
+"""The training function. It reads top to bottom: device, data, model, optimiser, loop.
+
+The hot loop keeps loss and accuracy on the device and reads them back only at log
+boundaries; each host-device sync is marked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastcifar.config import TrainConfig
+from fastcifar.data.dataset import prepare_data
+from fastcifar.data.loader import TensorLoader, epoch_seed
+from fastcifar.display import TrainingDisplay
+from fastcifar.errors import UserError
+from fastcifar.models import create_model
+from fastcifar.train import rundir
+from fastcifar.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from fastcifar.train.device import (
+    autocast,
+    check_amp,
+    configure_runtime,
+    input_dtype,
+    resolve_device,
+)
+from fastcifar.train.evaluate import evaluate
+from fastcifar.train.optim import Schedule, build_optimizer
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    seconds: float
+    first_step_seconds: float
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    overrides = {k: v for k, v in (("dropout", cfg.dropout), ("activation", cfg.activation)) if v is not None}
+    model = create_model(cfg.arch, **overrides).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
+    train = TensorLoader(
+        data.train.images, data.train.labels, cfg.batch_size, train=True, seed=cfg.seed,
+        pad=cfg.crop_pad, flip=cfg.flip, cutout=cfg.cutout, dtype=dtype,
+    )  # fmt: skip
+
+    def eval_loader(split):
+        if split is None:
+            return None
+        return TensorLoader(split.images, split.labels, cfg.eval_batch_size, train=False, dtype=dtype)
+
+    return train, eval_loader(data.val), eval_loader(data.test)
+
+
+def train_epoch(model, loader, optimizer, schedule, cfg, device, scaler, display) -> EpochStats:
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen, start = 0, time.perf_counter()
+    first_step = 0.0
+    log_every = max(1, len(loader) // 50)
+    for step, (x, y) in enumerate(loader, 1):
+        with autocast(cfg.amp, device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if step == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # host sync: time the first (compiling) step alone
+            first_step = time.perf_counter() - start
+        if step % log_every == 0:
+            elapsed = time.perf_counter() - start
+            display.advance(step, loss.item(), seen / elapsed)  # host sync at log boundary
+    total_loss = (loss_sum / seen).item()  # host sync: end of epoch
+    acc = correct.item() / seen
+    return EpochStats(total_loss, acc, time.perf_counter() - start, first_step)
+
+
+def fit(cfg: TrainConfig, display: TrainingDisplay, resume: Path | None = None) -> dict:
+    """Train `cfg` (or resume the run in `resume`) and return the run's summary."""
+    wall_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    check_amp(cfg.amp, device)
+    configure_runtime(cfg.threads, cfg.deterministic, cfg.seed)
+    run_dir = rundir.create_run_dir(
+        resume or Path(cfg.out or rundir.default_run_dir(cfg.arch)), fresh=resume is None
+    )
+    ckpt = load_checkpoint(run_dir / "last.pt") if resume else None
+
+    t = time.perf_counter()
+    data = prepare_data(
+        cfg.data, val=cfg.val, split_seed=cfg.split_seed, subset=cfg.subset, device=device,
+        download=cfg.download, log=display.log,
+    )  # fmt: skip
+    if cfg.batch_size > len(data.train.labels):
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is larger than the {len(data.train.labels)} training images"
+        )
+    data_seconds = time.perf_counter() - t
+    train_loader, val_loader, test_loader = make_loaders(cfg, data, input_dtype(cfg.amp))
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, device)
+    step_model = torch.compile(model) if cfg.compile else model
+    optimizer = build_optimizer(model, cfg)
+    schedule = Schedule(optimizer, cfg, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+    state = {"epoch": 0, "best_acc": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    if ckpt is not None:
+        load_model_state(model, ckpt["model"], cfg.arch, run_dir / "last.pt")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["state"]
+        display.log(f"resuming {run_dir} after epoch {state['epoch']}")
+    else:
+        rundir.write_json(run_dir, "config.json", cfg.to_dict())
+    rundir.write_json(run_dir, "env.json", rundir.environment(device))
+
+    seconds = {"data": data_seconds, "warmup": 0.0, "train": 0.0, "eval": 0.0}
+    stopped = None
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        train_loader.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout draws, per epoch
+        display.start_epoch(epoch, cfg.epochs, len(train_loader))
+        stats = train_epoch(step_model, train_loader, optimizer, schedule, cfg, device, scaler, display)
+        if not math.isfinite(stats.loss):
+            kept = f"last.pt (epoch {state['epoch']})" if state["epoch"] else "no checkpoint"
+            raise TrainingDiverged(
+                f"loss became {stats.loss} in epoch {epoch}; stopped, kept {kept} in {run_dir}"
+            )
+        warm = stats.first_step_seconds if epoch == state["epoch"] + 1 else 0.0
+        seconds["warmup"] += warm
+        seconds["train"] += stats.seconds - warm
+
+        t = time.perf_counter()
+        val = evaluate(step_model, val_loader, cfg.amp, device) if val_loader else None
+        test = evaluate(step_model, test_loader, cfg.amp, device)
+        seconds["eval"] += time.perf_counter() - t
+        lr = optimizer.param_groups[0]["lr"]
+        schedule.end_epoch(val.acc if val else None)
+
+        row = {
+            "epoch": epoch,
+            "train_loss": stats.loss,
+            "train_acc": stats.acc,
+            "val_loss": val.loss if val else None,
+            "val_acc": val.acc if val else None,
+            "test_loss": test.loss,
+            "test_acc": test.acc,
+            "lr": lr,
+            "images_per_sec": train_loader.num_samples / stats.seconds,
+            "seconds": stats.seconds,
+        }
+        monitored = val.acc if val else stats.acc  # without a val split: train accuracy
+        improved = monitored > state["best_acc"]
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if improved:
+            state.update(best_acc=monitored, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "state": state,
+            "config": cfg.to_dict(),
+            "epoch": epoch,
+        }
+        if scaler is not None:
+            checkpoint["scaler"] = scaler.state_dict()
+        if improved:
+            save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch},
+                            run_dir / "best.pt")  # fmt: skip
+        save_checkpoint(checkpoint, run_dir / "last.pt")
+        rundir.write_metrics(run_dir, state["history"])
+        display.end_epoch(row, improved)
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            stopped = f"early stop: no improvement for {cfg.patience} epochs"
+            break
+
+    best_row = state["history"][state["best_epoch"] - 1]
+    load_model_state(model, load_checkpoint(run_dir / "best.pt")["model"], cfg.arch, run_dir)
+    history = state["history"]
+    train_seconds = sum(r["seconds"] for r in history)
+    summary = {
+        "arch": cfg.arch,
+        "run_dir": str(run_dir),
+        "epochs_run": state["epoch"],
+        "stopped": stopped,
+        "best": {k: best_row[k] for k in ("epoch", "val_acc", "val_loss", "test_acc", "test_loss")},
+        "images_per_sec": sum(train_loader.num_samples for _ in history) / train_seconds,
+        "seconds": {**seconds, "total": time.perf_counter() - wall_start},
+        "data_source": data.source,
+    }
+    rundir.write_json(run_dir, "summary.json", summary)
+    display.summary(summary)
+    summary["model"] = model
+    return summary

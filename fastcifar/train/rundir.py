@@ -1,0 +1,73 @@
+"""The run directory `runs/<name>/`: config, environment, per-epoch metrics, checkpoints
+and the final summary. Every file in it is written atomically."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from fastcifar.atomic import write_json_atomic, write_text_atomic
+from fastcifar.errors import UserError
+
+
+def default_run_dir(arch: str) -> Path:
+    return Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run_dir(path: Path, fresh: bool) -> Path:
+    """Make (or, when resuming, check) a run directory, with a one-line error if unusable."""
+    if fresh and (path / "last.pt").exists():
+        raise UserError(f"{path} already holds a run; use --resume {path} or another --out")
+    if not fresh and not (path / "last.pt").exists():
+        raise UserError(f"nothing to resume in {path}: no last.pt")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"run directory {path} is not writable: {exc.strerror}") from None
+    return path
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    """metrics.jsonl: one JSON object per epoch, rewritten whole so it always matches last.pt."""
+    write_text_atomic(path / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+
+
+def write_json(path: Path, name: str, obj) -> None:
+    write_json_atomic(path / name, obj)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    """What the run ran on: device, versions, threads, git revision."""
+    env = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "git_revision": git_revision(),
+        "hostname": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return env
