@@ -49,7 +49,7 @@ class TrainConfig:
     seed: int = 0  # seeds model init, sample order and augmentation
     split_seed: int = 0  # seeds the validation split (kept apart so val is fixed across seeds)
     val: int = 5000  # validation images held out of train (class-balanced); 0 = none
-    subset: int | None = None  # train on the first N training images (after the val split)
+    subset: int | None = None  # train on N training images (a fixed shuffle's first N, after val)
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "none"  # none | bf16 | fp16: autocast dtype
     channels_last: bool = True  # NHWC memory format for activations and weights

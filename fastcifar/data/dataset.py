@@ -82,7 +82,9 @@ def prepare_data(
     arrays, source = resolve_arrays(data, download, log)
     train_idx, val_idx = validation_split(arrays.train_labels, val, split_seed)
     if subset is not None:
-        train_idx = train_idx[:subset]
+        # Image folders come sorted by class: take the first N of a fixed shuffle instead.
+        shuffled = np.random.default_rng(split_seed).permutation(train_idx)
+        train_idx = np.sort(shuffled[:subset])
 
     def to_device(images: np.ndarray, labels: np.ndarray, rows=None) -> Split:
         if rows is not None:

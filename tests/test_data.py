@@ -1,0 +1,121 @@
+import tarfile
+
+import numpy as np
+import pytest
+
+from fastcifar.data import cache, sources
+from fastcifar.data.cache import cache_root, content_hash, load_cached
+from fastcifar.data.sources import read_source
+from fastcifar.data.split import validation_split
+from fastcifar.errors import UserError
+
+from .conftest import write_zip
+
+
+def assert_same_arrays(got, arrays):
+    train, train_y, test, test_y = arrays
+    np.testing.assert_array_equal(got.train_images, train)
+    np.testing.assert_array_equal(got.train_labels, train_y)
+    np.testing.assert_array_equal(got.test_images, test)
+    np.testing.assert_array_equal(got.test_labels, test_y)
+
+
+def folder_order(arrays):
+    """An image folder is read class by class, file names sorted within a class."""
+    train, train_y, test, test_y = arrays
+    tr, te = np.argsort(train_y, kind="stable"), np.argsort(test_y, kind="stable")
+    return train[tr], train_y[tr], test[te], test_y[te]
+
+
+def test_batches_dir(batches_dir, arrays):
+    assert_same_arrays(read_source(batches_dir), arrays)
+    assert_same_arrays(read_source(batches_dir.parent), arrays)  # the folder around it
+
+
+def test_png_folder_and_zip(png_folder, png_zip, arrays):
+    assert_same_arrays(read_source(png_folder), folder_order(arrays))
+    assert_same_arrays(read_source(png_zip), folder_order(arrays))
+
+
+def test_zip_with_top_level_folder(tmp_path, arrays):
+    assert_same_arrays(read_source(write_zip(tmp_path / "c.zip", arrays, prefix="cifar10/")), folder_order(arrays))
+
+
+def test_jpeg_folder_decodes_close_to_original(tmp_path, arrays):
+    from .conftest import write_image_folder
+
+    got = read_source(write_image_folder(tmp_path / "jpg", arrays, fmt="JPEG"))
+    assert got.train_images.shape == arrays[0].shape
+    np.testing.assert_array_equal(got.train_labels, folder_order(arrays)[1])
+
+
+def test_official_tarball(tmp_path, batches_dir, arrays, monkeypatch):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(batches_dir, arcname="cifar-10-batches-py")
+    with pytest.raises(UserError, match="md5 mismatch"):
+        read_source(tarball)
+    monkeypatch.setattr(sources, "OFFICIAL_MD5", sources.md5sum(tarball))
+    assert_same_arrays(read_source(tarball), arrays)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(UserError, match="data not found"):
+        read_source(tmp_path / "nope.zip")
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 this is not a zip")
+    with pytest.raises(UserError):
+        read_source(bad)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="neither"):
+        read_source(empty)
+
+
+def test_cache_roundtrip_is_memory_mapped(png_zip, arrays):
+    first = load_cached(png_zip, log=lambda _: None)
+    assert_same_arrays(first, folder_order(arrays))
+    second = load_cached(png_zip, log=lambda _: None)
+    assert isinstance(second.train_images, np.memmap)
+    assert_same_arrays(second, folder_order(arrays))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "tamper", "manifest"])
+def test_damaged_cache_is_rebuilt(png_zip, arrays, damage):
+    load_cached(png_zip, log=lambda _: None)
+    entry = cache_root() / content_hash(png_zip)
+    target = entry / "train_images.npy"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-100])
+    elif damage == "tamper":
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        (entry / "manifest.json").write_text("{not json")
+    assert cache.read_entry(entry) is None
+    messages = []
+    assert_same_arrays(load_cached(png_zip, log=messages.append), folder_order(arrays))
+    assert any("damaged" in m for m in messages)
+    assert cache.read_entry(entry) is not None
+
+
+def test_validation_split_is_balanced_and_seeded():
+    labels = np.repeat(np.arange(10), 100)
+    train, val = validation_split(labels, 50, seed=3)
+    assert len(val) == 50 and len(train) == 950
+    assert np.bincount(labels[val], minlength=10).tolist() == [5] * 10
+    assert not set(train) & set(val)
+    np.testing.assert_array_equal(val, validation_split(labels, 50, seed=3)[1])
+    assert not np.array_equal(val, validation_split(labels, 50, seed=4)[1])
+    assert len(validation_split(labels, 0, seed=0)[1]) == 0
+    with pytest.raises(UserError):
+        validation_split(labels, 1000, seed=0)
+
+
+def test_real_zip_reads_fully(real_data):
+    arrays = load_cached(real_data, log=lambda _: None)
+    assert arrays.train_images.shape == (50000, 32, 32, 3)
+    assert arrays.test_images.shape == (10000, 32, 32, 3)
+    assert np.bincount(arrays.train_labels).tolist() == [5000] * 10
+    assert np.bincount(arrays.test_labels).tolist() == [1000] * 10

@@ -1,0 +1,125 @@
+"""Training runs: learning on real data, resume equivalence, determinism, divergence."""
+
+import json
+
+import pytest
+import torch
+
+from fastcifar.config import TrainConfig
+from fastcifar.display import TrainingDisplay
+from fastcifar.errors import UserError
+from fastcifar.train import engine
+from fastcifar.train.engine import TrainingDiverged, fit
+
+from .conftest import make_arrays, write_batches_dir
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    return str(write_batches_dir(tmp_path / "data", make_arrays(n_train=400, n_test=100)))
+
+
+def small_config(data, out, **changes) -> TrainConfig:
+    base = dict(
+        arch="lenet", data=data, out=str(out), epochs=3, batch_size=50, eval_batch_size=64,
+        val=50, lr=0.05, amp="none", threads=1, track=False,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **changes})
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class CrashAfter(TrainingDisplay):
+    """A display that raises KeyboardInterrupt once epoch `n` is finished and saved."""
+
+    def __init__(self, n):
+        super().__init__(quiet=True)
+        self.n = n
+
+    def end_epoch(self, row, improved):
+        if row["epoch"] == self.n:
+            raise KeyboardInterrupt
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if k not in ("images_per_sec", "seconds")} for r in rows]
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, small_data, schedule):
+    straight = fit(small_config(small_data, tmp_path / "a", schedule=schedule), TrainingDisplay(quiet=True))
+    cfg = small_config(small_data, tmp_path / "b", schedule=schedule)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, CrashAfter(2))
+    assert len(read_metrics(tmp_path / "b")) == 2
+    resumed = fit(cfg, TrainingDisplay(quiet=True), resume=tmp_path / "b")
+    assert comparable(read_metrics(tmp_path / "a")) == comparable(read_metrics(tmp_path / "b"))
+    for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path, small_data):
+    runs = [fit(small_config(small_data, tmp_path / str(i), seed=s, epochs=1), TrainingDisplay(quiet=True))
+            for i, s in enumerate([7, 7, 8])]  # fmt: skip
+    metrics = [comparable(read_metrics(tmp_path / str(i))) for i in range(3)]
+    assert metrics[0] == metrics[1]
+    assert metrics[0] != metrics[2]
+    assert runs[0]["best"] == runs[1]["best"]
+
+
+def test_run_directory_contents(tmp_path, small_data):
+    summary = fit(small_config(small_data, tmp_path / "run", epochs=2, patience=1), TrainingDisplay(quiet=True))
+    run = tmp_path / "run"
+    for name in ("config.json", "env.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert (run / name).exists(), name
+    rows = read_metrics(run)
+    required = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                "lr", "images_per_sec", "seconds"}  # fmt: skip
+    assert all(required <= set(r) for r in rows)
+    assert all(0 <= r["test_acc"] <= 1 and 0 <= r["val_acc"] <= 1 for r in rows)
+    assert json.loads((run / "config.json").read_text())["arch"] == "lenet"
+    assert set(summary["seconds"]) == {"data", "warmup", "train", "eval", "total"}
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["epoch"] == summary["best"]["epoch"]
+
+
+def test_early_stopping_restores_best(tmp_path, small_data, monkeypatch):
+    # A constant, far too high LR makes validation accuracy stall; patience 1 stops the run.
+    summary = fit(small_config(small_data, tmp_path / "r", epochs=8, patience=1, lr=3.0, schedule="constant"),
+                  TrainingDisplay(quiet=True))  # fmt: skip
+    rows = read_metrics(tmp_path / "r")
+    assert summary["stopped"] and len(rows) < 8
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert summary["best"]["epoch"] == rows.index(best) + 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_data, monkeypatch):
+    real = engine.train_epoch
+    calls = []
+
+    def diverging(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            stats.loss = float("nan")
+        return stats
+
+    monkeypatch.setattr(engine, "train_epoch", diverging)
+    with pytest.raises(TrainingDiverged, match="kept last.pt \\(epoch 1\\)"):
+        fit(small_config(small_data, tmp_path / "n"), TrainingDisplay(quiet=True))
+    assert torch.load(tmp_path / "n" / "last.pt", weights_only=True)["epoch"] == 1
+    assert len(read_metrics(tmp_path / "n")) == 1
+
+
+def test_batch_larger_than_dataset(tmp_path, small_data):
+    with pytest.raises(UserError, match="larger than"):
+        fit(small_config(small_data, tmp_path / "x", batch_size=5000), TrainingDisplay(quiet=True))
+
+
+def test_lenet_learns_on_real_cifar(tmp_path, real_data):
+    cfg = small_config(str(real_data), tmp_path / "real", subset=6000, val=1000, epochs=5,
+                       batch_size=128, eval_batch_size=1000, lr=0.05, label_smoothing=0.1, amp="bf16", threads=0)  # fmt: skip
+    summary = fit(cfg, TrainingDisplay(quiet=True))
+    assert summary["best"]["test_acc"] > 0.3  # chance is 0.10
