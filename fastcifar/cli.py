@@ -15,7 +15,15 @@ from pathlib import Path
 from fastcifar.config import TrainConfig, read_toml
 from fastcifar.errors import UserError
 
-BOOLEAN_FLAGS = {"download", "nesterov", "flip", "channels_last", "compile", "deterministic", "track"}
+BOOLEAN_FLAGS = {
+    "download",
+    "nesterov",
+    "flip",
+    "channels_last",
+    "compile",
+    "deterministic",
+    "track",
+}
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
 
 
@@ -68,7 +76,9 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     from fastcifar.train.device import resolve_device
 
     flags = {
-        k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume", "quiet")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "run", "config", "resume", "quiet")
     }
     resume = getattr(args, "resume", None)
     if resume is not None:
@@ -145,7 +155,9 @@ def cmd_summary(args) -> int:
         table.add_column(name, justify=justify)
     for row in s.layers:
         shape = "[" + ", ".join(str(d) for d in row.output_shape) + "]"
-        table.add_row(row.name, shape, f"{row.params:,}" if row.params else "--", f"{row.mult_adds:,}")
+        table.add_row(
+            row.name, shape, f"{row.params:,}" if row.params else "--", f"{row.mult_adds:,}"
+        )
     console = Console()
     console.print(table)
     console.print(f"Total params: {s.total_params:,}")
@@ -202,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastcifar: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fastcifar: interrupted; continue a training run with --resume RUN_DIR", file=sys.stderr)
+        print(
+            "fastcifar: interrupted; continue a training run with --resume RUN_DIR", file=sys.stderr
+        )
         return 130
 
 

@@ -37,7 +37,9 @@ def eval_checkpoint(
 ) -> EvalResult:
     model, cfg = load_trained(path, device_name)
     device = next(model.parameters()).device
-    bundle = prepare_data(data or cfg.data, val=0, split_seed=0, subset=None, device=device, log=log)
+    bundle = prepare_data(
+        data or cfg.data, val=0, split_seed=0, subset=None, device=device, log=log
+    )
     loader = TensorLoader(
         bundle.test.images, bundle.test.labels, cfg.eval_batch_size, train=False,
         dtype=input_dtype(cfg.amp),
@@ -62,7 +64,9 @@ def read_image(path: Path) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_images(path: Path, images: list[Path], device_name: str = "auto") -> list[tuple[str, float]]:
+def predict_images(
+    path: Path, images: list[Path], device_name: str = "auto"
+) -> list[tuple[str, float]]:
     """(class name, probability) for each image."""
     model, cfg = load_trained(path, device_name)
     device = next(model.parameters()).device

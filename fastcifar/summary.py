@@ -31,7 +31,9 @@ def summarize(model: torch.nn.Module, input_size=(3, 32, 32)) -> ModelSummary:
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [
-        m.register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+        m.register_forward_hook(
+            lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape))
+        )
         for name, m in leaves
     ]
     try:

@@ -19,7 +19,9 @@ def indexed_images(n: int) -> torch.Tensor:
     i = torch.arange(n)[:, None, None]
     r = torch.arange(32)[None, :, None]
     c = torch.arange(32)[None, None, :]
-    return torch.stack([(i % 251).expand(n, 32, 32), (r * 8).expand(n, 32, 32), (c * 8 + 1).expand(n, 32, 32)], -1).to(torch.uint8)
+    return torch.stack(
+        [(i % 251).expand(n, 32, 32), (r * 8).expand(n, 32, 32), (c * 8 + 1).expand(n, 32, 32)], -1
+    ).to(torch.uint8)
 
 
 @pytest.mark.parametrize("cutout", [0, 8])
@@ -28,7 +30,9 @@ def test_batched_augment_matches_reference(batch, cutout):
     images = torch.randint(0, 256, (100, 32, 32, 3), dtype=torch.uint8)
     index = torch.randperm(100)[:batch]
     d = draw(batch, 4, cutout, 32, torch.Generator().manual_seed(batch))
-    got = augment_batch(pad_images(images, 4), index, d, size=32, cutout=cutout, dtype=torch.float32)
+    got = augment_batch(
+        pad_images(images, 4), index, d, size=32, cutout=cutout, dtype=torch.float32
+    )
     want = reference_augment(images, index, d, pad=4, cutout=cutout)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.is_contiguous(memory_format=torch.channels_last)
@@ -59,7 +63,9 @@ def test_crops_are_shifted_copies_and_flips_are_flips():
     assert torch.equal(out[0][4:, 4:], images[3][:28, :28]) and out[0][:4].eq(0).all()
     assert torch.equal(out[2][:28, :28], images[7][4:, 4:]) and out[2][28:].eq(0).all()
     # a flip mirrors the columns of the crop at (4, 2)
-    unflipped = crop_flip(padded, torch.tensor([9]), AugmentDraw(d.dy[3:], d.dx[3:], torch.tensor([False])), 32)
+    unflipped = crop_flip(
+        padded, torch.tensor([9]), AugmentDraw(d.dy[3:], d.dx[3:], torch.tensor([False])), 32
+    )
     assert torch.equal(out[3], unflipped[0].flip(1))
 
 
@@ -67,7 +73,9 @@ def test_epoch_covers_every_image_once_with_aligned_labels():
     n = 103
     images = indexed_images(n)
     labels = torch.arange(n)
-    loader = TensorLoader(images, labels, 10, train=True, seed=1, pad=0, flip=False, drop_last=False)
+    loader = TensorLoader(
+        images, labels, 10, train=True, seed=1, pad=0, flip=False, drop_last=False
+    )
     seen = []
     for x, y in loader:
         first_channel = normalize(images[y], torch.float32)[:, 0]

@@ -38,7 +38,9 @@ def test_png_folder_and_zip(png_folder, png_zip, arrays):
 
 
 def test_zip_with_top_level_folder(tmp_path, arrays):
-    assert_same_arrays(read_source(write_zip(tmp_path / "c.zip", arrays, prefix="cifar10/")), folder_order(arrays))
+    assert_same_arrays(
+        read_source(write_zip(tmp_path / "c.zip", arrays, prefix="cifar10/")), folder_order(arrays)
+    )
 
 
 def test_jpeg_folder_decodes_close_to_original(tmp_path, arrays):

@@ -44,7 +44,11 @@ def test_conv4_family_variants_differ_as_table_1_says():
     assert "BatchNorm2d" not in kinds("conv4_relu")
     assert "BatchNorm2d" in kinds("conv4_relu_bn")
     assert "LeakyReLU" in kinds("conv4_leaky") and "Dropout" not in kinds("conv4_leaky")
-    dropouts = [m.p for m in create_model("conv4_leaky_dropout").modules() if isinstance(m, torch.nn.Dropout)]
+    dropouts = [
+        m.p
+        for m in create_model("conv4_leaky_dropout").modules()
+        if isinstance(m, torch.nn.Dropout)
+    ]
     assert dropouts and set(dropouts) == {0.2}
 
 

@@ -49,14 +49,18 @@ def comparable(rows):
 
 @pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, small_data, schedule):
-    straight = fit(small_config(small_data, tmp_path / "a", schedule=schedule), TrainingDisplay(quiet=True))
+    straight = fit(
+        small_config(small_data, tmp_path / "a", schedule=schedule), TrainingDisplay(quiet=True)
+    )
     cfg = small_config(small_data, tmp_path / "b", schedule=schedule)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, CrashAfter(2))
     assert len(read_metrics(tmp_path / "b")) == 2
     resumed = fit(cfg, TrainingDisplay(quiet=True), resume=tmp_path / "b")
     assert comparable(read_metrics(tmp_path / "a")) == comparable(read_metrics(tmp_path / "b"))
-    for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        straight["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
@@ -70,7 +74,10 @@ def test_same_seed_same_result_other_seed_differs(tmp_path, small_data):
 
 
 def test_run_directory_contents(tmp_path, small_data):
-    summary = fit(small_config(small_data, tmp_path / "run", epochs=2, patience=1), TrainingDisplay(quiet=True))
+    summary = fit(
+        small_config(small_data, tmp_path / "run", epochs=2, patience=1),
+        TrainingDisplay(quiet=True),
+    )
     run = tmp_path / "run"
     for name in ("config.json", "env.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
         assert (run / name).exists(), name

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastcifar.data.sources import CifarArrays, read_source
+from fastcifar.data.sources import HOW_TO_GET, CifarArrays, read_source
+from fastcifar.errors import UserError
 
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 FORMAT = 1
@@ -52,6 +53,8 @@ def _file_digest(path: Path) -> str:
 
 def load_cached(source: Path, log=print) -> CifarArrays:
     """Arrays for `source`, from the cache when a valid entry exists, else decoded and cached."""
+    if not source.exists():
+        raise UserError(f"data not found: {source}; {HOW_TO_GET}")
     entry = cache_root() / content_hash(source)
     arrays = read_entry(entry)
     if arrays is not None:
@@ -83,7 +86,10 @@ def read_entry(entry: Path) -> CifarArrays | None:
         for name in ARRAYS:
             file = entry / f"{name}.npy"
             expected = manifest["files"][name]
-            if file.stat().st_size != expected["bytes"] or _file_digest(file) != expected["blake2b"]:
+            if (
+                file.stat().st_size != expected["bytes"]
+                or _file_digest(file) != expected["blake2b"]
+            ):
                 return None
             arrays[name] = np.load(file, mmap_mode="r")
         return CifarArrays(**arrays)

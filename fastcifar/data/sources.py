@@ -72,8 +72,15 @@ def read_source(path: Path) -> CifarArrays:
             return _read_image_folder(_ZipFiles(path))
     except UserError:
         raise
-    except (OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, tarfile.TarError,
-            zipfile.BadZipFile) as exc:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        pickle.UnpicklingError,
+        tarfile.TarError,
+        zipfile.BadZipFile,
+    ) as exc:
         raise UserError(f"cannot read CIFAR-10 from {path}: {exc}") from None
     raise UserError(f"{path} is not a CIFAR-10 source; {HOW_TO_GET}")
 
@@ -103,7 +110,9 @@ def _read_batches(read) -> CifarArrays:
             batch = pickle.loads(read(name), encoding="bytes")
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        return np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)), np.concatenate(labels)
+        return np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)), np.concatenate(
+            labels
+        )
 
     train = load([f"data_batch_{i}" for i in range(1, 6)])
     test = load(["test_batch"])
@@ -150,7 +159,9 @@ def _read_image_folder(files) -> CifarArrays:
             continue
         split, cls, _ = parts
         if cls not in CLASSES:
-            raise UserError(f"unknown class folder {cls!r} in {name}; expected {', '.join(CLASSES)}")
+            raise UserError(
+                f"unknown class folder {cls!r} in {name}; expected {', '.join(CLASSES)}"
+            )
         by_split[split].append((name, CLASSES.index(cls)))
     for split, items in by_split.items():
         if not items:
@@ -182,6 +193,8 @@ def _decode_chunk(files, names: list[str]) -> np.ndarray:
         except (UnidentifiedImageError, OSError) as exc:
             raise UserError(f"cannot decode image {name}: {exc}") from None
         if rgb.size != (32, 32):
-            raise UserError(f"image {name} is {rgb.size[0]}x{rgb.size[1]}, CIFAR-10 images are 32x32")
+            raise UserError(
+                f"image {name} is {rgb.size[0]}x{rgb.size[1]}, CIFAR-10 images are 32x32"
+            )
         out[i] = np.asarray(rgb)
     return out

@@ -33,7 +33,10 @@ def sinha14(activation: str = "relu", filters: int = 28, kernel: int = 5) -> nn.
     layers: list[nn.Module] = []
     c_in = 3
     for block in range(1, 15):
-        layers += [nn.Conv2d(c_in, filters, kernel, padding=kernel // 2), make_activation(activation)]
+        layers += [
+            nn.Conv2d(c_in, filters, kernel, padding=kernel // 2),
+            make_activation(activation),
+        ]
         if block in (4, 9, 14):
             layers.append(nn.MaxPool2d(2))
         c_in = filters

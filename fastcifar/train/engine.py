@@ -46,7 +46,9 @@ class EpochStats:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    overrides = {k: v for k, v in (("dropout", cfg.dropout), ("activation", cfg.activation)) if v is not None}
+    overrides = {
+        k: v for k, v in (("dropout", cfg.dropout), ("activation", cfg.activation)) if v is not None
+    }
     model = create_model(cfg.arch, **overrides).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -62,7 +64,9 @@ def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
     def eval_loader(split):
         if split is None:
             return None
-        return TensorLoader(split.images, split.labels, cfg.eval_batch_size, train=False, dtype=dtype)
+        return TensorLoader(
+            split.images, split.labels, cfg.eval_batch_size, train=False, dtype=dtype
+        )
 
     return train, eval_loader(data.val), eval_loader(data.test)
 
@@ -151,7 +155,9 @@ def fit(cfg: TrainConfig, display: TrainingDisplay, resume: Path | None = None) 
         train_loader.set_epoch(epoch)
         torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout draws, per epoch
         display.start_epoch(epoch, cfg.epochs, len(train_loader))
-        stats = train_epoch(step_model, train_loader, optimizer, schedule, cfg, device, scaler, display)
+        stats = train_epoch(
+            step_model, train_loader, optimizer, schedule, cfg, device, scaler, display
+        )
         if not math.isfinite(stats.loss):
             kept = f"last.pt (epoch {state['epoch']})" if state["epoch"] else "no checkpoint"
             raise TrainingDiverged(

@@ -1,0 +1,159 @@
+"""The command line: every user mistake is one line on stderr and exit status 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastcifar.cli import main
+
+from .conftest import make_arrays, write_batches_dir
+
+
+@pytest.fixture
+def data(tmp_path):
+    return str(write_batches_dir(tmp_path / "data", make_arrays(n_train=200, n_test=50)))
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def quick(data, out, *extra):
+    return ["train", "--arch", "lenet", "--data", data, "--out", str(out), "--epochs", "1",
+            "--batch-size", "50", "--val", "50", "--no-track", "--quiet", *extra]  # fmt: skip
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastcifar: error:"), err
+    assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--lr", "0"], "--lr must be positive"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--batch-size", "100000"], "larger than"),
+        (["--arch", "resnet"], "unknown arch 'resnet'; choose one of: cerberus"),
+        (["--optimizer", "lion"], "--optimizer must be one of"),
+        (["--val", "999999"], "--val must be"),
+    ],
+)
+def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):
+    code, _, err = run(capsys, *quick(data, tmp_path / "run"), *extra)
+    assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA messages")
+@pytest.mark.parametrize(("extra", "fragment"), [(["--device", "cuda"], "CUDA is not available"),
+                                                 (["--amp", "fp16"], "--amp fp16 needs CUDA")])  # fmt: skip
+def test_cuda_options_without_cuda(capsys, tmp_path, data, extra, fragment):
+    code, _, err = run(capsys, *quick(data, tmp_path / "run"), *extra)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_missing_and_corrupt_data(capsys, tmp_path):
+    code, _, err = run(capsys, *quick(str(tmp_path / "none.zip"), tmp_path / "r"))
+    assert_one_line_error(code, err, "data not found")
+    assert "--download" in err
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(b"PK\x03\x04" + os.urandom(200))
+    code, _, err = run(capsys, *quick(str(corrupt), tmp_path / "r2"))
+    assert_one_line_error(code, err, "corrupt.zip")
+
+
+def test_no_data_at_all_says_how_to_get_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "empty-cache"))
+    code, _, err = run(capsys, "train", "--arch", "lenet", "--out", str(tmp_path / "r"), "--quiet")
+    assert_one_line_error(code, err, "no CIFAR-10 data given")
+
+
+def test_unwritable_run_directory(capsys, tmp_path, data):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run(capsys, *quick(data, blocker / "run"))
+    assert_one_line_error(code, err, "not writable")
+
+
+def test_bad_config_file(capsys, tmp_path, data):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('lr = 0.1\nlearning_speed = "fast"\n')
+    code, _, err = run(capsys, *quick(data, tmp_path / "r"), "--config", str(cfg))
+    assert_one_line_error(code, err, "learning_speed")
+    cfg.write_text("lr = [")
+    code, _, err = run(capsys, *quick(data, tmp_path / "r"), "--config", str(cfg))
+    assert_one_line_error(code, err, "not valid TOML")
+
+
+def test_config_file_and_flags_layer(tmp_path, data):
+    from fastcifar.cli import build_parser, resolve_train_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('arch = "conv3"\nlr = 0.2\nepochs = 7\n')
+    args = build_parser().parse_args(["train", "--config", str(cfg), "--epochs", "3", "--amp"])
+    resolved, _ = resolve_train_config(args)
+    assert (resolved.arch, resolved.lr, resolved.epochs, resolved.amp) == ("conv3", 0.2, 3, "bf16")
+
+
+def test_train_eval_predict_and_foreign_checkpoint(capsys, tmp_path, data):
+    code, _, err = run(capsys, *quick(data, tmp_path / "run"))
+    assert code == 0, err
+    code, out, _ = run(capsys, "eval", str(tmp_path / "run"), "--tta")
+    assert code == 0 and "test accuracy (flip TTA):" in out
+
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (48, 40), (120, 80, 30)).save(image)
+    code, out, _ = run(capsys, "predict", str(tmp_path / "run" / "best.pt"), str(image))
+    name, prob = out.strip().split("\t")[1:]
+    assert code == 0 and name in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                  "horse", "ship", "truck") and 0 < float(prob) <= 1  # fmt: skip
+
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    ckpt["config"]["arch"] = "conv3"
+    torch.save(ckpt, tmp_path / "foreign.pt")
+    code, _, err = run(capsys, "eval", str(tmp_path / "foreign.pt"))
+    assert_one_line_error(code, err, "does not fit arch 'conv3'")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run(capsys, "eval", str(tmp_path / "junk.pt"))
+    assert_one_line_error(code, err, "cannot load checkpoint")
+    code, _, err = run(
+        capsys, "predict", str(tmp_path / "run" / "best.pt"), str(tmp_path / "no.png")
+    )
+    assert_one_line_error(code, err, "image not found")
+
+
+def test_existing_run_and_resume_errors(capsys, tmp_path, data):
+    assert run(capsys, *quick(data, tmp_path / "run"))[0] == 0
+    code, _, err = run(capsys, *quick(data, tmp_path / "run"))
+    assert_one_line_error(code, err, "already holds a run")
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "empty"))
+    assert_one_line_error(code, err, "nothing to resume")
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--lr", "0.3")
+    assert_one_line_error(code, err, "cannot change --lr")
+
+
+def test_no_traceback_from_the_console_script(tmp_path):
+    env = {**os.environ, "FASTCIFAR_CACHE": str(tmp_path / "cache")}
+    env.pop("FASTCIFAR_DATA", None)
+    proc = subprocess.run([sys.executable, "-m", "fastcifar", "train", "--arch", "nope"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_summary_and_list(capsys):
+    code, out, _ = run(capsys, "summary", "--arch", "cerberus")
+    assert code == 0 and "Total params: 3,223,882" in out and "Total mult-adds (M): 379.78" in out
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "lenet" in out and "62,006" in out
