@@ -176,6 +176,36 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_bench_throughput(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastcifar.bench import as_dict, compare_throughput
+
+    console = Console()
+    table = Table(title="training throughput, images/s (median of windows)")
+    for column in ("arch", "batch", "amp", "tutorial baseline", "fastcifar", "speedup"):
+        table.add_column(column, justify="right")
+    results = []
+    for arch in args.arch:
+        console.print(f"measuring {arch} ...", highlight=False)
+        r = compare_throughput(arch, args.data, args.batch_size, args.steps, args.windows,
+                               workers=args.workers)  # fmt: skip
+        results.append(as_dict(r))
+        table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
+                      f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x")  # fmt: skip
+    console.print(table)
+    if args.json:
+        from fastcifar.atomic import write_json_atomic
+
+        write_json_atomic(args.json, results)
+    else:
+        print(json.dumps(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("summary", help="per-layer table: output shapes, parameters, mult-adds")
     sm.add_argument("--arch", required=True)
     sm.set_defaults(run=cmd_summary)
+
+    bench = sub.add_parser("bench", help="measurements").add_subparsers(dest="what", required=True)
+    tp = bench.add_parser(
+        "throughput", help="fastcifar against the tutorial pipeline, side by side"
+    )
+    tp.add_argument("--arch", nargs="+", default=["lenet", "cerberus"])
+    tp.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)")
+    tp.add_argument("--batch-size", type=int, help="default: the arch's recipe")
+    tp.add_argument("--steps", type=int, default=20, help="training steps per timed window")
+    tp.add_argument("--windows", type=int, default=3, help="alternating timed windows per side")
+    tp.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
+    tp.add_argument("--json", type=Path, help="write the results here")
+    tp.set_defaults(run=cmd_bench_throughput)
 
     ls = sub.add_parser("list", help="registered architectures")
     ls.add_argument("pattern", nargs="?", default="*")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from fastcifar.config import TrainConfig
-from fastcifar.data.augment import normalize
+from fastcifar.data.augment import prepare_images, to_nchw
 from fastcifar.data.dataset import prepare_data
 from fastcifar.data.loader import TensorLoader
 from fastcifar.data.sources import CLASSES
@@ -71,6 +71,6 @@ def predict_images(
     model, cfg = load_trained(path, device_name)
     device = next(model.parameters()).device
     batch = torch.from_numpy(np.stack([read_image(p) for p in images])).to(device)
-    logits = model(normalize(batch, torch.float32)).float()
+    logits = model(to_nchw(prepare_images(batch, 0, torch.float32))).float()
     probs, classes = logits.softmax(1).max(1)
     return [(CLASSES[c], p) for c, p in zip(classes.tolist(), probs.tolist(), strict=True)]

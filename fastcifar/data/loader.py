@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcifar.data.augment import augment_batch, draw, normalize, pad_images
+from fastcifar.data.augment import augment_batch, draw, prepare_images, to_nchw
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -42,7 +42,7 @@ class TensorLoader:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError("images must be uint8 (N, H, W, 3)")
         self.size = images.shape[1]
-        self.images = pad_images(images, pad) if train else images
+        self.images = prepare_images(images, pad if train else 0, dtype)
         self.labels = labels
         self.batch_size = batch_size
         self.train, self.seed, self.pad, self.flip, self.cutout = train, seed, pad, flip, cutout
@@ -68,17 +68,13 @@ class TensorLoader:
         if not self.train:
             for start in range(0, n, self.batch_size):
                 rows = slice(start, start + self.batch_size)
-                yield normalize(self.images[rows], self.dtype), self.labels[rows]
+                yield to_nchw(self.images[rows]), self.labels[rows]
             return
         order_gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 0))
         order = torch.randperm(n, generator=order_gen).to(device)
         aug_gen = torch.Generator(device).manual_seed(epoch_seed(self.seed, self.epoch, 1))
         for b in range(len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            d = draw(len(index), self.pad, self.cutout, self.size, aug_gen)
-            if not self.flip:
-                d = type(d)(d.dy, d.dx, torch.zeros_like(d.flip), d.cut_y, d.cut_x)
-            x = augment_batch(
-                self.images, index, d, size=self.size, cutout=self.cutout, dtype=self.dtype
-            )
+            d = draw(len(index), self.pad, self.cutout, self.size, aug_gen, self.flip)
+            x = augment_batch(self.images, index, d, size=self.size, cutout=self.cutout)
             yield x, self.labels[index]

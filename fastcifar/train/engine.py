@@ -71,6 +71,24 @@ def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
     return train, eval_loader(data.val), eval_loader(data.test)
 
 
+def train_step(model, x, y, optimizer, schedule, cfg: TrainConfig, device, scaler=None):
+    """One optimiser step; returns the (detached) loss and logits, still on the device."""
+    with autocast(cfg.amp, device):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    return loss.detach(), logits.detach()
+
+
 def train_epoch(model, loader, optimizer, schedule, cfg, device, scaler, display) -> EpochStats:
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -79,20 +97,9 @@ def train_epoch(model, loader, optimizer, schedule, cfg, device, scaler, display
     first_step = 0.0
     log_every = max(1, len(loader) // 50)
     for step, (x, y) in enumerate(loader, 1):
-        with autocast(cfg.amp, device):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
+        loss, logits = train_step(model, x, y, optimizer, schedule, cfg, device, scaler)
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if step == 1:
             if device.type == "cuda":
