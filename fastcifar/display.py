@@ -39,8 +39,8 @@ class TrainingDisplay:
             self.console.print(message, highlight=False)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.quiet:
-            return
+        if self.quiet or not self.console.is_terminal:
+            return  # a live bar only on a terminal; logs get the epoch rows
         self.progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"),
             BarColumn(),
