@@ -214,6 +214,7 @@ def fit(cfg: TrainConfig, display: TrainingDisplay, resume: Path | None = None) 
         if improved:
             save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch},
                             run_dir / "best.pt")  # fmt: skip
+            rundir.write_predictions(run_dir, test.probs, test.labels, epoch)
         save_checkpoint(checkpoint, run_dir / "last.pt")
         rundir.write_metrics(run_dir, state["history"])
         display.end_epoch(row, improved)

@@ -9,9 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from fastcifar.atomic import write_json_atomic, write_text_atomic
+from fastcifar.atomic import write_atomic, write_json_atomic, write_text_atomic
 from fastcifar.errors import UserError
 
 
@@ -38,6 +39,34 @@ def create_run_dir(path: Path, fresh: bool) -> Path:
 def write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.jsonl: one JSON object per epoch, rewritten whole so it always matches last.pt."""
     write_text_atomic(path / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+
+
+def write_predictions(path: Path, probs: torch.Tensor, labels: torch.Tensor, epoch: int) -> None:
+    """predictions.npz: the best model's test-set softmax outputs, for error analysis."""
+    arrays = {"probs": probs.numpy(), "labels": labels.numpy(), "epoch": np.array(epoch)}
+    write_atomic(path / "predictions.npz", lambda f: np.savez(f, **arrays))
+
+
+def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path / "predictions.npz") as data:
+            return data["probs"], data["labels"]
+    except FileNotFoundError:
+        raise UserError(
+            f"{path} has no predictions.npz; is it a fastcifar run directory?"
+        ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot read {path / 'predictions.npz'}: {exc}") from None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    try:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"{path} has no metrics.jsonl; is it a fastcifar run directory?") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path / 'metrics.jsonl'}: {exc}") from None
 
 
 def write_json(path: Path, name: str, obj) -> None:
