@@ -78,7 +78,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "run", "config", "resume", "quiet")
+        if k not in ("command", "handler", "config", "resume", "quiet")
     }
     resume = getattr(args, "resume", None)
     if resume is not None:
@@ -206,29 +206,72 @@ def cmd_bench_throughput(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastcifar.analyze import analyze_run
+
+    console = Console()
+    out, result = analyze_run(args.run, args.data, log=console.print)
+    table = Table(title=f"{args.run.name}: test accuracy {result['accuracy']:.2%}")
+    for column in ("class", "precision", "recall", "F1", "errors"):
+        table.add_column(column, justify="right")
+    for name, v in result["per_class"].items():
+        table.add_row(
+            name, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", str(v["errors"])
+        )
+    console.print(table)
+    pairs = ", ".join(
+        f"{p['true']}->{p['predicted']} {p['count']}" for p in result["confused_pairs"]
+    )
+    console.print(f"most confused: {pairs}", highlight=False)
+    console.print(f"report: {out / 'index.html'}", highlight=False)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastcifar.analyze import compare_runs
+
+    rows = compare_runs(args.runs, args.out)
+    table = Table(title="runs")
+    for column in ("run", "epochs", "best epoch", "val acc", "test acc", "seconds"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        val = f"{r['val_acc']:.2%}" if r["val_acc"] is not None else "-"
+        table.add_row(r["run"], str(r["epochs"]), str(r["best_epoch"]), val, f"{r['test_acc']:.2%}",
+                      f"{r['seconds']:.0f}")  # fmt: skip
+    Console().print(table)
+    print(f"curves: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model")
     add_train_arguments(train)
-    train.set_defaults(run=cmd_train)
+    train.set_defaults(handler=cmd_train)
 
     ev = sub.add_parser("eval", help="test accuracy of a checkpoint")
     ev.add_argument("checkpoint", type=Path, help="a .pt file or a run directory (uses best.pt)")
     ev.add_argument("--data", help="CIFAR-10 source (default: the one the run trained on)")
     ev.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ev.set_defaults(run=cmd_eval)
+    ev.set_defaults(handler=cmd_eval)
 
     pr = sub.add_parser("predict", help="classify image files")
     pr.add_argument("checkpoint", type=Path)
     pr.add_argument("images", type=Path, nargs="+")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pr.set_defaults(run=cmd_predict)
+    pr.set_defaults(handler=cmd_predict)
 
     sm = sub.add_parser("summary", help="per-layer table: output shapes, parameters, mult-adds")
     sm.add_argument("--arch", required=True)
-    sm.set_defaults(run=cmd_summary)
+    sm.set_defaults(handler=cmd_summary)
 
     bench = sub.add_parser("bench", help="measurements").add_subparsers(dest="what", required=True)
     tp = bench.add_parser(
@@ -241,18 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--windows", type=int, default=3, help="alternating timed windows per side")
     tp.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
     tp.add_argument("--json", type=Path, help="write the results here")
-    tp.set_defaults(run=cmd_bench_throughput)
+    tp.set_defaults(handler=cmd_bench_throughput)
+
+    an = sub.add_parser("analyze", help="error analysis of a run: figures and an HTML report")
+    an.add_argument("run", type=Path, help="a run directory")
+    an.add_argument("--data", help="CIFAR-10 source (default: the one the run trained on)")
+    an.set_defaults(handler=cmd_analyze)
+
+    co = sub.add_parser("compare", help="runs side by side: final metrics and overlaid curves")
+    co.add_argument("runs", type=Path, nargs="+")
+    co.add_argument("--out", type=Path, default=Path("compare.png"), help="curves figure (PNG)")
+    co.set_defaults(handler=cmd_compare)
 
     ls = sub.add_parser("list", help="registered architectures")
     ls.add_argument("pattern", nargs="?", default="*")
-    ls.set_defaults(run=cmd_list)
+    ls.set_defaults(handler=cmd_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except UserError as exc:
         print(f"fastcifar: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,109 @@
+"""Figures of the error-analysis report, drawn with matplotlib (Agg, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fastcifar.analysis import Analysis, row_normalized, without_diagonal  # noqa: E402
+
+DPI = 110
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
+    """Loss and accuracy against epoch for train/val/test (figures 3, 5, 7, 9); several
+    runs overlay, one colour each."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"train": "-", "val": "--", "test": ":"}
+    for color, (name, rows) in zip(plt.cm.tab10.colors, runs.items(), strict=False):
+        epochs = [r["epoch"] for r in rows]
+        for split, style in styles.items():
+            label = f"{name} {split}" if len(runs) > 1 else split
+            losses = [r.get(f"{split}_loss") for r in rows]
+            accs = [r.get(f"{split}_acc") for r in rows]
+            if all(v is not None for v in losses):
+                loss_ax.plot(epochs, losses, style, color=color, label=label)
+            if all(v is not None for v in accs):
+                acc_ax.plot(epochs, [100 * a for a in accs], style, color=color, label=label)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss",
+                title="loss (train: as optimised, with any label smoothing)")  # fmt: skip
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _matrix(ax, values, classes, title, fmt):
+    image = ax.imshow(values, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    threshold = values.max() / 2 if values.max() > 0 else 1
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            color = "white" if values[i, j] > threshold else "black"
+            ax.text(j, i, fmt(values[i, j]), ha="center", va="center", fontsize=7, color=color)
+    return image
+
+
+def confusion_figure(a: Analysis, classes, path: Path) -> Path:
+    """Counts and row-normalised confusion matrices side by side (figure 10)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.6))
+    _matrix(left, a.confusion, classes, "confusion matrix (counts)", lambda v: f"{v:d}")
+    _matrix(right, row_normalized(a.confusion), classes, "row-normalised", lambda v: f"{v:.2f}")
+    return _save(fig, path)
+
+
+def confusion_without_diagonal_figure(a: Analysis, classes, path: Path) -> Path:
+    """The confusion matrix with correct predictions removed (figure 11)."""
+    fig, ax = plt.subplots(figsize=(6.8, 5.8))
+    _matrix(ax, without_diagonal(a.confusion), classes, "errors only (diagonal removed)",
+            lambda v: f"{v:d}" if v else "")  # fmt: skip
+    return _save(fig, path)
+
+
+def per_class_errors_figure(a: Analysis, classes, path: Path) -> Path:
+    """Misclassified test images per true class (figure 14)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(range(len(classes)), a.errors_per_class, color="tab:red")
+    ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set(ylabel="misclassified test images", title="errors per true class")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def misclassified_grid(
+    images: np.ndarray, examples: list[tuple[int, float]], true_name: str, predicted_name: str,
+    path: Path, columns: int = 8,
+) -> Path:  # fmt: skip
+    """A grid of test images of one class mistaken for another, with confidences
+    (figures 12 and 13)."""
+    rows = max(1, -(-len(examples) // columns))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(columns * 1.35, rows * 1.55 + 0.5), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (index, confidence) in zip(axes.flat, examples, strict=False):
+        ax.imshow(images[index], interpolation="nearest")
+        ax.set_title(f"#{index} {confidence:.0%}", fontsize=7)
+    fig.suptitle(
+        f"true {true_name}, predicted {predicted_name} ({len(examples)} shown)", fontsize=10
+    )
+    return _save(fig, path)

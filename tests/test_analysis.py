@@ -1,0 +1,101 @@
+"""Error analysis: the numbers behind every figure, and the report files."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastcifar.analysis import analyze_predictions, misclassified, without_diagonal
+from fastcifar.cli import main
+from fastcifar.config import TrainConfig
+from fastcifar.display import TrainingDisplay
+from fastcifar.train.engine import fit
+
+from .conftest import make_arrays, write_batches_dir
+
+
+@pytest.fixture
+def predictions():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 500)
+    logits = rng.normal(size=(500, 10))
+    logits[np.arange(500), labels] += rng.normal(1.0, 1.5, 500)  # right about half the time
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs, labels
+
+
+def test_confusion_and_per_class_numbers_against_direct_counts(predictions):
+    probs, labels = predictions
+    a = analyze_predictions(probs, labels, top_pairs=5)
+    predicted = probs.argmax(1)
+    for t in range(10):
+        for p in range(10):
+            assert a.confusion[t, p] == np.sum((labels == t) & (predicted == p))
+    off = without_diagonal(a.confusion)
+    assert np.all(np.diag(off) == 0) and off.sum() == np.sum(labels != predicted)
+    for c in range(10):
+        errors = np.sum((labels == c) & (predicted != c))
+        assert a.errors_per_class[c] == errors
+        tp = np.sum((labels == c) & (predicted == c))
+        precision = tp / np.sum(predicted == c)
+        recall = tp / np.sum(labels == c)
+        assert a.precision[c] == pytest.approx(precision)
+        assert a.recall[c] == pytest.approx(recall)
+        assert a.f1[c] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert a.accuracy == pytest.approx(np.mean(labels == predicted))
+    counts = [c for _, _, c in a.confused_pairs]
+    assert counts == sorted(counts, reverse=True) and counts[0] == off.max()
+
+
+def test_misclassified_examples_are_the_right_mistakes(predictions):
+    probs, labels = predictions
+    t, p, count = analyze_predictions(probs, labels).confused_pairs[0]
+    picked = misclassified(probs, labels, t, p, limit=100)
+    assert len(picked) == count
+    confidences = [c for _, c in picked]
+    assert confidences == sorted(confidences, reverse=True)
+    for index, confidence in picked:
+        assert labels[index] == t and probs[index].argmax() == p
+        assert confidence == pytest.approx(probs[index, p])
+
+
+def test_analyze_and_compare_write_valid_figures(tmp_path, capsys):
+    data = str(write_batches_dir(tmp_path / "data", make_arrays(n_train=300, n_test=200)))
+    for name in ("a", "b"):
+        cfg = TrainConfig(arch="lenet", data=data, out=str(tmp_path / name), epochs=2, batch_size=50,
+                          val=50, amp="none", track=False, seed=ord(name))  # fmt: skip
+        fit(cfg, TrainingDisplay(quiet=True))
+    assert main(["analyze", str(tmp_path / "a")]) == 0
+    report = tmp_path / "a" / "analysis"
+    pngs = sorted(report.glob("*.png"))
+    assert {"curves.png", "confusion.png", "confusion_errors.png", "class_errors.png"} <= {
+        p.name for p in pngs
+    }
+    assert any(p.name.startswith("pair_") for p in pngs)
+    for png in pngs:
+        with Image.open(png) as img:
+            img.verify()
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.width >= 400 and img.height >= 150
+    html = (report / "index.html").read_text()
+    assert all(p.name in html for p in pngs)
+    result = json.loads((report / "analysis.json").read_text())
+    assert sum(map(sum, result["confusion"])) == 200
+    assert (
+        main(
+            ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")]
+        )
+        == 0
+    )
+    assert "test acc" in capsys.readouterr().out
+    with Image.open(tmp_path / "c.png") as img:
+        assert img.format == "PNG"
+
+
+def test_analyze_without_predictions_is_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert main(["analyze", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predictions.npz" in err[0]
