@@ -6,6 +6,7 @@ boundaries; each host-device sync is marked.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from fastcifar.data.loader import TensorLoader, epoch_seed
 from fastcifar.display import TrainingDisplay
 from fastcifar.errors import UserError
 from fastcifar.models import create_model
+from fastcifar.track import Tracker
 from fastcifar.train import rundir
 from fastcifar.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from fastcifar.train.device import (
@@ -113,8 +115,18 @@ def train_epoch(model, loader, optimizer, schedule, cfg, device, scaler, display
     return EpochStats(total_loss, acc, time.perf_counter() - start, first_step)
 
 
-def fit(cfg: TrainConfig, display: TrainingDisplay, resume: Path | None = None) -> dict:
-    """Train `cfg` (or resume the run in `resume`) and return the run's summary."""
+def fit(
+    cfg: TrainConfig,
+    display: TrainingDisplay,
+    resume: Path | None = None,
+    parent_run_id: str | None = None,
+    on_epoch=None,
+) -> dict:
+    """Train `cfg` (or resume the run in `resume`) and return the run's summary.
+
+    `parent_run_id` nests the MLflow run under a sweep's; `on_epoch(row)` is called after
+    every epoch (sweeps use it to prune).
+    """
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
     check_amp(cfg.amp, device)
@@ -133,8 +145,8 @@ def fit(cfg: TrainConfig, display: TrainingDisplay, resume: Path | None = None) 
         raise UserError(
             f"--batch-size {cfg.batch_size} is larger than the {len(data.train.labels)} training images"
         )
-    data_seconds = time.perf_counter() - t
     train_loader, val_loader, test_loader = make_loaders(cfg, data, input_dtype(cfg.amp))
+    data_seconds = time.perf_counter() - t
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
@@ -154,89 +166,139 @@ def fit(cfg: TrainConfig, display: TrainingDisplay, resume: Path | None = None) 
         display.log(f"resuming {run_dir} after epoch {state['epoch']}")
     else:
         rundir.write_json(run_dir, "config.json", cfg.to_dict())
-    rundir.write_json(run_dir, "env.json", rundir.environment(device))
+    env = rundir.environment(device)
+    rundir.write_json(run_dir, "env.json", env)
+    tracker = start_tracking(cfg, env, run_dir, display, parent_run_id, resumed=ckpt is not None)
 
     seconds = {"data": data_seconds, "warmup": 0.0, "train": 0.0, "eval": 0.0}
     stopped = None
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        train_loader.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout draws, per epoch
-        display.start_epoch(epoch, cfg.epochs, len(train_loader))
-        stats = train_epoch(
-            step_model, train_loader, optimizer, schedule, cfg, device, scaler, display
-        )
-        if not math.isfinite(stats.loss):
-            kept = f"last.pt (epoch {state['epoch']})" if state["epoch"] else "no checkpoint"
-            raise TrainingDiverged(
-                f"loss became {stats.loss} in epoch {epoch}; stopped, kept {kept} in {run_dir}"
+    try:
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            train_loader.set_epoch(epoch)
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout draws, per epoch
+            display.start_epoch(epoch, cfg.epochs, len(train_loader))
+            stats = train_epoch(
+                step_model, train_loader, optimizer, schedule, cfg, device, scaler, display
             )
-        warm = stats.first_step_seconds if epoch == state["epoch"] + 1 else 0.0
-        seconds["warmup"] += warm
-        seconds["train"] += stats.seconds - warm
+            if not math.isfinite(stats.loss):
+                kept = f"last.pt (epoch {state['epoch']})" if state["epoch"] else "no checkpoint"
+                raise TrainingDiverged(
+                    f"loss became {stats.loss} in epoch {epoch}; stopped, kept {kept} in {run_dir}"
+                )
+            warm = stats.first_step_seconds if epoch == state["epoch"] + 1 else 0.0
+            seconds["warmup"] += warm
+            seconds["train"] += stats.seconds - warm
 
-        t = time.perf_counter()
-        val = evaluate(step_model, val_loader, cfg.amp, device) if val_loader else None
-        test = evaluate(step_model, test_loader, cfg.amp, device)
-        seconds["eval"] += time.perf_counter() - t
-        lr = optimizer.param_groups[0]["lr"]
-        schedule.end_epoch(val.acc if val else None)
+            t = time.perf_counter()
+            val = evaluate(step_model, val_loader, cfg.amp, device) if val_loader else None
+            test = evaluate(step_model, test_loader, cfg.amp, device)
+            seconds["eval"] += time.perf_counter() - t
+            row = epoch_row(epoch, stats, val, test, optimizer, train_loader)
+            schedule.end_epoch(val.acc if val else None)
 
-        row = {
-            "epoch": epoch,
-            "train_loss": stats.loss,
-            "train_acc": stats.acc,
-            "val_loss": val.loss if val else None,
-            "val_acc": val.acc if val else None,
-            "test_loss": test.loss,
-            "test_acc": test.acc,
-            "lr": lr,
-            "images_per_sec": train_loader.num_samples / stats.seconds,
-            "seconds": stats.seconds,
-        }
-        monitored = val.acc if val else stats.acc  # without a val split: train accuracy
-        improved = monitored > state["best_acc"]
-        state["history"].append(row)
-        state["epoch"] = epoch
-        if improved:
-            state.update(best_acc=monitored, best_epoch=epoch, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "state": state,
-            "config": cfg.to_dict(),
-            "epoch": epoch,
-        }
-        if scaler is not None:
-            checkpoint["scaler"] = scaler.state_dict()
-        if improved:
-            save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch},
-                            run_dir / "best.pt")  # fmt: skip
-            rundir.write_predictions(run_dir, test.probs, test.labels, epoch)
-        save_checkpoint(checkpoint, run_dir / "last.pt")
-        rundir.write_metrics(run_dir, state["history"])
-        display.end_epoch(row, improved)
-        if cfg.patience and state["bad_epochs"] >= cfg.patience:
-            stopped = f"early stop: no improvement for {cfg.patience} epochs"
-            break
+            monitored = val.acc if val else stats.acc  # without a val split: train accuracy
+            improved = monitored > state["best_acc"]
+            state["history"].append(row)
+            state["epoch"] = epoch
+            if improved:
+                state.update(best_acc=monitored, best_epoch=epoch, bad_epochs=0)
+                best = {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch}
+                save_checkpoint(best, run_dir / "best.pt")
+                rundir.write_predictions(run_dir, test.probs, test.labels, epoch)
+            else:
+                state["bad_epochs"] += 1
+            checkpoint = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "state": state,
+                "config": cfg.to_dict(),
+                "epoch": epoch,
+            }
+            if scaler is not None:
+                checkpoint["scaler"] = scaler.state_dict()
+            save_checkpoint(checkpoint, run_dir / "last.pt")
+            rundir.write_metrics(run_dir, state["history"])
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            display.end_epoch(row, improved)
+            if on_epoch is not None:
+                on_epoch(row)
+            if cfg.patience and state["bad_epochs"] >= cfg.patience:
+                stopped = f"early stop: no improvement for {cfg.patience} epochs"
+                break
+    except BaseException as exc:
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
 
-    best_row = state["history"][state["best_epoch"] - 1]
     load_model_state(model, load_checkpoint(run_dir / "best.pt")["model"], cfg.arch, run_dir)
+    summary = run_summary(cfg, run_dir, state, stopped, seconds, wall_start, train_loader, data)
+    rundir.write_json(run_dir, "summary.json", summary)
+    finish_tracking(tracker, summary, run_dir)
+    display.summary(summary)
+    summary["model"] = model
+    return summary
+
+
+def epoch_row(epoch, stats: EpochStats, val, test, optimizer, train_loader) -> dict:
+    """One line of metrics.jsonl."""
+    return {
+        "epoch": epoch,
+        "train_loss": stats.loss,
+        "train_acc": stats.acc,
+        "val_loss": val.loss if val else None,
+        "val_acc": val.acc if val else None,
+        "test_loss": test.loss,
+        "test_acc": test.acc,
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_sec": train_loader.num_samples / stats.seconds,
+        "seconds": stats.seconds,
+    }
+
+
+def run_summary(cfg, run_dir, state, stopped, seconds, wall_start, train_loader, data) -> dict:
     history = state["history"]
+    best_row = history[state["best_epoch"] - 1]
     train_seconds = sum(r["seconds"] for r in history)
-    summary = {
+    return {
         "arch": cfg.arch,
         "run_dir": str(run_dir),
         "epochs_run": state["epoch"],
         "stopped": stopped,
         "best": {k: best_row[k] for k in ("epoch", "val_acc", "val_loss", "test_acc", "test_loss")},
-        "images_per_sec": sum(train_loader.num_samples for _ in history) / train_seconds,
+        "images_per_sec": train_loader.num_samples * len(history) / train_seconds,
         "seconds": {**seconds, "total": time.perf_counter() - wall_start},
         "data_source": data.source,
     }
-    rundir.write_json(run_dir, "summary.json", summary)
-    display.summary(summary)
-    summary["model"] = model
-    return summary
+
+
+def start_tracking(cfg, env, run_dir, display, parent_run_id, resumed: bool) -> Tracker:
+    """Open the run's MLflow run (reopened on resume, by the id kept in tracking.json)."""
+    tracker = Tracker(cfg.track, cfg.tracking_uri, log=display.log)
+    saved = run_dir / "tracking.json"
+    previous = json.loads(saved.read_text()).get("run_id") if resumed and saved.exists() else None
+    tags = {"arch": cfg.arch, "device": env["device"], "device_name": env["device_name"],
+            "torch": env["torch"], "cuda": str(env["cuda"]), "git_revision": str(env["git_revision"]),
+            "run_dir": str(run_dir.resolve())}  # fmt: skip
+    run_id = tracker.start(
+        run_dir.name, cfg.to_dict(), tags, run_id=previous, parent_id=parent_run_id
+    )
+    if run_id and not previous:
+        rundir.write_json(run_dir, "tracking.json", {"run_id": run_id, "uri": tracker.uri})
+    return tracker
+
+
+def finish_tracking(tracker: Tracker, summary: dict, run_dir: Path) -> None:
+    """The paper's Table 1 columns (accuracy, epochs needed, duration), then artifacts."""
+    best = summary["best"]
+    tracker.log_metrics({
+        "final_test_acc": best["test_acc"],
+        "best_val_acc": best["val_acc"],
+        "epochs_needed": best["epoch"],
+        "duration_s": summary["seconds"]["total"],
+        **{f"seconds_{k}": v for k, v in summary["seconds"].items()},
+    })  # fmt: skip
+    tracker.log_artifacts(run_dir)
+    if (run_dir / "analysis").is_dir():
+        tracker.log_artifacts(run_dir / "analysis", names=[p.name for p in (run_dir / "analysis").iterdir()],
+                              subdir="analysis")  # fmt: skip
+    tracker.end("FINISHED")
