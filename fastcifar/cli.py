@@ -249,6 +249,36 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    import os
+
+    from fastcifar import sweep
+
+    if args.worker_of:  # one worker process, started by the sweep command
+        spec = sweep.read_sweep(args.file)
+        worker = int(os.environ.get("FASTCIFAR_SWEEP_WORKER", "0"))
+        sweep.run_worker(
+            spec, args.worker_of, args.out, args.data, args.track, worker, args.heartbeat
+        )
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    rows = sweep.run_sweep(
+        args.file, storage=args.storage, workers=args.workers, resume=args.resume, out=args.out,
+        data=args.data, track=args.track, tracking_uri=args.tracking_uri, heartbeat=args.heartbeat,
+        log=console.print,
+    )  # fmt: skip
+    table = Table(title=f"sweep {args.file.stem}")
+    for column in sweep.RESULT_COLUMNS:
+        table.add_column(column.replace("_", " "), justify="right")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in sweep.RESULT_COLUMNS))
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -285,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
     tp.add_argument("--json", type=Path, help="write the results here")
     tp.set_defaults(handler=cmd_bench_throughput)
+
+    sw = sub.add_parser("sweep", help="grid or TPE search over train options (Optuna)")
+    sw.add_argument("file", type=Path, help="sweep file (TOML) with a [search] table")
+    sw.add_argument("--storage", help="Optuna storage URL (default: sqlite in the sweep folder)")
+    sw.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    sw.add_argument("--resume", action="store_true", help="continue an existing study")
+    sw.add_argument("--out", type=Path, help="sweep folder (default: sweeps/<file name>)")
+    sw.add_argument("--data", help="CIFAR-10 source for every trial")
+    sw.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
+                    help="MLflow tracking (a parent run and one child run per trial)")  # fmt: skip
+    sw.add_argument("--tracking-uri", help="MLflow tracking URI")
+    sw.add_argument("--heartbeat", type=int, default=10, help="worker heartbeat, seconds")
+    sw.add_argument("--worker-of", help=argparse.SUPPRESS)
+    sw.set_defaults(handler=cmd_sweep)
 
     an = sub.add_parser("analyze", help="error analysis of a run: figures and an HTML report")
     an.add_argument("run", type=Path, help="a run directory")

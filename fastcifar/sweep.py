@@ -1,0 +1,395 @@
+"""`fastcifar sweep FILE`: grid or TPE searches over `fastcifar train` options, on Optuna.
+
+A sweep file is TOML. Its `[search]` table names the space: a list is an axis, a scalar
+is fixed, and an axis of tables sets several options together (the paper's "SGD with
+momentum 0.5"). An optional `[sampler]` table picks `type = "grid"` (default) or
+`"tpe"` with a `trials` budget, a `seed`, and `prune` (median pruning on val accuracy).
+
+The study lives in Optuna storage: a SQLite file in the sweep's folder by default, or
+any `--storage` URL (PostgreSQL for many machines). Workers heartbeat; a killed worker's
+trial is marked failed by the next worker to start a trial and run again with the same
+parameters. Every trial is an MLflow child run under one parent run for the sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+import warnings
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+SWEEP_ONLY = {"out", "resume"}  # per-trial values the sweep owns
+RESULT_COLUMNS = (
+    "trial",
+    "model",
+    "duration",
+    "lr",
+    "optimizer",
+    "accuracy",
+    "epochs_needed",
+    "state",
+)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    axes: dict[str, list]  # axis name -> choices (scalars, or dicts of options)
+    fixed: dict
+    sampler: str  # grid | tpe
+    trials: int | None  # tpe budget
+    seed: int
+    prune: bool
+
+    def grid(self) -> list[dict]:
+        """Every combination's options, in file order."""
+        names = list(self.axes)
+        return [
+            self.options(dict(zip(names, combo, strict=True)))
+            for combo in product(*self.axes.values())
+        ]
+
+    def options(self, choice: dict) -> dict:
+        """Config options for one choice per axis: fixed values, then each axis' value."""
+        values = dict(self.fixed)
+        for name, value in choice.items():
+            values.update(value if isinstance(value, dict) else {name: value})
+        return values
+
+
+def read_sweep(path: Path) -> SweepSpec:
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise UserError(f"cannot read sweep file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"sweep file {path} is not valid TOML: {exc}") from None
+    unknown_tables = set(raw) - {"search", "sampler"}
+    if unknown_tables or "search" not in raw:
+        raise UserError(
+            f"{path}: a sweep file has a [search] table and an optional [sampler] table"
+        )
+    axes, fixed = {}, {}
+    for key, value in raw["search"].items():
+        name = key.replace("-", "_")
+        if isinstance(value, list):
+            if not value:
+                raise UserError(f"{path}: axis {key!r} is empty")
+            if all(isinstance(v, dict) for v in value):
+                value = [{k.replace("-", "_"): v for k, v in d.items()} for d in value]
+                keys = {k for d in value for k in d}
+            elif name in CONFIG_FIELDS:
+                keys = {name}
+            else:
+                keys = {name}
+            axes[name] = value
+        else:
+            fixed[name] = value
+            keys = {name}
+        bad = (keys - CONFIG_FIELDS) | (keys & SWEEP_ONLY)
+        if bad:
+            raise UserError(f"{path}: unknown or sweep-owned option(s) {', '.join(sorted(bad))}")
+    sampler = {k.replace("-", "_"): v for k, v in raw.get("sampler", {}).items()}
+    unknown = set(sampler) - {"type", "trials", "seed", "prune"}
+    if unknown:
+        raise UserError(f"{path}: unknown [sampler] keys {', '.join(sorted(unknown))}")
+    kind = sampler.get("type", "grid")
+    if kind not in ("grid", "tpe"):
+        raise UserError(f"{path}: sampler type must be 'grid' or 'tpe', not {kind!r}")
+    trials = sampler.get("trials")
+    if kind == "tpe" and (not isinstance(trials, int) or trials <= 0):
+        raise UserError(f"{path}: a tpe sampler needs a positive 'trials' budget")
+    spec = SweepSpec(path.stem, axes, fixed, kind, trials, int(sampler.get("seed", 0)),
+                     bool(sampler.get("prune", True)))  # fmt: skip
+    for options in spec.grid():  # every point must be a valid training config
+        _check(options, path)
+    return spec
+
+
+def _check(options: dict, path: Path) -> None:
+    try:
+        TrainConfig.from_dict({"arch": "lenet", **options})
+    except UserError as exc:
+        raise UserError(f"{path}: {exc} (in {json.dumps(options)})") from None
+    from fastcifar.models import list_models
+
+    if options.get("arch", "lenet") not in list_models():
+        raise UserError(f"{path}: unknown arch {options['arch']!r}")
+
+
+def _encode(value) -> str | int | float | bool:
+    """Optuna choices must be scalars: tables travel as JSON text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+
+
+def _decode(value):
+    if isinstance(value, str) and value.startswith("{"):
+        return json.loads(value)
+    return value
+
+
+def make_sampler(spec: SweepSpec, worker: int):
+    import optuna
+
+    if spec.sampler == "grid":
+        space = {name: [_encode(v) for v in values] for name, values in spec.axes.items()}
+        return optuna.samplers.GridSampler(space, seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed + worker)
+
+
+def open_storage(url: str, heartbeat: int):
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )  # fmt: skip
+    except ModuleNotFoundError as exc:
+        raise UserError(f"storage {url.split(':')[0]} needs the {exc.name} package") from None
+    except Exception as exc:  # sqlalchemy's connection errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open sweep storage {url}: {first[:200]}") from None
+
+
+def trial_config(spec: SweepSpec, options: dict, out: Path, number: int, data: str | None,
+                 track: bool, device: str) -> TrainConfig:  # fmt: skip
+    from fastcifar.recipes import recipe
+
+    values = {**recipe(options.get("arch", TrainConfig.arch), device), **options}
+    if data:
+        values["data"] = data
+    values.update(out=str(out / "trials" / f"{number:04d}"), track=track)
+    return TrainConfig.from_dict(values)
+
+
+def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, track: bool,
+               worker: int, heartbeat: int) -> None:  # fmt: skip
+    """Run trials until the grid is exhausted or the budget is spent."""
+    import optuna
+
+    from fastcifar.display import TrainingDisplay
+    from fastcifar.train.device import resolve_device
+    from fastcifar.train.engine import fit
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url, heartbeat)
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if spec.prune else None
+    )
+    study = optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
+                              pruner=pruner)  # fmt: skip
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    device = resolve_device("auto").type
+
+    def objective(trial):
+        choice = {name: _decode(trial.suggest_categorical(name, [_encode(v) for v in values]))
+                  for name, values in spec.axes.items()}  # fmt: skip
+        if spec.sampler == "grid" and _taken_by_another(study, trial):
+            # Two workers raced for the last grid point: keep the first, count this one nowhere.
+            trial.set_user_attr("duplicate", True)
+            study.stop()
+            raise optuna.TrialPruned()
+        cfg = trial_config(spec, spec.options(choice), out, trial.number, data, track, device)
+        run_dir = Path(cfg.out)
+        trial.set_user_attr("run_dir", str(run_dir))
+        if (run_dir / "last.pt").exists():  # a retried trial starts over
+            import shutil
+
+            shutil.rmtree(run_dir)
+
+        def report(row):
+            trial.report(
+                row["val_acc"] if row["val_acc"] is not None else row["train_acc"], row["epoch"]
+            )
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        summary = fit(cfg, TrainingDisplay(quiet=True), parent_run_id=parent, on_epoch=report)
+        best = summary["best"]
+        trial.set_user_attr("test_acc", best["test_acc"])
+        trial.set_user_attr("epochs_needed", best["epoch"])
+        trial.set_user_attr("duration_s", summary["seconds"]["total"])
+        return best["val_acc"] if best["val_acc"] is not None else best["test_acc"]
+
+    if spec.sampler == "grid":  # the grid sampler stops the study once every point is taken
+        study.optimize(objective, catch=(UserError,))
+        return
+    from optuna.trial import TrialState
+
+    budget = optuna.study.MaxTrialsCallback(
+        spec.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)
+    )
+    study.optimize(objective, n_trials=spec.trials, callbacks=[budget], catch=(UserError,))
+
+
+def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, out: Path | None,
+              data: str | None, track: bool, tracking_uri: str | None = None, heartbeat: int = 10,
+              log=print) -> list[dict]:  # fmt: skip
+    """Create or resume the study, run `workers` worker processes, write the results table."""
+    import optuna
+
+    spec = read_sweep(path)
+    out = out or Path("sweeps") / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = open_storage(url, heartbeat)
+    existing = {s.study_name for s in optuna.get_all_study_summaries(rdb)}
+    if spec.name in existing and not resume:
+        raise UserError(f"study {spec.name!r} already exists in {url}; add --resume to continue it")
+    study = optuna.create_study(
+        study_name=spec.name, storage=rdb, direction="maximize", load_if_exists=True
+    )
+    if track and "mlflow_parent_run_id" not in study.user_attrs:
+        from fastcifar.track import Tracker
+
+        parent = Tracker(True, tracking_uri, log=log)
+        run_id = parent.start(f"sweep-{spec.name}", {"sweep_file": str(path), "sampler": spec.sampler},
+                              {"sweep": spec.name})  # fmt: skip
+        if run_id:
+            study.set_user_attr("mlflow_parent_run_id", run_id)
+    done = sum(t.state.is_finished() for t in study.trials)
+    log(f"sweep {spec.name}: {len(spec.grid()) if spec.sampler == 'grid' else spec.trials} trials planned, "
+        f"{done} finished before, {workers} worker(s), storage {url}")  # fmt: skip
+    command = [sys.executable, "-m", "fastcifar", "sweep", str(path), "--worker-of", url, "--out", str(out),
+               "--heartbeat", str(heartbeat)] + (["--data", data] if data else []) + ([] if track else ["--no-track"])  # fmt: skip
+    env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
+    for _ in range(3):  # a round of workers, then again for trials a dead worker left behind
+        if _nothing_left(spec, study):
+            break
+        codes = _run_workers(command, env, workers)
+        if any(codes):
+            log(f"[yellow]{sum(1 for c in codes if c)} worker(s) exited with an error[/yellow]")
+        if not _recover_stale(study, heartbeat):
+            break
+    rows = results(optuna.load_study(study_name=spec.name, storage=rdb))
+    write_results(rows, out)
+    if track and study.user_attrs.get("mlflow_parent_run_id"):
+        from fastcifar.track import Tracker
+
+        parent = Tracker(True, tracking_uri, log=log)
+        parent.run_id = study.user_attrs["mlflow_parent_run_id"]
+        parent.log_artifacts(out, names=["results.csv", "results.md"])
+        parent.end("FINISHED")
+    return rows
+
+
+def _run_workers(command: list[str], env: dict, workers: int) -> list[int]:
+    """N worker processes on this machine, one GPU each when there are GPUs."""
+    gpus = _gpu_count()
+    procs = []
+    for worker in range(workers):
+        worker_env = {**env, "FASTCIFAR_SWEEP_WORKER": str(worker)}
+        if gpus:
+            worker_env["CUDA_VISIBLE_DEVICES"] = str(worker % gpus)
+        procs.append(subprocess.Popen(command, env=worker_env))
+    return [p.wait() for p in procs]
+
+
+def _recover_stale(study, heartbeat: int) -> bool:
+    """After the workers exit, a trial still RUNNING belongs to a dead worker or to one on
+    another machine. Wait out the grace period, fail the stale ones (which enqueues their
+    retry) and say whether another round of workers is needed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return False
+    time.sleep(3 * heartbeat + 1)
+    optuna.storages.fail_stale_trials(study)
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _nothing_left(spec: SweepSpec, study) -> bool:
+    """Every grid point (or the whole TPE budget) is finished, and no trial waits or runs."""
+    from optuna.trial import TrialState
+
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        return False
+    finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                if not t.user_attrs.get("duplicate")]  # fmt: skip
+    if spec.sampler == "tpe":
+        return len(finished) >= spec.trials
+    return len({json.dumps(t.params, sort_keys=True) for t in finished}) >= len(spec.grid())
+
+
+def _taken_by_another(study, trial) -> bool:
+    from optuna.trial import TrialState
+
+    live = (TrialState.RUNNING, TrialState.COMPLETE)
+    return any(t.number != trial.number and t.params == trial.params
+               for t in study.get_trials(deepcopy=False, states=live))  # fmt: skip
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def results(study) -> list[dict]:
+    """One row per grid point (the latest finished trial of each), the paper's columns."""
+    latest: dict[str, object] = {}
+    rank = {"PRUNED": 0, "COMPLETE": 1}  # a completed run of a point beats a pruned one
+    for trial in study.trials:
+        if trial.state.name not in rank or trial.user_attrs.get("duplicate"):
+            continue
+        key = json.dumps(trial.params, sort_keys=True)
+        if key not in latest or rank[trial.state.name] >= rank[latest[key].state.name]:
+            latest[key] = trial
+    rows = []
+    for trial in sorted(latest.values(), key=lambda t: t.number):
+        options = {}
+        for name, value in trial.params.items():
+            value = _decode(value)
+            options.update(value if isinstance(value, dict) else {name: value})
+        optimizer = options.get("optimizer", "")
+        if optimizer == "sgd" and "momentum" in options:
+            optimizer = f"sgd m={options['momentum']}"
+        duration = trial.user_attrs.get("duration_s")
+        rows.append({
+            "trial": trial.number,
+            "model": options.get("arch", ""),
+            "duration": f"{duration / 60:.1f} min" if duration is not None else "",
+            "lr": options.get("lr", ""),
+            "optimizer": optimizer,
+            "accuracy": f"{trial.user_attrs['test_acc']:.2%}" if "test_acc" in trial.user_attrs else "",
+            "epochs_needed": trial.user_attrs.get("epochs_needed", ""),
+            "state": trial.state.name.lower(),
+            "val_acc": trial.value,
+        })  # fmt: skip
+    return rows
+
+
+def write_results(rows: list[dict], out: Path) -> None:
+    from fastcifar.atomic import write_text_atomic
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*RESULT_COLUMNS, "val_acc"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "results.csv", buffer.getvalue())
+    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + " --- |" * len(RESULT_COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in RESULT_COLUMNS) + " |" for r in rows]
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")

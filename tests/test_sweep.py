@@ -1,0 +1,148 @@
+"""Sweeps on Optuna: the sweep file, grid and TPE runs, workers sharing a study, a killed
+worker, resume, and MLflow child runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastcifar.cli import main
+from fastcifar.errors import UserError
+from fastcifar.sweep import read_sweep, run_sweep
+
+from .conftest import make_arrays, write_batches_dir
+
+optuna = pytest.importorskip("optuna")
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweepdata")
+    return str(write_batches_dir(root, make_arrays(n_train=300, n_test=100)))
+
+
+def sweep_file(tmp_path, search: str, sampler: str = "", name: str = "s") -> "os.PathLike":
+    path = tmp_path / f"{name}.toml"
+    common = 'epochs = 1\nbatch_size = 50\nval = 50\namp = "none"\nthreads = 1\n'
+    path.write_text(f"[search]\n{search}\n{common}\n{sampler}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("search", "sampler", "fragment"),
+    [
+        ('arch = "lenet"\nlr = [-0.1, 0.1]', "", "--lr must be positive"),
+        ('arch = "lenet"\nlr = []', "", "axis 'lr' is empty"),
+        ('arch = "lenet"\nspeed = [1, 2]', "", "unknown or sweep-owned option(s) speed"),
+        ('arch = ["lenet", "vgg"]', "", "unknown arch 'vgg'"),
+        ('arch = "lenet"\nlr = [0.1]', '[sampler]\ntype = "tpe"', "needs a positive 'trials'"),
+        ('arch = "lenet"\nlr = [0.1]', '[sampler]\ntype = "random"', "must be 'grid' or 'tpe'"),
+    ],
+)
+def test_bad_sweep_files(tmp_path, capsys, search, sampler, fragment):
+    path = sweep_file(tmp_path, search, sampler)
+    with pytest.raises(UserError, match="."):
+        read_sweep(path)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--no-track"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+    assert not (tmp_path / "o" / "results.csv").exists()
+
+
+def test_paper_grid_has_24_points():
+    spec = read_sweep(
+        __import__("pathlib").Path(__file__).parents[1] / "configs" / "sweeps" / "paper-table1.toml"
+    )
+    grid = spec.grid()
+    assert len(grid) == 24
+    assert {(g["optimizer"], g.get("momentum")) for g in grid} == {
+        ("adam", None),
+        ("sgd", 0.5),
+        ("sgd", 0.9),
+    }
+    assert all(g["epochs"] == 20 and g["patience"] == 5 for g in grid)
+
+
+def test_grid_with_two_workers_and_mlflow_children(tmp_path, data):
+    path = sweep_file(
+        tmp_path,
+        'arch = "lenet"\nlr = [0.01, 0.05]\noptimizer = [{optimizer = "adam"}, {optimizer = "sgd", momentum = 0.9}]',
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rows = run_sweep(path, storage=None, workers=2, resume=False, out=tmp_path / "out", data=data,
+                     track=True, tracking_uri=uri, heartbeat=2, log=lambda _: None)  # fmt: skip
+    assert len(rows) == 4 and all(r["state"] == "complete" for r in rows)
+    assert {(r["lr"], r["optimizer"]) for r in rows} == {
+        (lr, o) for lr in (0.01, 0.05) for o in ("adam", "sgd m=0.9")
+    }
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4  # nothing run twice
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 5
+    markdown = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert markdown[0].startswith("| trial | model | duration | lr | optimizer | accuracy |")
+    assert len(markdown) == 2 + 4
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["fastcifar"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("sweep") == "s"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 4 and all("final_test_acc" in r.data.metrics for r in children)
+
+
+def test_resume_redoes_nothing_and_is_required(tmp_path, data, capsys):
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]')
+    args = ["sweep", str(path), "--out", str(tmp_path / "out"), "--data", data, "--no-track"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "add --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    assert len(study.trials) == 2
+
+
+def test_tpe_spends_exactly_its_budget(tmp_path, data):
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.02, 0.05, 0.1]\nseed = [1, 2, 3]',
+                      '[sampler]\ntype = "tpe"\ntrials = 3\nprune = false')  # fmt: skip
+    rows = run_sweep(path, storage=None, workers=1, resume=False, out=tmp_path / "out", data=data,
+                     track=False, heartbeat=2, log=lambda _: None)  # fmt: skip
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    assert len(study.trials) == 3 and len(rows) <= 3
+
+
+def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]\nsubset = 250', name="k")
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 40"))
+    out = tmp_path / "out"
+    url = f"sqlite:///{(out / 'study.db')}"
+    out.mkdir()
+    storage = optuna.storages.RDBStorage(url)
+    optuna.create_study(study_name="k", storage=storage, direction="maximize")
+    worker = subprocess.Popen([sys.executable, "-m", "fastcifar", "sweep", str(path), "--worker-of", url,
+                               "--out", str(out), "--data", data, "--no-track", "--heartbeat", "1"])  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        trials = optuna.load_study(study_name="k", storage=url).trials
+        if (
+            trials
+            and trials[0].state.name == "RUNNING"
+            and (out / "trials" / "0000" / "metrics.jsonl").exists()
+        ):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the worker never got a trial running")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    rows = run_sweep(path, storage=url, workers=1, resume=True, out=out, data=data, track=False,
+                     heartbeat=1, log=lambda _: None)  # fmt: skip
+    study = optuna.load_study(study_name="k", storage=url)
+    states = sorted(t.state.name for t in study.trials)
+    assert states.count("FAIL") == 1
+    assert states.count("COMPLETE") == 2  # each grid point done once: the killed one again
+    assert sorted(r["lr"] for r in rows) == [0.01, 0.05]
+    assert json.loads((out / "trials" / "0000" / "config.json").read_text())["epochs"] == 40
