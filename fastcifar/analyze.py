@@ -16,9 +16,9 @@ from fastcifar.train.rundir import read_metrics, read_predictions
 
 
 def analyze_run(run: Path, data: str | None = None, top_pairs: int = 4, examples: int = 16,
-                log=print) -> tuple[Path, dict]:  # fmt: skip
-    """Write `run/analysis/` (PNG figures, analysis.json, index.html); returns its path and
-    the analysis as a dict."""
+                track: bool = True, log=print) -> tuple[Path, dict]:  # fmt: skip
+    """Write `run/analysis/` (PNG figures, analysis.json, index.html) and, when the run was
+    tracked, attach it to its MLflow run; returns the folder and the analysis as a dict."""
     from fastcifar import figures
     from fastcifar.data.dataset import resolve_arrays
 
@@ -56,6 +56,10 @@ def analyze_run(run: Path, data: str | None = None, top_pairs: int = 4, examples
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if track:
+        from fastcifar.track import log_folder_to_run
+
+        log_folder_to_run(run, out, "analysis", log=log)
     return out, result
 
 

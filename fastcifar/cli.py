@@ -213,7 +213,7 @@ def cmd_analyze(args) -> int:
     from fastcifar.analyze import analyze_run
 
     console = Console()
-    out, result = analyze_run(args.run, args.data, log=console.print)
+    out, result = analyze_run(args.run, args.data, track=args.track, log=console.print)
     table = Table(title=f"{args.run.name}: test accuracy {result['accuracy']:.2%}")
     for column in ("class", "precision", "recall", "F1", "errors"):
         table.add_column(column, justify="right")
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="error analysis of a run: figures and an HTML report")
     an.add_argument("run", type=Path, help="a run directory")
     an.add_argument("--data", help="CIFAR-10 source (default: the one the run trained on)")
+    an.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
+                    help="attach the report to the run's MLflow run, when it was tracked")  # fmt: skip
     an.set_defaults(handler=cmd_analyze)
 
     co = sub.add_parser("compare", help="runs side by side: final metrics and overlaid curves")

@@ -133,3 +133,18 @@ def _params(values: dict):
         Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
         for k, v in values.items()
     ]
+
+
+def log_folder_to_run(run_dir: Path, folder: Path, subdir: str, log=print) -> bool:
+    """Attach `folder`'s files to the MLflow run recorded in `run_dir/tracking.json`, if
+    any; True when they were logged."""
+    saved = run_dir / "tracking.json"
+    if not saved.exists():
+        return False
+    info = json.loads(saved.read_text())
+    tracker = Tracker(True, info.get("uri"), log=log)
+    if tracker.client is None:
+        return False
+    tracker.run_id = info["run_id"]
+    tracker.log_artifacts(folder, names=sorted(p.name for p in folder.iterdir()), subdir=subdir)
+    return tracker.client is not None

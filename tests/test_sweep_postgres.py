@@ -47,7 +47,9 @@ def postgres_url():
     try:
         yield f"postgresql+psycopg2://fastcifar@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -71,6 +73,9 @@ def test_unreachable_storage_is_one_line(tmp_path, capsys):
     path = tmp_path / "u.toml"
     path.write_text('[search]\narch = "lenet"\nlr = [0.01]\n')
     url = f"postgresql+psycopg2://nobody@127.0.0.1:{_free_port()}/none"
-    assert main(["sweep", str(path), "--storage", url, "--no-track", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["sweep", str(path), "--storage", url, "--no-track", "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot open sweep storage" in err[0]

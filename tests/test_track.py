@@ -69,3 +69,16 @@ def test_no_track_touches_no_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit(config(tmp_path, track=False), TrainingDisplay(quiet=True))
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_analysis_is_attached_to_the_tracked_run(tmp_path):
+    from fastcifar.analyze import analyze_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fit(config(tmp_path, tracking_uri=uri), TrainingDisplay(quiet=True))
+    analyze_run(tmp_path / "run", log=lambda _: None)
+    client = mlflow.tracking.MlflowClient(uri)
+    run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
+    logged = {a.path for a in client.list_artifacts(run_id, "analysis")}
+    assert {"analysis/confusion.png", "analysis/index.html", "analysis/analysis.json"} <= logged
+    assert client.get_run(run_id).info.status == "FINISHED"
