@@ -42,6 +42,7 @@ def tutorial_transform() -> transforms.Compose:
 
 
 def tutorial_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int = 0):
+    """The tutorial's DataLoader: shuffled, per-image transforms in `workers` processes."""
     dataset = TutorialCIFAR10(np.asarray(images), np.asarray(labels), tutorial_transform())
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,

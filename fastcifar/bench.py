@@ -1,8 +1,10 @@
-"""Side-by-side training throughput: fastcifar's pipeline against the tutorial baseline.
+"""Training and evaluation throughput, fastcifar against the tutorial pipeline.
 
-Both run on the same data, model, batch size and optimiser, in one process, in
-alternating windows so that machine noise hits both alike. Each window times `steps`
-training steps, data loading included, after a warm-up; results are medians over windows.
+`build_pipeline` makes one configuration (the tutorial baseline, fastcifar's default for
+the device, or the baseline with one optimisation switched on) as a step function and an
+endless batch iterator, so the CLI and the pytest-benchmark suite time the same thing.
+`compare_throughput` runs the baseline and the default side by side in one process, in
+alternating windows so machine noise hits both alike, and reports medians.
 """
 
 from __future__ import annotations
@@ -18,12 +20,128 @@ import torch
 
 from fastcifar.baseline import tutorial_loader, tutorial_step
 from fastcifar.config import TrainConfig
-from fastcifar.data.dataset import resolve_arrays
 from fastcifar.data.loader import TensorLoader
 from fastcifar.recipes import recipe
-from fastcifar.train.device import input_dtype, resolve_device
+from fastcifar.train.device import autocast, input_dtype, resolve_device
 from fastcifar.train.engine import build_model, train_step
 from fastcifar.train.optim import build_optimizer
+
+# The baseline, fastcifar's default, and the baseline with each optimisation alone.
+VARIANTS = ("baseline", "default", "amp", "channels_last", "compile", "tensor_loader")
+
+
+@dataclass
+class Pipeline:
+    variant: str
+    cfg: TrainConfig
+    model: torch.nn.Module
+    step: object  # (x, y) -> None: one training step
+    batches: object  # endless iterator of (x, y) on the device
+    device: torch.device
+
+
+def variant_config(
+    arch: str, variant: str, device: torch.device, batch_size: int | None
+) -> TrainConfig:
+    """The config a variant trains with: the baseline is fp32, NCHW, eager."""
+    default = TrainConfig(**{**recipe(arch, device.type), "arch": arch, "track": False})
+    if batch_size:
+        default = default.replace(batch_size=batch_size)
+    if variant == "default":
+        return default
+    base = default.replace(amp="none", channels_last=False, compile=False)
+    switch = {
+        "amp": {"amp": "bf16"},
+        "channels_last": {"channels_last": True},
+        "compile": {"compile": True},
+    }
+    return base.replace(**switch.get(variant, {}))
+
+
+def _cycle(make_iter):
+    """Batches forever: a new epoch's iterator whenever one runs out."""
+    for epoch in itertools.count():
+        yield from make_iter(epoch)
+
+
+def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarray,
+                   batch_size: int | None = None, device: torch.device | None = None) -> Pipeline:  # fmt: skip
+    device = device or resolve_device("auto")
+    cfg = variant_config(arch, variant, device, batch_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, device)
+    step_model = torch.compile(model) if cfg.compile else model
+    optimizer = build_optimizer(model, cfg)
+    if variant in ("default", "tensor_loader"):
+        loader = TensorLoader(
+            torch.from_numpy(np.array(images)).to(device), torch.from_numpy(np.array(labels)).to(device),
+            cfg.batch_size, train=True, dtype=input_dtype(cfg.amp),
+        )  # fmt: skip
+        batches = _cycle(lambda epoch: (loader.set_epoch(epoch), iter(loader))[1])
+    else:
+        loader = tutorial_loader(images, labels, cfg.batch_size)
+        batches = ((x.to(device), y.to(device)) for x, y in _cycle(lambda _: iter(loader)))
+        if cfg.channels_last:
+            batches = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in batches)
+
+    if variant == "baseline":
+
+        def step(x, y):
+            tutorial_step(step_model, x, y, optimizer)
+    else:
+
+        def step(x, y):
+            train_step(step_model, x, y, optimizer, None, cfg, device)
+
+    return Pipeline(variant, cfg, model, step, batches, device)
+
+
+def time_steps(p: Pipeline, steps: int) -> float:
+    """Images per second over `steps` training steps, data loading included."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        p.step(*next(p.batches))
+    if p.device.type == "cuda":
+        torch.cuda.synchronize()  # host sync: end of the timed window
+    return steps * p.cfg.batch_size / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def time_eval(p: Pipeline, steps: int) -> float:
+    """Images per second of forward passes in eval mode on the pipeline's batches."""
+    p.model.eval()
+    batches = [next(p.batches) for _ in range(steps)]
+    start = time.perf_counter()
+    for x, _ in batches:
+        with autocast(p.cfg.amp, p.device):
+            p.model(x)
+    if p.device.type == "cuda":
+        torch.cuda.synchronize()  # host sync: end of the timed window
+    p.model.train()
+    return steps * p.cfg.batch_size / (time.perf_counter() - start)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def matmul_peak_tflops(
+    device: torch.device, dtype: torch.dtype, size: int = 2048, reps: int = 5
+) -> float:
+    """Measured dense matmul throughput, the yardstick for 'percent of peak'."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # host sync: end of the timed loop
+    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
 
 
 @dataclass
@@ -40,78 +158,21 @@ class ThroughputResult:
     torch: str
 
 
-def _cycle(make_iter):
-    """Batches forever: a new epoch's iterator whenever one runs out."""
-    for epoch in itertools.count():
-        yield from make_iter(epoch)
-
-
-def _window(step, batches, steps: int, batch_size: int, device) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        x, y = next(batches)
-        step(x, y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # host sync: end of the timed window
-    return steps * batch_size / (time.perf_counter() - start)
-
-
-def compare_throughput(
-    arch: str,
-    data: str | None = None,
-    batch_size: int | None = None,
-    steps: int = 20,
-    windows: int = 3,
-    warmup: int = 3,
-    workers: int = 0,
-) -> ThroughputResult:
-    device = resolve_device("auto")
-    cfg = TrainConfig(**{**recipe(arch, device.type), "arch": arch, "track": False})
-    if batch_size:
-        cfg = cfg.replace(batch_size=batch_size)
-    arrays, _ = resolve_arrays(data, download=False, log=lambda _: None)
-    images, labels = arrays.train_images, arrays.train_labels
-
-    # fastcifar: device-resident data, default recipe (AMP, channels-last) for the device
-    torch.manual_seed(0)
-    model = build_model(cfg, device)
-    step_model = torch.compile(model) if cfg.compile else model
-    optimizer = build_optimizer(model, cfg)
-    loader = TensorLoader(
-        torch.from_numpy(np.array(images)).to(device), torch.from_numpy(np.array(labels)).to(device),
-        cfg.batch_size,
-        train=True, dtype=input_dtype(cfg.amp),
-    )  # fmt: skip
-
-    def ours(x, y):
-        train_step(step_model, x, y, optimizer, None, cfg, device)
-
-    ours_batches = _cycle(lambda epoch: (loader.set_epoch(epoch), iter(loader))[1])
-
-    # baseline: per-image transforms in a DataLoader, eager fp32 NCHW model
-    torch.manual_seed(0)
-    base_cfg = cfg.replace(amp="none", channels_last=False, compile=False)
-    base_model = build_model(base_cfg, device)
-    base_optimizer = build_optimizer(base_model, base_cfg)
-    base_loader = tutorial_loader(images, labels, cfg.batch_size, workers)
-
-    def baseline(x, y):
-        tutorial_step(base_model, x.to(device), y.to(device), base_optimizer)
-
-    base_batches = _cycle(lambda _: iter(base_loader))
-
-    _window(ours, ours_batches, warmup, cfg.batch_size, device)
-    _window(baseline, base_batches, warmup, cfg.batch_size, device)
+def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_size: int | None = None,
+                       steps: int = 20, windows: int = 3, warmup: int = 3) -> ThroughputResult:  # fmt: skip
+    ours = build_pipeline(arch, "default", images, labels, batch_size)
+    base = build_pipeline(arch, "baseline", images, labels, ours.cfg.batch_size)
+    time_steps(ours, warmup)
+    time_steps(base, warmup)
     base_rates, our_rates = [], []
     for _ in range(windows):
-        base_rates.append(_window(baseline, base_batches, steps, cfg.batch_size, device))
-        our_rates.append(_window(ours, ours_batches, steps, cfg.batch_size, device))
+        base_rates.append(time_steps(base, steps))
+        our_rates.append(time_steps(ours, steps))
     ratios = [o / b for o, b in zip(our_rates, base_rates, strict=True)]
     return ThroughputResult(
-        arch, cfg.batch_size, cfg.amp, statistics.median(base_rates),
+        arch, ours.cfg.batch_size, ours.cfg.amp, statistics.median(base_rates),
         statistics.median(our_rates), statistics.median(ratios), windows, steps,
-        torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        torch.__version__,
+        device_name(ours.device), torch.__version__,
     )  # fmt: skip
 
 

@@ -183,16 +183,18 @@ def cmd_bench_throughput(args) -> int:
     from rich.table import Table
 
     from fastcifar.bench import as_dict, compare_throughput
+    from fastcifar.data.dataset import resolve_arrays
 
     console = Console()
+    arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
     table = Table(title="training throughput, images/s (median of windows)")
     for column in ("arch", "batch", "amp", "tutorial baseline", "fastcifar", "speedup"):
         table.add_column(column, justify="right")
     results = []
     for arch in args.arch:
         console.print(f"measuring {arch} ...", highlight=False)
-        r = compare_throughput(arch, args.data, args.batch_size, args.steps, args.windows,
-                               workers=args.workers)  # fmt: skip
+        r = compare_throughput(arch, arrays.train_images, arrays.train_labels, args.batch_size,
+                               args.steps, args.windows)  # fmt: skip
         results.append(as_dict(r))
         table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
                       f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x")  # fmt: skip
@@ -312,7 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--batch-size", type=int, help="default: the arch's recipe")
     tp.add_argument("--steps", type=int, default=20, help="training steps per timed window")
     tp.add_argument("--windows", type=int, default=3, help="alternating timed windows per side")
-    tp.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
     tp.add_argument("--json", type=Path, help="write the results here")
     tp.set_defaults(handler=cmd_bench_throughput)
 

@@ -1,0 +1,76 @@
+"""The benchmark suite's set-up: data, mode, and what every result records.
+
+Quick mode (the default, run in CI) times a few steps on a small slice of the data so
+the suite never rots; `--full` times real windows and is run by hand, its results saved
+with `--benchmark-json=benchmarks/results/<name>-<device>.json`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.bench import device_name, matmul_peak_tflops
+from fastcifar.train.device import resolve_device
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.zip"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", help="full-length benchmark windows")
+
+
+@pytest.fixture(scope="session")
+def full(request) -> bool:
+    return request.config.getoption("--full")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return resolve_device("auto")
+
+
+@pytest.fixture(scope="session")
+def train_arrays(full):
+    """Real CIFAR-10 training images when available, else random ones of the same shape."""
+    source = os.environ.get("FASTCIFAR_DATA") or (str(REAL_DATA) if REAL_DATA.exists() else None)
+    if source:
+        from fastcifar.data.dataset import resolve_arrays
+
+        arrays, _ = resolve_arrays(source, download=False, log=lambda _: None)
+        images, labels = arrays.train_images, arrays.train_labels
+    else:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8)
+        labels = np.arange(50_000) % 10
+    n = len(labels) if full else 4096
+    return np.array(images[:n]), np.array(labels[:n])
+
+
+@pytest.fixture(scope="session")
+def peak(device) -> dict:
+    """Dense matmul TFLOP/s measured on this device in this session, per dtype."""
+    return {
+        "bf16": matmul_peak_tflops(device, torch.bfloat16),
+        "fp32": matmul_peak_tflops(device, torch.float32),
+    }
+
+
+@pytest.fixture(scope="session")
+def baseline_rates() -> dict:
+    """Baseline images/s per (arch, batch size), filled as the baseline benchmarks run."""
+    return {}
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+    }

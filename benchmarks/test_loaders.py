@@ -1,0 +1,46 @@
+"""Loader-only throughput: the tutorial DataLoader with per-image transforms against the
+device-resident tensor loader, in fp32 and bf16."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.baseline import tutorial_loader
+from fastcifar.data.loader import TensorLoader
+
+from .conftest import environment
+
+
+def _rate(batches, count: int, batch_size: int, device) -> float:
+    start = time.perf_counter()
+    for x, _ in itertools.islice(batches, count):
+        x.to(device, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # host sync: end of the timed window
+    return count * batch_size / (time.perf_counter() - start)
+
+
+@pytest.mark.parametrize("loader", ["tutorial", "tensor_fp32", "tensor_bf16"])
+def test_loader_throughput(benchmark, loader, full, device, train_arrays):
+    images, labels = train_arrays
+    batch = 256
+    count = (len(labels) // batch) if full else 4
+    if loader == "tutorial":
+        make = lambda: iter(tutorial_loader(images, labels, batch))  # noqa: E731
+    else:
+        dtype = torch.bfloat16 if loader.endswith("bf16") else torch.float32
+        tl = TensorLoader(torch.from_numpy(np.array(images)).to(device),
+                          torch.from_numpy(np.array(labels)).to(device), batch, train=True, dtype=dtype)  # fmt: skip
+        make = lambda: iter(tl)  # noqa: E731
+    rates = []
+    benchmark.pedantic(lambda: rates.append(_rate(make(), count, batch, device)), rounds=3 if full else 1,
+                       iterations=1)  # fmt: skip
+    rate = sorted(rates)[len(rates) // 2]
+    benchmark.extra_info.update(loader=loader, kind="loader", batch_size=batch, images_per_sec=rate,
+                                **environment(device))  # fmt: skip
+    assert rate > 0
