@@ -10,6 +10,7 @@ alternating windows so machine noise hits both alike, and reports medians.
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import statistics
 import time
@@ -122,9 +123,18 @@ def time_eval(p: Pipeline, steps: int) -> float:
 
 
 def device_name(device: torch.device) -> str:
+    """What the results ran on: the GPU's name, or the CPU's model and core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def matmul_peak_tflops(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import re
 import sys
 from pathlib import Path
@@ -98,8 +99,6 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
 
 
 def read_toml_or_json(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -177,8 +176,6 @@ def cmd_list(args) -> int:
 
 
 def cmd_bench_throughput(args) -> int:
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
@@ -200,11 +197,89 @@ def cmd_bench_throughput(args) -> int:
                       f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x")  # fmt: skip
     console.print(table)
     if args.json:
-        from fastcifar.atomic import write_json_atomic
+        import shlex
+        import sys
+        import time
 
-        write_json_atomic(args.json, results)
+        from fastcifar.atomic import write_json_atomic
+        from fastcifar.bench import device_name
+        from fastcifar.train.device import resolve_device
+
+        write_json_atomic(args.json, {
+            "kind": "side_by_side",
+            "machine": device_name(resolve_device("auto")),
+            "date": time.strftime("%Y-%m-%d"),
+            "command": "fastcifar " + shlex.join(sys.argv[1:]),
+            "results": results,
+        })  # fmt: skip
     else:
         print(json.dumps(results))
+    return 0
+
+
+def cmd_bench_accuracy(args) -> int:
+    import shlex
+    import sys
+    import time
+
+    from fastcifar.atomic import write_json_atomic
+    from fastcifar.bench import device_name
+    from fastcifar.results import accuracy_stats, run_record
+    from fastcifar.train.device import resolve_device
+
+    runs = list(args.collect or [])
+    if not runs:
+        from fastcifar.display import TrainingDisplay
+        from fastcifar.train.engine import fit
+
+        for arch in args.arch:
+            for seed in range(args.seeds):
+                flags = [
+                    "--arch",
+                    arch,
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(args.runs / f"{arch}-{args.recipe}-s{seed}"),
+                ]
+                if args.recipe == "paper":
+                    flags += ["--config", str(Path("configs/paper") / f"{arch}.toml")]
+                if args.data:
+                    flags += ["--data", args.data]
+                cfg, _ = resolve_train_config(build_parser().parse_args(["train", *flags]))
+                fit(cfg, TrainingDisplay())
+                runs.append(Path(cfg.out))
+    records = [run_record(run, args.recipe) for run in runs]
+    previous = []
+    if args.out.exists():
+        previous = [r for r in json.loads(args.out.read_text())["records"]
+                    if (r["run"], r["recipe"]) not in {(x["run"], x["recipe"]) for x in records}]  # fmt: skip
+    write_json_atomic(args.out, {
+        "kind": "accuracy",
+        "machine": device_name(resolve_device("auto")),
+        "updated": time.strftime("%Y-%m-%d"),
+        "command": "fastcifar " + shlex.join(sys.argv[1:]),
+        "records": previous + records,
+    })  # fmt: skip
+    for arch in sorted({r["arch"] for r in records}):
+        stats = accuracy_stats([r["test_acc"] for r in records if r["arch"] == arch])
+        print(f"{arch}: {100 * stats['mean']:.2f}% over {stats['runs']} run(s)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fastcifar.report import load_results, markdown, scatter, table_rows, write_readme_section
+
+    throughput, accuracy = load_results(args.results)
+    tables = table_rows(throughput, accuracy)
+    if not tables:
+        raise UserError(f"no results in {args.results}")
+    text = markdown(tables)
+    figure = scatter(tables, args.figure)
+    text += f"\n![throughput against accuracy]({figure.as_posix()})\n"
+    if args.readme:
+        write_readme_section(args.readme, text)
+    print(text)
     return 0
 
 
@@ -316,6 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--windows", type=int, default=3, help="alternating timed windows per side")
     tp.add_argument("--json", type=Path, help="write the results here")
     tp.set_defaults(handler=cmd_bench_throughput)
+    ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")
+    ac.add_argument("--arch", nargs="+", default=["lenet", "conv3", "conv5", "cerberus"])
+    ac.add_argument("--recipe", choices=["default", "paper"], default="default")
+    ac.add_argument("--seeds", type=int, default=1)
+    ac.add_argument("--data")
+    ac.add_argument("--runs", type=Path, default=Path("runs/bench"), help="where the runs go")
+    ac.add_argument("--collect", type=Path, nargs="+", help="record these finished runs instead")
+    ac.add_argument("--out", type=Path, required=True, help="results JSON (records are merged)")
+    ac.set_defaults(handler=cmd_bench_accuracy)
+
+    rp = sub.add_parser("report", help="Markdown table and figure from benchmarks/results")
+    rp.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    rp.add_argument(
+        "--figure", type=Path, default=Path("benchmarks/results/throughput-vs-accuracy.png")
+    )
+    rp.add_argument("--readme", type=Path, help="rewrite this file's report section")
+    rp.set_defaults(handler=cmd_report)
 
     sw = sub.add_parser("sweep", help="grid or TPE search over train options (Optuna)")
     sw.add_argument("file", type=Path, help="sweep file (TOML) with a [search] table")

@@ -16,7 +16,7 @@ from fastcifar.analysis import Analysis, row_normalized, without_diagonal  # noq
 DPI = 110
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -45,7 +45,7 @@ def training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _matrix(ax, values, classes, title, fmt):
@@ -66,7 +66,7 @@ def confusion_figure(a: Analysis, classes, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.6))
     _matrix(left, a.confusion, classes, "confusion matrix (counts)", lambda v: f"{v:d}")
     _matrix(right, row_normalized(a.confusion), classes, "row-normalised", lambda v: f"{v:.2f}")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def confusion_without_diagonal_figure(a: Analysis, classes, path: Path) -> Path:
@@ -74,7 +74,7 @@ def confusion_without_diagonal_figure(a: Analysis, classes, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.8, 5.8))
     _matrix(ax, without_diagonal(a.confusion), classes, "errors only (diagonal removed)",
             lambda v: f"{v:d}" if v else "")  # fmt: skip
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def per_class_errors_figure(a: Analysis, classes, path: Path) -> Path:
@@ -85,7 +85,7 @@ def per_class_errors_figure(a: Analysis, classes, path: Path) -> Path:
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set(ylabel="misclassified test images", title="errors per true class")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def misclassified_grid(
@@ -106,4 +106,4 @@ def misclassified_grid(
     fig.suptitle(
         f"true {true_name}, predicted {predicted_name} ({len(examples)} shown)", fontsize=10
     )
-    return _save(fig, path)
+    return save(fig, path)

@@ -1,0 +1,171 @@
+"""`fastcifar report`: the throughput and accuracy results joined into a Markdown table per
+device and a throughput-versus-accuracy figure; `--readme` rewrites the README's
+section between its report markers. Everything comes from `benchmarks/results/`."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from fastcifar.errors import UserError
+from fastcifar.results import PAPER_ACCURACY, accuracy_stats
+
+START, END = "<!-- report:start -->", "<!-- report:end -->"
+
+
+def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
+    """(throughput entries, accuracy records) from every JSON file in `folder`."""
+    throughput, accuracy = [], []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise UserError(f"{path} is not valid JSON: {exc}") from None
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind == "side_by_side":
+            throughput += [{**r, "machine": data["machine"]} for r in data["results"]]
+        elif kind == "accuracy":
+            accuracy += [{**r, "machine": data["machine"]} for r in data["records"]]
+    return throughput, accuracy
+
+
+def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[dict]]:
+    """Rows per device: one per arch with a throughput or accuracy result."""
+    from fastcifar.models import create_model
+    from fastcifar.summary import count_mult_adds
+
+    by_device: dict[str, dict[str, dict]] = defaultdict(dict)
+    for t in throughput:
+        by_device[t["machine"]].setdefault(t["arch"], {})["throughput"] = t
+    grouped = defaultdict(list)
+    for r in accuracy:
+        if r["recipe"] == "default":
+            grouped[(r["machine"], r["arch"])].append(r)
+    for (machine, arch), records in grouped.items():
+        by_device[machine].setdefault(arch, {})["accuracy"] = records
+    tables = {}
+    for machine, archs in by_device.items():
+        rows = []
+        for arch, entry in sorted(archs.items()):
+            model = create_model(arch)
+            t, records = entry.get("throughput"), entry.get("accuracy")
+            stats = accuracy_stats([r["test_acc"] for r in records]) if records else None
+            paper = PAPER_ACCURACY.get(arch)
+            reach = None  # every run had reached the paper's accuracy by then
+            times = [r["reached"].get("paper") for r in records or []]
+            if times and all(times):
+                reach = max(times, key=lambda t: t["epoch"])
+            rows.append({
+                "arch": arch,
+                "params": sum(p.numel() for p in model.parameters()),
+                "mult_adds": count_mult_adds(model),
+                "train_ips": t["fastcifar_images_per_sec"] if t else None,
+                "baseline_ips": t["baseline_images_per_sec"] if t else None,
+                "speedup": t["speedup"] if t else None,
+                "stats": stats,
+                "epochs": records[0]["epochs_run"] if records else None,
+                "wall": stats and sum(r["seconds"]["total"] for r in records) / len(records),
+                "reach": reach,
+                "paper": paper,
+            })  # fmt: skip
+        tables[machine] = rows
+    return tables
+
+
+def markdown(tables: dict[str, list[dict]]) -> str:
+    out = []
+    header = ("| arch | params | mult-adds | train img/s | baseline img/s | speedup | test accuracy "
+              "| epochs, wall time | first epoch at or above the paper | paper |")  # fmt: skip
+    for machine, rows in tables.items():
+        out += [f"**{machine}**", "", header, "|" + " --- |" + " ---: |" * 9]
+        for r in rows:
+            cells = [
+                r["arch"],
+                f"{r['params']:,}",
+                f"{r['mult_adds'] / 1e6:.2f} M",
+                _num(r["train_ips"]),
+                _num(r["baseline_ips"]),
+                f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+                _accuracy(r["stats"]),
+                f"{r['epochs']}, {r['wall']:.0f} s" if r["epochs"] else "-",
+                f"epoch {r['reach']['epoch']} ({r['reach']['train_seconds']:.0f} s)"
+                if r["reach"]
+                else "-",
+                f"{100 * r['paper']:.1f}%" if r["paper"] else "-",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _accuracy(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    text = f"{100 * stats['mean']:.2f}%"
+    if stats["runs"] > 1:
+        text += f" ± {100 * stats['std']:.2f}"
+    return text + f" ({stats['runs']} run{'s' if stats['runs'] > 1 else ''})"
+
+
+def scatter(tables: dict[str, list[dict]], path: Path) -> Path:
+    """Train images/s (log scale) against test accuracy: fastcifar's points, the Pareto
+    front, and an arrow from the tutorial pipeline's throughput for the same model."""
+    from fastcifar import figures
+
+    plt = figures.plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for color, (machine, rows) in zip(plt.cm.tab10.colors, tables.items(), strict=False):
+        points = [
+            (r["train_ips"], r["stats"]["mean"], r) for r in rows if r["train_ips"] and r["stats"]
+        ]
+        for ips, acc, r in points:
+            ax.scatter(ips, 100 * acc, color=color, zorder=3)
+            ax.annotate(
+                r["arch"], (ips, 100 * acc), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
+            if r["baseline_ips"]:
+                ax.scatter(
+                    r["baseline_ips"], 100 * acc, facecolors="none", edgecolors=color, zorder=3
+                )
+                ax.annotate("", (ips, 100 * acc), (r["baseline_ips"], 100 * acc),
+                            arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6})  # fmt: skip
+        front = pareto_front([(ips, acc) for ips, acc, _ in points])
+        if front:
+            xs, ys = zip(*front, strict=True)
+            ax.step(
+                xs,
+                [100 * y for y in ys],
+                where="post",
+                color=color,
+                alpha=0.5,
+                label=f"{machine[:40]} Pareto front",
+            )
+    ax.set_xscale("log")
+    ax.set(xlabel="training images/s (log)", ylabel="test accuracy (%)",
+           title="throughput against accuracy (hollow: tutorial pipeline, same model)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return figures.save(fig, path)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both throughput and accuracy, by throughput."""
+    front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points)]
+    return sorted(front)
+
+
+def write_readme_section(readme: Path, text: str) -> None:
+    from fastcifar.atomic import write_text_atomic
+
+    content = readme.read_text()
+    if START not in content or END not in content:
+        raise UserError(f"{readme} has no {START} ... {END} section")
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    write_text_atomic(readme, f"{head}{START}\n{text}\n{END}{tail}")
+
+
+def _num(value) -> str:
+    return f"{value:,.0f}" if value else "-"

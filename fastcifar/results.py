@@ -1,0 +1,68 @@
+"""Accuracy results: records built from finished run directories, and their statistics.
+
+A record is derived from a run's own files (config.json, env.json, metrics.jsonl,
+summary.json), never typed in, so a committed result always points back to a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from fastcifar.errors import UserError
+from fastcifar.train.rundir import read_metrics
+
+PAPER_ACCURACY = {"lenet": 0.62, "conv3": 0.73, "conv5": 0.85, "cerberus": 0.821}
+LEVELS = (0.6, 0.7, 0.8, 0.85, 0.9)
+# two-sided 95% Student t quantiles for 1..10 degrees of freedom; 1.96 beyond
+T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+
+
+def run_record(run: Path, recipe: str) -> dict:
+    """One accuracy record from a finished run directory."""
+    try:
+        config = json.loads((run / "config.json").read_text())
+        env = json.loads((run / "env.json").read_text())
+        summary = json.loads((run / "summary.json").read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"{run} is not a finished run: {Path(exc.filename).name} missing") from None
+    rows = read_metrics(run)
+    levels = {str(level): level for level in LEVELS}
+    if config["arch"] in PAPER_ACCURACY:
+        levels["paper"] = PAPER_ACCURACY[config["arch"]]
+    elapsed, reached = 0.0, {}
+    for row in rows:  # time to each accuracy level: epoch and training seconds
+        elapsed += row["seconds"]
+        for name, level in levels.items():
+            if row["test_acc"] >= level and name not in reached:
+                reached[name] = {"epoch": row["epoch"], "train_seconds": round(elapsed, 1)}
+    return {
+        "arch": config["arch"],
+        "recipe": recipe,
+        "seed": config["seed"],
+        "test_acc": summary["best"]["test_acc"],
+        "best_epoch": summary["best"]["epoch"],
+        "epochs_run": summary["epochs_run"],
+        "seconds": summary["seconds"],
+        "images_per_sec": summary["images_per_sec"],
+        "reached": reached,
+        "amp": config["amp"],
+        "batch_size": config["batch_size"],
+        "data": Path(summary.get("data_source") or "").name,
+        "device": env["device"],
+        "device_name": env["device_name"],
+        "torch": env["torch"],
+        "run": run.name,
+    }
+
+
+def accuracy_stats(values: list[float]) -> dict:
+    """Mean, standard deviation, min and a 95% confidence interval (Student t)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    half = (T95[n - 2] if n - 1 <= len(T95) else 1.96) * std / math.sqrt(n) if n > 1 else None
+    return {"runs": n, "mean": mean, "std": std, "min": min(values),
+            "ci95": [mean - half, mean + half] if half is not None else None}  # fmt: skip

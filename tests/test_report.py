@@ -1,0 +1,77 @@
+"""The benchmark report, built from a small fixture results folder."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from fastcifar.cli import main
+from fastcifar.report import END, START, pareto_front
+from fastcifar.results import accuracy_stats
+
+
+def record(arch, acc, seed, reached):
+    return {"arch": arch, "recipe": "default", "seed": seed, "test_acc": acc, "best_epoch": 10,
+            "epochs_run": 10, "seconds": {"total": 100.0}, "reached": reached, "run": f"{arch}-{seed}"}  # fmt: skip
+
+
+@pytest.fixture
+def results(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "throughput-m.json").write_text(json.dumps({
+        "kind": "side_by_side", "machine": "Test CPU, 2 cores",
+        "results": [{"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 14000.0,
+                     "speedup": 3.5}],
+    }))  # fmt: skip
+    (folder / "accuracy-m.json").write_text(json.dumps({
+        "kind": "accuracy", "machine": "Test CPU, 2 cores",
+        "records": [record("lenet", 0.68, 0, {"0.6": {"epoch": 5, "train_seconds": 20.0},
+                                               "paper": {"epoch": 6, "train_seconds": 24.0}}),
+                    record("lenet", 0.70, 1, {"paper": {"epoch": 7, "train_seconds": 30.0}})],
+    }))  # fmt: skip
+    return folder
+
+
+def test_report_table_and_readme_section(tmp_path, results, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold\n{END}\noutro\n")
+    figure = tmp_path / "fig.png"
+    assert (
+        main(
+            ["report", "--results", str(results), "--figure", str(figure), "--readme", str(readme)]
+        )
+        == 0
+    )
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| lenet |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert (
+        cells[1] == "62,006"
+        and cells[3] == "14,000"
+        and cells[4] == "4,000"
+        and cells[5] == "3.50x"
+    )
+    assert cells[6] == "69.00% ± 1.41 (2 runs)"
+    assert cells[8] == "epoch 7 (30 s)"  # by then both runs had reached the paper's 62%
+    assert cells[9] == "62.0%"
+    with Image.open(figure) as img:
+        assert img.format == "PNG" and img.width > 400
+
+
+def test_accuracy_stats_and_pareto_front():
+    s = accuracy_stats([0.70, 0.72, 0.74])
+    assert s["mean"] == pytest.approx(0.72) and s["std"] == pytest.approx(0.02)
+    assert s["ci95"] == pytest.approx([0.72 - 4.30 * 0.02 / 3**0.5, 0.72 + 4.30 * 0.02 / 3**0.5])
+    assert accuracy_stats([0.5])["ci95"] is None
+    assert pareto_front([(1, 0.9), (2, 0.8), (1.5, 0.7), (3, 0.6)]) == [
+        (1, 0.9),
+        (2, 0.8),
+        (3, 0.6),
+    ]
+
+
+def test_report_without_results_is_one_line(tmp_path, capsys):
+    assert main(["report", "--results", str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
