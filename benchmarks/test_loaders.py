@@ -1,5 +1,5 @@
 """Loader-only throughput: the tutorial DataLoader with per-image transforms against the
-device-resident tensor loader, in fp32 and bf16."""
+device-resident tensor loader and the DALI loader, in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -25,13 +25,22 @@ def _rate(batches, count: int, batch_size: int, device) -> float:
     return count * batch_size / (time.perf_counter() - start)
 
 
-@pytest.mark.parametrize("loader", ["tutorial", "tensor_fp32", "tensor_bf16"])
+@pytest.mark.parametrize(
+    "loader", ["tutorial", "tensor_fp32", "tensor_bf16", "dali_fp32", "dali_bf16"]
+)
 def test_loader_throughput(benchmark, loader, full, device, train_arrays):
     images, labels = train_arrays
     batch = 256
     count = (len(labels) // batch) if full else 4
     if loader == "tutorial":
         make = lambda: iter(tutorial_loader(images, labels, batch))  # noqa: E731
+    elif loader.startswith("dali"):
+        pytest.importorskip("nvidia.dali")
+        from fastcifar.data.dali_loader import DaliLoader
+
+        dtype = torch.bfloat16 if loader.endswith("bf16") else torch.float32
+        dl = DaliLoader(images, labels, batch, train=True, dtype=dtype, device=device)
+        make = lambda: iter(dl)  # noqa: E731
     else:
         dtype = torch.bfloat16 if loader.endswith("bf16") else torch.float32
         tl = TensorLoader(torch.from_numpy(np.array(images)).to(device),

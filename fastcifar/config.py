@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+LOADERS = ("tensor", "dali")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "none"  # none | bf16 | fp16: autocast dtype
     channels_last: bool = True  # NHWC memory format for activations and weights
+    loader: str = "tensor"  # tensor | dali: where batches are augmented
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
@@ -69,6 +71,7 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.patience >= 0, "--patience must be >= 0"),

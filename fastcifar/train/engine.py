@@ -58,17 +58,30 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 
 def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
-    train = TensorLoader(
-        data.train.images, data.train.labels, cfg.batch_size, train=True, seed=cfg.seed,
-        pad=cfg.crop_pad, flip=cfg.flip, cutout=cfg.cutout, dtype=dtype,
+    """(train, val, test) loaders of the configured kind; val is None without a split."""
+    if cfg.loader == "dali":
+        from fastcifar.data.dali_loader import DaliLoader as Loader
+
+        def split_args(split):  # DALI's external source reads host arrays
+            return split.images.cpu().numpy(), split.labels.cpu().numpy()
+
+        extra = {"device": data.train.images.device}
+    else:
+        Loader = TensorLoader
+
+        def split_args(split):
+            return split.images, split.labels
+
+        extra = {}
+    train = Loader(
+        *split_args(data.train), cfg.batch_size, train=True, seed=cfg.seed, pad=cfg.crop_pad,
+        flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
     )  # fmt: skip
 
     def eval_loader(split):
         if split is None:
             return None
-        return TensorLoader(
-            split.images, split.labels, cfg.eval_batch_size, train=False, dtype=dtype
-        )
+        return Loader(*split_args(split), cfg.eval_batch_size, train=False, dtype=dtype, **extra)
 
     return train, eval_loader(data.val), eval_loader(data.test)
 

@@ -1,0 +1,185 @@
+"""The DALI loader: the tensor loader's batches from an NVIDIA DALI pipeline.
+
+An external source feeds uint8 images from the decoded cache together with the batch's
+random choices, drawn exactly as `TensorLoader` draws them (same sample order, crop
+offsets, flips and cutout boxes for the same seed and epoch). The pipeline does the rest
+in as few operators as it can: `slice` crops with zero padding, `erase` cuts out (only
+when on), and `crop_mirror_normalize` flips, normalises and casts. On CUDA the images go
+to the GPU right after the source and batches arrive as CUDA tensors, prefetched; without
+CUDA the same pipeline runs on the CPU (`device_id=None`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastcifar.data.augment import MEAN, STD, draw
+from fastcifar.data.loader import epoch_seed
+from fastcifar.errors import UserError
+
+INSTALL_HINT = "DALI is not installed; pip install 'fastcifar[dali]'"
+
+
+def import_dali():
+    """The DALI modules, or a one-line UserError naming the install command."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return fn, pipeline_def, types, DALIGenericIterator
+
+
+class _EpochPlan:
+    """Sample order and augmentation draws of one epoch, as TensorLoader makes them."""
+
+    def __init__(self, loader: DaliLoader, epoch: int):
+        n, batch = len(loader.labels), loader.batch_size
+        if loader.train:
+            generator = torch.Generator().manual_seed(epoch_seed(loader.seed, epoch, 0))
+            order = torch.randperm(n, generator=generator)
+            aug = torch.Generator().manual_seed(epoch_seed(loader.seed, epoch, 1))
+            self.batches = [order[b * batch : (b + 1) * batch] for b in range(len(loader))]
+            self.draws = [draw(len(i), loader.pad, loader.cutout, loader.size, aug, loader.flip)
+                          for i in self.batches]  # fmt: skip
+        else:
+            self.batches = [torch.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+            self.draws = None
+
+
+class DaliLoader:
+    """Same interface as TensorLoader: iterate (images, labels), `len`, `set_epoch`,
+    `num_samples`. Images come out NCHW with channels-last memory in `dtype`."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        pad: int = 4,
+        flip: bool = True,
+        cutout: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        drop_last: bool | None = None,
+        threads: int = 2,
+    ):
+        self.fn, self.pipeline_def, self.types, self.iterator_class = import_dali()
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError("images must be uint8 (N, H, W, 3)")
+        self.images, self.labels = np.ascontiguousarray(images), np.asarray(labels, np.int64)
+        self.size = images.shape[1]
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.pad, self.flip, self.cutout = (pad, flip, cutout) if train else (0, False, 0)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.drop_last = train if drop_last is None else drop_last
+        self.threads = threads
+        self.epoch = 0
+        self._plans: dict[int, _EpochPlan] = {}
+        self._first_epoch: int | None = None  # the epoch the built pipeline's epoch 0 is
+        self._iterator = None
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _plan(self, epoch: int) -> _EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = _EpochPlan(self, epoch)
+        return self._plans[epoch]
+
+    def _source(self, info):
+        """One batch for DALI: a pure function of (epoch, iteration), because DALI
+        prefetches ahead, across the epoch boundary too."""
+        epoch = self._first_epoch + info.epoch_idx
+        plan = self._plan(epoch)
+        if info.iteration >= len(plan.batches):
+            raise StopIteration
+        index = plan.batches[info.iteration].numpy()
+        images = [self.images[i] for i in index]
+        labels = self.labels[index]
+        if plan.draws is None:
+            return (
+                images,
+                labels,
+                [np.zeros(2, np.int32)] * len(index),
+                np.zeros(len(index), np.int32),
+            )
+        d = plan.draws[info.iteration]
+        start = np.stack([d.dy.numpy() - self.pad, d.dx.numpy() - self.pad], 1).astype(np.int32)
+        flips = d.flip.numpy().astype(np.int32)
+        boxes = self._erase_boxes(d, flips) if self.cutout else ()
+        return images, labels, list(start), flips, *boxes
+
+    def _erase_boxes(self, d, flips: np.ndarray):
+        """Cutout boxes, clipped to the image, in pre-mirror coordinates (erase runs
+        before crop_mirror_normalize flips)."""
+        c = self.cutout
+        lo_y = d.cut_y.numpy() - c // 2
+        lo_x = d.cut_x.numpy() - c // 2
+        lo_x = np.where(flips == 1, self.size - (lo_x + c), lo_x)
+        y0, x0 = np.clip(lo_y, 0, self.size), np.clip(lo_x, 0, self.size)
+        y1, x1 = np.clip(lo_y + c, 0, self.size), np.clip(lo_x + c, 0, self.size)
+        anchors = list(np.stack([y0, x0], 1).astype(np.float32))
+        shapes = list(np.stack([y1 - y0, x1 - x0], 1).astype(np.float32))
+        return anchors, shapes
+
+    def _build(self, first_epoch: int):
+        fn, types = self.fn, self.types
+        on_gpu = self.device.type == "cuda"
+        fp16 = self.dtype == torch.float16
+
+        @self.pipeline_def(
+            batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=2,
+            device_id=(self.device.index or 0) if on_gpu else None,
+        )  # fmt: skip
+        def pipeline():
+            outputs = 6 if self.cutout else 4
+            dtypes = [types.UINT8, types.INT64, types.INT32, types.INT32, types.FLOAT, types.FLOAT]
+            images, labels, start, flips, *box = fn.external_source(
+                source=self._source, num_outputs=outputs, batch=True, batch_info=True,
+                layout=["HWC"] + [None] * (outputs - 1), dtype=dtypes[:outputs],
+            )  # fmt: skip
+            if on_gpu:
+                images = images.gpu()
+            if self.pad:
+                size = types.Constant(np.array([self.size, self.size], np.int32))
+                images = fn.slice(images, start, size, axes=[0, 1], out_of_bounds_policy="pad",
+                                  fill_values=0)  # fmt: skip
+            if self.cutout:
+                images = fn.erase(images, anchor=box[0], shape=box[1], axes=[0, 1], fill_value=0)
+            images = fn.crop_mirror_normalize(
+                images, mirror=flips, mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
+                dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC",
+            )  # fmt: skip
+            return images, labels
+
+        self._first_epoch = first_epoch
+        pipe = pipeline()
+        pipe.build()
+        self._iterator = self.iterator_class([pipe], ["images", "labels"], auto_reset=True)
+        self._next_epoch = first_epoch
+
+    def __iter__(self):
+        if self._iterator is None or self.epoch != self._next_epoch:
+            self._build(self.epoch)  # first use, or a jump (resume): start the pipeline there
+        self._next_epoch = self.epoch + 1
+        for out in self._iterator:
+            images, labels = out[0]["images"], out[0]["labels"]
+            if images.dtype != self.dtype:
+                images = images.to(self.dtype)
+            if images.device != self.device:
+                images, labels = images.to(self.device), labels.to(self.device)
+            yield images.permute(0, 3, 1, 2), labels.view(-1)

@@ -1,0 +1,151 @@
+"""The DALI loader on the CPU (device_id=None): against the per-image reference, against
+the tensor loader, epoch coverage, statistics of the applied augmentation, and the error
+when DALI is missing."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.data.augment import reference_augment
+from fastcifar.data.loader import TensorLoader
+from fastcifar.errors import UserError
+
+pytest.importorskip("nvidia.dali")
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:nvidia.dali")
+
+from fastcifar.data.dali_loader import DaliLoader  # noqa: E402
+
+
+def coded_images(n: int) -> np.ndarray:
+    """Channel 0: the image index; channel 1: 8 x row; channel 2: 8 x col + 1."""
+    i = np.broadcast_to((np.arange(n) % 251)[:, None, None], (n, 32, 32))
+    r = np.broadcast_to((np.arange(32) * 8)[None, :, None], (n, 32, 32))
+    c = np.broadcast_to((np.arange(32) * 8 + 1)[None, None, :], (n, 32, 32))
+    return np.stack([i, r, c], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("cutout", [0, 8])
+def test_matches_reference_for_the_same_draws(cutout):
+    images = np.random.default_rng(0).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    loader = DaliLoader(images, np.arange(70), 16, train=True, seed=5, cutout=cutout)
+    loader.set_epoch(2)
+    plan = loader._plan(2)
+    for b, (x, y) in enumerate(loader):
+        want = reference_augment(
+            torch.from_numpy(images), plan.batches[b], plan.draws[b], pad=4, cutout=cutout
+        )
+        torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(y, plan.batches[b])
+        assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_equal_to_tensor_loader_on_the_same_seed(dtype):
+    images = np.random.default_rng(1).integers(0, 256, (90, 32, 32, 3), dtype=np.uint8)
+    dali = DaliLoader(images, np.arange(90), 32, train=True, seed=9, cutout=6, dtype=dtype)
+    tensor = TensorLoader(
+        torch.from_numpy(images), torch.arange(90), 32, train=True, seed=9, cutout=6, dtype=dtype
+    )
+    for epoch in (1, 2):
+        dali.set_epoch(epoch)
+        tensor.set_epoch(epoch)
+        for (a, ya), (b, yb) in zip(dali, tensor, strict=True):
+            assert torch.equal(ya, yb) and a.dtype == b.dtype == dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                       atol=1e-2 if dtype == torch.bfloat16 else 1e-5)  # fmt: skip
+
+
+def test_every_image_once_per_epoch_with_its_label():
+    n = 101
+    loader = DaliLoader(coded_images(n), np.arange(n), 10, train=True, seed=0, drop_last=False)
+    seen = []
+    for x, y in loader:
+        # undo the normalisation of channel 0 at the centre pixel: the image's own index
+        from fastcifar.data.augment import MEAN, STD
+
+        index = (x[:, 0, 16, 16] * STD[0] * 255 + MEAN[0] * 255).round().long()
+        assert torch.equal(index, y % 251)
+        seen += y.tolist()
+    assert sorted(seen) == list(range(n))
+    assert len(loader) == 11 and loader.num_samples == n
+
+
+def test_applied_offsets_uniform_and_flips_half():
+    from fastcifar.data.augment import MEAN, STD
+
+    n = 2000
+    loader = DaliLoader(coded_images(n), np.arange(n), 250, train=True, seed=4)
+
+    def pixel(x, ch, r, c):  # undo the normalisation
+        return (x[:, ch, r, c] * STD[ch] * 255 + MEAN[ch] * 255).round()
+
+    rows, flips = [], []
+    for x, _ in loader:
+        rows.append(pixel(x, 1, 16, 16) / 8 - 16 + 4)  # crop offset dy in 0..8
+        flips.append(pixel(x, 2, 16, 17) < pixel(x, 2, 16, 15))
+    dy = torch.cat(rows).long()
+    counts = torch.bincount(dy, minlength=9)
+    assert len(counts) == 9 and counts.min() > 0.7 * n / 9
+    assert abs(torch.cat(flips).float().mean().item() - 0.5) < 0.05
+
+
+def test_resume_jumps_to_the_same_epoch():
+    images = np.random.default_rng(2).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    straight = DaliLoader(images, np.arange(64), 16, train=True, seed=1)
+    batches = {}
+    for epoch in (1, 2, 3):
+        straight.set_epoch(epoch)
+        batches[epoch] = [x.clone() for x, _ in straight]
+    fresh = DaliLoader(images, np.arange(64), 16, train=True, seed=1)
+    fresh.set_epoch(3)
+    for a, (b, _) in zip(batches[3], fresh, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_eval_loader_keeps_order_and_last_partial_batch():
+    images = coded_images(45)
+    loader = DaliLoader(images, np.arange(45), 20, train=False)
+    xs, ys = zip(*loader, strict=True)
+    assert [len(y) for y in ys] == [20, 20, 5]
+    assert torch.equal(torch.cat(ys), torch.arange(45))
+    from fastcifar.data.augment import prepare_images, to_nchw
+
+    torch.testing.assert_close(
+        torch.cat(xs), to_nchw(prepare_images(torch.from_numpy(images), 0, torch.float32))
+    )
+
+
+def test_missing_dali_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(UserError, match=r"pip install 'fastcifar\[dali\]'"):
+        DaliLoader(coded_images(4), np.arange(4), 2, train=True)
+
+
+def test_training_with_the_dali_loader(tmp_path):
+    from fastcifar.config import TrainConfig
+    from fastcifar.display import TrainingDisplay
+    from fastcifar.train.engine import fit
+
+    from .conftest import make_arrays, write_batches_dir
+
+    data = str(write_batches_dir(tmp_path / "d", make_arrays(n_train=200, n_test=50)))
+    common = dict(arch="lenet", data=data, epochs=1, batch_size=50, val=50, amp="none", track=False)
+    a = fit(
+        TrainConfig(**common, out=str(tmp_path / "a"), loader="dali"), TrainingDisplay(quiet=True)
+    )
+    b = fit(
+        TrainConfig(**common, out=str(tmp_path / "b"), loader="tensor"), TrainingDisplay(quiet=True)
+    )
+    assert a["best"] == b["best"]  # same batches, same model, same result on the CPU
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_delivers_cuda_tensors_in_tensor_loader_order():
+    images = np.random.default_rng(3).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    dali = DaliLoader(images, np.arange(64), 16, train=True, seed=2, device="cuda")
+    tensor = TensorLoader(torch.from_numpy(images), torch.arange(64), 16, train=True, seed=2)
+    for (a, ya), (_, yb) in zip(dali, tensor, strict=True):
+        assert a.is_cuda and ya.is_cuda
+        assert torch.equal(ya.cpu(), yb)
