@@ -13,11 +13,14 @@ ARGS ?=
 .PHONY: setup train test lint bench
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The native extension (kernels/, CMakeLists.txt) builds against the venv's torch, so the
+# build runs without isolation, with its tools installed first.
+$(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard kernels/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev,track,dali]'
+	$(BIN)/python -m pip install --quiet "scikit-build-core>=0.10" "cmake>=3.26" ninja
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[dev,track,dali]'
 	touch $@
 
 train: setup

@@ -356,6 +356,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from fastcifar.accelerators import report
+
+    for name, ok, detail in report():
+        print(f"{name:<10} {'yes' if ok else 'no ':<4} {detail}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -434,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("runs", type=Path, nargs="+")
     co.add_argument("--out", type=Path, default=Path("compare.png"), help="curves figure (PNG)")
     co.set_defaults(handler=cmd_compare)
+
+    dr = sub.add_parser(
+        "doctor", help="which CUDA, native, DALI and Triton paths work here, and why"
+    )
+    dr.set_defaults(handler=cmd_doctor)
 
     ls = sub.add_parser("list", help="registered architectures")
     ls.add_argument("pattern", nargs="?", default="*")

@@ -20,6 +20,7 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("tensor", "dali")
+SWITCHES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16: autocast dtype
     channels_last: bool = True  # NHWC memory format for activations and weights
     loader: str = "tensor"  # tensor | dali: where batches are augmented
+    native: str = "auto"  # auto | on | off: the tensor loader's fused native op (fastcifar._C)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
@@ -72,6 +74,7 @@ class TrainConfig:
             (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}"),
+            (self.native in SWITCHES, f"--native must be one of {', '.join(SWITCHES)}"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.patience >= 0, "--patience must be >= 0"),

@@ -157,3 +157,9 @@ def test_summary_and_list(capsys):
     assert code == 0 and "Total params: 3,223,882" in out and "Total mult-adds (M): 379.78" in out
     code, out, _ = run(capsys, "list")
     assert code == 0 and "lenet" in out and "62,006" in out
+
+
+def test_doctor_reports_every_path(capsys):
+    assert main(["doctor"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["torch", "cuda", "native", "dali", "triton", "mlflow", "optuna"]

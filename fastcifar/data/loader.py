@@ -38,11 +38,16 @@ class TensorLoader:
         cutout: int = 0,
         dtype: torch.dtype = torch.float32,
         drop_last: bool | None = None,
+        native: bool = False,
     ):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError("images must be uint8 (N, H, W, 3)")
         self.size = images.shape[1]
-        self.images = prepare_images(images, pad if train else 0, dtype)
+        self.native = native
+        # native: the fused op reads the uint8 images; otherwise a prepared copy is gathered
+        self.images = (
+            images.contiguous() if native else prepare_images(images, pad if train else 0, dtype)
+        )
         self.labels = labels
         self.batch_size = batch_size
         self.train, self.seed, self.pad, self.flip, self.cutout = train, seed, pad, flip, cutout
@@ -68,7 +73,12 @@ class TensorLoader:
         if not self.train:
             for start in range(0, n, self.batch_size):
                 rows = slice(start, start + self.batch_size)
-                yield to_nchw(self.images[rows]), self.labels[rows]
+                if self.native:
+                    index = torch.arange(start, min(start + self.batch_size, n), device=device)
+                    no_aug = draw(len(index), 0, 0, self.size, torch.Generator(device), flip=False)
+                    yield self._native_batch(index, no_aug, pad=0), self.labels[rows]
+                else:
+                    yield to_nchw(self.images[rows]), self.labels[rows]
             return
         order_gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 0))
         order = torch.randperm(n, generator=order_gen).to(device)
@@ -76,5 +86,14 @@ class TensorLoader:
         for b in range(len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             d = draw(len(index), self.pad, self.cutout, self.size, aug_gen, self.flip)
-            x = augment_batch(self.images, index, d, size=self.size, cutout=self.cutout)
+            if self.native:
+                x = self._native_batch(index, d, pad=self.pad)
+            else:
+                x = augment_batch(self.images, index, d, size=self.size, cutout=self.cutout)
             yield x, self.labels[index]
+
+    def _native_batch(self, index: torch.Tensor, d, pad: int) -> torch.Tensor:
+        from fastcifar.ops import native
+
+        cutout = self.cutout if self.train else 0
+        return native.augment_batch(self.images, index, d, pad=pad, cutout=cutout, dtype=self.dtype)

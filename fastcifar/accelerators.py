@@ -1,0 +1,51 @@
+"""The optional accelerated paths, detected in one place: CUDA, the native extension,
+DALI, Triton, MLflow and Optuna. `fastcifar doctor` prints this."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+
+def _module(name: str) -> tuple[bool, str]:
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        return False, f"not installed ({exc.name})"
+    return True, f"version {getattr(module, '__version__', '?')}"
+
+
+def report() -> list[tuple[str, bool, str]]:
+    """(path, available, detail) for every optional path."""
+    rows = [("torch", True, f"{torch.__version__}, {torch.get_num_threads()} CPU threads")]
+    if torch.cuda.is_available():
+        rows.append(("cuda", True, f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"))
+    else:
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+        rows.append(("cuda", False, f"no GPU visible ({build} of torch)"))
+    from fastcifar.ops import native
+
+    ok, why = native.load()
+    if ok:
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fastcifar::augment_batch", "CUDA"
+        )
+        why += "; CPU kernels" + (
+            " and CUDA kernels" if has_cuda else ", no CUDA kernels (built without)"
+        )
+    rows.append(("native", ok, why))
+    ok, detail = _module("nvidia.dali")
+    rows.append(("dali", ok, detail + ("" if ok else "; pip install 'fastcifar[dali]'")))
+    ok, detail = _module("triton")
+    if ok and not torch.cuda.is_available():
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        detail += "; no GPU: kernels run only under TRITON_INTERPRET=1" + (
+            " (set)" if interpreted else ""
+        )
+    rows.append(("triton", ok, detail))
+    for name, module in (("mlflow", "mlflow"), ("optuna", "optuna")):
+        ok, detail = _module(module)
+        rows.append((name, ok, detail + ("" if ok else "; pip install 'fastcifar[track]'")))
+    return rows

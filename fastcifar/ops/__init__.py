@@ -1,0 +1,1 @@
+"""Fused and native operators, each with a plain eager reference elsewhere in the package."""

@@ -1,0 +1,47 @@
+"""The native extension `fastcifar._C` (built from kernels/ by CMakeLists.txt): loaded
+once, with the fake implementation `torch.compile` needs to trace its operators.
+
+`augment_batch` is the fused crop + flip + cutout + normalise + cast of one training
+batch, from uint8 NHWC images straight to the model's input; its reference is
+`fastcifar.data.augment.reference_augment`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from fastcifar.data.augment import MEAN, STD, AugmentDraw
+
+
+@functools.cache
+def load() -> tuple[bool, str]:
+    """(available, why): import the extension once; never raises."""
+    try:
+        importlib.import_module("fastcifar._C")
+    except (ImportError, OSError) as exc:
+        return (
+            False,
+            f"fastcifar._C did not load ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+        )
+    _register_fake()
+    return True, "fastcifar._C loaded"
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("fastcifar::augment_batch")
+    def _(images, index, dy, dx, flip, cut_y, cut_x, pad, cutout, mean, std, dtype):
+        height, width = images.shape[1], images.shape[2]
+        nhwc = images.new_empty((index.shape[0], height, width, 3), dtype=dtype)
+        return nhwc.permute(0, 3, 1, 2)
+
+
+def augment_batch(images: torch.Tensor, index: torch.Tensor, d: AugmentDraw, *, pad: int,
+                  cutout: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """The training batch for rows `index` of uint8 NHWC `images`, NCHW channels-last."""
+    return torch.ops.fastcifar.augment_batch(
+        images, index, d.dy, d.dx, d.flip, d.cut_y if cutout else None,
+        d.cut_x if cutout else None, pad, cutout, list(MEAN), list(STD), dtype,
+    )  # fmt: skip
