@@ -356,6 +356,35 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastcifar.data.dataset import resolve_arrays
+    from fastcifar.profile import profile_training
+
+    console = Console()
+    arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
+    rows = profile_training(args.arch, arrays.train_images[:8192], arrays.train_labels[:8192],
+                            steps=args.steps, batch_size=args.batch_size, variant=args.variant,
+                            trace=args.trace)  # fmt: skip
+    table = Table(
+        title=f"{args.arch}: top kernels over {args.steps} training steps ({args.variant})"
+    )
+    for column in ("kernel", "share", "calls", "time (ms)", "TFLOP/s"):
+        table.add_column(column, justify="left" if column == "kernel" else "right")
+    for r in rows:
+        tflops = f"{r['tflops']:.3f}" if r["tflops"] else "-"
+        table.add_row(
+            r["name"][:60], f"{r['share']:.1%}", str(r["calls"]), f"{r['ms']:.1f}", tflops
+        )
+    console.print(table)
+    console.print(
+        f"Chrome trace: {args.trace} (open in chrome://tracing or ui.perfetto.dev)", highlight=False
+    )
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from fastcifar.accelerators import report
 
@@ -365,6 +394,8 @@ def cmd_doctor(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastcifar.bench import VARIANTS
+
     parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model")
@@ -442,6 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("runs", type=Path, nargs="+")
     co.add_argument("--out", type=Path, default=Path("compare.png"), help="curves figure (PNG)")
     co.set_defaults(handler=cmd_compare)
+
+    pf = sub.add_parser(
+        "profile", help="training steps under torch.profiler: top kernels, Chrome trace"
+    )
+    pf.add_argument("--arch", required=True)
+    pf.add_argument("--steps", type=int, default=5)
+    pf.add_argument("--batch-size", type=int, help="default: the arch's recipe")
+    pf.add_argument("--variant", default="default", choices=list(VARIANTS))
+    pf.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)")
+    pf.add_argument("--trace", type=Path, default=Path("profile-trace.json"))
+    pf.set_defaults(handler=cmd_profile)
 
     dr = sub.add_parser(
         "doctor", help="which CUDA, native, DALI and Triton paths work here, and why"

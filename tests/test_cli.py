@@ -1,5 +1,6 @@
 """The command line: every user mistake is one line on stderr and exit status 2."""
 
+import json
 import os
 import subprocess
 import sys
@@ -163,3 +164,13 @@ def test_doctor_reports_every_path(capsys):
     assert main(["doctor"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["torch", "cuda", "native", "dali", "triton", "mlflow", "optuna"]
+
+
+def test_profile_writes_a_chrome_trace(capsys, tmp_path, data):
+    trace = tmp_path / "trace.json"
+    assert main(["profile", "--arch", "lenet", "--steps", "2", "--batch-size", "32", "--data", data,
+                 "--trace", str(trace)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "top kernels" in out and "convolution" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("convolution" in e.get("name", "") for e in events)
