@@ -58,6 +58,7 @@ class TrainConfig:
     loader: str = "tensor"  # tensor | dali: where batches are augmented
     native: str = "auto"  # auto | on | off: the tensor loader's fused native op (fastcifar._C)
     compile: bool = False  # torch.compile the model
+    fused: bool = False  # Triton-fused conv-BN-ReLU units (cerberus); CUDA, or TRITON_INTERPRET=1
     deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
     track: bool = True  # MLflow tracking (when installed)

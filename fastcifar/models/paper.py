@@ -80,16 +80,26 @@ def conv5(activation: str | None = None, dropout: float = 0.3) -> nn.Module:
 
 
 @register_model
-def cerberus(activation: str = "relu", dropout: float = 0.5, order: str = "act_bn") -> nn.Module:
+def cerberus(
+    activation: str = "relu", dropout: float = 0.5, order: str = "act_bn", fused: bool = False
+) -> nn.Module:
     """Section 4.3, figure 8: CerberusNet. Three macro blocks of four conv -> ReLU -> BN
     units (64, 128, 256 filters), a max-pool after each, then Linear(4096, 128) -> ReLU ->
     Dropout -> Linear(128, 10). 3,223,882 parameters, 379.78 M mult-adds. `order="bn_act"`
-    gives the usual conv -> BN -> ReLU unit with the same parameters."""
+    gives the usual conv -> BN -> ReLU unit with the same parameters; `fused` builds each
+    unit as one Triton-fused block (ReLU only)."""
+    if fused and activation != "relu":
+        raise ValueError("the fused unit supports ReLU only")
     layers: list[nn.Module] = []
     c_in = 3
     for width in (64, 128, 256):
         for _ in range(4):
-            layers += conv_unit(c_in, width, activation, batchnorm=True, order=order)
+            if fused:
+                from fastcifar.models.fused import FusedConvBNReLU
+
+                layers.append(FusedConvBNReLU(c_in, width, order))
+            else:
+                layers += conv_unit(c_in, width, activation, batchnorm=True, order=order)
             c_in = width
         layers.append(nn.MaxPool2d(2))
     head = mlp_head(256 * 4 * 4, [128, 10], activation, dropout)

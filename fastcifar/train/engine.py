@@ -48,7 +48,17 @@ class EpochStats:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    overrides = {
+    if cfg.fused:
+        import os
+
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError(
+                "--fused runs Triton kernels: it needs CUDA, or TRITON_INTERPRET=1 (slow) on the CPU"
+            )
+        if cfg.arch != "cerberus":
+            raise UserError(f"--fused is for cerberus, not {cfg.arch!r}")
+    overrides = {"fused": True} if cfg.fused else {}
+    overrides |= {
         k: v for k, v in (("dropout", cfg.dropout), ("activation", cfg.activation)) if v is not None
     }
     model = create_model(cfg.arch, **overrides).to(device)

@@ -1,0 +1,412 @@
+"""Triton-fused 3x3 conv + BatchNorm + ReLU for training and inference (CerberusNet's unit).
+
+Reading order: the `@triton.jit` kernels, the launchers that pick block sizes, the torch
+custom ops (with fake implementations and autograd, so `torch.compile` traces them),
+and the plain eager reference of the same block.
+
+Layout: activations NHWC (channels-last NCHW tensors viewed as NHWC), weights as
+(9, C_in, C_out). Training forward is two kernels: an implicit-GEMM convolution whose
+epilogue adds the bias, applies the ReLU when it comes first (the paper's conv -> ReLU
+-> BN), and accumulates each channel's sum and sum of squares for BatchNorm; then one
+light pass normalises (and applies the ReLU for conv -> BN -> ReLU). Backward: one
+reduction pass and one elementwise pass for BatchNorm and ReLU, the convolution kernel
+again on flipped, transposed weights for the input gradient, and a pixel-reduction GEMM
+for the weight gradient. In eval mode BatchNorm becomes a per-channel affine folded into
+the convolution's epilogue: one kernel per unit. Accumulation and statistics are fp32.
+
+Under `TRITON_INTERPRET=1` (the CPU) operands are upcast to fp32 before arithmetic,
+because the interpreter's bf16 arithmetic is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ORDERS = ("act_bn", "bn_act")
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _conv3x3_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr,
+    batch, height, width, c_in, c_out,
+    RELU_FIRST: tl.constexpr, AFFINE: tl.constexpr, RELU_LAST: tl.constexpr,
+    STATS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """y[p, co] = epilogue(sum over taps and ci of x[p + tap, ci] * w[tap, ci, co]):
+    an implicit GEMM over M = pixels, N = output channels, K = 9 x input channels."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pixels = batch * height * width
+    m_mask, n_mask = offs_m < pixels, offs_n < c_out
+    image = offs_m // (height * width)
+    oh = (offs_m // width) % height
+    ow = offs_m % width
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(9):
+        ih = oh + (tap // 3) - 1
+        iw = ow + (tap % 3) - 1
+        inside = m_mask & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+        row = ((image * height + ih) * width + iw) * c_in
+        for k0 in range(0, c_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < c_in
+            a = tl.load(
+                x_ptr + row[:, None] + offs_k[None, :],
+                mask=inside[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(w_ptr + (tap * c_in + offs_k[:, None]) * c_out + offs_n[None, :],
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # fmt: skip
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, b)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if RELU_FIRST:
+        acc = tl.maximum(acc, 0.0)
+    if AFFINE:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
+        acc = acc * scale[None, :] + shift[None, :]
+    if RELU_LAST:
+        acc = tl.maximum(acc, 0.0)
+    valid = m_mask[:, None] & n_mask[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * c_out + offs_n[None, :], out, mask=valid)
+    if STATS:  # of the values BatchNorm will see, as stored
+        seen = tl.where(valid, out.to(tl.float32), 0.0)
+        stat = sum_ptr.dtype.element_ty
+        tl.atomic_add(sum_ptr + offs_n, tl.sum(seen, axis=0).to(stat), mask=n_mask)
+        tl.atomic_add(sumsq_ptr + offs_n, tl.sum(seen * seen, axis=0).to(stat), mask=n_mask)
+
+
+@triton.jit
+def _affine_kernel(v_ptr, out_ptr, scale_ptr, shift_ptr, pixels, channels,
+                   RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """out = v * scale[c] + shift[c], then ReLU when asked: BatchNorm's normalisation."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < channels
+    mask = (offs_m < pixels)[:, None] & n_mask[None, :]
+    idx = offs_m[:, None] * channels + offs_n[None, :]
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
+    out = v * scale[None, :] + shift[None, :]
+    if RELU:
+        out = tl.maximum(out, 0.0)
+    tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_backward_reduce_kernel(
+    dout_ptr, v_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, dsum_ptr, dxhat_sum_ptr,
+    pixels, channels, RELU_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Per channel: sum of dz and of dz * xhat, where z = BN(v) and dz is the gradient at
+    z (through the trailing ReLU for conv -> BN -> ReLU)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < channels
+    mask = (offs_m < pixels)[:, None] & n_mask[None, :]
+    idx = offs_m[:, None] * channels + offs_n[None, :]
+    dz = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_n, mask=n_mask, other=0.0)
+    if RELU_LAST:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
+        dz = tl.where(v * scale[None, :] + shift[None, :] > 0, dz, 0.0)
+    xhat = (v - mean[None, :]) * rstd[None, :]
+    tl.atomic_add(dsum_ptr + offs_n, tl.sum(dz, axis=0), mask=n_mask)
+    tl.atomic_add(
+        dxhat_sum_ptr + offs_n, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0), mask=n_mask
+    )
+
+
+@triton.jit
+def _bn_backward_apply_kernel(
+    dout_ptr, v_ptr, dconv_ptr, mean_ptr, rstd_ptr, gamma_ptr, scale_ptr, shift_ptr,
+    dsum_ptr, dxhat_sum_ptr, pixels, channels,
+    RELU_FIRST: tl.constexpr, RELU_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The gradient at the convolution's output: BatchNorm's backward, with the ReLU's mask
+    on the side it sits."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < channels
+    mask = (offs_m < pixels)[:, None] & n_mask[None, :]
+    idx = offs_m[:, None] * channels + offs_n[None, :]
+    dz = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_n, mask=n_mask, other=0.0)
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0)
+    if RELU_LAST:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
+        dz = tl.where(v * scale[None, :] + shift[None, :] > 0, dz, 0.0)
+    dsum = tl.load(dsum_ptr + offs_n, mask=n_mask, other=0.0)
+    dxhat_sum = tl.load(dxhat_sum_ptr + offs_n, mask=n_mask, other=0.0)
+    xhat = (v - mean[None, :]) * rstd[None, :]
+    dv = (gamma * rstd)[None, :] * (
+        dz - (dsum / pixels)[None, :] - xhat * (dxhat_sum / pixels)[None, :]
+    )
+    if RELU_FIRST:  # v is relu(conv): its gradient passes where v > 0
+        dv = tl.where(v > 0, dv, 0.0)
+    tl.store(dconv_ptr + idx, dv.to(dconv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv3x3_wgrad_kernel(
+    x_ptr, dy_ptr, dw_ptr, batch, height, width, c_in, c_out, UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):  # fmt: skip
+    """dw[tap, ci, co] = sum over pixels p of x[p + tap, ci] * dy[p, co]."""
+    pid_ci, pid_co, tap = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci_mask, co_mask = offs_ci < c_in, offs_co < c_out
+    pixels = batch * height * width
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    for p0 in range(0, pixels, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < pixels
+        image = offs_p // (height * width)
+        ih = (offs_p // width) % height + (tap // 3) - 1
+        iw = offs_p % width + (tap % 3) - 1
+        inside = p_mask & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+        row = ((image * height + ih) * width + iw) * c_in
+        a = tl.load(
+            x_ptr + row[:, None] + offs_ci[None, :],
+            mask=inside[:, None] & ci_mask[None, :],
+            other=0.0,
+        )
+        g = tl.load(dy_ptr + offs_p[:, None] * c_out + offs_co[None, :], mask=p_mask[:, None] & co_mask[None, :],
+                    other=0.0)  # fmt: skip
+        if UPCAST:
+            a, g = a.to(tl.float32), g.to(tl.float32)
+        acc += tl.dot(tl.trans(a), g)
+    out = dw_ptr + (tap * c_in + offs_ci[:, None]) * c_out + offs_co[None, :]
+    tl.store(out, acc, mask=ci_mask[:, None] & co_mask[None, :])
+
+
+# ---------------------------------------------------------------- launchers
+
+BLOCK_M, BLOCK_N, BLOCK_K = (32, 32, 16) if INTERPRET else (64, 64, 32)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype != torch.float32
+
+
+def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, relu_first=False,
+            scale=None, shift=None, relu_last=False, stats=False):  # fmt: skip
+    """Convolve NHWC `x` (N, H, W, C_in) with `w9` (9, C_in, C_out); returns (y, sum, sumsq)."""
+    n, h, w, c_in = x.shape
+    c_out = w9.shape[2]
+    y = torch.empty((n, h, w, c_out), device=x.device, dtype=x.dtype)
+    sums = torch.zeros((2, c_out), device=x.device, dtype=torch.float64)  # fp64: no cancellation
+    dummy = sums[0]
+    grid = (triton.cdiv(n * h * w, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    _conv3x3_kernel[grid](
+        x, w9, bias if bias is not None else dummy, y,
+        scale if scale is not None else dummy, shift if shift is not None else dummy, sums[0], sums[1],
+        n, h, w, c_in, c_out, RELU_FIRST=relu_first, AFFINE=scale is not None, RELU_LAST=relu_last,
+        STATS=stats, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return y, sums[0], sums[1]
+
+
+def _grid2d(pixels: int, channels: int):
+    return (triton.cdiv(pixels, BLOCK_M), triton.cdiv(channels, BLOCK_N))
+
+
+def affine(v: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
+    out = torch.empty_like(v)
+    c = v.shape[-1]
+    _affine_kernel[_grid2d(v.numel() // c, c)](v, out, scale, shift, v.numel() // c, c, RELU=relu,
+                                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
+    return out
+
+
+def conv3x3_weight_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    n, h, w, c_in = x.shape
+    c_out = dy.shape[-1]
+    dw = torch.empty((9, c_in, c_out), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(c_in, BLOCK_N), triton.cdiv(c_out, BLOCK_N), 9)
+    _conv3x3_wgrad_kernel[grid](x, dy, dw, n, h, w, c_in, c_out, UPCAST=_upcast(x.dtype),
+                                BLOCK_P=BLOCK_M, BLOCK_CI=BLOCK_N, BLOCK_CO=BLOCK_N)  # fmt: skip
+    return dw
+
+
+def to_w9(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> (9, C_in, C_out), contiguous, in the activations' dtype."""
+    return (
+        weight.permute(2, 3, 1, 0)
+        .reshape(9, weight.shape[1], weight.shape[0])
+        .to(dtype)
+        .contiguous()
+    )
+
+
+def to_w9_transposed(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The input gradient's weights: flipped in space, input and output channels swapped."""
+    return (
+        weight.flip(2, 3)
+        .permute(2, 3, 0, 1)
+        .reshape(9, weight.shape[0], weight.shape[1])
+        .to(dtype)
+        .contiguous()
+    )
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last NCHW tensor as its NHWC view (a copy only when not channels-last)."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _nchw(y: torch.Tensor) -> torch.Tensor:
+    return y.permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("fastcifar::conv_bn_relu_train", mutates_args=())
+def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                       beta: torch.Tensor, eps: float, order: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Training forward: (out, v, mean, var). v is what BatchNorm normalised (the ReLU
+    output for act_bn, the conv output for bn_act), kept for backward; var is biased."""
+    xh = _nhwc(x)
+    v, s, sq = conv3x3(
+        xh, to_w9(weight, x.dtype), bias.to(x.dtype), relu_first=order == "act_bn", stats=True
+    )
+    count = v.numel() // v.shape[-1]
+    mean64 = s / count
+    var = (sq / count - mean64 * mean64).clamp_min(0).float()
+    mean = mean64.float()
+    scale = gamma.float() * torch.rsqrt(var + eps)
+    shift = beta.float() - mean * scale
+    out = affine(v, scale, shift, relu=order == "bn_act")
+    return _nchw(out), _nchw(v), mean, var
+
+
+@conv_bn_relu_train.register_fake
+def _(x, weight, bias, gamma, beta, eps, order):
+    n, _, h, w = x.shape
+    c = weight.shape[0]
+    act = x.new_empty((n, h, w, c)).permute(0, 3, 1, 2)
+    stat = x.new_empty((c,), dtype=torch.float32)
+    return act, x.new_empty((n, h, w, c)).permute(0, 3, 1, 2), stat, stat.clone()
+
+
+@torch.library.custom_op("fastcifar::conv_bn_relu_backward", mutates_args=())
+def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, v: torch.Tensor,
+                          mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                          eps: float, order: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx, dweight, dbias, dgamma, dbeta) of the training forward."""
+    dz, vh, xh = _nhwc(dout).to(v.dtype), _nhwc(v), _nhwc(x)
+    c = vh.shape[-1]
+    pixels = vh.numel() // c
+    rstd = torch.rsqrt(var + eps)
+    scale = gamma.float() * rstd
+    shift = beta.float() - mean * scale
+    dsum = torch.zeros(c, device=x.device, dtype=torch.float32)  # = dbeta
+    dxhat_sum = torch.zeros(c, device=x.device, dtype=torch.float32)  # = dgamma
+    relu_last = order == "bn_act"
+    _bn_backward_reduce_kernel[_grid2d(pixels, c)](
+        dz, vh, mean, rstd, scale, shift, dsum, dxhat_sum, pixels, c,
+        RELU_LAST=relu_last, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    dconv = torch.empty_like(vh)
+    _bn_backward_apply_kernel[_grid2d(pixels, c)](
+        dz, vh, dconv, mean, rstd, gamma.float().contiguous(), scale, shift, dsum, dxhat_sum, pixels, c,
+        RELU_FIRST=order == "act_bn", RELU_LAST=relu_last, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    dx, _, _ = conv3x3(dconv, to_w9_transposed(weight, dconv.dtype), None)
+    dw9 = conv3x3_weight_grad(xh, dconv)
+    dweight = (
+        dw9.reshape(3, 3, weight.shape[1], weight.shape[0]).permute(3, 2, 0, 1).to(weight.dtype)
+    )
+    dbias = dconv.float().sum((0, 1, 2)).to(weight.dtype)
+    return _nchw(dx), dweight.contiguous(), dbias, dxhat_sum.to(gamma.dtype), dsum.to(beta.dtype)
+
+
+@conv_bn_relu_backward.register_fake
+def _(dout, x, weight, v, mean, var, gamma, beta, eps, order):
+    n, c_in, h, w = x.shape
+    dx = x.new_empty((n, h, w, c_in)).permute(0, 3, 1, 2)
+    return (
+        dx,
+        torch.empty_like(weight),
+        weight.new_empty((weight.shape[0],)),
+        torch.empty_like(gamma),
+        torch.empty_like(beta),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, gamma, beta, eps, order = inputs
+    _, v, mean, var = output
+    ctx.save_for_backward(x, weight, v, mean, var, gamma, beta)
+    ctx.eps, ctx.order = eps, order
+
+
+def _backward(ctx, dout, _dv, _dmean, _dvar):
+    x, weight, v, mean, var, gamma, beta = ctx.saved_tensors
+    dx, dw, db, dgamma, dbeta = conv_bn_relu_backward(dout.contiguous(memory_format=torch.channels_last),
+                                                      x, weight, v, mean, var, gamma, beta, ctx.eps, ctx.order)  # fmt: skip
+    return dx, dw, db, dgamma, dbeta, None, None
+
+
+conv_bn_relu_train.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastcifar::conv_bn_relu_eval", mutates_args=())
+def conv_bn_relu_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
+                      shift: torch.Tensor, order: str) -> torch.Tensor:  # fmt: skip
+    """Inference: one kernel. For bn_act BatchNorm folds into the weights and bias; for
+    act_bn (ReLU first) it is an affine in the epilogue, after the ReLU."""
+    if order == "bn_act":
+        w = weight * scale[:, None, None, None]
+        y, _, _ = conv3x3(
+            _nhwc(x), to_w9(w, x.dtype), (bias * scale + shift).to(x.dtype), relu_last=True
+        )
+    else:
+        y, _, _ = conv3x3(_nhwc(x), to_w9(weight, x.dtype), bias.to(x.dtype), relu_first=True,
+                          scale=scale.float().contiguous(), shift=shift.float().contiguous())  # fmt: skip
+    return _nchw(y)
+
+
+@conv_bn_relu_eval.register_fake
+def _(x, weight, bias, scale, shift, order):
+    n, _, h, w = x.shape
+    return x.new_empty((n, h, w, weight.shape[0])).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------- eager reference
+
+
+def reference_conv_bn_relu(x, weight, bias, gamma, beta, running_mean, running_var, *, training: bool,
+                           momentum: float = 0.1, eps: float = 1e-5, order: str = "act_bn"):  # fmt: skip
+    """The same block in plain PyTorch ops (updates the running statistics in training)."""
+    y = torch.nn.functional.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=1)
+    if order == "act_bn":
+        y = torch.relu(y)
+    y = torch.nn.functional.batch_norm(
+        y, running_mean, running_var, gamma, beta, training, momentum, eps
+    )
+    return torch.relu(y) if order == "bn_act" else y
