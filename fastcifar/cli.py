@@ -16,15 +16,6 @@ from pathlib import Path
 from fastcifar.config import TrainConfig, read_toml
 from fastcifar.errors import UserError
 
-BOOLEAN_FLAGS = {
-    "download",
-    "nesterov",
-    "flip",
-    "channels_last",
-    "compile",
-    "deterministic",
-    "track",
-}
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
 
 
@@ -54,7 +45,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 "--no-amp", dest="amp", action="store_const", const="none",
                 default=argparse.SUPPRESS, help="train in fp32",
             )  # fmt: skip
-        elif field.name in BOOLEAN_FLAGS:
+        elif field.type == "bool":
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
             )

@@ -104,16 +104,20 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def read_toml(path: Path) -> dict:
-    """A config file's values, with a one-line error for a missing or malformed file."""
+def load_toml(path: Path, what: str = "config") -> dict:
+    """A TOML file's contents, with a one-line error for a missing or malformed file."""
     try:
         with path.open("rb") as f:
-            values = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as exc:
-        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config {path} is not valid TOML: {exc}") from None
-    values = {key.replace("-", "_"): value for key, value in values.items()}
+        raise UserError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def read_toml(path: Path) -> dict:
+    """A config file's values, keys as field names; unknown keys are an error."""
+    values = {key.replace("-", "_"): value for key, value in load_toml(path).items()}
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise UserError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")

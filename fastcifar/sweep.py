@@ -21,13 +21,12 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 import warnings
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
-from fastcifar.config import TrainConfig
+from fastcifar.config import TrainConfig, load_toml
 from fastcifar.errors import UserError
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -71,13 +70,7 @@ class SweepSpec:
 
 
 def read_sweep(path: Path) -> SweepSpec:
-    try:
-        with path.open("rb") as f:
-            raw = tomllib.load(f)
-    except OSError as exc:
-        raise UserError(f"cannot read sweep file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"sweep file {path} is not valid TOML: {exc}") from None
+    raw = load_toml(path, "sweep file")
     unknown_tables = set(raw) - {"search", "sampler"}
     if unknown_tables or "search" not in raw:
         raise UserError(

@@ -174,3 +174,12 @@ def test_profile_writes_a_chrome_trace(capsys, tmp_path, data):
     assert "top kernels" in out and "convolution" in out
     events = json.loads(trace.read_text())["traceEvents"]
     assert any("convolution" in e.get("name", "") for e in events)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_fused_needs_cerberus_and_a_triton_backend(capsys, tmp_path, data, monkeypatch):
+    code, _, err = run(capsys, *quick(data, tmp_path / "a"), "--fused")
+    assert_one_line_error(code, err, "--fused is for cerberus")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, _, err = run(capsys, *quick(data, tmp_path / "b"), "--arch", "cerberus", "--fused")
+    assert_one_line_error(code, err, "needs CUDA, or TRITON_INTERPRET=1")
