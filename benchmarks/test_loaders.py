@@ -1,5 +1,6 @@
 """Loader-only throughput: the tutorial DataLoader with per-image transforms against the
-device-resident tensor loader and the DALI loader, in fp32 and bf16."""
+device-resident tensor loader (its gather, and the native fused op) and the DALI loader,
+in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -26,7 +27,16 @@ def _rate(batches, count: int, batch_size: int, device) -> float:
 
 
 @pytest.mark.parametrize(
-    "loader", ["tutorial", "tensor_fp32", "tensor_bf16", "dali_fp32", "dali_bf16"]
+    "loader",
+    [
+        "tutorial",
+        "tensor_fp32",
+        "tensor_bf16",
+        "native_fp32",
+        "native_bf16",
+        "dali_fp32",
+        "dali_bf16",
+    ],
 )
 def test_loader_throughput(benchmark, loader, full, device, train_arrays):
     images, labels = train_arrays
@@ -42,9 +52,17 @@ def test_loader_throughput(benchmark, loader, full, device, train_arrays):
         dl = DaliLoader(images, labels, batch, train=True, dtype=dtype, device=device)
         make = lambda: iter(dl)  # noqa: E731
     else:
+        native = loader.startswith("native")
+        if native:
+            from fastcifar.ops.native import load
+
+            available, why = load()
+            if not available:
+                pytest.skip(why)
         dtype = torch.bfloat16 if loader.endswith("bf16") else torch.float32
         tl = TensorLoader(torch.from_numpy(np.array(images)).to(device),
-                          torch.from_numpy(np.array(labels)).to(device), batch, train=True, dtype=dtype)  # fmt: skip
+                          torch.from_numpy(np.array(labels)).to(device), batch, train=True, dtype=dtype,
+                          native=native)  # fmt: skip
         make = lambda: iter(tl)  # noqa: E731
     rates = []
     benchmark.pedantic(lambda: rates.append(_rate(make(), count, batch, device)), rounds=3 if full else 1,
