@@ -136,7 +136,7 @@ def scatter(tables: dict[str, list[dict]], path: Path) -> Path:
             ax.step(
                 xs,
                 [100 * y for y in ys],
-                where="post",
+                where="pre",
                 color=color,
                 alpha=0.5,
                 label=f"{machine[:40]} Pareto front",
