@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar.bench import device_name, matmul_peak_tflops
-from fastcifar.train.device import resolve_device
+from fastcifar.bench import matmul_peak_tflops
+from fastcifar.train.device import device_name, resolve_device
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.zip"
 

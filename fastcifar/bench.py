@@ -10,8 +10,6 @@ alternating windows so machine noise hits both alike, and reports medians.
 from __future__ import annotations
 
 import itertools
-import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +21,7 @@ from fastcifar.baseline import tutorial_loader, tutorial_step
 from fastcifar.config import TrainConfig
 from fastcifar.data.loader import TensorLoader
 from fastcifar.recipes import recipe
-from fastcifar.train.device import autocast, input_dtype, resolve_device
+from fastcifar.train.device import autocast, device_name, input_dtype, resolve_device
 from fastcifar.train.engine import build_model, train_step
 from fastcifar.train.optim import build_optimizer
 
@@ -120,21 +118,6 @@ def time_eval(p: Pipeline, steps: int) -> float:
         torch.cuda.synchronize()  # host sync: end of the timed window
     p.model.train()
     return steps * p.cfg.batch_size / (time.perf_counter() - start)
-
-
-def device_name(device: torch.device) -> str:
-    """What the results ran on: the GPU's name, or the CPU's model and core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def matmul_peak_tflops(

@@ -193,8 +193,7 @@ def cmd_bench_throughput(args) -> int:
         import time
 
         from fastcifar.atomic import write_json_atomic
-        from fastcifar.bench import device_name
-        from fastcifar.train.device import resolve_device
+        from fastcifar.train.device import device_name, resolve_device
 
         write_json_atomic(args.json, {
             "kind": "side_by_side",
@@ -214,9 +213,8 @@ def cmd_bench_accuracy(args) -> int:
     import time
 
     from fastcifar.atomic import write_json_atomic
-    from fastcifar.bench import device_name
     from fastcifar.results import accuracy_stats, run_record
-    from fastcifar.train.device import resolve_device
+    from fastcifar.train.device import device_name, resolve_device
 
     runs = list(args.collect or [])
     if not runs:

@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input (arguments, data, checkpoints, paths). Shown without a traceback."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (its type name when it has no message)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

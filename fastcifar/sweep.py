@@ -27,7 +27,7 @@ from itertools import product
 from pathlib import Path
 
 from fastcifar.config import TrainConfig, load_toml
-from fastcifar.errors import UserError
+from fastcifar.errors import UserError, first_line
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 SWEEP_ONLY = {"out", "resume"}  # per-trial values the sweep owns
@@ -158,8 +158,7 @@ def open_storage(url: str, heartbeat: int):
     except ModuleNotFoundError as exc:
         raise UserError(f"storage {url.split(':')[0]} needs the {exc.name} package") from None
     except Exception as exc:  # sqlalchemy's connection errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open sweep storage {url}: {first[:200]}") from None
+        raise UserError(f"cannot open sweep storage {url}: {first_line(exc)[:200]}") from None
 
 
 def trial_config(spec: SweepSpec, options: dict, out: Path, number: int, data: str | None,

@@ -15,6 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+from fastcifar.errors import first_line
+
 EXPERIMENT = "fastcifar"
 ARTIFACTS = ("config.json", "env.json", "metrics.jsonl", "summary.json", "best.pt")
 
@@ -59,8 +61,7 @@ class Tracker:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # any tracking failure must not stop training
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._warn(f"{what} failed ({first[:200]})")
+            self._warn(f"{what} failed ({first_line(exc)[:200]})")
             return None
 
     def _experiment_id(self) -> str:

@@ -14,6 +14,7 @@ import importlib
 import torch
 
 from fastcifar.data.augment import MEAN, STD, AugmentDraw
+from fastcifar.errors import first_line
 
 
 @functools.cache
@@ -24,7 +25,7 @@ def load() -> tuple[bool, str]:
     except (ImportError, OSError) as exc:
         return (
             False,
-            f"fastcifar._C did not load ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+            f"fastcifar._C did not load ({first_line(exc)})",
         )
     _register_fake()
     return True, "fastcifar._C loaded"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fastcifar.atomic import write_atomic
-from fastcifar.errors import UserError
+from fastcifar.errors import UserError, first_line
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -28,8 +28,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load checkpoint {path}: {first_line}") from None
+        raise UserError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a fastcifar checkpoint")
     return ckpt

@@ -14,6 +14,7 @@ import torch
 
 from fastcifar.atomic import write_atomic, write_json_atomic, write_text_atomic
 from fastcifar.errors import UserError
+from fastcifar.train.device import device_name
 
 
 def default_run_dir(arch: str) -> Path:
@@ -88,9 +89,7 @@ def environment(device: torch.device) -> dict:
     """What the run ran on: device, versions, threads, git revision."""
     env = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
