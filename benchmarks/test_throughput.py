@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from fastcifar.bench import VARIANTS, build_pipeline, time_eval, time_steps
-from fastcifar.models import create_model, list_models
-from fastcifar.summary import count_mult_adds
+from fastcifar.bench import (
+    VARIANTS,
+    build_pipeline,
+    time_eval,
+    time_steps,
+    training_flops_per_image,
+)
+from fastcifar.models import list_models
 
 from .conftest import environment
 
@@ -52,8 +57,7 @@ def test_train_throughput(
 
     benchmark.pedantic(run, rounds=3 if full else 1, iterations=1)
     rate = sorted(rates)[len(rates) // 2]
-    flops_per_image = 3 * 2 * count_mult_adds(create_model(arch))  # forward + backward
-    achieved = rate * flops_per_image / 1e12
+    achieved = rate * training_flops_per_image(arch) / 1e12
     dtype = "bf16" if p.cfg.amp == "bf16" else "fp32"
     key = (arch, batch)
     if variant == "baseline":

@@ -176,7 +176,15 @@ def cmd_bench_throughput(args) -> int:
     console = Console()
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
     table = Table(title="training throughput, images/s (median of windows)")
-    for column in ("arch", "batch", "amp", "tutorial baseline", "fastcifar", "speedup"):
+    for column in (
+        "arch",
+        "batch",
+        "amp",
+        "tutorial baseline",
+        "fastcifar",
+        "speedup",
+        "% of peak",
+    ):
         table.add_column(column, justify="right")
     results = []
     for arch in args.arch:
@@ -185,7 +193,8 @@ def cmd_bench_throughput(args) -> int:
                                args.steps, args.windows)  # fmt: skip
         results.append(as_dict(r))
         table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
-                      f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x")  # fmt: skip
+                      f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x",
+                      f"{r.percent_of_peak:.1f}")  # fmt: skip
     console.print(table)
     if args.json:
         import shlex

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One pass over every GPU path on a CUDA machine: build the native extension, run the
+# CUDA and Triton tests, train the README's main job, compare eager / compiled / fused
+# epochs, and time the fused block, the side-by-side throughput and a profile.
+#
+#   benchmarks/gpu-check.sh RESULTS_DIR [DATA]
+#
+# Each stage has its own time limit so that one slow or failing stage leaves the rest
+# running; everything is logged to RESULTS_DIR/log.txt and the result files land beside
+# it (accuracy-cuda.json, throughput-cuda.json, fused-block-cuda.json, runs-cuda.tgz).
+set -u
+out=$(realpath "${1:?usage: benchmarks/gpu-check.sh RESULTS_DIR [DATA]}")
+mkdir -p "$out"
+export FASTCIFAR_DATA=${2:-${FASTCIFAR_DATA:-$(realpath ../shared/data/cifar10-jpeg.zip)}}
+export FASTCIFAR_CACHE=${FASTCIFAR_CACHE:-/tmp/fastcifar-cache}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+runs=/tmp/fastcifar-runs
+exec > >(tee -a "$out/log.txt") 2>&1
+
+stage() {  # stage NAME SECONDS COMMAND...: run one stage under its own time limit
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)"
+  local start=$SECONDS
+  timeout -k 5 "$limit" "$@"
+  local rc=$?
+  echo "=== $name: rc=$rc, $((SECONDS - start)) s"
+  summary+=("$(printf '%-22s rc=%-4s %4d s' "$name" "$rc" $((SECONDS - start)))")
+}
+summary=()
+
+nvidia-smi -L
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+stage build 180 $PY -m pip install --no-build-isolation --no-deps -e . \
+  -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90
+stage doctor 60 $PY -m fastcifar doctor
+stage tests-gpu 180 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_native.py \
+  tests/test_dali.py tests/test_models.py
+stage train-cerberus 240 $PY -m fastcifar train --arch cerberus --amp --no-track \
+  --out "$runs/cerberus-cuda"
+stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect "$runs/cerberus-cuda" \
+  --out "$out/accuracy-cuda.json"
+stage fused-block 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
+  --benchmark-only --benchmark-json "$out/fused-block-cuda.json" \
+  --benchmark-columns=median,iqr,rounds
+for variant in eager fused; do
+  flag=--no-fused
+  [ "$variant" = fused ] && flag=--fused
+  stage "epochs-$variant" 120 $PY -m fastcifar train --arch cerberus --amp --no-compile $flag \
+    --epochs 2 --no-track --quiet --out "$runs/cerberus-2ep-$variant"
+done
+stage throughput 240 $PY -m fastcifar bench throughput --arch lenet conv3 conv5 cerberus \
+  --json "$out/throughput-cuda.json"
+stage profile 90 $PY -m fastcifar profile --arch cerberus --variant amp --trace /tmp/trace.json
+if command -v compute-sanitizer >/dev/null; then
+  stage sanitizer-native 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -q -p no:cacheprovider tests/test_native.py -m gpu
+fi
+tar czf "$out/runs-cuda.tgz" -C "$runs" --exclude='*.pt' --exclude='*.npz' . 2>/dev/null
+printf '%s\n' "${summary[@]}"
