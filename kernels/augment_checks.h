@@ -16,7 +16,8 @@ inline AugmentArgs check_augment_inputs(const at::Tensor& images, const at::Tens
   TORCH_CHECK(images.scalar_type() == at::kByte, "augment_batch: images must be uint8, got ",
               images.scalar_type());
   TORCH_CHECK(images.dim() == 4 && images.size(3) == 3,
-              "augment_batch: images must be (N, H, W, 3), got ", images.sizes());
+              "augment_batch: images must be (N, H, W, 3), got ", images.dim(),
+              " dimensions, the last of size ", images.dim() > 0 ? images.size(-1) : 0);
   TORCH_CHECK(images.is_contiguous(), "augment_batch: images must be contiguous NHWC");
   const int64_t batch = index.numel();
   for (const auto* t : {&index, &dy, &dx}) {

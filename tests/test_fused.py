@@ -22,6 +22,16 @@ TOLERANCES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """fp32 comparisons in full fp32: no TF32 in cuDNN's reference or in the fused dots
+    (which follow cuDNN's switch)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def units(c_in, c_out, order, seed=0):
     torch.manual_seed(seed)
     fused = FusedConvBNReLU(c_in, c_out, order).to(DEVICE)
@@ -107,6 +117,21 @@ def test_training_forward_backward_and_running_stats(dtype, order, batch, c_in, 
             assert relative_error(g, t) <= bound, (
                 f"{name}: fused {relative_error(g, t):.2e}, eager {relative_error(s, t):.2e}"
             )
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_weight_gradient_split_over_pixels(splits):
+    from fastcifar.ops.conv_bn_relu import conv3x3_weight_grad
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, 6, device=DEVICE, dtype=torch.float64).float()
+    weight = torch.randn(7, 5, 3, 3, device=DEVICE, requires_grad=True)
+    dy = torch.randn(3, 7, 6, 6, device=DEVICE)
+    torch.nn.functional.conv2d(x, weight, padding=1).backward(dy)
+    nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous()  # noqa: E731
+    dw9 = conv3x3_weight_grad(nhwc(x), nhwc(dy), splits=splits)
+    got = dw9.reshape(3, 3, 5, 7).permute(3, 2, 0, 1)
+    torch.testing.assert_close(got, weight.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("order", ["act_bn", "bn_act"])

@@ -38,7 +38,7 @@ def _conv3x3_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr,
     batch, height, width, c_in, c_out,
     RELU_FIRST: tl.constexpr, AFFINE: tl.constexpr, RELU_LAST: tl.constexpr,
-    STATS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    STATS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[p, co] = epilogue(sum over taps and ci of x[p + tap, ci] * w[tap, ci, co]):
@@ -69,7 +69,7 @@ def _conv3x3_kernel(
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # fmt: skip
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc += tl.dot(a, b)
+            acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if RELU_FIRST:
@@ -170,19 +170,25 @@ def _bn_backward_apply_kernel(
 
 @triton.jit
 def _conv3x3_wgrad_kernel(
-    x_ptr, dy_ptr, dw_ptr, batch, height, width, c_in, c_out, UPCAST: tl.constexpr,
+    x_ptr, dy_ptr, dw_ptr, batch, height, width, c_in, c_out, pixels_per_split,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):  # fmt: skip
-    """dw[tap, ci, co] = sum over pixels p of x[p + tap, ci] * dy[p, co]."""
-    pid_ci, pid_co, tap = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """dw[tap, ci, co] += sum over this program's pixels p of x[p + tap, ci] * dy[p, co].
+    The pixel sum is split across programs (split-K): with 64 channels there are only nine
+    (ci, co, tap) tiles, far too few to fill a GPU; each split adds its part atomically."""
+    pid_ci, pid_co, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tap, split = pid_z % 9, pid_z // 9
     offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci_mask, co_mask = offs_ci < c_in, offs_co < c_out
     pixels = batch * height * width
+    first = split * pixels_per_split
+    last = tl.minimum(first + pixels_per_split, pixels)
     acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
-    for p0 in range(0, pixels, BLOCK_P):
+    for p0 in range(first, last, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = offs_p < pixels
+        p_mask = offs_p < last
         image = offs_p // (height * width)
         ih = (offs_p // width) % height + (tap // 3) - 1
         iw = offs_p % width + (tap % 3) - 1
@@ -197,9 +203,9 @@ def _conv3x3_wgrad_kernel(
                     other=0.0)  # fmt: skip
         if UPCAST:
             a, g = a.to(tl.float32), g.to(tl.float32)
-        acc += tl.dot(tl.trans(a), g)
+        acc += tl.dot(tl.trans(a), g, input_precision=PRECISION)
     out = dw_ptr + (tap * c_in + offs_ci[:, None]) * c_out + offs_co[None, :]
-    tl.store(out, acc, mask=ci_mask[:, None] & co_mask[None, :])
+    tl.atomic_add(out, acc, mask=ci_mask[:, None] & co_mask[None, :])
 
 
 # ---------------------------------------------------------------- launchers
@@ -209,6 +215,21 @@ BLOCK_M, BLOCK_N, BLOCK_K = (32, 32, 16) if INTERPRET else (64, 64, 32)
 
 def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype != torch.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 operands use TF32 exactly when cuDNN may, so fused and eager agree."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _wgrad_splits(tiles: int, pixels: int, device: torch.device) -> int:
+    """Pixel splits for the weight gradient: about four programs per multiprocessor."""
+    if INTERPRET or device.type != "cuda":
+        return 1  # the interpreter runs programs one by one: more of them only cost time
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(pixels, BLOCK_M), target // tiles))
 
 
 def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, relu_first=False,
@@ -224,7 +245,7 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
         x, w9, bias if bias is not None else dummy, y,
         scale if scale is not None else dummy, shift if shift is not None else dummy, sums[0], sums[1],
         n, h, w, c_in, c_out, RELU_FIRST=relu_first, AFFINE=scale is not None, RELU_LAST=relu_last,
-        STATS=stats, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype),
+        STATS=stats, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return y, sums[0], sums[1]
@@ -242,13 +263,25 @@ def affine(v: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool
     return out
 
 
-def conv3x3_weight_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def conv3x3_weight_grad(
+    x: torch.Tensor, dy: torch.Tensor, splits: int | None = None
+) -> torch.Tensor:
+    """dw (9, C_in, C_out) in fp32 of NHWC `x` and `dy`; `splits` overrides the split-K count."""
     n, h, w, c_in = x.shape
     c_out = dy.shape[-1]
-    dw = torch.empty((9, c_in, c_out), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(c_in, BLOCK_N), triton.cdiv(c_out, BLOCK_N), 9)
-    _conv3x3_wgrad_kernel[grid](x, dy, dw, n, h, w, c_in, c_out, UPCAST=_upcast(x.dtype),
-                                BLOCK_P=BLOCK_M, BLOCK_CI=BLOCK_N, BLOCK_CO=BLOCK_N)  # fmt: skip
+    dw = torch.zeros((9, c_in, c_out), device=x.device, dtype=torch.float32)
+    tiles = triton.cdiv(c_in, BLOCK_N) * triton.cdiv(c_out, BLOCK_N) * 9
+    pixels = n * h * w
+    splits = splits or _wgrad_splits(tiles, pixels, x.device)
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), BLOCK_M) * BLOCK_M  # whole tiles each
+    grid = (
+        triton.cdiv(c_in, BLOCK_N),
+        triton.cdiv(c_out, BLOCK_N),
+        9 * triton.cdiv(pixels, per_split),
+    )
+    _conv3x3_wgrad_kernel[grid](x, dy, dw, n, h, w, c_in, c_out, per_split, UPCAST=_upcast(x.dtype),
+                                PRECISION=_precision(x.dtype), BLOCK_P=BLOCK_M, BLOCK_CI=BLOCK_N,
+                                BLOCK_CO=BLOCK_N)  # fmt: skip
     return dw
 
 
