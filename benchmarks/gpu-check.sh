@@ -37,8 +37,12 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 stage build 180 $PY -m pip install --no-build-isolation --no-deps -e . \
   -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90
 stage doctor 60 $PY -m fastcifar doctor
-stage tests-gpu 180 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_native.py \
-  tests/test_dali.py
+stage tests-fused 180 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py
+stage tests-native 120 $PY -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_dali.py
+if [[ "${summary[-1]}" == *rc=13[49]* ]] && command -v cuda-gdb >/dev/null; then  # crashed: where?
+  stage native-backtrace 120 cuda-gdb -batch -ex run -ex bt --args \
+    $PY -m pytest -x -q -p no:cacheprovider tests/test_native.py
+fi
 stage train-cerberus 240 $PY -m fastcifar train --arch cerberus --amp --no-track \
   --out "$runs/cerberus-cuda"
 stage train-cerberus-24ep 150 $PY -m fastcifar train --arch cerberus --amp --epochs 24 \

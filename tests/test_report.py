@@ -22,7 +22,7 @@ def results(tmp_path):
     (folder / "throughput-m.json").write_text(json.dumps({
         "kind": "side_by_side", "machine": "Test CPU, 2 cores",
         "results": [{"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 14000.0,
-                     "speedup": 3.5}],
+                     "speedup": 3.5, "percent_of_peak": 12.5}],
     }))  # fmt: skip
     (folder / "accuracy-m.json").write_text(json.dumps({
         "kind": "accuracy", "machine": "Test CPU, 2 cores",
@@ -52,10 +52,11 @@ def test_report_table_and_readme_section(tmp_path, results, capsys):
         and cells[3] == "14,000"
         and cells[4] == "4,000"
         and cells[5] == "3.50x"
+        and cells[6] == "12.5%"
     )
-    assert cells[6] == "69.00% ± 1.41 (2 runs)"
-    assert cells[8] == "epoch 7 (30 s)"  # by then both runs had reached the paper's 62%
-    assert cells[9] == "62.0%"
+    assert cells[7] == "69.00% ± 1.41 (2 runs)"
+    assert cells[9] == "epoch 7 (30 s)"  # by then both runs had reached the paper's 62%
+    assert cells[10] == "62.0%"
     with Image.open(figure) as img:
         assert img.format == "PNG" and img.width > 400
 
