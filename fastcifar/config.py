@@ -57,6 +57,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format for activations and weights
     loader: str = "tensor"  # tensor | dali: where batches are augmented
     native: str = "auto"  # auto | on | off: the tensor loader's fused native op (fastcifar._C)
+    prefetch: str = "auto"  # auto | on | off: make training batches ahead in a thread (CPU)
     compile: bool = False  # torch.compile the model
     fused: bool = False  # Triton-fused conv-BN-ReLU units (cerberus); CUDA, or TRITON_INTERPRET=1
     deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)
@@ -76,6 +77,7 @@ class TrainConfig:
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}"),
             (self.native in SWITCHES, f"--native must be one of {', '.join(SWITCHES)}"),
+            (self.prefetch in SWITCHES, f"--prefetch must be one of {', '.join(SWITCHES)}"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.patience >= 0, "--patience must be >= 0"),

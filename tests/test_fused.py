@@ -119,6 +119,22 @@ def test_training_forward_backward_and_running_stats(dtype, order, batch, c_in, 
             )
 
 
+@pytest.mark.parametrize("order", ["act_bn", "bn_act"])
+def test_float64_gradcheck(order):
+    """Every input's gradient against finite differences, with fp64 kernels throughout."""
+    torch.manual_seed(0)
+    f64 = dict(device=DEVICE, dtype=torch.float64)
+    x = torch.randn(2, 2, 3, 3, **f64).to(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(3, 2, 3, 3, **f64).requires_grad_()
+    bias, beta = (torch.randn(3, **f64).requires_grad_() for _ in range(2))
+    gamma = (torch.rand(3, **f64) + 0.5).requires_grad_()
+
+    def block(*inputs):
+        return torch.ops.fastcifar.conv_bn_relu_train(*inputs, 1e-5, order)[0]
+
+    assert torch.autograd.gradcheck(block, (x, weight, bias, gamma, beta))
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_weight_gradient_split_over_pixels(splits):
     from fastcifar.ops.conv_bn_relu import conv3x3_weight_grad

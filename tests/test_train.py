@@ -130,3 +130,16 @@ def test_lenet_learns_on_real_cifar(tmp_path, real_data):
                        batch_size=128, eval_batch_size=1000, lr=0.05, label_smoothing=0.1, amp="bf16", threads=0)  # fmt: skip
     summary = fit(cfg, TrainingDisplay(quiet=True))
     assert summary["best"]["test_acc"] > 0.3  # chance is 0.10
+
+
+def test_a_missing_extension_is_reported_once(monkeypatch, capsys):
+    from fastcifar.ops import native
+    from fastcifar.train import engine
+
+    monkeypatch.setattr(native, "load", lambda: (False, "fastcifar._C did not load (test)"))
+    monkeypatch.setattr(engine, "_said", set())
+    cpu = torch.device("cpu")
+    assert [engine.use_native("auto", cpu) for _ in range(2)] == [False, False]
+    assert engine.use_native("off", cpu) is False
+    err = capsys.readouterr().err
+    assert err.count("fastcifar._C did not load (test)") == 1 and "torch ops instead" in err

@@ -39,7 +39,7 @@ def _conv3x3_kernel(
     batch, height, width, c_in, c_out,
     RELU_FIRST: tl.constexpr, AFFINE: tl.constexpr, RELU_LAST: tl.constexpr,
     STATS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[p, co] = epilogue(sum over taps and ci of x[p + tap, ci] * w[tap, ci, co]):
     an implicit GEMM over M = pixels, N = output channels, K = 9 x input channels."""
@@ -51,7 +51,7 @@ def _conv3x3_kernel(
     image = offs_m // (height * width)
     oh = (offs_m // width) % height
     ow = offs_m % width
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for tap in tl.static_range(9):
         ih = oh + (tap // 3) - 1
         iw = ow + (tap % 3) - 1
@@ -71,7 +71,7 @@ def _conv3x3_kernel(
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
     if RELU_FIRST:
         acc = tl.maximum(acc, 0.0)
     if AFFINE:
@@ -84,7 +84,7 @@ def _conv3x3_kernel(
     out = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m[:, None] * c_out + offs_n[None, :], out, mask=valid)
     if STATS:  # of the values BatchNorm will see, as stored
-        seen = tl.where(valid, out.to(tl.float32), 0.0)
+        seen = tl.where(valid, out.to(ACC), 0.0)
         stat = sum_ptr.dtype.element_ty
         tl.atomic_add(sum_ptr + offs_n, tl.sum(seen, axis=0).to(stat), mask=n_mask)
         tl.atomic_add(sumsq_ptr + offs_n, tl.sum(seen * seen, axis=0).to(stat), mask=n_mask)
@@ -99,7 +99,7 @@ def _affine_kernel(v_ptr, out_ptr, scale_ptr, shift_ptr, pixels, channels,
     n_mask = offs_n < channels
     mask = (offs_m < pixels)[:, None] & n_mask[None, :]
     idx = offs_m[:, None] * channels + offs_n[None, :]
-    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(scale_ptr.dtype.element_ty)
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
     shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
     out = v * scale[None, :] + shift[None, :]
@@ -120,8 +120,9 @@ def _bn_backward_reduce_kernel(
     n_mask = offs_n < channels
     mask = (offs_m < pixels)[:, None] & n_mask[None, :]
     idx = offs_m[:, None] * channels + offs_n[None, :]
-    dz = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    stat = mean_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
+    dz = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(stat)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(stat)
     mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
     rstd = tl.load(rstd_ptr + offs_n, mask=n_mask, other=0.0)
     if RELU_LAST:
@@ -148,8 +149,9 @@ def _bn_backward_apply_kernel(
     n_mask = offs_n < channels
     mask = (offs_m < pixels)[:, None] & n_mask[None, :]
     idx = offs_m[:, None] * channels + offs_n[None, :]
-    dz = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    stat = mean_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
+    dz = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(stat)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(stat)
     mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
     rstd = tl.load(rstd_ptr + offs_n, mask=n_mask, other=0.0)
     gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0)
@@ -171,7 +173,7 @@ def _bn_backward_apply_kernel(
 @triton.jit
 def _conv3x3_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, batch, height, width, c_in, c_out, pixels_per_split,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):  # fmt: skip
     """dw[tap, ci, co] += sum over this program's pixels p of x[p + tap, ci] * dy[p, co].
@@ -185,7 +187,7 @@ def _conv3x3_wgrad_kernel(
     pixels = batch * height * width
     first = split * pixels_per_split
     last = tl.minimum(first + pixels_per_split, pixels)
-    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=ACC)
     for p0 in range(first, last, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < last
@@ -214,14 +216,23 @@ BLOCK_M, BLOCK_N, BLOCK_K = (32, 32, 16) if INTERPRET else (64, 64, 32)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype != torch.float32
+    return INTERPRET and dtype in (torch.float16, torch.bfloat16)
 
 
 def _precision(dtype: torch.dtype) -> str:
     """fp32 operands use TF32 exactly when cuDNN may, so fused and eager agree."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
         return "ieee"
     return "tf32"
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators and BatchNorm statistics: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _wgrad_splits(tiles: int, pixels: int, device: torch.device) -> int:
@@ -246,6 +257,7 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
         scale if scale is not None else dummy, shift if shift is not None else dummy, sums[0], sums[1],
         n, h, w, c_in, c_out, RELU_FIRST=relu_first, AFFINE=scale is not None, RELU_LAST=relu_last,
         STATS=stats, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        ACC=_acc(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return y, sums[0], sums[1]
@@ -269,7 +281,7 @@ def conv3x3_weight_grad(
     """dw (9, C_in, C_out) in fp32 of NHWC `x` and `dy`; `splits` overrides the split-K count."""
     n, h, w, c_in = x.shape
     c_out = dy.shape[-1]
-    dw = torch.zeros((9, c_in, c_out), device=x.device, dtype=torch.float32)
+    dw = torch.zeros((9, c_in, c_out), device=x.device, dtype=stat_dtype(x.dtype))
     tiles = triton.cdiv(c_in, BLOCK_N) * triton.cdiv(c_out, BLOCK_N) * 9
     pixels = n * h * w
     splits = splits or _wgrad_splits(tiles, pixels, x.device)
@@ -280,7 +292,7 @@ def conv3x3_weight_grad(
         9 * triton.cdiv(pixels, per_split),
     )
     _conv3x3_wgrad_kernel[grid](x, dy, dw, n, h, w, c_in, c_out, per_split, UPCAST=_upcast(x.dtype),
-                                PRECISION=_precision(x.dtype), BLOCK_P=BLOCK_M, BLOCK_CI=BLOCK_N,
+                                PRECISION=_precision(x.dtype), ACC=_acc(x.dtype), BLOCK_P=BLOCK_M, BLOCK_CI=BLOCK_N,
                                 BLOCK_CO=BLOCK_N)  # fmt: skip
     return dw
 
@@ -329,10 +341,11 @@ def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     )
     count = v.numel() // v.shape[-1]
     mean64 = s / count
-    var = (sq / count - mean64 * mean64).clamp_min(0).float()
-    mean = mean64.float()
-    scale = gamma.float() * torch.rsqrt(var + eps)
-    shift = beta.float() - mean * scale
+    stat = stat_dtype(x.dtype)
+    var = (sq / count - mean64 * mean64).clamp_min(0).to(stat)
+    mean = mean64.to(stat)
+    scale = gamma.to(stat) * torch.rsqrt(var + eps)
+    shift = beta.to(stat) - mean * scale
     out = affine(v, scale, shift, relu=order == "bn_act")
     return _nchw(out), _nchw(v), mean, var
 
@@ -342,7 +355,7 @@ def _(x, weight, bias, gamma, beta, eps, order):
     n, _, h, w = x.shape
     c = weight.shape[0]
     act = x.new_empty((n, h, w, c)).permute(0, 3, 1, 2)
-    stat = x.new_empty((c,), dtype=torch.float32)
+    stat = x.new_empty((c,), dtype=stat_dtype(x.dtype))
     return act, x.new_empty((n, h, w, c)).permute(0, 3, 1, 2), stat, stat.clone()
 
 
@@ -355,10 +368,10 @@ def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     c = vh.shape[-1]
     pixels = vh.numel() // c
     rstd = torch.rsqrt(var + eps)
-    scale = gamma.float() * rstd
-    shift = beta.float() - mean * scale
-    dsum = torch.zeros(c, device=x.device, dtype=torch.float32)  # = dbeta
-    dxhat_sum = torch.zeros(c, device=x.device, dtype=torch.float32)  # = dgamma
+    scale = gamma.to(mean.dtype) * rstd
+    shift = beta.to(mean.dtype) - mean * scale
+    dsum = torch.zeros(c, device=x.device, dtype=mean.dtype)  # = dbeta
+    dxhat_sum = torch.zeros(c, device=x.device, dtype=mean.dtype)  # = dgamma
     relu_last = order == "bn_act"
     _bn_backward_reduce_kernel[_grid2d(pixels, c)](
         dz, vh, mean, rstd, scale, shift, dsum, dxhat_sum, pixels, c,
@@ -366,7 +379,7 @@ def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     )  # fmt: skip
     dconv = torch.empty_like(vh)
     _bn_backward_apply_kernel[_grid2d(pixels, c)](
-        dz, vh, dconv, mean, rstd, gamma.float().contiguous(), scale, shift, dsum, dxhat_sum, pixels, c,
+        dz, vh, dconv, mean, rstd, gamma.to(mean.dtype).contiguous(), scale, shift, dsum, dxhat_sum, pixels, c,
         RELU_FIRST=order == "act_bn", RELU_LAST=relu_last, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     dx, _, _ = conv3x3(dconv, to_w9_transposed(weight, dconv.dtype), None)
@@ -374,7 +387,7 @@ def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     dweight = (
         dw9.reshape(3, 3, weight.shape[1], weight.shape[0]).permute(3, 2, 0, 1).to(weight.dtype)
     )
-    dbias = dconv.float().sum((0, 1, 2)).to(weight.dtype)
+    dbias = dconv.to(mean.dtype).sum((0, 1, 2)).to(weight.dtype)
     return _nchw(dx), dweight.contiguous(), dbias, dxhat_sum.to(gamma.dtype), dsum.to(beta.dtype)
 
 
@@ -420,7 +433,8 @@ def conv_bn_relu_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         )
     else:
         y, _, _ = conv3x3(_nhwc(x), to_w9(weight, x.dtype), bias.to(x.dtype), relu_first=True,
-                          scale=scale.float().contiguous(), shift=shift.float().contiguous())  # fmt: skip
+                          scale=scale.to(stat_dtype(x.dtype)).contiguous(),
+                          shift=shift.to(stat_dtype(x.dtype)).contiguous())  # fmt: skip
     return _nchw(y)
 
 

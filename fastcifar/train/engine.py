@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from fastcifar.config import TrainConfig
 from fastcifar.data.dataset import prepare_data
 from fastcifar.data.loader import TensorLoader, epoch_seed
+from fastcifar.data.prefetch import Prefetched
 from fastcifar.display import TrainingDisplay
 from fastcifar.errors import UserError
 from fastcifar.models import create_model
@@ -87,6 +89,8 @@ def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
         *split_args(data.train), cfg.batch_size, train=True, seed=cfg.seed, pad=cfg.crop_pad,
         flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
     )  # fmt: skip
+    if use_prefetch(cfg.prefetch, cfg.loader, data.train.images.device):
+        train = Prefetched(train)
 
     def eval_loader(split):
         if split is None:
@@ -96,9 +100,24 @@ def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
     return train, eval_loader(data.val), eval_loader(data.test)
 
 
+def use_prefetch(switch: str, loader: str, device: torch.device) -> bool:
+    """Whether a thread makes the tensor loader's training batches ahead. `auto`: on the
+    CPU, where augmentation and the step otherwise take turns (README, performance); on
+    CUDA the loader only enqueues kernels, and DALI prefetches itself."""
+    if switch == "auto":
+        return loader == "tensor" and device.type == "cpu"
+    return switch == "on"
+
+
+# Devices where `--native auto` uses fastcifar._C: measured faster than the torch-op
+# gather on both (README, performance; benchmarks/test_loaders.py).
+NATIVE_BY_DEFAULT = ("cpu", "cuda")
+_said: set[str] = set()
+
+
 def use_native(switch: str, device: torch.device) -> bool:
-    """Whether the tensor loader uses fastcifar._C. `auto` picks it on CUDA only: on the
-    CPU the prepared-copy gather measured faster (README, performance)."""
+    """Whether the tensor loader uses fastcifar._C. When `auto` would use it and it did not
+    load, fastcifar says so once (on stderr) and uses the torch-op path."""
     if switch == "off":
         return False
     from fastcifar.ops import native
@@ -106,7 +125,11 @@ def use_native(switch: str, device: torch.device) -> bool:
     available, why = native.load()
     if switch == "on" and not available:
         raise UserError(f"--native on, but {why}; rebuild with pip install -e .")
-    return available and (switch == "on" or device.type == "cuda")
+    wanted = switch == "on" or device.type in NATIVE_BY_DEFAULT
+    if wanted and not available and why not in _said:
+        _said.add(why)
+        print(f"fastcifar: {why}; the loader uses torch ops instead", file=sys.stderr)
+    return wanted and available
 
 
 def train_step(model, x, y, optimizer, schedule, cfg: TrainConfig, device, scaler=None):
