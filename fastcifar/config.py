@@ -56,6 +56,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16: autocast dtype
     channels_last: bool = True  # NHWC memory format for activations and weights
     loader: str = "tensor"  # tensor | dali: where batches are augmented
+    dali_decode: bool = False  # --loader dali: DALI decodes the image files (on the GPU with CUDA)
     native: str = "auto"  # auto | on | off: the tensor loader's fused native op (fastcifar._C)
     prefetch: str = "auto"  # auto | on | off: make training batches ahead in a thread (CPU)
     compile: bool = False  # torch.compile the model
@@ -78,6 +79,7 @@ class TrainConfig:
             (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}"),
             (self.native in SWITCHES, f"--native must be one of {', '.join(SWITCHES)}"),
             (self.prefetch in SWITCHES, f"--prefetch must be one of {', '.join(SWITCHES)}"),
+            (not self.dali_decode or self.loader == "dali", "--dali-decode needs --loader dali"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.patience >= 0, "--patience must be >= 0"),

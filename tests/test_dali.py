@@ -149,3 +149,52 @@ def test_gpu_pipeline_delivers_cuda_tensors_in_tensor_loader_order():
     for (a, ya), (_, yb) in zip(dali, tensor, strict=True):
         assert a.is_cuda and ya.is_cuda
         assert torch.equal(ya.cpu(), yb)
+
+
+def png_files(images: np.ndarray) -> list[np.ndarray]:
+    import io
+
+    from PIL import Image
+
+    files = []
+    for image in images:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        files.append(np.frombuffer(buf.getvalue(), np.uint8))
+    return files
+
+
+@pytest.mark.parametrize(("train", "cutout"), [(True, 0), (True, 8), (False, 0)])
+def test_decoding_files_gives_the_decoded_cache_batches(train, cutout):
+    images = np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    args = dict(train=train, seed=4, cutout=cutout)
+    decoded = DaliLoader(images, np.arange(40), 16, **args)
+    encoded = DaliLoader(png_files(images), np.arange(40), 16, **args)
+    for (xa, ya), (xb, yb) in zip(decoded, encoded, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_training_with_dali_decoding_matches_the_cache(tmp_path, png_zip):
+    from fastcifar.config import TrainConfig
+    from fastcifar.display import TrainingDisplay
+    from fastcifar.train.engine import fit
+
+    common = dict(arch="lenet", data=str(png_zip), epochs=1, batch_size=20, val=20, amp="none",
+                  track=False, loader="dali")  # fmt: skip
+    a = fit(TrainConfig(**common, out=str(tmp_path / "a")), TrainingDisplay(quiet=True))
+    b = fit(
+        TrainConfig(**common, out=str(tmp_path / "b"), dali_decode=True),
+        TrainingDisplay(quiet=True),
+    )
+    assert a["best"] == b["best"]
+
+
+def test_dali_decoding_needs_image_files(tmp_path, batches_dir):
+    from fastcifar.data.dataset import prepare_encoded
+
+    with pytest.raises(UserError, match="needs an image-folder directory or .zip"):
+        prepare_encoded(str(batches_dir), val=0, split_seed=0, subset=None)
+    from fastcifar.config import TrainConfig
+
+    with pytest.raises(UserError, match="--dali-decode needs --loader dali"):
+        TrainConfig(dali_decode=True)

@@ -1,7 +1,8 @@
 """The DALI loader: the tensor loader's batches from an NVIDIA DALI pipeline.
 
-An external source feeds uint8 images from the decoded cache together with the batch's
-random choices, drawn exactly as `TensorLoader` draws them (same sample order, crop
+An external source feeds uint8 images from the decoded cache (or, with `--dali-decode`,
+the undecoded image files, which DALI decodes: on the GPU with CUDA) together with the
+batch's random choices, drawn exactly as `TensorLoader` draws them (same sample order, crop
 offsets, flips and cutout boxes for the same seed and epoch). The pipeline does the rest
 in as few operators as it can: `slice` crops with zero padding, `erase` cuts out (only
 when on), and `crop_mirror_normalize` flips, normalises and casts. On CUDA the images go
@@ -67,12 +68,22 @@ class DaliLoader:
         device: torch.device | str = "cpu",
         drop_last: bool | None = None,
         threads: int = 2,
+        size: int = 32,
     ):
+        """`images`: uint8 (N, H, W, 3), or a list of N image files' bytes (1-D uint8
+        arrays) that the pipeline decodes to `size` x `size` RGB."""
         self.fn, self.pipeline_def, self.types, self.iterator_class = import_dali()
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError("images must be uint8 (N, H, W, 3)")
-        self.images, self.labels = np.ascontiguousarray(images), np.asarray(labels, np.int64)
-        self.size = images.shape[1]
+        self.encoded = isinstance(images, list | tuple)
+        if self.encoded:
+            if not all(isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 1
+                       for f in images):  # fmt: skip
+                raise ValueError("encoded images must be 1-D uint8 arrays of file bytes")
+            self.images, self.size = list(images), size
+        else:
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError("images must be uint8 (N, H, W, 3)")
+            self.images, self.size = np.ascontiguousarray(images), images.shape[1]
+        self.labels = np.asarray(labels, np.int64)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.pad, self.flip, self.cutout = (pad, flip, cutout) if train else (0, False, 0)
         self.dtype, self.device = dtype, torch.device(device)
@@ -150,9 +161,13 @@ class DaliLoader:
             dtypes = [types.UINT8, types.INT64, types.INT32, types.INT32, types.FLOAT, types.FLOAT]
             images, labels, start, flips, *box = fn.external_source(
                 source=self._source, num_outputs=outputs, batch=True, batch_info=True,
-                layout=["HWC"] + [None] * (outputs - 1), dtype=dtypes[:outputs],
+                layout=[None if self.encoded else "HWC"] + [None] * (outputs - 1),
+                dtype=dtypes[:outputs],
             )  # fmt: skip
-            if on_gpu:
+            if self.encoded:  # "mixed": decoded on the GPU, delivered there
+                images = fn.decoders.image(images, device="mixed" if on_gpu else "cpu",
+                                           output_type=types.RGB)  # fmt: skip
+            elif on_gpu:
                 images = images.gpu()
             if self.pad:
                 size = types.Constant(np.array([self.size, self.size], np.int32))

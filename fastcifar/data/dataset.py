@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from fastcifar.data.cache import cache_root, latest_entry, load_cached, read_entry
-from fastcifar.data.sources import HOW_TO_GET, OFFICIAL_MD5, OFFICIAL_URL, CifarArrays, md5sum
+from fastcifar.data.sources import (
+    HOW_TO_GET,
+    OFFICIAL_MD5,
+    OFFICIAL_URL,
+    CifarArrays,
+    md5sum,
+    read_encoded,
+)
 from fastcifar.data.split import validation_split
 from fastcifar.errors import UserError
 
@@ -69,6 +76,34 @@ def download_official(log=print) -> Path:
     return target
 
 
+def split_rows(train_labels: np.ndarray, val: int, split_seed: int,
+               subset: int | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(train rows, validation rows) of the training set."""
+    train_idx, val_idx = validation_split(train_labels, val, split_seed)
+    if subset is not None:
+        # Image folders come sorted by class: take the first N of a fixed shuffle instead.
+        shuffled = np.random.default_rng(split_seed).permutation(train_idx)
+        train_idx = np.sort(shuffled[:subset])
+    return train_idx, val_idx
+
+
+def prepare_encoded(data: str | None, *, val: int, split_seed: int,
+                    subset: int | None) -> dict[str, tuple[list, np.ndarray] | None]:  # fmt: skip
+    """The undecoded files and labels of the train, val and test splits (val None when
+    --val 0), split exactly as `prepare_data` splits the decoded arrays."""
+    path = data or os.environ.get("FASTCIFAR_DATA")
+    if not path:
+        raise UserError("decoding with DALI needs --data (an image-folder directory or .zip)")
+    enc = read_encoded(Path(path).expanduser())
+    train_idx, val_idx = split_rows(enc.train_labels, val, split_seed, subset)
+
+    def rows(idx):
+        return [enc.train_files[i] for i in idx], enc.train_labels[idx]
+
+    return {"train": rows(train_idx), "val": rows(val_idx) if val else None,
+            "test": (enc.test_files, enc.test_labels)}  # fmt: skip
+
+
 def prepare_data(
     data: str | None,
     *,
@@ -80,11 +115,7 @@ def prepare_data(
     log=print,
 ) -> DataBundle:
     arrays, source = resolve_arrays(data, download, log)
-    train_idx, val_idx = validation_split(arrays.train_labels, val, split_seed)
-    if subset is not None:
-        # Image folders come sorted by class: take the first N of a fixed shuffle instead.
-        shuffled = np.random.default_rng(split_seed).permutation(train_idx)
-        train_idx = np.sort(shuffled[:subset])
+    train_idx, val_idx = split_rows(arrays.train_labels, val, split_seed, subset)
 
     def to_device(images: np.ndarray, labels: np.ndarray, rows=None) -> Split:
         if rows is not None:

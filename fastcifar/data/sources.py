@@ -147,7 +147,8 @@ class _ZipFiles:
         return handle.read
 
 
-def _read_image_folder(files) -> CifarArrays:
+def _list_image_folder(files) -> dict[str, list[tuple[str, int]]]:
+    """(file name, label) per split, in sorted name order: the order of the arrays."""
     by_split: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     for name in sorted(files.names()):
         if not name.lower().endswith(IMAGE_SUFFIXES):
@@ -166,11 +167,41 @@ def _read_image_folder(files) -> CifarArrays:
     for split, items in by_split.items():
         if not items:
             raise UserError(f"no images under {split}/<class>/ in the image folder")
+    return by_split
+
+
+def _read_image_folder(files) -> CifarArrays:
     arrays = []
-    for split in ("train", "test"):
-        names = [n for n, _ in by_split[split]]
-        arrays += [_decode_all(files, names), np.array([c for _, c in by_split[split]], np.int64)]
+    for items in _list_image_folder(files).values():
+        names = [n for n, _ in items]
+        arrays += [_decode_all(files, names), np.array([c for _, c in items], np.int64)]
     return CifarArrays(*arrays)
+
+
+@dataclass(frozen=True)
+class EncodedFiles:
+    """The undecoded image files of an image folder, in the order of its CifarArrays."""
+
+    train_files: list[np.ndarray]  # each a 1-D uint8 array: one file's bytes
+    train_labels: np.ndarray
+    test_files: list[np.ndarray]
+    test_labels: np.ndarray
+
+
+def read_encoded(path: Path) -> EncodedFiles:
+    """The image files of an image-folder directory or zip, for decoding elsewhere (DALI)."""
+    if path.is_dir() and (path / "train").is_dir() and (path / "test").is_dir():
+        files = _DirFiles(path)
+    elif path.is_file() and zipfile.is_zipfile(path):
+        files = _ZipFiles(path)
+    else:
+        raise UserError(f"decoding with DALI needs an image-folder directory or .zip, not {path}")
+    read = files.reader()
+    parts = []
+    for items in _list_image_folder(files).values():
+        parts += [[np.frombuffer(read(n), np.uint8) for n, _ in items],
+                  np.array([c for _, c in items], np.int64)]  # fmt: skip
+    return EncodedFiles(*parts)
 
 
 def _decode_all(files, names: list[str]) -> np.ndarray:

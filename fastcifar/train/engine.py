@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar.config import TrainConfig
-from fastcifar.data.dataset import prepare_data
+from fastcifar.data.dataset import prepare_data, prepare_encoded
 from fastcifar.data.loader import TensorLoader, epoch_seed
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.display import TrainingDisplay
@@ -71,33 +71,45 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
     """(train, val, test) loaders of the configured kind; val is None without a split."""
+    device = data.train.images.device
     if cfg.loader == "dali":
         from fastcifar.data.dali_loader import DaliLoader as Loader
 
-        def split_args(split):  # DALI's external source reads host arrays
-            return split.images.cpu().numpy(), split.labels.cpu().numpy()
+        if cfg.dali_decode:
+            encoded = prepare_encoded(cfg.data, val=cfg.val, split_seed=cfg.split_seed,
+                                      subset=cfg.subset)  # fmt: skip
 
-        extra = {"device": data.train.images.device}
+            def split_args(name):  # the image files, for DALI to decode
+                return encoded[name]
+        else:
+
+            def split_args(name):  # DALI's external source reads host arrays
+                split = getattr(data, name)
+                return split and (split.images.cpu().numpy(), split.labels.cpu().numpy())
+
+        extra = {"device": device}
     else:
         Loader = TensorLoader
 
-        def split_args(split):
-            return split.images, split.labels
+        def split_args(name):
+            split = getattr(data, name)
+            return split and (split.images, split.labels)
 
-        extra = {"native": use_native(cfg.native, data.train.images.device)}
+        extra = {"native": use_native(cfg.native, device)}
     train = Loader(
-        *split_args(data.train), cfg.batch_size, train=True, seed=cfg.seed, pad=cfg.crop_pad,
+        *split_args("train"), cfg.batch_size, train=True, seed=cfg.seed, pad=cfg.crop_pad,
         flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
     )  # fmt: skip
-    if use_prefetch(cfg.prefetch, cfg.loader, data.train.images.device):
+    if use_prefetch(cfg.prefetch, cfg.loader, device):
         train = Prefetched(train)
 
-    def eval_loader(split):
-        if split is None:
+    def eval_loader(name):
+        args = split_args(name)
+        if args is None:
             return None
-        return Loader(*split_args(split), cfg.eval_batch_size, train=False, dtype=dtype, **extra)
+        return Loader(*args, cfg.eval_batch_size, train=False, dtype=dtype, **extra)
 
-    return train, eval_loader(data.val), eval_loader(data.test)
+    return train, eval_loader("val"), eval_loader("test")
 
 
 def use_prefetch(switch: str, loader: str, device: torch.device) -> bool:
