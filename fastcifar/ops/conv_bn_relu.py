@@ -109,18 +109,19 @@ def _affine_kernel(v_ptr, out_ptr, scale_ptr, shift_ptr, pixels, channels,
 
 
 @triton.jit
-def _bn_backward_reduce_kernel(
-    dout_ptr, v_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, dsum_ptr, dxhat_sum_ptr,
-    pixels, channels, RELU_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bn_backward_tile(
+    dout_ptr, v_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, pixels, channels,
+    RELU_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Per channel: sum of dz and of dz * xhat, where z = BN(v) and dz is the gradient at
-    z (through the trailing ReLU for conv -> BN -> ReLU)."""
+    """One (pixels x channels) tile of what both BatchNorm backward passes read: dz, the
+    gradient at z = BN(v) (through the trailing ReLU for conv -> BN -> ReLU), v and xhat,
+    in the statistics' dtype (fp32, or fp64 for fp64 inputs)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < channels
     mask = (offs_m < pixels)[:, None] & n_mask[None, :]
     idx = offs_m[:, None] * channels + offs_n[None, :]
-    stat = mean_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
+    stat = mean_ptr.dtype.element_ty
     dz = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(stat)
     v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(stat)
     mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
@@ -130,6 +131,19 @@ def _bn_backward_reduce_kernel(
         shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
         dz = tl.where(v * scale[None, :] + shift[None, :] > 0, dz, 0.0)
     xhat = (v - mean[None, :]) * rstd[None, :]
+    return offs_n, n_mask, mask, idx, dz, v, xhat, rstd
+
+
+@triton.jit
+def _bn_backward_reduce_kernel(
+    dout_ptr, v_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, dsum_ptr, dxhat_sum_ptr,
+    pixels, channels, RELU_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Per channel: sum of dz and of dz * xhat."""
+    offs_n, n_mask, mask, _, dz, _, xhat, _ = _bn_backward_tile(
+        dout_ptr, v_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, pixels, channels,
+        RELU_LAST, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     tl.atomic_add(dsum_ptr + offs_n, tl.sum(dz, axis=0), mask=n_mask)
     tl.atomic_add(
         dxhat_sum_ptr + offs_n, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0), mask=n_mask
@@ -144,24 +158,13 @@ def _bn_backward_apply_kernel(
 ):  # fmt: skip
     """The gradient at the convolution's output: BatchNorm's backward, with the ReLU's mask
     on the side it sits."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < channels
-    mask = (offs_m < pixels)[:, None] & n_mask[None, :]
-    idx = offs_m[:, None] * channels + offs_n[None, :]
-    stat = mean_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
-    dz = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(stat)
-    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(stat)
-    mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + offs_n, mask=n_mask, other=0.0)
+    offs_n, n_mask, mask, idx, dz, v, xhat, rstd = _bn_backward_tile(
+        dout_ptr, v_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, pixels, channels,
+        RELU_LAST, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0)
-    if RELU_LAST:
-        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
-        dz = tl.where(v * scale[None, :] + shift[None, :] > 0, dz, 0.0)
     dsum = tl.load(dsum_ptr + offs_n, mask=n_mask, other=0.0)
     dxhat_sum = tl.load(dxhat_sum_ptr + offs_n, mask=n_mask, other=0.0)
-    xhat = (v - mean[None, :]) * rstd[None, :]
     dv = (gamma * rstd)[None, :] * (
         dz - (dsum / pixels)[None, :] - xhat * (dxhat_sum / pixels)[None, :]
     )
