@@ -45,8 +45,8 @@ if [[ "${summary[-1]}" == *rc=13[49]* ]] && command -v cuda-gdb >/dev/null; then
 fi
 stage train-cerberus 240 $PY -m fastcifar train --arch cerberus --amp --no-track \
   --out "$runs/cerberus-cuda"
-stage train-cerberus-24ep 150 $PY -m fastcifar train --arch cerberus --amp --epochs 24 \
-  --no-track --out "$runs/cerberus-cuda-24ep"
+stage train-cerberus-lr05 150 $PY -m fastcifar train --arch cerberus --amp --lr 0.05 \
+  --epochs 24 --no-track --out "$runs/cerberus-cuda-lr05-24ep"
 stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect "$runs"/cerberus-cuda* \
   --out "$out/accuracy-cuda.json"
 stage fused-block 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
@@ -58,6 +58,9 @@ for variant in eager fused; do
   stage "epochs-$variant" 120 $PY -m fastcifar train --arch cerberus --amp --no-compile $flag \
     --epochs 2 --no-track --quiet --out "$runs/cerberus-2ep-$variant"
 done
+stage loader-share 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_loader_share.py \
+  --benchmark-only --full --benchmark-json "$out/loader-share-cuda.json" \
+  --benchmark-columns=median,rounds
 stage throughput 240 $PY -m fastcifar bench throughput --arch lenet conv3 conv5 cerberus \
   --json "$out/throughput-cuda.json"
 stage profile 90 $PY -m fastcifar profile --arch cerberus --variant amp --trace /tmp/trace.json
