@@ -58,7 +58,7 @@ class TrainConfig:
     loader: str = "tensor"  # tensor | dali: where batches are augmented
     dali_decode: bool = False  # --loader dali: DALI decodes the image files (on the GPU with CUDA)
     native: str = "auto"  # auto | on | off: the tensor loader's fused native op (fastcifar._C)
-    prefetch: str = "auto"  # auto | on | off: make training batches ahead in a thread (CPU)
+    prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
     fused: bool = False  # Triton-fused conv-BN-ReLU units (cerberus); CUDA, or TRITON_INTERPRET=1
     deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)

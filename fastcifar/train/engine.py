@@ -113,12 +113,11 @@ def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
 
 
 def use_prefetch(switch: str, loader: str, device: torch.device) -> bool:
-    """Whether a thread makes the tensor loader's training batches ahead. `auto`: on the
-    CPU, where augmentation and the step otherwise take turns (README, performance); on
+    """Whether a thread makes the tensor loader's training batches ahead. `auto` leaves it
+    off: on the 2-core CPU the tensor loader costs under the noise of a lenet step
+    (benchmarks/test_loader_share.py), and the thread competes with the step's own; on
     CUDA the loader only enqueues kernels, and DALI prefetches itself."""
-    if switch == "auto":
-        return loader == "tensor" and device.type == "cpu"
-    return switch == "on"
+    return switch == "on" and loader == "tensor"
 
 
 # Devices where `--native auto` uses fastcifar._C: measured faster than the torch-op
