@@ -63,6 +63,8 @@ stage loader-share 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_load
   --benchmark-columns=median,rounds
 stage throughput 240 $PY -m fastcifar bench throughput --arch lenet conv3 conv5 cerberus \
   --json "$out/throughput-cuda.json"
+stage throughput-cudagraphs 240 $PY -m fastcifar bench throughput --arch lenet cerberus \
+  --compile-mode reduce-overhead --json "$out/throughput-cudagraphs-cuda.json"
 stage profile 90 $PY -m fastcifar profile --arch cerberus --variant amp --trace /tmp/trace.json
 stage profile-default 90 $PY -m fastcifar profile --arch cerberus --variant default \
   --trace /tmp/trace-default.json

@@ -22,7 +22,7 @@ from fastcifar.config import TrainConfig
 from fastcifar.data.loader import TensorLoader
 from fastcifar.recipes import recipe
 from fastcifar.train.device import autocast, device_name, input_dtype, resolve_device
-from fastcifar.train.engine import build_model, train_step
+from fastcifar.train.engine import build_model, compiled, train_step
 from fastcifar.train.optim import build_optimizer
 
 # The baseline, fastcifar's default, and the baseline with each optimisation alone.
@@ -64,12 +64,14 @@ def _cycle(make_iter):
 
 
 def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarray,
-                   batch_size: int | None = None, device: torch.device | None = None) -> Pipeline:  # fmt: skip
+                   batch_size: int | None = None, device: torch.device | None = None,
+                   overrides: dict | None = None) -> Pipeline:  # fmt: skip
+    """`overrides`: config values on top of the variant's (e.g. a compile mode)."""
     device = device or resolve_device("auto")
-    cfg = variant_config(arch, variant, device, batch_size)
+    cfg = variant_config(arch, variant, device, batch_size).replace(**(overrides or {}))
     torch.manual_seed(0)
     model = build_model(cfg, device)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = compiled(model, cfg)
     optimizer = build_optimizer(model, cfg)
     if variant in ("default", "tensor_loader"):
         loader = TensorLoader(
@@ -154,11 +156,13 @@ class ThroughputResult:
     tflops: float  # achieved by fastcifar's side, from the model's counted FLOPs
     peak_tflops: float  # dense matmul in the same dtype, measured in the same run
     percent_of_peak: float
+    compile_mode: str  # fastcifar's side: "eager" or the torch.compile mode
 
 
 def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_size: int | None = None,
-                       steps: int = 20, windows: int = 3, warmup: int = 3) -> ThroughputResult:  # fmt: skip
-    ours = build_pipeline(arch, "default", images, labels, batch_size)
+                       steps: int = 20, windows: int = 3, warmup: int = 3,
+                       overrides: dict | None = None) -> ThroughputResult:  # fmt: skip
+    ours = build_pipeline(arch, "default", images, labels, batch_size, overrides=overrides)
     base = build_pipeline(arch, "baseline", images, labels, ours.cfg.batch_size)
     time_steps(ours, warmup)
     time_steps(base, warmup)
@@ -175,7 +179,7 @@ def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_
     return ThroughputResult(
         arch, ours.cfg.batch_size, ours.cfg.amp, statistics.median(base_rates), rate,
         statistics.median(ratios), windows, steps, device_name(ours.device), torch.__version__,
-        tflops, peak, 100 * tflops / peak,
+        tflops, peak, 100 * tflops / peak, ours.cfg.compile_mode if ours.cfg.compile else "eager",
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from fastcifar.config import TrainConfig, read_toml
+from fastcifar.config import COMPILE_MODES, TrainConfig, read_toml
 from fastcifar.errors import UserError
 
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
@@ -189,8 +189,9 @@ def cmd_bench_throughput(args) -> int:
     results = []
     for arch in args.arch:
         console.print(f"measuring {arch} ...", highlight=False)
+        overrides = {"compile_mode": args.compile_mode} if args.compile_mode else None
         r = compare_throughput(arch, arrays.train_images, arrays.train_labels, args.batch_size,
-                               args.steps, args.windows)  # fmt: skip
+                               args.steps, args.windows, overrides=overrides)  # fmt: skip
         results.append(as_dict(r))
         table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
                       f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x",
@@ -426,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--batch-size", type=int, help="default: the arch's recipe")
     tp.add_argument("--steps", type=int, default=20, help="training steps per timed window")
     tp.add_argument("--windows", type=int, default=3, help="alternating timed windows per side")
+    tp.add_argument("--compile-mode", choices=COMPILE_MODES,
+                    help="torch.compile mode of fastcifar's side (where the recipe compiles)")  # fmt: skip
     tp.add_argument("--json", type=Path, help="write the results here")
     tp.set_defaults(handler=cmd_bench_throughput)
     ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")

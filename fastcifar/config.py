@@ -21,6 +21,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("tensor", "dali")
 SWITCHES = ("auto", "on", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class TrainConfig:
     native: str = "auto"  # auto | on | off: the tensor loader's fused native op (fastcifar._C)
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays CUDA graphs
     fused: bool = False  # Triton-fused conv-BN-ReLU units (cerberus); CUDA, or TRITON_INTERPRET=1
     deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
@@ -80,6 +82,10 @@ class TrainConfig:
             (self.native in SWITCHES, f"--native must be one of {', '.join(SWITCHES)}"),
             (self.prefetch in SWITCHES, f"--prefetch must be one of {', '.join(SWITCHES)}"),
             (not self.dali_decode or self.loader == "dali", "--dali-decode needs --loader dali"),
+            (
+                self.compile_mode in COMPILE_MODES,
+                f"--compile-mode must be one of {', '.join(COMPILE_MODES)}",
+            ),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.dropout is None or 0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.patience >= 0, "--patience must be >= 0"),

@@ -47,6 +47,9 @@ def assert_one_line_error(code, err, fragment):
         (["--arch", "resnet"], "unknown arch 'resnet'; choose one of: cerberus"),
         (["--optimizer", "lion"], "--optimizer must be one of"),
         (["--val", "999999"], "--val must be"),
+        (["--compile-mode", "fastest"], "--compile-mode must be one of"),
+        (["--prefetch", "maybe"], "--prefetch must be one of"),
+        (["--dali-decode"], "--dali-decode needs --loader dali"),
     ],
 )
 def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):

@@ -49,6 +49,13 @@ class EpochStats:
     first_step_seconds: float
 
 
+def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """The model the training step calls: `torch.compile`d in the configured mode, or as is."""
+    if not cfg.compile:
+        return model
+    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     if cfg.fused:
         import os
@@ -220,7 +227,7 @@ def fit(
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = compiled(model, cfg)
     optimizer = build_optimizer(model, cfg)
     schedule = Schedule(optimizer, cfg, len(train_loader))
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
