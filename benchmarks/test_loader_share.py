@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from fastcifar.bench import build_pipeline
+from fastcifar.bench import build_pipeline, time_steps
 from fastcifar.data.loader import TensorLoader
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.train.device import input_dtype
@@ -60,17 +59,6 @@ def _endless(loader):
         yield from loader
 
 
-def _rate(p, batches, steps: int) -> float:
-    if p.device.type == "cuda":
-        torch.cuda.synchronize()  # host sync: earlier work stays out of the window
-    start = time.perf_counter()
-    for _ in range(steps):
-        p.step(*next(batches))
-    if p.device.type == "cuda":
-        torch.cuda.synchronize()  # host sync: end of the timed window
-    return steps * p.cfg.batch_size / (time.perf_counter() - start)
-
-
 @pytest.mark.parametrize("arch", ["lenet", "cerberus"])
 def test_loader_share_of_step(benchmark, arch, full, device, train_arrays):
     images, labels = train_arrays
@@ -84,12 +72,12 @@ def test_loader_share_of_step(benchmark, arch, full, device, train_arrays):
     steps = (60 if arch == "lenet" else 4) if full else 2
     windows = 9 if full else 1
     for batches in sources.values():
-        _rate(p, batches, 2)  # warm-up
+        time_steps(p, 2, batches)  # warm-up
     rates: dict[str, list[float]] = {k: [] for k in sources}
 
     def run():
         for name, batches in sources.items():
-            rates[name].append(_rate(p, batches, steps))
+            rates[name].append(time_steps(p, steps, batches))
 
     benchmark.pedantic(lambda: [run() for _ in range(windows)], rounds=1, iterations=1)
     result = {}

@@ -97,13 +97,15 @@ def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarr
     return Pipeline(variant, cfg, model, step, batches, device)
 
 
-def time_steps(p: Pipeline, steps: int) -> float:
-    """Images per second over `steps` training steps, data loading included."""
+def time_steps(p: Pipeline, steps: int, batches=None) -> float:
+    """Images per second over `steps` training steps, data loading included; `batches`
+    replaces the pipeline's own batch iterator."""
+    batches = batches if batches is not None else p.batches
     if p.device.type == "cuda":
         torch.cuda.synchronize()  # host sync: earlier work stays out of the window
     start = time.perf_counter()
     for _ in range(steps):
-        p.step(*next(p.batches))
+        p.step(*next(batches))
     if p.device.type == "cuda":
         torch.cuda.synchronize()  # host sync: end of the timed window
     return steps * p.cfg.batch_size / (time.perf_counter() - start)
