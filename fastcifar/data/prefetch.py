@@ -1,9 +1,10 @@
 """A background thread that prepares the next batches while the current step trains.
 
-torch releases the GIL inside its operators (and fastcifar._C's op runs through the same
-dispatcher), so on the CPU the augmentation of batch k+1 overlaps the training step of
-batch k. On CUDA the loaders only enqueue kernels, which already overlap, so the trainer
-prefetches on the CPU alone.
+torch releases the GIL inside its tensor operators, so on the CPU the augmentation of
+batch k+1 can overlap the training step of batch k. `--prefetch on` turns it on; `auto`
+leaves it off, since on the 2-core CPU machine the tensor loader's cost is already below
+the noise of a lenet step and the thread competes with the step's own threads
+(benchmarks/test_loader_share.py). On CUDA the loaders only enqueue kernels.
 """
 
 from __future__ import annotations
