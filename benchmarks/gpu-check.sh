@@ -58,6 +58,8 @@ for variant in eager fused; do
   stage "epochs-$variant" 120 $PY -m fastcifar train --arch cerberus --amp --no-compile $flag \
     --epochs 2 --no-track --quiet --out "$runs/cerberus-2ep-$variant"
 done
+stage loaders 120 $PY -m pytest -q -p no:cacheprovider benchmarks/test_loaders.py --benchmark-only \
+  --full --benchmark-json "$out/loaders-cuda.json" --benchmark-columns=median,rounds
 stage loader-share 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_loader_share.py \
   --benchmark-only --full --benchmark-json "$out/loader-share-cuda.json" \
   --benchmark-columns=median,rounds
