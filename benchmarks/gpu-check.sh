@@ -4,11 +4,12 @@
 # epochs, and time the fused block, the side-by-side throughput and a profile.
 #
 #   benchmarks/gpu-check.sh RESULTS_DIR [DATA]
-#   STAGES="build tests-gpu fused-block" benchmarks/gpu-check.sh ...   # only these stages
+#   STAGES="build tests-fused fused-block" benchmarks/gpu-check.sh ...   # only these stages
 #
 # Each stage has its own time limit so that one slow or failing stage leaves the rest
-# running; everything is logged to RESULTS_DIR/log.txt and the result files land beside
-# it (accuracy-cuda.json, throughput-cuda.json, fused-block-cuda.json, runs-cuda.tgz).
+# running; everything is logged to RESULTS_DIR/log.txt and eight result files land beside
+# it: accuracy-, throughput-, throughput-cudagraphs-, fused-block-, loaders- and
+# loader-share-cuda.json, and runs-cuda.tgz (the runs without their checkpoints).
 set -u
 out=$(realpath "${1:?usage: benchmarks/gpu-check.sh RESULTS_DIR [DATA]}")
 mkdir -p "$out"
