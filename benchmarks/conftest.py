@@ -74,3 +74,30 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
     }
+
+
+def training_loader(kind: str, images, labels, batch: int, dtype, device):
+    """(loader, None), or (None, why) when `kind` cannot run here. Kinds: tensor (the
+    gather), native (fastcifar._C), dali; a `_prefetch` suffix adds the prefetch thread."""
+    if kind == "dali":
+        try:
+            from fastcifar.data.dali_loader import DaliLoader
+            from fastcifar.errors import UserError
+
+            return DaliLoader(images, labels, batch, train=True, dtype=dtype, device=device), None
+        except UserError as exc:  # DALI not installed
+            return None, str(exc)
+    from fastcifar.data.loader import TensorLoader
+    from fastcifar.data.prefetch import Prefetched
+
+    native = kind.startswith("native")
+    if native:
+        from fastcifar.ops.native import load
+
+        available, why = load()
+        if not available:
+            return None, why
+    loader = TensorLoader(torch.from_numpy(np.array(images)).to(device),
+                          torch.from_numpy(np.array(labels)).to(device), batch, train=True,
+                          dtype=dtype, native=native)  # fmt: skip
+    return (Prefetched(loader) if kind.endswith("_prefetch") else loader), None

@@ -14,49 +14,14 @@ from __future__ import annotations
 import itertools
 import statistics
 
-import numpy as np
 import pytest
-import torch
 
-from fastcifar.bench import build_pipeline, time_steps
-from fastcifar.data.loader import TensorLoader
-from fastcifar.data.prefetch import Prefetched
+from fastcifar.bench import build_pipeline, endless, time_steps
 from fastcifar.train.device import input_dtype
 
-from .conftest import environment
+from .conftest import environment, training_loader
 
 LOADERS = ("tensor", "tensor_prefetch", "native", "native_prefetch", "dali")
-
-
-def _available(kind: str) -> bool:
-    if kind == "dali":
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            return False
-        return True
-    if kind.startswith("native"):
-        from fastcifar.ops.native import load
-
-        return load()[0]
-    return True
-
-
-def _loader(kind: str, images, labels, batch: int, dtype, device):
-    if kind == "dali":
-        from fastcifar.data.dali_loader import DaliLoader
-
-        return DaliLoader(images, labels, batch, train=True, dtype=dtype, device=device)
-    loader = TensorLoader(torch.from_numpy(np.array(images)).to(device),
-                          torch.from_numpy(np.array(labels)).to(device), batch, train=True,
-                          dtype=dtype, native=kind.startswith("native"))  # fmt: skip
-    return Prefetched(loader) if kind.endswith("prefetch") else loader
-
-
-def _endless(loader):
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        yield from loader
 
 
 @pytest.mark.parametrize("arch", ["lenet", "cerberus"])
@@ -64,9 +29,9 @@ def test_loader_share_of_step(benchmark, arch, full, device, train_arrays):
     images, labels = train_arrays
     p = build_pipeline(arch, "default", images, labels, None if full else 32, device)
     dtype, batch = input_dtype(p.cfg.amp), p.cfg.batch_size
-    kinds = [k for k in LOADERS if _available(k)]
-    sources = {k: _endless(_loader(k, images, labels, batch, dtype, device)) for k in kinds}
-    made = _endless(_loader("tensor", images, labels, batch, dtype, device))
+    loaders = {k: training_loader(k, images, labels, batch, dtype, device)[0] for k in LOADERS}
+    sources = {k: endless(loader) for k, loader in loaders.items() if loader is not None}
+    made = endless(training_loader("tensor", images, labels, batch, dtype, device)[0])
     prepared = [(x.clone(), y.clone()) for x, y in itertools.islice(made, 32)]
     sources = {"prepared": itertools.cycle(prepared), **sources}
     steps = (60 if arch == "lenet" else 4) if full else 2

@@ -7,14 +7,12 @@ from __future__ import annotations
 import itertools
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from fastcifar.baseline import tutorial_loader
-from fastcifar.data.loader import TensorLoader
 
-from .conftest import environment
+from .conftest import environment, training_loader
 
 
 def _rate(batches, count: int, batch_size: int, device) -> float:
@@ -44,26 +42,13 @@ def test_loader_throughput(benchmark, loader, full, device, train_arrays):
     count = (len(labels) // batch) if full else 4
     if loader == "tutorial":
         make = lambda: iter(tutorial_loader(images, labels, batch))  # noqa: E731
-    elif loader.startswith("dali"):
-        pytest.importorskip("nvidia.dali")
-        from fastcifar.data.dali_loader import DaliLoader
-
-        dtype = torch.bfloat16 if loader.endswith("bf16") else torch.float32
-        dl = DaliLoader(images, labels, batch, train=True, dtype=dtype, device=device)
-        make = lambda: iter(dl)  # noqa: E731
     else:
-        native = loader.startswith("native")
-        if native:
-            from fastcifar.ops.native import load
-
-            available, why = load()
-            if not available:
-                pytest.skip(why)
-        dtype = torch.bfloat16 if loader.endswith("bf16") else torch.float32
-        tl = TensorLoader(torch.from_numpy(np.array(images)).to(device),
-                          torch.from_numpy(np.array(labels)).to(device), batch, train=True, dtype=dtype,
-                          native=native)  # fmt: skip
-        make = lambda: iter(tl)  # noqa: E731
+        kind, precision = loader.rsplit("_", 1)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        made, why = training_loader(kind, images, labels, batch, dtype, device)
+        if made is None:
+            pytest.skip(why)
+        make = lambda: iter(made)  # noqa: E731
     rates = []
     benchmark.pedantic(lambda: rates.append(_rate(make(), count, batch, device)), rounds=3 if full else 1,
                        iterations=1)  # fmt: skip

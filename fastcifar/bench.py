@@ -57,10 +57,13 @@ def variant_config(
     return base.replace(**switch.get(variant, {}))
 
 
-def _cycle(make_iter):
-    """Batches forever: a new epoch's iterator whenever one runs out."""
+def endless(loader):
+    """Batches forever: the loader's epochs one after another, each announced with
+    `set_epoch` when the loader has it (fastcifar's loaders; not torch's DataLoader)."""
     for epoch in itertools.count():
-        yield from make_iter(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
 
 
 def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarray,
@@ -78,10 +81,10 @@ def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarr
             torch.from_numpy(np.array(images)).to(device), torch.from_numpy(np.array(labels)).to(device),
             cfg.batch_size, train=True, dtype=input_dtype(cfg.amp),
         )  # fmt: skip
-        batches = _cycle(lambda epoch: (loader.set_epoch(epoch), iter(loader))[1])
+        batches = endless(loader)
     else:
         loader = tutorial_loader(images, labels, cfg.batch_size)
-        batches = ((x.to(device), y.to(device)) for x, y in _cycle(lambda _: iter(loader)))
+        batches = ((x.to(device), y.to(device)) for x, y in endless(loader))
         if cfg.channels_last:
             batches = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in batches)
 

@@ -107,7 +107,7 @@ def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
         *split_args("train"), cfg.batch_size, train=True, seed=cfg.seed, pad=cfg.crop_pad,
         flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
     )  # fmt: skip
-    if use_prefetch(cfg.prefetch, cfg.loader, device):
+    if use_prefetch(cfg.prefetch, cfg.loader):
         train = Prefetched(train)
 
     def eval_loader(name):
@@ -119,7 +119,7 @@ def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
     return train, eval_loader("val"), eval_loader("test")
 
 
-def use_prefetch(switch: str, loader: str, device: torch.device) -> bool:
+def use_prefetch(switch: str, loader: str) -> bool:
     """Whether a thread makes the tensor loader's training batches ahead. `auto` leaves it
     off: on the 2-core CPU the tensor loader costs under the noise of a lenet step
     (benchmarks/test_loader_share.py), and the thread competes with the step's own; on
