@@ -174,18 +174,20 @@ def test_decoding_files_gives_the_decoded_cache_batches(train, cutout):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_training_with_dali_decoding_matches_the_cache(tmp_path, png_zip):
+def test_training_with_dali_decoding_matches_the_cache(tmp_path, png_zip, monkeypatch):
     from fastcifar.config import TrainConfig
     from fastcifar.display import TrainingDisplay
     from fastcifar.train.engine import fit
 
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(cache))
     common = dict(arch="lenet", data=str(png_zip), epochs=1, batch_size=20, val=20, amp="none",
                   track=False, loader="dali")  # fmt: skip
+    decoding = TrainConfig(**common, out=str(tmp_path / "b"), dali_decode=True)
+    b = fit(decoding, TrainingDisplay(quiet=True))
+    assert not cache.exists() or not any(cache.iterdir())  # DALI decoded: no PIL pass, no cache
     a = fit(TrainConfig(**common, out=str(tmp_path / "a")), TrainingDisplay(quiet=True))
-    b = fit(
-        TrainConfig(**common, out=str(tmp_path / "b"), dali_decode=True),
-        TrainingDisplay(quiet=True),
-    )
+    assert any(cache.iterdir())
     assert a["best"] == b["best"]
 
 

@@ -70,8 +70,8 @@ class DaliLoader:
         threads: int = 2,
         size: int = 32,
     ):
-        """`images`: uint8 (N, H, W, 3), or a list of N image files' bytes (1-D uint8
-        arrays) that the pipeline decodes to `size` x `size` RGB."""
+        """`images`: uint8 (N, H, W, 3) on the host (numpy or a CPU tensor), or a list of N
+        image files' bytes (1-D uint8 arrays) that the pipeline decodes to `size` x `size` RGB."""
         self.fn, self.pipeline_def, self.types, self.iterator_class = import_dali()
         self.encoded = isinstance(images, list | tuple)
         if self.encoded:
@@ -80,6 +80,7 @@ class DaliLoader:
                 raise ValueError("encoded images must be 1-D uint8 arrays of file bytes")
             self.images, self.size = list(images), size
         else:
+            images = np.asarray(images)  # a CPU tensor's memory, as numpy
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError("images must be uint8 (N, H, W, 3)")
             self.images, self.size = np.ascontiguousarray(images), images.shape[1]

@@ -1,5 +1,6 @@
-"""From `--data` to device tensors: resolve the source, load it through the cache,
-split off validation, take the subset, and move everything to the device as uint8."""
+"""From `--data` to the loaders' inputs: resolve the source, load it through the cache,
+split off validation, take the subset, and move everything to the device as uint8.
+`prepare_encoded` is the same split of the undecoded image files, for DALI to decode."""
 
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ from fastcifar.errors import UserError
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 (N, 32, 32, 3) on the device
-    labels: torch.Tensor  # int64 (N,) on the device
+    images: torch.Tensor | list[np.ndarray]  # uint8 (N, 32, 32, 3) on the device, or file bytes
+    labels: torch.Tensor | np.ndarray  # int64 (N,): on the device, or on the host with files
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 @dataclass
@@ -87,21 +91,22 @@ def split_rows(train_labels: np.ndarray, val: int, split_seed: int,
     return train_idx, val_idx
 
 
-def prepare_encoded(data: str | None, *, val: int, split_seed: int,
-                    subset: int | None) -> dict[str, tuple[list, np.ndarray] | None]:  # fmt: skip
-    """The undecoded files and labels of the train, val and test splits (val None when
-    --val 0), split exactly as `prepare_data` splits the decoded arrays."""
+def prepare_encoded(
+    data: str | None, *, val: int, split_seed: int, subset: int | None
+) -> DataBundle:
+    """The undecoded image files and host labels of each split, split exactly as
+    `prepare_data` splits the decoded arrays. Nothing is decoded or cached."""
     path = data or os.environ.get("FASTCIFAR_DATA")
     if not path:
         raise UserError("decoding with DALI needs --data (an image-folder directory or .zip)")
     enc = read_encoded(Path(path).expanduser())
     train_idx, val_idx = split_rows(enc.train_labels, val, split_seed, subset)
 
-    def rows(idx):
-        return [enc.train_files[i] for i in idx], enc.train_labels[idx]
+    def rows(idx) -> Split:
+        return Split([enc.train_files[i] for i in idx], enc.train_labels[idx])
 
-    return {"train": rows(train_idx), "val": rows(val_idx) if val else None,
-            "test": (enc.test_files, enc.test_labels)}  # fmt: skip
+    return DataBundle(train=rows(train_idx), val=rows(val_idx) if val else None,
+                      test=Split(enc.test_files, enc.test_labels), source=str(path))  # fmt: skip
 
 
 def prepare_data(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar.config import TrainConfig
-from fastcifar.data.dataset import prepare_data, prepare_encoded
+from fastcifar.data.dataset import DataBundle, prepare_data, prepare_encoded
 from fastcifar.data.loader import TensorLoader, epoch_seed
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.display import TrainingDisplay
@@ -76,47 +76,41 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def make_loaders(cfg: TrainConfig, data, dtype: torch.dtype):
+def load_data(cfg: TrainConfig, device: torch.device, log) -> DataBundle:
+    """The splits the loaders read: uint8 arrays on the device for the tensor loader, on
+    the host for DALI's external source, or with `--dali-decode` the undecoded files."""
+    if cfg.dali_decode:
+        return prepare_encoded(cfg.data, val=cfg.val, split_seed=cfg.split_seed, subset=cfg.subset)
+    return prepare_data(
+        cfg.data, val=cfg.val, split_seed=cfg.split_seed, subset=cfg.subset,
+        device=torch.device("cpu") if cfg.loader == "dali" else device,
+        download=cfg.download, log=log,
+    )  # fmt: skip
+
+
+def make_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, dtype: torch.dtype):
     """(train, val, test) loaders of the configured kind; val is None without a split."""
-    device = data.train.images.device
     if cfg.loader == "dali":
         from fastcifar.data.dali_loader import DaliLoader as Loader
-
-        if cfg.dali_decode:
-            encoded = prepare_encoded(cfg.data, val=cfg.val, split_seed=cfg.split_seed,
-                                      subset=cfg.subset)  # fmt: skip
-
-            def split_args(name):  # the image files, for DALI to decode
-                return encoded[name]
-        else:
-
-            def split_args(name):  # DALI's external source reads host arrays
-                split = getattr(data, name)
-                return split and (split.images.cpu().numpy(), split.labels.cpu().numpy())
 
         extra = {"device": device}
     else:
         Loader = TensorLoader
-
-        def split_args(name):
-            split = getattr(data, name)
-            return split and (split.images, split.labels)
-
         extra = {"native": use_native(cfg.native, device)}
     train = Loader(
-        *split_args("train"), cfg.batch_size, train=True, seed=cfg.seed, pad=cfg.crop_pad,
-        flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
+        data.train.images, data.train.labels, cfg.batch_size, train=True, seed=cfg.seed,
+        pad=cfg.crop_pad, flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
     )  # fmt: skip
     if use_prefetch(cfg.prefetch, cfg.loader):
         train = Prefetched(train)
 
-    def eval_loader(name):
-        args = split_args(name)
-        if args is None:
+    def eval_loader(split):
+        if split is None:
             return None
-        return Loader(*args, cfg.eval_batch_size, train=False, dtype=dtype, **extra)
+        return Loader(split.images, split.labels, cfg.eval_batch_size, train=False, dtype=dtype,
+                      **extra)  # fmt: skip
 
-    return train, eval_loader("val"), eval_loader("test")
+    return train, eval_loader(data.val), eval_loader(data.test)
 
 
 def use_prefetch(switch: str, loader: str) -> bool:
@@ -215,15 +209,12 @@ def fit(
     ckpt = load_checkpoint(run_dir / "last.pt") if resume else None
 
     t = time.perf_counter()
-    data = prepare_data(
-        cfg.data, val=cfg.val, split_seed=cfg.split_seed, subset=cfg.subset, device=device,
-        download=cfg.download, log=display.log,
-    )  # fmt: skip
-    if cfg.batch_size > len(data.train.labels):
+    data = load_data(cfg, device, display.log)
+    if cfg.batch_size > len(data.train):
         raise UserError(
-            f"--batch-size {cfg.batch_size} is larger than the {len(data.train.labels)} training images"
+            f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training images"
         )
-    train_loader, val_loader, test_loader = make_loaders(cfg, data, input_dtype(cfg.amp))
+    train_loader, val_loader, test_loader = make_loaders(cfg, data, device, input_dtype(cfg.amp))
     data_seconds = time.perf_counter() - t
 
     torch.manual_seed(cfg.seed)
