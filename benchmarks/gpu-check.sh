@@ -5,6 +5,8 @@
 #
 #   benchmarks/gpu-check.sh RESULTS_DIR [DATA]
 #   STAGES="build tests-fused fused-block" benchmarks/gpu-check.sh ...   # only these stages
+#   WHEELS=DIR benchmarks/gpu-check.sh ...   # first pip-install DIR/*.whl (e.g. DALI and its
+#                                            # dependencies, where the machine lacks them)
 #
 # Each stage has its own time limit so that one slow or failing stage leaves the rest
 # running; everything is logged to RESULTS_DIR/log.txt and eight result files land beside
@@ -35,6 +37,9 @@ summary=()
 
 nvidia-smi -L
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if [ -n "${WHEELS:-}" ]; then
+  stage wheels 180 $PY -m pip install --no-deps --no-index "$WHEELS"/*.whl
+fi
 stage build 180 $PY -m pip install --no-build-isolation --no-deps -e . \
   -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90
 stage doctor 60 $PY -m fastcifar doctor
@@ -46,9 +51,15 @@ if [[ "${summary[-1]}" == *rc=13[49]* ]] && command -v cuda-gdb >/dev/null; then
 fi
 stage train-cerberus 240 $PY -m fastcifar train --arch cerberus --amp --no-track \
   --out "$runs/cerberus-cuda"
-stage train-cerberus-lr05 150 $PY -m fastcifar train --arch cerberus --amp --lr 0.05 \
-  --epochs 24 --no-track --out "$runs/cerberus-cuda-lr05-24ep"
-stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect "$runs"/cerberus-cuda* \
+stage train-cerberus-24ep 150 $PY -m fastcifar train --arch cerberus --amp --epochs 24 \
+  --no-track --out "$runs/cerberus-cuda-24ep"
+if $PY -c "import nvidia.dali" 2>/dev/null; then
+  stage train-cerberus-dali 150 $PY -m fastcifar train --arch cerberus --amp --loader dali \
+    --no-track --out "$runs/cerberus-cuda-dali"
+  stage train-dali-decode 120 $PY -m fastcifar train --arch cerberus --amp --loader dali \
+    --dali-decode --epochs 2 --no-track --out "$runs/cerberus-2ep-dali-decode"
+fi
+stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect "$runs/cerberus-cuda" \
   --out "$out/accuracy-cuda.json"
 stage fused-block 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
   --benchmark-only --benchmark-json "$out/fused-block-cuda.json" \
