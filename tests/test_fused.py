@@ -150,6 +150,30 @@ def test_weight_gradient_split_over_pixels(splits):
     torch.testing.assert_close(got, weight.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_atomic_sums_start_from_zero_whatever_the_buffer_held(monkeypatch):
+    """The two GEMM kernels add into their outputs atomically (BatchNorm sums, split weight
+    gradient); each launch zeroes them first, so buffers full of garbage give exact sums."""
+    from fastcifar.ops.conv_bn_relu import conv3x3, conv3x3_weight_grad
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 6, 5, device=DEVICE)
+    w9 = torch.randn(9, 5, 7, device=DEVICE)
+    dy = torch.randn(2, 6, 6, 7, device=DEVICE)
+    empty = torch.empty
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(7))
+        y, total, squares = conv3x3(x, w9, None, stats=True)
+        dw9 = conv3x3_weight_grad(x, dy, splits=2)
+    flat = y.double().reshape(-1, 7)
+    torch.testing.assert_close(total, flat.sum(0), atol=1e-4, rtol=1e-5)  # fp32 tile sums
+    torch.testing.assert_close(squares, (flat * flat).sum(0), atol=1e-4, rtol=1e-5)
+    weight = w9.reshape(3, 3, 5, 7).permute(3, 2, 0, 1).requires_grad_()
+    nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
+    torch.nn.functional.conv2d(nchw(x), weight, padding=1).backward(nchw(dy))
+    torch.testing.assert_close(dw9.reshape(3, 3, 5, 7).permute(3, 2, 0, 1), weight.grad,
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
 @pytest.mark.parametrize("order", ["act_bn", "bn_act"])
 def test_eval_mode_folds_batchnorm(order):
     fused, ref_conv, ref_bn = units(8, 16, order, seed=1)

@@ -1,18 +1,19 @@
 """Triton-fused 3x3 conv + BatchNorm + ReLU for training and inference (CerberusNet's unit).
 
-Reading order: the `@triton.jit` kernels, the launchers that pick block sizes, the torch
-custom ops (with fake implementations and autograd, so `torch.compile` traces them),
-and the plain eager reference of the same block.
+Reading order: the tile choices (autotuned on a GPU), the `@triton.jit` kernels, their
+launchers, the torch custom ops (with fake implementations and autograd, so
+`torch.compile` traces them), and the plain eager reference of the same block.
 
 Layout: activations NHWC (channels-last NCHW tensors viewed as NHWC), weights as
 (9, C_in, C_out). Training forward is two kernels: an implicit-GEMM convolution whose
 epilogue adds the bias, applies the ReLU when it comes first (the paper's conv -> ReLU
 -> BN), and accumulates each channel's sum and sum of squares for BatchNorm; then one
 light pass normalises (and applies the ReLU for conv -> BN -> ReLU). Backward: one
-reduction pass and one elementwise pass for BatchNorm and ReLU, the convolution kernel
-again on flipped, transposed weights for the input gradient, and a pixel-reduction GEMM
-for the weight gradient. In eval mode BatchNorm becomes a per-channel affine folded into
-the convolution's epilogue: one kernel per unit. Accumulation and statistics are fp32.
+reduction pass and one elementwise pass for BatchNorm and ReLU (which also sums the bias
+gradient), the convolution kernel again on flipped, transposed weights for the input
+gradient, and a pixel-reduction GEMM for the weight gradient. In eval mode BatchNorm
+becomes a per-channel affine folded into the convolution's epilogue: one kernel per
+unit. Accumulation and statistics are fp32.
 
 Under `TRITON_INTERPRET=1` (the CPU) operands are upcast to fp32 before arithmetic,
 because the interpreter's bf16 arithmetic is wrong.
@@ -30,9 +31,65 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ORDERS = ("act_bn", "bn_act")
 
 
+# ---------------------------------------------------------------- tile choices
+# The two GEMM kernels are autotuned on a GPU over the tiles below, per layer shape (the
+# first call of each shape times them all). The interpreter runs one small tile. Their
+# atomically accumulated outputs are zeroed by each config's pre-hook, which Triton runs
+# before every launch, timing runs included, so a tuning run leaves no sums behind.
+
+
+def _zero(*names):
+    def hook(args):
+        for name in names:
+            args[name].zero_()
+
+    return hook
+
+
+def _tiles(names, shapes, hook):
+    """triton.Configs of (tile sizes..., num_warps) tuples."""
+    return [triton.Config(dict(zip(names, shape[:-1], strict=True)), num_warps=shape[-1], num_stages=3,
+                          pre_hook=hook) for shape in shapes]  # fmt: skip
+
+
+# which channel count bounds each tile dimension
+_TILE_CHANNELS = (
+    ("BLOCK_N", "c_out"),
+    ("BLOCK_K", "c_in"),
+    ("BLOCK_CI", "c_in"),
+    ("BLOCK_CO", "c_out"),
+)
+
+
+def _fits(configs, named_args, **_):
+    """Drop tiles far wider than the layer's channels (64 input channels need no 128 tile)."""
+
+    def fits(block, channels):
+        return block <= max(32, triton.next_power_of_2(channels))
+
+    kept = [c for c in configs
+            if all(fits(c.kwargs[b], named_args[ch]) for b, ch in _TILE_CHANNELS if b in c.kwargs)]  # fmt: skip
+    return kept or configs[:1]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): pixels x output channels x input channels
+CONV_TILES = [(64, 64, 32, 4), (128, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32, 8),
+              (128, 64, 64, 4), (256, 64, 32, 8)]  # fmt: skip
+# (BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps): pixels summed x input x output channels
+WGRAD_TILES = [(64, 64, 64, 4), (128, 64, 64, 4), (128, 64, 64, 8), (64, 128, 128, 8),
+               (128, 32, 64, 4)]  # fmt: skip
+if INTERPRET:  # programs run one by one: few, large enough tiles
+    CONV_TILES, WGRAD_TILES = [(32, 32, 16, 1)], [(32, 32, 32, 1)]
+
+
 # ---------------------------------------------------------------- kernels
 
 
+@triton.autotune(
+    configs=_tiles(("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES, _zero("sum_ptr", "sumsq_ptr")),
+    key=["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE"],
+    prune_configs_by={"early_config_prune": _fits},
+)
 @triton.jit
 def _conv3x3_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr,
@@ -153,11 +210,11 @@ def _bn_backward_reduce_kernel(
 @triton.jit
 def _bn_backward_apply_kernel(
     dout_ptr, v_ptr, dconv_ptr, mean_ptr, rstd_ptr, gamma_ptr, scale_ptr, shift_ptr,
-    dsum_ptr, dxhat_sum_ptr, pixels, channels,
+    dsum_ptr, dxhat_sum_ptr, dbias_ptr, pixels, channels,
     RELU_FIRST: tl.constexpr, RELU_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The gradient at the convolution's output: BatchNorm's backward, with the ReLU's mask
-    on the side it sits."""
+    on the side it sits. Its per-channel sum, the bias gradient, is added up on the way."""
     offs_n, n_mask, mask, idx, dz, v, xhat, rstd = _bn_backward_tile(
         dout_ptr, v_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, pixels, channels,
         RELU_LAST, BLOCK_M, BLOCK_N,
@@ -170,9 +227,17 @@ def _bn_backward_apply_kernel(
     )
     if RELU_FIRST:  # v is relu(conv): its gradient passes where v > 0
         dv = tl.where(v > 0, dv, 0.0)
-    tl.store(dconv_ptr + idx, dv.to(dconv_ptr.dtype.element_ty), mask=mask)
+    stored = dv.to(dconv_ptr.dtype.element_ty)
+    tl.store(dconv_ptr + idx, stored, mask=mask)
+    seen = tl.where(mask, stored.to(dv.dtype), 0.0)  # the bias gradient of what is stored
+    tl.atomic_add(dbias_ptr + offs_n, tl.sum(seen, axis=0), mask=n_mask)
 
 
+@triton.autotune(
+    configs=_tiles(("BLOCK_P", "BLOCK_CI", "BLOCK_CO"), WGRAD_TILES, _zero("dw_ptr")),
+    key=["batch", "height", "width", "c_in", "c_out", "pixels_per_split"],
+    prune_configs_by={"early_config_prune": _fits},
+)
 @triton.jit
 def _conv3x3_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, batch, height, width, c_in, c_out, pixels_per_split,
@@ -215,7 +280,8 @@ def _conv3x3_wgrad_kernel(
 
 # ---------------------------------------------------------------- launchers
 
-BLOCK_M, BLOCK_N, BLOCK_K = (32, 32, 16) if INTERPRET else (64, 64, 32)
+# Tiles of the elementwise and reduction passes over (pixels x channels).
+BLOCK_M, BLOCK_N = (32, 32) if INTERPRET else (64, 64)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -252,16 +318,18 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
     n, h, w, c_in = x.shape
     c_out = w9.shape[2]
     y = torch.empty((n, h, w, c_out), device=x.device, dtype=x.dtype)
-    sums = torch.zeros((2, c_out), device=x.device, dtype=torch.float64)  # fp64: no cancellation
-    dummy = sums[0]
-    grid = (triton.cdiv(n * h * w, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    sums = torch.empty((2, c_out), device=x.device, dtype=torch.float64)  # fp64: no cancellation
+    dummy = sums[0]  # zeroed by the kernel's pre-hook
+
+    def grid(tile):
+        return (triton.cdiv(n * h * w, tile["BLOCK_M"]), triton.cdiv(c_out, tile["BLOCK_N"]))
+
     _conv3x3_kernel[grid](
         x, w9, bias if bias is not None else dummy, y,
         scale if scale is not None else dummy, shift if shift is not None else dummy, sums[0], sums[1],
         n, h, w, c_in, c_out, RELU_FIRST=relu_first, AFFINE=scale is not None, RELU_LAST=relu_last,
         STATS=stats, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         ACC=_acc(x.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return y, sums[0], sums[1]
 
@@ -284,19 +352,20 @@ def conv3x3_weight_grad(
     """dw (9, C_in, C_out) in fp32 of NHWC `x` and `dy`; `splits` overrides the split-K count."""
     n, h, w, c_in = x.shape
     c_out = dy.shape[-1]
-    dw = torch.zeros((9, c_in, c_out), device=x.device, dtype=stat_dtype(x.dtype))
-    tiles = triton.cdiv(c_in, BLOCK_N) * triton.cdiv(c_out, BLOCK_N) * 9
+    dw = torch.empty(
+        (9, c_in, c_out), device=x.device, dtype=stat_dtype(x.dtype)
+    )  # zeroed by the pre-hook
+    tiles = triton.cdiv(c_in, 64) * triton.cdiv(c_out, 64) * 9
     pixels = n * h * w
     splits = splits or _wgrad_splits(tiles, pixels, x.device)
-    per_split = triton.cdiv(triton.cdiv(pixels, splits), BLOCK_M) * BLOCK_M  # whole tiles each
-    grid = (
-        triton.cdiv(c_in, BLOCK_N),
-        triton.cdiv(c_out, BLOCK_N),
-        9 * triton.cdiv(pixels, per_split),
-    )
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), 128) * 128  # whole tiles of any BLOCK_P
+
+    def grid(tile):
+        return (triton.cdiv(c_in, tile["BLOCK_CI"]), triton.cdiv(c_out, tile["BLOCK_CO"]),
+                9 * triton.cdiv(pixels, per_split))  # fmt: skip
+
     _conv3x3_wgrad_kernel[grid](x, dy, dw, n, h, w, c_in, c_out, per_split, UPCAST=_upcast(x.dtype),
-                                PRECISION=_precision(x.dtype), ACC=_acc(x.dtype), BLOCK_P=BLOCK_M, BLOCK_CI=BLOCK_N,
-                                BLOCK_CO=BLOCK_N)  # fmt: skip
+                                PRECISION=_precision(x.dtype), ACC=_acc(x.dtype))  # fmt: skip
     return dw
 
 
@@ -373,8 +442,8 @@ def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     rstd = torch.rsqrt(var + eps)
     scale = gamma.to(mean.dtype) * rstd
     shift = beta.to(mean.dtype) - mean * scale
-    dsum = torch.zeros(c, device=x.device, dtype=mean.dtype)  # = dbeta
-    dxhat_sum = torch.zeros(c, device=x.device, dtype=mean.dtype)  # = dgamma
+    # separate tensors, not rows of one: a custom op's outputs must not alias each other
+    dsum, dxhat_sum, dbias = (torch.zeros(c, device=x.device, dtype=mean.dtype) for _ in range(3))
     relu_last = order == "bn_act"
     _bn_backward_reduce_kernel[_grid2d(pixels, c)](
         dz, vh, mean, rstd, scale, shift, dsum, dxhat_sum, pixels, c,
@@ -382,7 +451,8 @@ def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     )  # fmt: skip
     dconv = torch.empty_like(vh)
     _bn_backward_apply_kernel[_grid2d(pixels, c)](
-        dz, vh, dconv, mean, rstd, gamma.to(mean.dtype).contiguous(), scale, shift, dsum, dxhat_sum, pixels, c,
+        dz, vh, dconv, mean, rstd, gamma.to(mean.dtype).contiguous(), scale, shift, dsum, dxhat_sum, dbias,
+        pixels, c,
         RELU_FIRST=order == "act_bn", RELU_LAST=relu_last, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     dx, _, _ = conv3x3(dconv, to_w9_transposed(weight, dconv.dtype), None)
@@ -390,8 +460,8 @@ def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     dweight = (
         dw9.reshape(3, 3, weight.shape[1], weight.shape[0]).permute(3, 2, 0, 1).to(weight.dtype)
     )
-    dbias = dconv.to(mean.dtype).sum((0, 1, 2)).to(weight.dtype)
-    return _nchw(dx), dweight.contiguous(), dbias, dxhat_sum.to(gamma.dtype), dsum.to(beta.dtype)
+    return (_nchw(dx), dweight.contiguous(), dbias.to(weight.dtype), dxhat_sum.to(gamma.dtype),
+            dsum.to(beta.dtype))  # fmt: skip
 
 
 @conv_bn_relu_backward.register_fake
