@@ -44,10 +44,14 @@ stage build 180 $PY -m pip install --no-build-isolation --no-deps -e . \
   -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90
 stage doctor 60 $PY -m fastcifar doctor
 stage tests-fused 180 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py
-stage tests-native 120 $PY -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_dali.py
-if [[ "${summary[-1]}" == *rc=13[49]* ]] && command -v cuda-gdb >/dev/null; then  # crashed: where?
-  stage native-backtrace 120 cuda-gdb -batch -ex run -ex bt --args \
-    $PY -m pytest -x -q -p no:cacheprovider tests/test_native.py
+stage tests-native 120 $PY -m pytest -v -p no:cacheprovider tests/test_native.py tests/test_dali.py
+if [[ "${summary[-1]}" == *rc=13[49]* ]]; then  # crashed: alone too? where?
+  stage native-bad-inputs-alone 60 $PY -m pytest -v -p no:cacheprovider tests/test_native.py \
+    -k bad_inputs
+  if command -v cuda-gdb >/dev/null; then
+    stage native-backtrace 120 cuda-gdb -batch -ex run -ex bt --args \
+      $PY -m pytest -x -q -p no:cacheprovider tests/test_native.py
+  fi
 fi
 stage train-cerberus 240 $PY -m fastcifar train --arch cerberus --amp --no-track \
   --out "$runs/cerberus-cuda"
