@@ -9,9 +9,10 @@
 #                                            # dependencies, where the machine lacks them)
 #
 # Each stage has its own time limit so that one slow or failing stage leaves the rest
-# running; everything is logged to RESULTS_DIR/log.txt and eight result files land beside
-# it: accuracy-, throughput-, throughput-cudagraphs-, fused-block-, loaders- and
-# loader-share-cuda.json, and runs-cuda.tgz (the runs without their checkpoints).
+# running; everything is logged to RESULTS_DIR/log.txt. The result files (accuracy-,
+# throughput-, throughput-cudagraphs-, fused-block-, loaders-, loader-share- and
+# benchmarks-cuda.json, and runs/ without checkpoints) are packed into
+# RESULTS_DIR/results-cuda.tgz after every stage, so a run cut short keeps what it made.
 set -u
 out=$(realpath "${1:?usage: benchmarks/gpu-check.sh RESULTS_DIR [DATA]}")
 mkdir -p "$out"
@@ -19,7 +20,9 @@ export FASTCIFAR_DATA=${2:-${FASTCIFAR_DATA:-$(realpath ../shared/data/cifar10-j
 export FASTCIFAR_CACHE=${FASTCIFAR_CACHE:-/tmp/fastcifar-cache}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-runs=/tmp/fastcifar-runs
+results=/tmp/fastcifar-results
+runs=$results/runs
+mkdir -p "$runs"
 exec > >(tee -a "$out/log.txt") 2>&1
 
 stage() {  # stage NAME SECONDS COMMAND...: run one stage under its own time limit
@@ -32,6 +35,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run one stage under its own time lim
   local rc=$?
   echo "=== $name: rc=$rc, $((SECONDS - start)) s"
   summary+=("$(printf '%-22s rc=%-4s %4d s' "$name" "$rc" $((SECONDS - start)))")
+  tar czf "$out/results-cuda.tgz" -C "$results" --exclude='*.pt' --exclude='*.npz' . 2>/dev/null
 }
 summary=()
 
@@ -64,9 +68,9 @@ if $PY -c "import nvidia.dali" 2>/dev/null; then
     --dali-decode --epochs 2 --no-track --out "$runs/cerberus-2ep-dali-decode"
 fi
 stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect "$runs/cerberus-cuda" \
-  --out "$out/accuracy-cuda.json"
+  --out "$results/accuracy-cuda.json"
 stage fused-block 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
-  --benchmark-only --benchmark-json "$out/fused-block-cuda.json" \
+  --benchmark-only --benchmark-json "$results/fused-block-cuda.json" \
   --benchmark-columns=median,iqr,rounds
 for variant in eager fused; do
   flag=--no-fused
@@ -75,14 +79,14 @@ for variant in eager fused; do
     --epochs 2 --no-track --quiet --out "$runs/cerberus-2ep-$variant"
 done
 stage loaders 120 $PY -m pytest -q -p no:cacheprovider benchmarks/test_loaders.py --benchmark-only \
-  --full --benchmark-json "$out/loaders-cuda.json" --benchmark-columns=median,rounds
+  --full --benchmark-json "$results/loaders-cuda.json" --benchmark-columns=median,rounds
 stage loader-share 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_loader_share.py \
-  --benchmark-only --full --benchmark-json "$out/loader-share-cuda.json" \
+  --benchmark-only --full --benchmark-json "$results/loader-share-cuda.json" \
   --benchmark-columns=median,rounds
 stage throughput 240 $PY -m fastcifar bench throughput --arch lenet conv3 conv5 cerberus \
-  --json "$out/throughput-cuda.json"
+  --json "$results/throughput-cuda.json"
 stage throughput-cudagraphs 240 $PY -m fastcifar bench throughput --arch lenet cerberus \
-  --compile-mode reduce-overhead --json "$out/throughput-cudagraphs-cuda.json"
+  --compile-mode reduce-overhead --json "$results/throughput-cudagraphs-cuda.json"
 stage profile 90 $PY -m fastcifar profile --arch cerberus --variant amp --trace /tmp/trace.json
 stage profile-default 90 $PY -m fastcifar profile --arch cerberus --variant default \
   --trace /tmp/trace-default.json
@@ -92,5 +96,7 @@ if command -v compute-sanitizer >/dev/null; then
   stage sanitizer-fused 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -p no:cacheprovider tests/test_fused.py -k "split or 1-5-7-6-act_bn"
 fi
-tar czf "$out/runs-cuda.tgz" -C "$runs" --exclude='*.pt' --exclude='*.npz' . 2>/dev/null
+stage benchmarks-paper-archs 300 $PY -m pytest -q -p no:cacheprovider benchmarks/test_throughput.py \
+  --benchmark-only --full -k "lenet or conv3 or conv5 or cerberus" \
+  --benchmark-json "$results/benchmarks-cuda.json" --benchmark-columns=median,rounds
 printf '%s\n' "${summary[@]}"
