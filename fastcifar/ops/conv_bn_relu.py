@@ -38,10 +38,13 @@ ORDERS = ("act_bn", "bn_act")
 # before every launch, timing runs included, so a tuning run leaves no sums behind.
 
 
-def _zero(*names):
+def _zero(*names, when: str | None = None):
+    """A pre-hook zeroing the named tensor arguments (only if the flag `when` is set)."""
+
     def hook(args):
-        for name in names:
-            args[name].zero_()
+        if when is None or args[when]:
+            for name in names:
+                args[name].zero_()
 
     return hook
 
@@ -80,13 +83,17 @@ WGRAD_TILES = [(64, 64, 64, 4), (128, 64, 64, 4), (128, 64, 64, 8), (64, 128, 12
                (128, 32, 64, 4)]  # fmt: skip
 if INTERPRET:  # programs run one by one: few, large enough tiles
     CONV_TILES, WGRAD_TILES = [(32, 32, 16, 1)], [(32, 32, 32, 1)]
+# split-K parts hold whole pixel tiles of every candidate
+WGRAD_PIXEL_STEP = max(shape[0] for shape in WGRAD_TILES)
 
 
 # ---------------------------------------------------------------- kernels
 
 
 @triton.autotune(
-    configs=_tiles(("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES, _zero("sum_ptr", "sumsq_ptr")),
+    configs=_tiles(
+        ("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES, _zero("sum_ptr", "sumsq_ptr", when="STATS")
+    ),
     key=["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE"],
     prune_configs_by={"early_config_prune": _fits},
 )
@@ -314,12 +321,14 @@ def _wgrad_splits(tiles: int, pixels: int, device: torch.device) -> int:
 
 def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, relu_first=False,
             scale=None, shift=None, relu_last=False, stats=False):  # fmt: skip
-    """Convolve NHWC `x` (N, H, W, C_in) with `w9` (9, C_in, C_out); returns (y, sum, sumsq)."""
+    """Convolve NHWC `x` (N, H, W, C_in) with `w9` (9, C_in, C_out); returns (y, sum, sumsq),
+    the per-channel sums only with `stats` (otherwise unset)."""
     n, h, w, c_in = x.shape
     c_out = w9.shape[2]
     y = torch.empty((n, h, w, c_out), device=x.device, dtype=x.dtype)
-    sums = torch.empty((2, c_out), device=x.device, dtype=torch.float64)  # fp64: no cancellation
-    dummy = sums[0]  # zeroed by the kernel's pre-hook
+    # fp64: no cancellation; zeroed by the kernel's pre-hook when it sums (stats=True)
+    sums = torch.empty((2, c_out), device=x.device, dtype=torch.float64)
+    dummy = sums[0]
 
     def grid(tile):
         return (triton.cdiv(n * h * w, tile["BLOCK_M"]), triton.cdiv(c_out, tile["BLOCK_N"]))
@@ -355,10 +364,12 @@ def conv3x3_weight_grad(
     dw = torch.empty(
         (9, c_in, c_out), device=x.device, dtype=stat_dtype(x.dtype)
     )  # zeroed by the pre-hook
-    tiles = triton.cdiv(c_in, 64) * triton.cdiv(c_out, 64) * 9
+    _, ci_tile, co_tile, _ = WGRAD_TILES[0]  # the first candidate sizes the split count
+    tiles = triton.cdiv(c_in, ci_tile) * triton.cdiv(c_out, co_tile) * 9
     pixels = n * h * w
     splits = splits or _wgrad_splits(tiles, pixels, x.device)
-    per_split = triton.cdiv(triton.cdiv(pixels, splits), 128) * 128  # whole tiles of any BLOCK_P
+    step = WGRAD_PIXEL_STEP
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), step) * step
 
     def grid(tile):
         return (triton.cdiv(c_in, tile["BLOCK_CI"]), triton.cdiv(c_out, tile["BLOCK_CO"]),
