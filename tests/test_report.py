@@ -10,8 +10,8 @@ from fastcifar.report import END, START, pareto_front
 from fastcifar.results import accuracy_stats
 
 
-def record(arch, acc, seed, reached):
-    return {"arch": arch, "recipe": "default", "seed": seed, "test_acc": acc, "best_epoch": 10,
+def record(arch, acc, seed, reached, recipe="default"):
+    return {"arch": arch, "recipe": recipe, "seed": seed, "test_acc": acc, "best_epoch": 10,
             "epochs_run": 10, "seconds": {"total": 100.0}, "reached": reached, "run": f"{arch}-{seed}"}  # fmt: skip
 
 
@@ -28,7 +28,8 @@ def results(tmp_path):
         "kind": "accuracy", "machine": "Test CPU, 2 cores",
         "records": [record("lenet", 0.68, 0, {"0.6": {"epoch": 5, "train_seconds": 20.0},
                                                "paper": {"epoch": 6, "train_seconds": 24.0}}),
-                    record("lenet", 0.70, 1, {"paper": {"epoch": 7, "train_seconds": 30.0}})],
+                    record("lenet", 0.70, 1, {"paper": {"epoch": 7, "train_seconds": 30.0}}),
+                    record("lenet", 0.63, 0, {}, recipe="paper")],
     }))  # fmt: skip
     return folder
 
@@ -56,7 +57,8 @@ def test_report_table_and_readme_section(tmp_path, results, capsys):
     )
     assert cells[7] == "69.00% ± 1.41 (2 runs)"
     assert cells[9] == "epoch 7 (30 s)"  # by then both runs had reached the paper's 62%
-    assert cells[10] == "62.0%"
+    assert cells[10] == "63.00% (1 run)"  # the paper's own recipe, run here
+    assert cells[11] == "62.0%"
     with Image.open(figure) as img:
         assert img.format == "PNG" and img.width > 400
 
