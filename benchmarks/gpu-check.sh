@@ -59,8 +59,6 @@ if [[ "${summary[-1]}" == *rc=13[49]* ]]; then  # crashed: alone too? where?
 fi
 stage train-cerberus 240 $PY -m fastcifar train --arch cerberus --amp --no-track \
   --out "$runs/cerberus-cuda"
-stage train-cerberus-24ep 150 $PY -m fastcifar train --arch cerberus --amp --epochs 24 \
-  --no-track --out "$runs/cerberus-cuda-24ep"
 if $PY -c "import nvidia.dali" 2>/dev/null; then
   stage train-cerberus-dali 150 $PY -m fastcifar train --arch cerberus --amp --loader dali \
     --no-track --out "$runs/cerberus-cuda-dali"

@@ -13,7 +13,7 @@ ARCH_RECIPES: dict[str, dict] = {
     "lenet": {"epochs": 20, "batch_size": 128, "lr": 0.05, "label_smoothing": 0.1},
     "conv3": {"epochs": 20, "batch_size": 128, "lr": 0.05, "label_smoothing": 0.1},
     "conv5": {"epochs": 25, "batch_size": 256, "lr": 0.1, "label_smoothing": 0.1},
-    "cerberus": {"epochs": 16, "batch_size": 256, "lr": 0.05, "label_smoothing": 0.1},
+    "cerberus": {"epochs": 24, "batch_size": 256, "lr": 0.05, "label_smoothing": 0.1},
     "wide4": {"epochs": 20, "batch_size": 256, "lr": 0.05, "label_smoothing": 0.1},
     "sinha14": {"epochs": 20, "batch_size": 256, "lr": 0.05, "label_smoothing": 0.1},
 }
