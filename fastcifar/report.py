@@ -38,20 +38,16 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
     by_device: dict[str, dict[str, dict]] = defaultdict(dict)
     for t in throughput:
         by_device[t["machine"]].setdefault(t["arch"], {})["throughput"] = t
-    grouped = defaultdict(list)
-    for r in accuracy:
+    for r in accuracy:  # "paper": the paper's own recipe, run here
         if r["recipe"] in ("default", "paper"):
-            grouped[(r["machine"], r["arch"], r["recipe"])].append(r)
-    for (machine, arch, recipe), records in grouped.items():
-        by_device[machine].setdefault(arch, {})[recipe] = records
+            by_device[r["machine"]].setdefault(r["arch"], {}).setdefault(r["recipe"], []).append(r)
     tables = {}
     for machine, archs in by_device.items():
         rows = []
         for arch, entry in sorted(archs.items()):
             model = create_model(arch)
             t, records = entry.get("throughput"), entry.get("default")
-            paper_runs = entry.get("paper")  # the paper's own recipe, run here
-            stats = accuracy_stats([r["test_acc"] for r in records]) if records else None
+            stats = _test_accuracy_stats(records)
             paper = PAPER_ACCURACY.get(arch)
             reach = None  # every run had reached the paper's accuracy by then
             times = [r["reached"].get("paper") for r in records or []]
@@ -69,11 +65,15 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
                 "epochs": records[0]["epochs_run"] if records else None,
                 "wall": stats and sum(r["seconds"]["total"] for r in records) / len(records),
                 "reach": reach,
-                "paper_recipe": paper_runs and accuracy_stats([r["test_acc"] for r in paper_runs]),
+                "paper_recipe": _test_accuracy_stats(entry.get("paper")),
                 "paper": paper,
             })  # fmt: skip
         tables[machine] = rows
     return tables
+
+
+def _test_accuracy_stats(records: list[dict] | None) -> dict | None:
+    return accuracy_stats([r["test_acc"] for r in records]) if records else None
 
 
 def markdown(tables: dict[str, list[dict]]) -> str:
