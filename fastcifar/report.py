@@ -30,13 +30,27 @@ def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
     return throughput, accuracy
 
 
+def ran_default_settings(result: dict) -> bool:
+    """Whether a side-by-side result timed the arch's default settings. Results with
+    another batch size or torch.compile mode (CUDA graphs) are ablations: the table
+    leaves them out, whatever order their files sort in."""
+    from fastcifar.config import TrainConfig
+    from fastcifar.recipes import recipe
+
+    batch = recipe(result["arch"], "cpu").get("batch_size", TrainConfig.batch_size)
+    return (
+        result.get("compile_mode", "default") in ("default", "eager")
+        and result.get("batch_size", batch) == batch
+    )
+
+
 def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[dict]]:
     """Rows per device: one per arch with a throughput or accuracy result."""
     from fastcifar.models import create_model
     from fastcifar.summary import count_mult_adds
 
     by_device: dict[str, dict[str, dict]] = defaultdict(dict)
-    for t in throughput:
+    for t in filter(ran_default_settings, throughput):
         by_device[t["machine"]].setdefault(t["arch"], {})["throughput"] = t
     for r in accuracy:  # "paper": the paper's own recipe, run here
         if r["recipe"] in ("default", "paper"):

@@ -24,6 +24,13 @@ def results(tmp_path):
         "results": [{"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 14000.0,
                      "speedup": 3.5, "percent_of_peak": 12.5}],
     }))  # fmt: skip
+    (folder / "throughput-n.json").write_text(json.dumps({  # an ablation: not in the table
+        "kind": "side_by_side", "machine": "Test CPU, 2 cores",
+        "results": [{"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 20000.0,
+                     "speedup": 5.0, "percent_of_peak": 18.0, "compile_mode": "reduce-overhead"},
+                    {"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 30000.0,
+                     "speedup": 7.5, "percent_of_peak": 27.0, "batch_size": 1024}],
+    }))  # fmt: skip
     (folder / "accuracy-m.json").write_text(json.dumps({
         "kind": "accuracy", "machine": "Test CPU, 2 cores",
         "records": [record("lenet", 0.68, 0, {"0.6": {"epoch": 5, "train_seconds": 20.0},
