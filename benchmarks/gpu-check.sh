@@ -10,8 +10,8 @@
 #
 # Each stage has its own time limit so that one slow or failing stage leaves the rest
 # running; everything is logged to RESULTS_DIR/log.txt. The result files (accuracy-,
-# throughput-, throughput-cudagraphs-, fused-block-, loaders-, loader-share- and
-# benchmarks-cuda.json, and runs/ without checkpoints) are packed into
+# throughput-, throughput-cudagraphs-, throughput-b1024-, fused-block-, loaders-,
+# loader-share- and benchmarks-cuda.json, and runs/ without checkpoints) are packed into
 # RESULTS_DIR/results-cuda.tgz after every stage, so a run cut short keeps what it made.
 set -u
 out=$(realpath "${1:?usage: benchmarks/gpu-check.sh RESULTS_DIR [DATA]}")
@@ -90,6 +90,8 @@ stage throughput 240 $PY -m fastcifar bench throughput --arch lenet conv3 conv5 
   --json "$results/throughput-cuda.json"
 stage throughput-cudagraphs 240 $PY -m fastcifar bench throughput --arch lenet cerberus \
   --compile-mode reduce-overhead --json "$results/throughput-cudagraphs-cuda.json"
+stage throughput-b1024 180 $PY -m fastcifar bench throughput --arch cerberus --batch-size 1024 \
+  --json "$results/throughput-b1024-cuda.json"  # more work per launch: the overhead-bound step
 stage profile 90 $PY -m fastcifar profile --arch cerberus --variant amp --trace /tmp/trace.json
 stage profile-default 90 $PY -m fastcifar profile --arch cerberus --variant default \
   --trace /tmp/trace-default.json
