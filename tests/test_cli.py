@@ -108,6 +108,20 @@ def test_config_file_and_flags_layer(tmp_path, data):
     assert (resolved.arch, resolved.lr, resolved.epochs, resolved.amp) == ("conv3", 0.2, 3, "bf16")
 
 
+@pytest.mark.parametrize("arch", ["lenet", "conv3", "conv5", "cerberus"])
+def test_paper_recipes_override_the_default_augmentation(arch):
+    """The paper trained without augmentation or label smoothing: its config files must
+    switch off whatever the arch's default recipe adds."""
+    from pathlib import Path
+
+    from fastcifar.cli import build_parser, resolve_train_config
+
+    path = Path(__file__).parents[1] / "configs" / "paper" / f"{arch}.toml"
+    cfg, _ = resolve_train_config(build_parser().parse_args(["train", "--config", str(path)]))
+    assert cfg.arch == arch
+    assert (cfg.crop_pad, cfg.flip, cfg.cutout, cfg.label_smoothing) == (0, False, 0, 0.0)
+
+
 def test_train_eval_predict_and_foreign_checkpoint(capsys, tmp_path, data):
     code, _, err = run(capsys, *quick(data, tmp_path / "run"))
     assert code == 0, err
