@@ -140,6 +140,8 @@ def make_sampler(spec: SweepSpec, worker: int):
 
     if spec.sampler == "grid":
         space = {name: [_encode(v) for v in values] for name, values in spec.axes.items()}
+        # One seed for every worker: the seed also orders the grid, whose point ids the
+        # workers share through the study.
         return optuna.samplers.GridSampler(space, seed=spec.seed)
     return optuna.samplers.TPESampler(seed=spec.seed + worker)
 
@@ -195,7 +197,8 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         choice = {name: _decode(trial.suggest_categorical(name, [_encode(v) for v in values]))
                   for name, values in spec.axes.items()}  # fmt: skip
         if spec.sampler == "grid" and _taken_by_another(study, trial):
-            # Two workers raced for the last grid point: keep the first, count this one nowhere.
+            # Two workers raced for one grid point: the first trial keeps it, this one counts
+            # nowhere, and this worker stops (the round loop in run_sweep covers what is left).
             trial.set_user_attr("duplicate", True)
             study.stop()
             raise optuna.TrialPruned()
@@ -264,14 +267,13 @@ def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, ou
     command = [sys.executable, "-m", "fastcifar", "sweep", str(path), "--worker-of", url, "--out", str(out),
                "--heartbeat", str(heartbeat)] + (["--data", data] if data else []) + ([] if track else ["--no-track"])  # fmt: skip
     env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
-    for _ in range(3):  # a round of workers, then again for trials a dead worker left behind
+    for _ in range(3):  # a round of workers, then again for what a dead or racing worker left
         if _nothing_left(spec, study):
             break
         codes = _run_workers(command, env, workers)
         if any(codes):
             log(f"[yellow]{sum(1 for c in codes if c)} worker(s) exited with an error[/yellow]")
-        if not _recover_stale(study, heartbeat):
-            break
+        _recover_stale(study, heartbeat)
     rows = results(optuna.load_study(study_name=spec.name, storage=rdb))
     write_results(rows, out)
     if track and study.user_attrs.get("mlflow_parent_run_id"):
@@ -296,18 +298,16 @@ def _run_workers(command: list[str], env: dict, workers: int) -> list[int]:
     return [p.wait() for p in procs]
 
 
-def _recover_stale(study, heartbeat: int) -> bool:
+def _recover_stale(study, heartbeat: int) -> None:
     """After the workers exit, a trial still RUNNING belongs to a dead worker or to one on
-    another machine. Wait out the grace period, fail the stale ones (which enqueues their
-    retry) and say whether another round of workers is needed."""
+    another machine. Wait out the grace period and fail the stale ones, which enqueues
+    their retry."""
     import optuna
     from optuna.trial import TrialState
 
-    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        return False
-    time.sleep(3 * heartbeat + 1)
-    optuna.storages.fail_stale_trials(study)
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        time.sleep(3 * heartbeat + 1)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _nothing_left(spec: SweepSpec, study) -> bool:
@@ -324,10 +324,12 @@ def _nothing_left(spec: SweepSpec, study) -> bool:
 
 
 def _taken_by_another(study, trial) -> bool:
+    """Whether an earlier live trial has the same grid point. Only earlier ones count, so
+    that of two racing trials exactly one gives way."""
     from optuna.trial import TrialState
 
     live = (TrialState.RUNNING, TrialState.COMPLETE)
-    return any(t.number != trial.number and t.params == trial.params
+    return any(t.number < trial.number and t.params == trial.params
                for t in study.get_trials(deepcopy=False, states=live))  # fmt: skip
 
 

@@ -94,6 +94,23 @@ def test_grid_with_two_workers_and_mlflow_children(tmp_path, data):
     assert len(children) == 4 and all("final_test_acc" in r.data.metrics for r in children)
 
 
+def test_of_two_racing_trials_exactly_one_gives_way():
+    from optuna.trial import TrialState
+
+    from fastcifar.sweep import _taken_by_another
+
+    study = optuna.create_study()
+    for lr in (0.01, 0.01, 0.05):  # two workers drew the same grid point, a third another
+        study.enqueue_trial({"lr": lr})
+    first, second, other = (study.ask() for _ in range(3))
+    for trial in (first, second, other):
+        trial.suggest_categorical("lr", [0.01, 0.05])
+    assert first.params == second.params != other.params
+    assert [_taken_by_another(study, t) for t in (first, second, other)] == [False, True, False]
+    study.tell(first, state=TrialState.FAIL)  # a failed first trial no longer holds the point
+    assert not _taken_by_another(study, second)
+
+
 def test_resume_redoes_nothing_and_is_required(tmp_path, data, capsys):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]')
     args = ["sweep", str(path), "--out", str(tmp_path / "out"), "--data", data, "--no-track"]
