@@ -25,8 +25,7 @@ def analyze_run(run: Path, data: str | None = None, top_pairs: int = 4, examples
     rows = read_metrics(run)
     probs, labels = read_predictions(run)
     a = analyze_predictions(probs, labels, top_pairs=top_pairs)
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-    arrays, _ = resolve_arrays(data or config.get("data"), download=False, log=log)
+    arrays, _ = resolve_arrays(data or _run_data(run), download=False, log=log)
     if len(arrays.test_labels) != len(labels) or (arrays.test_labels != labels).any():
         raise UserError("the test set of --data does not match the run's predictions")
 
@@ -61,6 +60,14 @@ def analyze_run(run: Path, data: str | None = None, top_pairs: int = 4, examples
 
         log_folder_to_run(run, out, "analysis", log=log)
     return out, result
+
+
+def _run_data(run: Path) -> str | None:
+    """The data a run trained on: its --data, else the source its summary recorded."""
+    for name, key in (("config.json", "data"), ("summary.json", "data_source")):
+        if (run / name).exists() and (value := json.loads((run / name).read_text()).get(key)):
+            return value
+    return None
 
 
 def _best_epoch(run: Path):

@@ -11,6 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
+from fastcifar.data.cache import entry_source, is_entry
 from fastcifar.errors import UserError
 from fastcifar.train.rundir import read_metrics
 
@@ -50,12 +51,20 @@ def run_record(run: Path, recipe: str) -> dict:
         "reached": reached,
         "amp": config["amp"],
         "batch_size": config["batch_size"],
-        "data": Path(summary.get("data_source") or "").name,
+        "data": data_name(summary.get("data_source") or ""),
         "device": env["device"],
         "device_name": env["device_name"],
         "torch": env["torch"],
         "run": run.name,
     }
+
+
+def data_name(source: str) -> str:
+    """A data source's file name; for a cache entry, that of the source it was decoded from."""
+    path = Path(source)
+    if is_entry(path) and (original := entry_source(path)):
+        path = Path(original)
+    return path.name
 
 
 def accuracy_stats(values: list[float]) -> dict:

@@ -1,6 +1,7 @@
 """Error analysis: the numbers behind every figure, and the report files."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 from fastcifar.analysis import analyze_predictions, misclassified, without_diagonal
 from fastcifar.cli import main
 from fastcifar.config import TrainConfig
+from fastcifar.data.cache import load_cached
 from fastcifar.display import TrainingDisplay
 from fastcifar.train.engine import fit
 
@@ -99,3 +101,20 @@ def test_analyze_without_predictions_is_one_line(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "predictions.npz" in err[0]
+
+
+def test_analyze_finds_the_cached_data_a_run_trained_on(tmp_path, monkeypatch):
+    """A run given no --data trains on the default cache entry; analysing it later reopens
+    that entry, even after its source is gone and another entry became the default."""
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "cache"))
+    first = write_batches_dir(tmp_path / "first", make_arrays(n_train=200, n_test=100, seed=1))
+    load_cached(first, log=lambda _: None)
+    shutil.rmtree(first)
+    cfg = TrainConfig(arch="lenet", data=None, out=str(tmp_path / "run"), epochs=1, batch_size=50,
+                      val=50, amp="none", track=False)  # fmt: skip
+    fit(cfg, TrainingDisplay(quiet=True))
+    second = write_batches_dir(tmp_path / "second", make_arrays(n_train=200, n_test=80, seed=2))
+    load_cached(second, log=lambda _: None)
+    assert main(["analyze", str(tmp_path / "run"), "--no-track"]) == 0
+    result = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())
+    assert sum(map(sum, result["confusion"])) == 100

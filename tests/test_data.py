@@ -1,3 +1,5 @@
+import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -5,11 +7,13 @@ import pytest
 
 from fastcifar.data import cache, sources
 from fastcifar.data.cache import cache_root, content_hash, load_cached
+from fastcifar.data.dataset import resolve_arrays
 from fastcifar.data.sources import read_source
 from fastcifar.data.split import validation_split
 from fastcifar.errors import UserError
+from fastcifar.results import data_name
 
-from .conftest import write_zip
+from .conftest import make_arrays, write_batches_dir, write_zip
 
 
 def assert_same_arrays(got, arrays):
@@ -121,3 +125,37 @@ def test_real_zip_reads_fully(real_data):
     assert arrays.test_images.shape == (10000, 32, 32, 3)
     assert np.bincount(arrays.train_labels).tolist() == [5000] * 10
     assert np.bincount(arrays.test_labels).tolist() == [1000] * 10
+
+
+def _cache_twice(tmp_path, monkeypatch, arrays):
+    """A private cache with two entries: an older one whose source still exists and a
+    newer one whose source was deleted. Returns (kept source, orphaned entry)."""
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "cache"))
+    kept = write_zip(tmp_path / "kept.zip", arrays)
+    load_cached(kept, log=lambda _: None)
+    os.utime(cache_root() / content_hash(kept) / "manifest.json", (1e9, 1e9))
+    gone = write_batches_dir(tmp_path / "gone", make_arrays(n_train=30, n_test=10, seed=1))
+    orphan = cache_root() / content_hash(gone)
+    load_cached(gone, log=lambda _: None)
+    shutil.rmtree(gone)
+    return kept, orphan
+
+
+def test_without_data_the_cached_copy_of_an_existing_source_wins(tmp_path, monkeypatch, arrays):
+    kept, orphan = _cache_twice(tmp_path, monkeypatch, arrays)
+    messages = []
+    got, source = resolve_arrays(None, download=False, log=messages.append)
+    assert source == str(kept)
+    assert_same_arrays(got, folder_order(arrays))
+    assert any(str(kept) in m and "1 other cached source" in m for m in messages)
+    shutil.rmtree(cache_root() / content_hash(kept))
+    got, source = resolve_arrays(None, download=False, log=lambda _: None)
+    assert source == str(orphan) and len(got.train_labels) == 30
+    assert data_name(source) == "cifar-10-batches-py"
+    again, _ = resolve_arrays(source, download=False, log=lambda _: None)
+    np.testing.assert_array_equal(again.train_images, got.train_images)
+
+
+def test_validation_larger_than_the_data_names_its_size():
+    with pytest.raises(UserError, match="the data has 60 training images"):
+        validation_split(np.arange(60) % 10, 5000, seed=0)

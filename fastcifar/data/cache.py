@@ -69,11 +69,30 @@ def load_cached(source: Path, log=print) -> CifarArrays:
     return arrays
 
 
-def latest_entry() -> Path | None:
-    """The most recently written valid-looking cache entry, for runs given no --data."""
+def entry_source(entry: Path) -> str | None:
+    """The source a cache entry was decoded from, as its manifest records it."""
+    try:
+        return json.loads((entry / "manifest.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def default_entry() -> Path | None:
+    """The cache entry a run given no --data uses: the newest one whose source still
+    exists, else the newest one (an entry left by a since-deleted download still counts)."""
     root = cache_root()
     entries = [p for p in root.glob("*") if (p / "manifest.json").exists()] if root.is_dir() else []
-    return max(entries, key=lambda p: (p / "manifest.json").stat().st_mtime, default=None)
+
+    def rank(entry: Path) -> tuple[bool, float]:
+        source = entry_source(entry)
+        return (bool(source) and Path(source).exists(), (entry / "manifest.json").stat().st_mtime)
+
+    return max(entries, key=rank, default=None)
+
+
+def is_entry(path: Path) -> bool:
+    """Whether `path` is an entry of the cache (what a run given no --data records)."""
+    return (path / "manifest.json").is_file() and path.resolve().parent == cache_root().resolve()
 
 
 def read_entry(entry: Path) -> CifarArrays | None:

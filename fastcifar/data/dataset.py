@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar.data.cache import cache_root, latest_entry, load_cached, read_entry
+from fastcifar.data.cache import (
+    cache_root,
+    default_entry,
+    entry_source,
+    is_entry,
+    load_cached,
+    read_entry,
+)
 from fastcifar.data.sources import (
     HOW_TO_GET,
     OFFICIAL_MD5,
@@ -44,18 +51,33 @@ class DataBundle:
 
 
 def resolve_arrays(data: str | None, download: bool, log=print) -> tuple[CifarArrays, str]:
-    """The arrays for `--data`, `$FASTCIFAR_DATA`, a download, or the newest cache entry."""
+    """The arrays for `--data`, `$FASTCIFAR_DATA`, a download, or the default cache entry,
+    and a source that resolves to the same arrays again (what a run records)."""
     path = data or os.environ.get("FASTCIFAR_DATA") or None
+    if path and is_entry(Path(path).expanduser()):
+        return _read_entry(Path(path).expanduser()), str(path)
     if path:
         return load_cached(Path(path).expanduser(), log), str(path)
     if download:
         tarball = download_official(log)
         return load_cached(tarball, log), str(tarball)
-    entry = latest_entry()
-    arrays = read_entry(entry) if entry else None
-    if arrays is None:
+    entry = default_entry()
+    if entry is None:
         raise UserError(f"no CIFAR-10 data given; {HOW_TO_GET}")
-    return arrays, str(entry)
+    arrays = _read_entry(entry)
+    source = entry_source(entry)
+    others = sum(1 for p in cache_root().glob("*/manifest.json")) - 1
+    choice = f"; {others} other cached source(s), --data picks one" if others else ""
+    log(f"no --data given: using the cached copy of {source or entry} "
+        f"({len(arrays.train_labels)} training images{choice})")  # fmt: skip
+    return arrays, source if source and Path(source).exists() else str(entry)
+
+
+def _read_entry(entry: Path) -> CifarArrays:
+    arrays = read_entry(entry)
+    if arrays is None:
+        raise UserError(f"cache entry {entry} is damaged; pass --data to rebuild it")
+    return arrays
 
 
 def download_official(log=print) -> Path:

@@ -14,7 +14,10 @@ def validation_split(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndar
     more), drawn with a generator seeded by `seed`. Both index arrays are sorted.
     """
     if n_val < 0 or n_val >= len(labels):
-        raise UserError(f"--val must be in 0..{len(labels) - 1}, not {n_val}")
+        raise UserError(
+            f"--val must be in 0..{len(labels) - 1} (the data has {len(labels)} training "
+            f"images), not {n_val}"
+        )
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     val = []
