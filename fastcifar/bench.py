@@ -162,6 +162,7 @@ class ThroughputResult:
     peak_tflops: float  # dense matmul in the same dtype, measured in the same run
     percent_of_peak: float
     compile_mode: str  # fastcifar's side: "eager" or the torch.compile mode
+    default_settings: bool  # fastcifar's side ran the device's recipe unchanged
 
 
 def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_size: int | None = None,
@@ -185,6 +186,7 @@ def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_
         arch, ours.cfg.batch_size, ours.cfg.amp, statistics.median(base_rates), rate,
         statistics.median(ratios), windows, steps, device_name(ours.device), torch.__version__,
         tflops, peak, 100 * tflops / peak, ours.cfg.compile_mode if ours.cfg.compile else "eager",
+        ours.cfg == variant_config(arch, "default", ours.device, None),
     )  # fmt: skip
 
 

@@ -5,9 +5,12 @@ import json
 import pytest
 from PIL import Image
 
+from fastcifar.bench import compare_throughput
 from fastcifar.cli import main
 from fastcifar.report import END, START, pareto_front
 from fastcifar.results import accuracy_stats
+
+from .conftest import make_arrays
 
 
 def record(arch, acc, seed, reached, recipe="default"):
@@ -29,7 +32,9 @@ def results(tmp_path):
         "results": [{"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 20000.0,
                      "speedup": 5.0, "percent_of_peak": 18.0, "compile_mode": "reduce-overhead"},
                     {"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 30000.0,
-                     "speedup": 7.5, "percent_of_peak": 27.0, "batch_size": 1024}],
+                     "speedup": 7.5, "percent_of_peak": 27.0, "batch_size": 1024},
+                    {"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 40000.0,
+                     "speedup": 10.0, "percent_of_peak": 36.0, "default_settings": False}],
     }))  # fmt: skip
     (folder / "accuracy-m.json").write_text(json.dumps({
         "kind": "accuracy", "machine": "Test CPU, 2 cores",
@@ -85,3 +90,12 @@ def test_accuracy_stats_and_pareto_front():
 def test_report_without_results_is_one_line(tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_side_by_side_records_whether_it_ran_the_recipe_unchanged():
+    train, labels, _, _ = make_arrays(n_train=256)
+    kwargs = dict(steps=1, windows=1, warmup=1)
+    assert compare_throughput("lenet", train, labels, **kwargs).default_settings
+    assert not compare_throughput("lenet", train, labels, batch_size=32, **kwargs).default_settings
+    changed = compare_throughput("lenet", train, labels, overrides={"lr": 0.123}, **kwargs)
+    assert not changed.default_settings
