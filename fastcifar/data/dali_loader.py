@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fastcifar.data.augment import MEAN, STD, draw
-from fastcifar.data.loader import epoch_seed
+from fastcifar.data.loader import EpochBatches, epoch_seed
 from fastcifar.errors import UserError
 
 INSTALL_HINT = "DALI is not installed; pip install 'fastcifar[dali]'"
@@ -49,7 +49,7 @@ class _EpochPlan:
             self.draws = None
 
 
-class DaliLoader:
+class DaliLoader(EpochBatches):
     """Same interface as TensorLoader: iterate (images, labels), `len`, `set_epoch`,
     `num_samples`. Images come out NCHW with channels-last memory in `dtype`."""
 
@@ -94,17 +94,6 @@ class DaliLoader:
         self._plans: dict[int, _EpochPlan] = {}
         self._first_epoch: int | None = None  # the epoch the built pipeline's epoch 0 is
         self._iterator = None
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else len(self.labels)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _plan(self, epoch: int) -> _EpochPlan:
         if epoch not in self._plans:

@@ -16,7 +16,30 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + stream) % (2**63)
 
 
-class TensorLoader:
+class EpochBatches:
+    """The part of the loader interface every loader shares: batches per epoch under the
+    drop-last policy, images per epoch, and the epoch whose order comes next. A loader
+    sets `labels`, `batch_size`, `drop_last` and `epoch`."""
+
+    labels: object  # anything with a length: a tensor or an array
+    batch_size: int
+    drop_last: bool
+    epoch: int
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Images yielded per epoch."""
+        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class TensorLoader(EpochBatches):
     """Batches from a device-resident uint8 NHWC dataset.
 
     Training loaders shuffle per epoch and augment (crop with `pad`, flip, optional
@@ -54,18 +77,6 @@ class TensorLoader:
         self.dtype = dtype
         self.drop_last = train if drop_last is None else drop_last
         self.epoch = 0
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        """Images yielded per epoch."""
-        return len(self) * self.batch_size if self.drop_last else len(self.labels)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self):
         device = self.images.device
