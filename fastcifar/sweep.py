@@ -224,15 +224,19 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         trial.set_user_attr("duration_s", summary["seconds"]["total"])
         return best["val_acc"] if best["val_acc"] is not None else best["test_acc"]
 
+    def table_so_far(study, trial):  # a long sweep's table grows trial by trial
+        write_results(results(study, spec), out)
+
     if spec.sampler == "grid":  # the grid sampler stops the study once every point is taken
-        study.optimize(objective, catch=(UserError,))
+        study.optimize(objective, catch=(UserError,), callbacks=[table_so_far])
         return
     from optuna.trial import TrialState
 
     budget = optuna.study.MaxTrialsCallback(
         spec.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)
     )
-    study.optimize(objective, n_trials=spec.trials, callbacks=[budget], catch=(UserError,))
+    study.optimize(objective, n_trials=spec.trials, callbacks=[budget, table_so_far],
+                   catch=(UserError,))  # fmt: skip
 
 
 def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, out: Path | None,
@@ -274,7 +278,7 @@ def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, ou
         if any(codes):
             log(f"[yellow]{sum(1 for c in codes if c)} worker(s) exited with an error[/yellow]")
         _recover_stale(study, heartbeat)
-    rows = results(optuna.load_study(study_name=spec.name, storage=rdb))
+    rows = results(optuna.load_study(study_name=spec.name, storage=rdb), spec)
     write_results(rows, out)
     if track and study.user_attrs.get("mlflow_parent_run_id"):
         from fastcifar.track import Tracker
@@ -342,7 +346,7 @@ def _gpu_count() -> int:
         return 0
 
 
-def results(study) -> list[dict]:
+def results(study, spec: SweepSpec) -> list[dict]:
     """One row per grid point (the latest finished trial of each), the paper's columns."""
     latest: dict[str, object] = {}
     rank = {"PRUNED": 0, "COMPLETE": 1}  # a completed run of a point beats a pruned one
@@ -354,17 +358,14 @@ def results(study) -> list[dict]:
             latest[key] = trial
     rows = []
     for trial in sorted(latest.values(), key=lambda t: t.number):
-        options = {}
-        for name, value in trial.params.items():
-            value = _decode(value)
-            options.update(value if isinstance(value, dict) else {name: value})
+        options = spec.options({name: _decode(value) for name, value in trial.params.items()})
         optimizer = options.get("optimizer", "")
         if optimizer == "sgd" and "momentum" in options:
             optimizer = f"sgd m={options['momentum']}"
         duration = trial.user_attrs.get("duration_s")
         rows.append({
             "trial": trial.number,
-            "model": options.get("arch", ""),
+            "model": options.get("arch", TrainConfig.arch),
             "duration": f"{duration / 60:.1f} min" if duration is not None else "",
             "lr": options.get("lr", ""),
             "optimizer": optimizer,

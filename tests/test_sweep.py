@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from fastcifar import sweep
 from fastcifar.cli import main
 from fastcifar.errors import UserError
 from fastcifar.sweep import read_sweep, run_sweep
@@ -163,3 +164,25 @@ def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
     assert states.count("COMPLETE") == 2  # each grid point done once: the killed one again
     assert sorted(r["lr"] for r in rows) == [0.01, 0.05]
     assert json.loads((out / "trials" / "0000" / "config.json").read_text())["epochs"] == 40
+
+
+def test_a_worker_writes_the_table_after_every_trial(tmp_path, data):
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="w")
+    out = tmp_path / "out"
+    out.mkdir()
+    url = f"sqlite:///{out / 'study.db'}"
+    optuna.create_study(study_name="w", storage=url, direction="maximize")
+    tables = []
+    real_write = sweep.write_results
+
+    def spy(rows, folder):
+        tables.append(len(rows))
+        real_write(rows, folder)
+
+    sweep.write_results = spy
+    try:
+        sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
+    finally:
+        sweep.write_results = real_write
+    assert tables == [1, 2]
+    assert (out / "results.md").read_text().count("| lenet |") == 2
