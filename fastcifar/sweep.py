@@ -224,8 +224,14 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         trial.set_user_attr("duration_s", summary["seconds"]["total"])
         return best["val_acc"] if best["val_acc"] is not None else best["test_acc"]
 
-    def table_so_far(study, trial):  # a long sweep's table grows trial by trial
-        write_results(results(study, spec), out)
+    def table_so_far(study, trial):  # a long sweep's table and log grow trial by trial
+        rows = results(study, spec)
+        write_results(rows, out)
+        for r in rows:
+            if r["trial"] == trial.number:
+                print(f"trial {r['trial']} {r['state']}: {r['model']}, lr {r['lr']}, "
+                      f"{r['optimizer'] or 'default optimiser'}: {r['accuracy']} test at epoch "
+                      f"{r['epochs_needed']}, {r['duration']}", flush=True)  # fmt: skip
 
     if spec.sampler == "grid":  # the grid sampler stops the study once every point is taken
         study.optimize(objective, catch=(UserError,), callbacks=[table_so_far])

@@ -166,7 +166,7 @@ def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
     assert json.loads((out / "trials" / "0000" / "config.json").read_text())["epochs"] == 40
 
 
-def test_a_worker_writes_the_table_after_every_trial(tmp_path, data):
+def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="w")
     out = tmp_path / "out"
     out.mkdir()
@@ -185,4 +185,6 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data):
     finally:
         sweep.write_results = real_write
     assert tables == [1, 2]
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    assert len(logged) == 2 and all("complete: lenet, lr 0.0" in line for line in logged)
     assert (out / "results.md").read_text().count("| lenet |") == 2
