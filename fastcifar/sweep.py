@@ -185,8 +185,11 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url, heartbeat)
+    # No pruner would mean Optuna's default, a MedianPruner: `prune = false` needs NopPruner.
     pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if spec.prune else None
+        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
+        if spec.prune
+        else optuna.pruners.NopPruner()
     )
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, worker),
                               pruner=pruner)  # fmt: skip

@@ -188,3 +188,24 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys):
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert len(logged) == 2 and all("complete: lenet, lr 0.0" in line for line in logged)
     assert (out / "results.md").read_text().count("| lenet |") == 2
+
+
+def test_no_pruning_unless_asked(tmp_path, data):
+    """Five finished trials far better at epoch 1 would make Optuna's default pruner stop
+    the next one there; with `prune = false` it runs to the end."""
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01]\nepochs = 2', "[sampler]\nprune = false",
+                      name="p")  # fmt: skip
+    path.write_text(path.read_text().replace("epochs = 1\n", ""))
+    out = tmp_path / "out"
+    out.mkdir()
+    url = f"sqlite:///{out / 'study.db'}"
+    study = optuna.create_study(study_name="p", storage=url, direction="maximize")
+    seeds = optuna.distributions.CategoricalDistribution([1, 2, 3, 4, 5])
+    for seed in seeds.choices:  # other points, another axis: never taken for this one
+        study.add_trial(optuna.trial.create_trial(
+            params={"seed": seed}, distributions={"seed": seeds}, value=0.99,
+            intermediate_values={1: 0.99, 2: 0.99}))  # fmt: skip
+    sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
+    ours = optuna.load_study(study_name="p", storage=url).trials[5:]
+    assert [t.state.name for t in ours] == ["COMPLETE"]
+    assert len(ours[0].intermediate_values) == 2
