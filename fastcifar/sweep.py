@@ -307,8 +307,18 @@ def _run_workers(command: list[str], env: dict, workers: int) -> list[int]:
         worker_env = {**env, "FASTCIFAR_SWEEP_WORKER": str(worker)}
         if gpus:
             worker_env["CUDA_VISIBLE_DEVICES"] = str(worker % gpus)
+        else:
+            worker_env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_worker(workers)))
         procs.append(subprocess.Popen(command, env=worker_env))
     return [p.wait() for p in procs]
+
+
+def cpu_threads_per_worker(workers: int) -> int:
+    """The cores split between CPU workers: each with torch's default of one thread per
+    core, two workers on two cores trained conv4 at a quarter of the images/s of two
+    one-thread workers (benchmarks/NOTES.md). A sweep's `threads` still overrides it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // workers)
 
 
 def _recover_stale(study, heartbeat: int) -> None:

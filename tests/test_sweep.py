@@ -209,3 +209,17 @@ def test_no_pruning_unless_asked(tmp_path, data):
     ours = optuna.load_study(study_name="p", storage=url).trials[5:]
     assert [t.state.name for t in ours] == ["COMPLETE"]
     assert len(ours[0].intermediate_values) == 2
+
+
+def test_cpu_workers_split_the_cores(monkeypatch):
+    monkeypatch.setattr(sweep, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    exit_with_threads = [
+        sys.executable,
+        "-c",
+        "import os; raise SystemExit(int(os.environ['OMP_NUM_THREADS']))",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert sweep._run_workers(exit_with_threads, env, 2) == [2, 2]
+    assert sweep._run_workers(exit_with_threads, env, 8) == [1] * 8
+    assert sweep._run_workers(exit_with_threads, {**env, "OMP_NUM_THREADS": "3"}, 2) == [3, 3]
