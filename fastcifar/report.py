@@ -35,11 +35,11 @@ def ran_default_settings(result: dict) -> bool:
     another batch size or torch.compile mode (CUDA graphs) are ablations: the table
     leaves them out, whatever order their files sort in. Results saved before they
     recorded it are judged by their compile mode and the CPU recipe's batch size."""
+    if "default_settings" in result:
+        return result["default_settings"]
     from fastcifar.config import TrainConfig
     from fastcifar.recipes import recipe
 
-    if "default_settings" in result:
-        return result["default_settings"]
     batch = recipe(result["arch"], "cpu").get("batch_size", TrainConfig.batch_size)
     return (
         result.get("compile_mode", "default") in ("default", "eager")

@@ -166,7 +166,7 @@ def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
     assert json.loads((out / "trials" / "0000" / "config.json").read_text())["epochs"] == 40
 
 
-def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys):
+def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, monkeypatch):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="w")
     out = tmp_path / "out"
     out.mkdir()
@@ -179,11 +179,8 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys):
         tables.append(len(rows))
         real_write(rows, folder)
 
-    sweep.write_results = spy
-    try:
-        sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
-    finally:
-        sweep.write_results = real_write
+    monkeypatch.setattr(sweep, "write_results", spy)
+    sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
     assert tables == [1, 2]
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert len(logged) == 2 and all("complete: lenet, lr 0.0" in line for line in logged)

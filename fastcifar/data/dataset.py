@@ -54,10 +54,10 @@ def resolve_arrays(data: str | None, download: bool, log=print) -> tuple[CifarAr
     """The arrays for `--data`, `$FASTCIFAR_DATA`, a download, or the default cache entry,
     and a source that resolves to the same arrays again (what a run records)."""
     path = data or os.environ.get("FASTCIFAR_DATA") or None
-    if path and is_entry(Path(path).expanduser()):
-        return _read_entry(Path(path).expanduser()), str(path)
     if path:
-        return load_cached(Path(path).expanduser(), log), str(path)
+        given = Path(path).expanduser()
+        arrays = _read_entry(given) if is_entry(given) else load_cached(given, log)
+        return arrays, str(path)
     if download:
         tarball = download_official(log)
         return load_cached(tarball, log), str(tarball)
