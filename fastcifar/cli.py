@@ -1,4 +1,4 @@
-"""The `fastcifar` command line: train, eval, predict, summary, list.
+"""The `fastcifar` command line: train, evaluate, sweep, analyse and benchmark CIFAR-10 CNNs.
 
 User mistakes end in one line on stderr and exit status 2, never a traceback.
 """

@@ -61,6 +61,10 @@ class SweepSpec:
             for combo in product(*self.axes.values())
         ]
 
+    def planned(self) -> int:
+        """How many trials the sweep runs: every grid point, or the TPE budget."""
+        return len(self.grid()) if self.sampler == "grid" else self.trials
+
     def options(self, choice: dict) -> dict:
         """Config options for one choice per axis: fixed values, then each axis' value."""
         values = dict(self.fixed)
@@ -274,9 +278,8 @@ def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, ou
                               {"sweep": spec.name})  # fmt: skip
         if run_id:
             study.set_user_attr("mlflow_parent_run_id", run_id)
-    done = sum(t.state.is_finished() for t in study.trials)
-    log(f"sweep {spec.name}: {len(spec.grid()) if spec.sampler == 'grid' else spec.trials} trials planned, "
-        f"{done} finished before, {workers} worker(s), storage {url}")  # fmt: skip
+    log(f"sweep {spec.name}: {spec.planned()} trials planned, {_trials_done(spec, study)} done before, "
+        f"{workers} worker(s), storage {url}")  # fmt: skip
     command = [sys.executable, "-m", "fastcifar", "sweep", str(path), "--worker-of", url, "--out", str(out),
                "--heartbeat", str(heartbeat)] + (["--data", data] if data else []) + ([] if track else ["--no-track"])  # fmt: skip
     env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
@@ -339,11 +342,19 @@ def _nothing_left(spec: SweepSpec, study) -> bool:
 
     if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         return False
+    return _trials_done(spec, study) >= spec.planned()
+
+
+def _trials_done(spec: SweepSpec, study) -> int:
+    """Trials that count: completed or pruned, not duplicates; on a grid, distinct points
+    (a failed trial and its retry count once, a failure not at all)."""
+    from optuna.trial import TrialState
+
     finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                 if not t.user_attrs.get("duplicate")]  # fmt: skip
     if spec.sampler == "tpe":
-        return len(finished) >= spec.trials
-    return len({json.dumps(t.params, sort_keys=True) for t in finished}) >= len(spec.grid())
+        return len(finished)
+    return len({json.dumps(t.params, sort_keys=True) for t in finished})
 
 
 def _taken_by_another(study, trial) -> bool:

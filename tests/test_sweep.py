@@ -164,6 +164,11 @@ def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
     assert states.count("COMPLETE") == 2  # each grid point done once: the killed one again
     assert sorted(r["lr"] for r in rows) == [0.01, 0.05]
     assert json.loads((out / "trials" / "0000" / "config.json").read_text())["epochs"] == 40
+    lines = []  # resumed again: the failed trial and its retry count as one point done
+    run_sweep(path, storage=url, workers=1, resume=True, out=out, data=data, track=False,
+              heartbeat=1, log=lines.append)  # fmt: skip
+    assert "2 trials planned, 2 done before" in lines[0]
+    assert len(optuna.load_study(study_name="k", storage=url).trials) == 3
 
 
 def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, monkeypatch):
