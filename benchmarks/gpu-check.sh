@@ -10,9 +10,10 @@
 #
 # Each stage has its own time limit so that one slow or failing stage leaves the rest
 # running; everything is logged to RESULTS_DIR/log.txt. The result files (accuracy-,
-# throughput-, throughput-cudagraphs-, throughput-b1024-, fused-block-, loaders-,
-# loader-share- and benchmarks-cuda.json, and runs/ without checkpoints) are packed into
-# RESULTS_DIR/results-cuda.tgz after every stage, so a run cut short keeps what it made.
+# throughput-, throughput-others-, throughput-cudagraphs-, throughput-b1024-,
+# fused-block-, loaders-, loader-share- and benchmarks-cuda.json, and runs/ without
+# checkpoints) are packed into RESULTS_DIR/results-cuda.tgz after every stage, so a run
+# cut short keeps what it made.
 set -u
 out=$(realpath "${1:?usage: benchmarks/gpu-check.sh RESULTS_DIR [DATA]}")
 mkdir -p "$out"
@@ -88,6 +89,8 @@ stage loader-share 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_load
   --benchmark-columns=median,rounds
 stage throughput 240 $PY -m fastcifar bench throughput --arch lenet conv3 conv5 cerberus \
   --json "$results/throughput-cuda.json"
+stage throughput-others 300 $PY -m fastcifar bench throughput --arch wide4 sinha14 conv4_relu \
+  conv4_relu_bn conv4_leaky conv4_leaky_dropout --json "$results/throughput-others-cuda.json"
 stage throughput-cudagraphs 240 $PY -m fastcifar bench throughput --arch lenet cerberus \
   --compile-mode reduce-overhead --json "$results/throughput-cudagraphs-cuda.json"
 stage throughput-b1024 180 $PY -m fastcifar bench throughput --arch cerberus --batch-size 1024 \
