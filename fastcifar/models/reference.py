@@ -29,14 +29,19 @@ def wide4(activation: str = "relu", dropout: float = 0.25) -> nn.Module:
 def sinha14(activation: str = "relu", filters: int = 28, kernel: int = 5) -> nn.Module:
     """Ref. [3] (Sinha, Verma, Haidar, SSCI 2017): their best CIFAR-10 network, a stack of
     14 conv -> ReLU blocks with 28 filters of 5x5. The paper gives no pooling plan; here a
-    2x2 max-pool follows blocks 4, 9 and 14, then one linear classifier (28*4*4 -> 10)."""
+    2x2 max-pool follows blocks 4, 9 and 14, then one linear classifier (28*4*4 -> 10).
+
+    With no normalisation in 14 layers, PyTorch's default conv init shrinks the signal's
+    mean square about sixfold per block, so the classifier sees little but the biases'
+    noise and training stayed at chance; the convs get He (Kaiming normal) init instead,
+    which keeps the activations' scale through the stack."""
     layers: list[nn.Module] = []
     c_in = 3
     for block in range(1, 15):
-        layers += [
-            nn.Conv2d(c_in, filters, kernel, padding=kernel // 2),
-            make_activation(activation),
-        ]
+        conv = nn.Conv2d(c_in, filters, kernel, padding=kernel // 2)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, make_activation(activation)]
         if block in (4, 9, 14):
             layers.append(nn.MaxPool2d(2))
         c_in = filters
