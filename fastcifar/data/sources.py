@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import pickle
 import tarfile
 import zipfile
@@ -208,7 +209,9 @@ def _decode_all(files, names: list[str]) -> np.ndarray:
     chunks = [names[i : i + 2500] for i in range(0, len(names), 2500)]
     if len(chunks) == 1:
         return _decode_chunk(files, chunks[0])
-    with ProcessPoolExecutor() as pool:
+    # Spawned, not forked: a forked worker inherits the parent's objects but not their
+    # threads, and one that garbage-collects such an object (a DALI pipeline) crashes.
+    with ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn")) as pool:
         return np.concatenate(list(pool.map(_decode_chunk, [files] * len(chunks), chunks)))
 
 
