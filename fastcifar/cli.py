@@ -229,8 +229,12 @@ def cmd_bench_accuracy(args) -> int:
     runs = list(args.collect or [])
     if not runs:
         from fastcifar.display import TrainingDisplay
+        from fastcifar.recipes import paper_config
         from fastcifar.train.engine import fit
 
+        configs = {
+            arch: paper_config(arch) if args.recipe == "paper" else None for arch in args.arch
+        }
         for arch in args.arch:
             for seed in range(args.seeds):
                 flags = [
@@ -241,8 +245,8 @@ def cmd_bench_accuracy(args) -> int:
                     "--out",
                     str(args.runs / f"{arch}-{args.recipe}-s{seed}"),
                 ]
-                if args.recipe == "paper":
-                    flags += ["--config", str(Path("configs/paper") / f"{arch}.toml")]
+                if configs[arch]:
+                    flags += ["--config", str(configs[arch])]
                 if args.data:
                     flags += ["--data", args.data]
                 cfg, _ = resolve_train_config(build_parser().parse_args(["train", *flags]))

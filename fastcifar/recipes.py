@@ -7,6 +7,14 @@ each device; the README's performance section gives the measurements.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from fastcifar.config import read_toml
+from fastcifar.errors import UserError
+
+# The paper's own hyper-parameters per arch, one TOML file each (`--config`).
+PAPER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
+
 # Training recipes: SGD + Nesterov with a one-cycle schedule, label smoothing,
 # crop + flip augmentation (plus an 8x8 cutout for cerberus); epochs chosen to reach the
 # accuracy goals on this data (benchmarks/NOTES.md).
@@ -36,3 +44,21 @@ def recipe(arch: str, device: str) -> dict:
     values.update(speed["*"])
     values.update(speed.get(arch, {}))
     return values
+
+
+def paper_config(arch: str) -> Path:
+    """The file of the paper's recipe for `arch`; a UserError where there is none."""
+    path = PAPER_CONFIGS / f"{arch}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PAPER_CONFIGS.glob("*.toml")))
+        raise UserError(f"no paper recipe for {arch} (there is one for: {known or 'none'})")
+    return path
+
+
+def named_recipe(arch: str, name: str, device: str) -> dict:
+    """Config values of recipe `name` ("default" or "paper") for `arch` on `device`: the
+    values `fastcifar train --arch ARCH` (with `--config` the paper's file) starts from."""
+    values = recipe(arch, device)
+    if name == "paper":
+        values.update(read_toml(paper_config(arch)))
+    return {**values, "arch": arch}

@@ -11,8 +11,10 @@ import math
 import statistics
 from pathlib import Path
 
+from fastcifar.config import TrainConfig
 from fastcifar.data.cache import entry_source, is_entry
 from fastcifar.errors import UserError
+from fastcifar.recipes import named_recipe
 from fastcifar.train.rundir import read_metrics
 
 # Test accuracy the paper reports per arch: its own networks (sections 2 and 4), the best
@@ -31,6 +33,20 @@ PAPER_ACCURACY = {
 LEVELS = (0.6, 0.7, 0.8, 0.85, 0.9)
 # two-sided 95% Student t quantiles for 1..10 degrees of freedom; 1.96 beyond
 T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+# The config fields that make a recipe: a run recorded under a recipe's name must match
+# them. Paths, seeds, loaders and speed switches may differ between runs of one recipe.
+RECIPE_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
+                 "weight_decay", "schedule", "warmup_epochs", "step_epochs", "gamma",
+                 "label_smoothing", "dropout", "activation", "patience", "crop_pad", "flip",
+                 "cutout", "val", "subset", "split_seed")  # fmt: skip
+
+
+def recipe_differences(config: dict, recipe: str, device: str) -> list[str]:
+    """Where a run's config departs from recipe `recipe` of its arch on `device`, as
+    "field value (recipe: value)" strings; empty when it follows the recipe."""
+    want = TrainConfig.from_dict(named_recipe(config["arch"], recipe, device)).to_dict()
+    return [f"{field} {config.get(field)} (recipe: {want[field]})"
+            for field in RECIPE_FIELDS if config.get(field) != want[field]]  # fmt: skip
 
 
 def run_record(run: Path, recipe: str) -> dict:
@@ -41,6 +57,10 @@ def run_record(run: Path, recipe: str) -> dict:
         summary = json.loads((run / "summary.json").read_text())
     except FileNotFoundError as exc:
         raise UserError(f"{run} is not a finished run: {Path(exc.filename).name} missing") from None
+    differences = recipe_differences(config, recipe, env["device"])
+    if differences:
+        raise UserError(f"{run} was not trained with the {recipe} recipe of {config['arch']}: "
+                        + ", ".join(differences))  # fmt: skip
     rows = read_metrics(run)
     levels = {str(level): level for level in LEVELS}
     if config["arch"] in PAPER_ACCURACY:

@@ -112,11 +112,10 @@ def test_config_file_and_flags_layer(tmp_path, data):
 def test_paper_recipes_override_the_default_augmentation(arch):
     """The paper trained without augmentation or label smoothing: its config files must
     switch off whatever the arch's default recipe adds."""
-    from pathlib import Path
-
     from fastcifar.cli import build_parser, resolve_train_config
+    from fastcifar.recipes import paper_config
 
-    path = Path(__file__).parents[1] / "configs" / "paper" / f"{arch}.toml"
+    path = paper_config(arch)
     cfg, _ = resolve_train_config(build_parser().parse_args(["train", "--config", str(path)]))
     assert cfg.arch == arch
     assert (cfg.crop_pad, cfg.flip, cfg.cutout, cfg.label_smoothing) == (0, False, 0, 0.0)
@@ -159,6 +158,22 @@ def test_existing_run_and_resume_errors(capsys, tmp_path, data):
     assert_one_line_error(code, err, "nothing to resume")
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--lr", "0.3")
     assert_one_line_error(code, err, "cannot change --lr")
+
+
+def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path, data):
+    assert run(capsys, *quick(data, tmp_path / "run"))[0] == 0
+    out = tmp_path / "accuracy.json"
+    code, _, err = run(
+        capsys, "bench", "accuracy", "--collect", str(tmp_path / "run"), "--out", str(out)
+    )
+    assert_one_line_error(
+        code, err, "not trained with the default recipe of lenet: epochs 1 (recipe: 20)"
+    )
+    assert not out.exists()
+    code, _, err = run(
+        capsys, "bench", "accuracy", "--arch", "wide4", "--recipe", "paper", "--out", str(out)
+    )
+    assert_one_line_error(code, err, "no paper recipe for wide4 (there is one for: cerberus, conv3")
 
 
 def test_no_traceback_from_the_console_script(tmp_path):

@@ -99,3 +99,22 @@ def test_side_by_side_records_whether_it_ran_the_recipe_unchanged():
     assert not compare_throughput("lenet", train, labels, batch_size=32, **kwargs).default_settings
     changed = compare_throughput("lenet", train, labels, overrides={"lr": 0.123}, **kwargs)
     assert not changed.default_settings
+
+
+def test_a_run_is_recorded_only_under_the_recipe_it_followed():
+    from fastcifar.config import TrainConfig
+    from fastcifar.recipes import named_recipe
+    from fastcifar.results import recipe_differences
+
+    default = TrainConfig.from_dict(named_recipe("conv5", "default", "cpu")).to_dict()
+    assert recipe_differences(default, "default", "cpu") == []
+    # another seed, run directory or loader is still the recipe
+    same = {**default, "seed": 3, "out": "elsewhere", "loader": "dali", "native": "off"}
+    assert recipe_differences(same, "default", "cpu") == []
+    assert recipe_differences({**default, "epochs": 20}, "default", "cpu") == [
+        "epochs 20 (recipe: 25)"
+    ]
+    assert recipe_differences(default, "paper", "cpu")  # the paper's recipe is another one
+    paper = TrainConfig.from_dict(named_recipe("lenet", "paper", "cpu")).to_dict()
+    assert recipe_differences(paper, "paper", "cpu") == []
+    assert (paper["batch_size"], paper["flip"]) == (4, False)  # from configs/paper/lenet.toml
