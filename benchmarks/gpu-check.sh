@@ -70,7 +70,15 @@ if $PY -c "import nvidia.dali" 2>/dev/null; then
   stage train-dali-decode 120 $PY -m fastcifar train --arch cerberus --amp --loader dali \
     --dali-decode --epochs 2 --no-track --out "$runs/cerberus-2ep-dali-decode"
 fi
+others="conv4_relu conv4_relu_bn conv4_leaky conv4_leaky_dropout sinha14 wide4"
+for arch in $others; do  # the other archs' default recipes: minutes here, hours on the CPU
+  stage "train-$arch" 150 $PY -m fastcifar train --arch "$arch" --no-track --quiet \
+    --out "$runs/$arch-cuda"
+done
 finished=$(ls -d "$runs"/cerberus-cuda{,-s1,-s2}/summary.json 2>/dev/null | xargs -r -n1 dirname)
+for arch in $others; do
+  [ -f "$runs/$arch-cuda/summary.json" ] && finished+=" $runs/$arch-cuda"
+done
 stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect $finished \
   --out "$results/accuracy-cuda.json"
 stage fused-block 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
