@@ -138,15 +138,14 @@ def scatter(tables: dict[str, list[dict]], path: Path) -> Path:
 
     plt = figures.plt
     fig, ax = plt.subplots(figsize=(8, 5))
+    labels: list[tuple[str, float, float]] = []
     for color, (machine, rows) in zip(plt.cm.tab10.colors, tables.items(), strict=False):
         points = [
             (r["train_ips"], r["stats"]["mean"], r) for r in rows if r["train_ips"] and r["stats"]
         ]
         for ips, acc, r in points:
             ax.scatter(ips, 100 * acc, color=color, zorder=3)
-            ax.annotate(
-                r["arch"], (ips, 100 * acc), textcoords="offset points", xytext=(5, 4), fontsize=8
-            )
+            labels.append((r["arch"], ips, 100 * acc))
             if r["baseline_ips"]:
                 ax.scatter(
                     r["baseline_ips"], 100 * acc, facecolors="none", edgecolors=color, zorder=3
@@ -165,12 +164,47 @@ def scatter(tables: dict[str, list[dict]], path: Path) -> Path:
                 label=f"{machine[:40]} Pareto front",
             )
     ax.set_xscale("log")
+    _annotate_apart(ax, labels, fontsize=8)
     ax.set(xlabel="training images/s (log)", ylabel="test accuracy (%)",
            title="throughput against accuracy (hollow: tutorial pipeline, same model)")  # fmt: skip
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     return figures.save(fig, path)
+
+
+def _annotate_apart(ax, labels: list[tuple[str, float, float]], fontsize: float) -> None:
+    """Name each point beside it, moving a name down where it would overlap another."""
+    ax.autoscale_view()
+    to_points = 72 / ax.figure.dpi
+    anchors = []
+    for text, x, y in labels:
+        px, py = ax.transData.transform((x, y)) * to_points
+        anchors.append((px + 5, py + 4, 0.6 * fontsize * len(text)))
+    lifts = spread_labels(anchors, height=1.15 * fontsize)
+    for (text, x, y), lift in zip(labels, lifts, strict=True):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4 + lift),
+                    fontsize=fontsize)  # fmt: skip
+
+
+def spread_labels(anchors: list[tuple[float, float, float]], height: float) -> list[float]:
+    """Vertical shifts (<= 0) that keep text labels from overlapping. Each anchor is the
+    (x, y, width) of a label's lower-left corner, in points; labels are placed from the
+    top down, each below any placed label whose box it would cross."""
+    placed: list[tuple[float, float, float]] = []
+    shifts = [0.0] * len(anchors)
+    for i in sorted(range(len(anchors)), key=lambda i: -anchors[i][1]):
+        x, y, width = anchors[i]
+        top = y
+        beside = sorted(
+            (py for px, py, pw in placed if x < px + pw and px < x + width), reverse=True
+        )
+        for py in beside:  # top only moves down, so one pass from the top is enough
+            if abs(top - py) < height * (1 - 1e-9):
+                top = py - height
+        placed.append((x, top, width))
+        shifts[i] = top - y
+    return shifts
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

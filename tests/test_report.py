@@ -7,7 +7,7 @@ from PIL import Image
 
 from fastcifar.bench import compare_throughput
 from fastcifar.cli import main
-from fastcifar.report import END, START, pareto_front
+from fastcifar.report import END, START, pareto_front, spread_labels
 from fastcifar.results import accuracy_stats
 
 from .conftest import make_arrays
@@ -85,6 +85,18 @@ def test_accuracy_stats_and_pareto_front():
         (2, 0.8),
         (3, 0.6),
     ]
+
+
+@pytest.mark.parametrize("height", [9.0, 1.15 * 8])
+def test_labels_of_nearby_points_are_moved_apart(height):
+    anchors = [(100, 50, 60), (104, 49, 80), (102, 51, 40), (300, 50, 60), (100, 10, 60)]
+    shifts = spread_labels(anchors, height)
+    boxes = [(x, y + s, w) for (x, y, w), s in zip(anchors, shifts, strict=True)]
+    for i, (xa, ya, wa) in enumerate(boxes):
+        for xb, yb, wb in boxes[i + 1 :]:
+            assert not (xa < xb + wb and xb < xa + wa and abs(ya - yb) < height)
+    assert shifts[2] == 0 and shifts[3] == 0 and shifts[4] == 0  # the top one and lone ones stay
+    assert shifts[0] < 0 and shifts[1] < 0
 
 
 def test_report_without_results_is_one_line(tmp_path, capsys):
