@@ -164,18 +164,19 @@ def scatter(tables: dict[str, list[dict]], path: Path) -> Path:
                 label=f"{machine[:40]} Pareto front",
             )
     ax.set_xscale("log")
-    _annotate_apart(ax, labels, fontsize=8)
     ax.set(xlabel="training images/s (log)", ylabel="test accuracy (%)",
            title="throughput against accuracy (hollow: tutorial pipeline, same model)")  # fmt: skip
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
+    _annotate_apart(ax, labels, fontsize=8)
     return figures.save(fig, path)
 
 
 def _annotate_apart(ax, labels: list[tuple[str, float, float]], fontsize: float) -> None:
     """Name each point beside it, moving a name down where it would overlap another."""
     ax.autoscale_view()
+    ax.figure.tight_layout()  # the final axes size, so that distances in points hold
     to_points = 72 / ax.figure.dpi
     anchors = []
     for text, x, y in labels:
