@@ -178,13 +178,14 @@ def _annotate_apart(ax, labels: list[tuple[str, float, float]], fontsize: float)
     ax.autoscale_view()
     ax.figure.tight_layout()  # the final axes size, so that distances in points hold
     to_points = 72 / ax.figure.dpi
+    dx, dy = 5, 4  # a label's corner, up and to the right of its point, in points
     anchors = []
     for text, x, y in labels:
         px, py = ax.transData.transform((x, y)) * to_points
-        anchors.append((px + 5, py + 4, 0.6 * fontsize * len(text)))
+        anchors.append((px + dx, py + dy, 0.6 * fontsize * len(text)))
     lifts = spread_labels(anchors, height=1.15 * fontsize)
     for (text, x, y), lift in zip(labels, lifts, strict=True):
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4 + lift),
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy + lift),
                     fontsize=fontsize)  # fmt: skip
 
 
