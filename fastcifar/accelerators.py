@@ -1,5 +1,5 @@
-"""The optional accelerated paths, detected in one place: CUDA, the native extension,
-DALI, Triton, MLflow and Optuna. `fastcifar doctor` prints this."""
+"""The optional accelerated paths, detected in one place: CPU bf16, CUDA, the native
+extension, DALI, Triton, MLflow and Optuna. `fastcifar doctor` prints this."""
 
 from __future__ import annotations
 
@@ -19,7 +19,20 @@ def _module(name: str) -> tuple[bool, str]:
 
 def report() -> list[tuple[str, bool, str]]:
     """(path, available, detail) for every optional path."""
+    from fastcifar.train.device import SLOW_BF16, native_bf16
+
     rows = [("torch", True, f"{torch.__version__}, {torch.get_num_threads()} CPU threads")]
+    cpu = torch.device("cpu")
+    if native_bf16(cpu):
+        rows.append(("cpu bf16", True, "bf16 instructions: --amp trains in bf16 on the CPU"))
+    else:
+        rows.append(
+            (
+                "cpu bf16",
+                False,
+                f"{SLOW_BF16.removeprefix('this CPU has ')}; --amp trains in fp32 on the CPU",
+            )
+        )
     if torch.cuda.is_available():
         rows.append(("cuda", True, f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"))
     else:

@@ -38,8 +38,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         text = helps.get(field.name, "")
         if field.name == "amp":
             parser.add_argument(
-                "--amp", nargs="?", const="bf16", choices=["bf16", "fp16", "none"],
-                default=argparse.SUPPRESS, help="autocast dtype; bare --amp means bf16",
+                "--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16", "none"],
+                default=argparse.SUPPRESS,
+                help="autocast dtype; bare --amp (auto) means bf16 where the device computes in"
+                " bf16 (a GPU, a CPU with AVX512-BF16 or AMX), else fp32",
             )  # fmt: skip
             parser.add_argument(
                 "--no-amp", dest="amp", action="store_const", const="none",
@@ -65,7 +67,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     """Layer defaults, the arch's device recipe, --config, then flags (later wins)."""
     from fastcifar.models import list_models
     from fastcifar.recipes import recipe
-    from fastcifar.train.device import resolve_device
+    from fastcifar.train.device import SLOW_BF16, fastest_amp, resolve_device
 
     flags = {
         k: v
@@ -85,6 +87,10 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     if arch not in list_models():
         raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(list_models())}")
     device = resolve_device(flags.get("device") or file_values.get("device") or "auto")
+    if flags.get("amp") == "auto":
+        flags["amp"] = fastest_amp(device)
+        if flags["amp"] == "none":
+            print(f"fastcifar: {SLOW_BF16}; --amp trains in fp32", file=sys.stderr)
     values = {**recipe(arch, device.type), **file_values, **flags, "arch": arch}
     return TrainConfig.from_dict(values), None
 

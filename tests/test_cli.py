@@ -103,7 +103,9 @@ def test_config_file_and_flags_layer(tmp_path, data):
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('arch = "conv3"\nlr = 0.2\nepochs = 7\n')
-    args = build_parser().parse_args(["train", "--config", str(cfg), "--epochs", "3", "--amp"])
+    args = build_parser().parse_args(
+        ["train", "--config", str(cfg), "--epochs", "3", "--amp", "bf16"]
+    )
     resolved, _ = resolve_train_config(args)
     assert (resolved.arch, resolved.lr, resolved.epochs, resolved.amp) == ("conv3", 0.2, 3, "bf16")
 
@@ -195,7 +197,7 @@ def test_summary_and_list(capsys):
 def test_doctor_reports_every_path(capsys):
     assert main(["doctor"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["torch", "cuda", "native", "dali", "triton", "mlflow", "optuna"]
+    assert names == ["torch", "cpu", "cuda", "native", "dali", "triton", "mlflow", "optuna"]
 
 
 def test_profile_writes_a_chrome_trace(capsys, tmp_path, data):

@@ -22,9 +22,37 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_amp(amp: str, device: torch.device) -> None:
+# Without bf16 instructions torch emulates bf16 arithmetic on the CPU: on an AVX2-only
+# CPU a bf16 training step ran 7x (lenet) to 13x (conv5) slower than fp32
+# (benchmarks/NOTES.md).
+SLOW_BF16 = (
+    "this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast is emulated"
+    " and runs several times slower than fp32"
+)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 in hardware: a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def fastest_amp(device: torch.device) -> str:
+    """What a bare `--amp` means on `device`: bf16 where it runs in hardware, else fp32."""
+    return "bf16" if native_bf16(device) else "none"
+
+
+def check_amp(amp: str, device: torch.device) -> str | None:
+    """Rejects an autocast dtype the device cannot run; returns a warning for one it runs
+    slowly, else None."""
     if amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    if amp == "bf16" and device.type == "cpu" and not native_bf16(device):
+        return f"{SLOW_BF16}; --no-amp trains in fp32"
+    return None
 
 
 def autocast(amp: str, device: torch.device):

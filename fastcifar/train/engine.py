@@ -201,7 +201,9 @@ def fit(
     """
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    check_amp(cfg.amp, device)
+    warning = check_amp(cfg.amp, device)
+    if warning:
+        print(f"fastcifar: {warning}", file=sys.stderr)
     configure_runtime(cfg.threads, cfg.deterministic, cfg.seed)
     run_dir = rundir.create_run_dir(
         resume or Path(cfg.out or rundir.default_run_dir(cfg.arch)), fresh=resume is None

@@ -1,0 +1,61 @@
+"""Precision per device: bf16 only where the hardware computes in bf16."""
+
+import pytest
+import torch
+
+from fastcifar.cli import build_parser, main, resolve_train_config
+from fastcifar.recipes import recipe
+from fastcifar.train.device import check_amp, fastest_amp, native_bf16
+
+from .conftest import make_arrays, write_batches_dir
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-cpu", "avx2-cpu"])
+def cpu_bf16(request, monkeypatch):
+    """Pretend the CPU has (or lacks) bf16 instructions, at torch's own probes."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: request.param, raising=False)
+    return request.param
+
+
+def test_the_probes_decide_native_bf16(cpu_bf16):
+    assert native_bf16(CPU) is cpu_bf16
+    assert fastest_amp(CPU) == ("bf16" if cpu_bf16 else "none")
+
+
+def test_the_cpu_recipe_trains_in_bf16_only_with_bf16_instructions(cpu_bf16):
+    values = recipe("cerberus", "cpu")
+    assert values["amp"] == ("bf16" if cpu_bf16 else "none")
+    assert values["channels_last"] and values["epochs"] == 24  # the rest of the recipe stays
+
+
+def test_forcing_bf16_without_instructions_warns_but_is_allowed(cpu_bf16):
+    warning = check_amp("bf16", CPU)
+    assert (warning is None) is cpu_bf16
+    if warning:
+        assert "emulated" in warning and "--no-amp" in warning
+    assert check_amp("none", CPU) is None
+
+
+def test_bare_amp_picks_the_fastest_precision_and_says_why(cpu_bf16, capsys):
+    args = build_parser().parse_args(["train", "--arch", "lenet", "--device", "cpu", "--amp"])
+    cfg, _ = resolve_train_config(args)
+    assert cfg.amp == ("bf16" if cpu_bf16 else "none")
+    err = capsys.readouterr().err
+    assert ("trains in fp32" in err) is not cpu_bf16
+    args = build_parser().parse_args(
+        ["train", "--arch", "lenet", "--device", "cpu", "--amp", "bf16"]
+    )
+    assert resolve_train_config(args)[0].amp == "bf16"  # an explicit dtype is kept
+
+
+def test_a_forced_bf16_run_prints_the_warning_once(cpu_bf16, capsys, tmp_path):
+    data = str(write_batches_dir(tmp_path / "data", make_arrays(n_train=100, n_test=20)))
+    code = main(["train", "--arch", "lenet", "--data", data, "--out", str(tmp_path / "r"),
+                 "--epochs", "1", "--batch-size", "50", "--val", "50", "--no-track", "--quiet",
+                 "--device", "cpu", "--amp", "bf16"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0
+    assert err.count("bf16 autocast is emulated") == (0 if cpu_bf16 else 1)
