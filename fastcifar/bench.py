@@ -129,21 +129,36 @@ def time_eval(p: Pipeline, steps: int) -> float:
     return steps * p.cfg.batch_size / (time.perf_counter() - start)
 
 
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul throughput, the yardstick for 'percent of peak'. A GPU needs
-    a large product to reach its peak; 2048^3 already saturates these CPUs."""
-    size, reps = (8192, 20) if device.type == "cuda" else (2048, 5)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0) -> float:
+    """Measured dense matmul throughput, the yardstick for 'percent of peak'. The square
+    product grows from 256 to the size that saturates the device (8192 on a GPU, 2048 on
+    these CPUs) while one product takes under a tenth of `budget_s`, then repeats for
+    about `budget_s`: a CPU without bf16 instructions emulates a bf16 product some fifty
+    times slower than fp32, and a full-size one would take minutes."""
+    largest = 8192 if device.type == "cuda" else 2048
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        _time_products(a, b, 1)  # warm-up
+        seconds = _time_products(a, b, 1)
+        if size >= largest or seconds > budget_s / 10:
+            break
+        size *= 2
+    reps = max(1, min(20, int(budget_s / seconds)))
+    return 2 * size**3 * reps / _time_products(a, b, reps) / 1e12
+
+
+def _time_products(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
+    """Seconds for `reps` products a @ b, device work included."""
+    if a.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    if device.type == "cuda":
+    if a.device.type == "cuda":
         torch.cuda.synchronize()  # host sync: end of the timed loop
-    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
+    return time.perf_counter() - start
 
 
 @dataclass

@@ -59,3 +59,25 @@ def test_a_forced_bf16_run_prints_the_warning_once(cpu_bf16, capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 0
     assert err.count("bf16 autocast is emulated") == (0 if cpu_bf16 else 1)
+
+
+def test_the_matmul_peak_is_in_tflops_whatever_the_precision():
+    """The peak grows its product only while a product is quick, so an emulated bf16
+    peak stays affordable; its rate must agree with a product timed here."""
+    import time
+
+    from fastcifar.bench import matmul_peak_tflops
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    start = time.perf_counter()
+    a @ b
+    direct = 2 * 512**3 / (time.perf_counter() - start) / 1e12
+    assert 0.1 < matmul_peak_tflops(CPU, torch.float32, budget_s=0.2) / direct < 10
+
+
+def test_the_cpu_is_named_with_its_instruction_set(cpu_bf16):
+    from fastcifar.train.device import device_name
+
+    want = "AMX" if cpu_bf16 else torch.backends.cpu.get_cpu_capability()
+    assert device_name(CPU).endswith(f" cores, {want}")

@@ -9,6 +9,7 @@ from fastcifar.config import TrainConfig
 from fastcifar.display import TrainingDisplay
 from fastcifar.errors import UserError
 from fastcifar.train import engine
+from fastcifar.train.device import fastest_amp
 from fastcifar.train.engine import TrainingDiverged, fit
 
 from .conftest import make_arrays, write_batches_dir
@@ -127,7 +128,8 @@ def test_batch_larger_than_dataset(tmp_path, small_data):
 
 def test_lenet_learns_on_real_cifar(tmp_path, real_data):
     cfg = small_config(str(real_data), tmp_path / "real", subset=6000, val=1000, epochs=5,
-                       batch_size=128, eval_batch_size=1000, lr=0.05, label_smoothing=0.1, amp="bf16", threads=0)  # fmt: skip
+                       batch_size=128, eval_batch_size=1000, lr=0.05, label_smoothing=0.1,
+                       amp=fastest_amp(torch.device("cpu")), threads=0)  # fmt: skip
     summary = fit(cfg, TrainingDisplay(quiet=True))
     assert summary["best"]["test_acc"] > 0.3  # chance is 0.10
 

@@ -40,6 +40,16 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def cpu_instructions() -> str:
+    """The CPU's widest instruction set for training: AMX, AVX512-BF16, or torch's own
+    capability name (AVX512, AVX2, ...). It decides the CPU's speed more than its model."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def fastest_amp(device: torch.device) -> str:
     """What a bare `--amp` means on `device`: bf16 where it runs in hardware, else fp32."""
     return "bf16" if native_bf16(device) else "none"
@@ -79,7 +89,8 @@ def configure_runtime(threads: int, deterministic: bool, seed: int) -> None:
 
 
 def device_name(device: torch.device) -> str:
-    """What the results ran on: the GPU's name, or the CPU's model and core count."""
+    """What the results ran on: the GPU's name, or the CPU's model, core count and
+    instruction set (two machines of one model name can differ in AVX-512)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
@@ -90,4 +101,4 @@ def device_name(device: torch.device) -> str:
             )
     except (OSError, StopIteration):
         pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{model}, {os.cpu_count()} cores, {cpu_instructions()}"
