@@ -22,17 +22,10 @@ def report() -> list[tuple[str, bool, str]]:
     from fastcifar.train.device import SLOW_BF16, native_bf16
 
     rows = [("torch", True, f"{torch.__version__}, {torch.get_num_threads()} CPU threads")]
-    cpu = torch.device("cpu")
-    if native_bf16(cpu):
-        rows.append(("cpu bf16", True, "bf16 instructions: --amp trains in bf16 on the CPU"))
+    if native_bf16(torch.device("cpu")):
+        rows.append(("cpu-bf16", True, "bf16 instructions: --amp trains in bf16 on the CPU"))
     else:
-        rows.append(
-            (
-                "cpu bf16",
-                False,
-                f"{SLOW_BF16.removeprefix('this CPU has ')}; --amp trains in fp32 on the CPU",
-            )
-        )
+        rows.append(("cpu-bf16", False, f"{SLOW_BF16}; --amp trains in fp32 on the CPU"))
     if torch.cuda.is_available():
         rows.append(("cuda", True, f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"))
     else:

@@ -197,7 +197,7 @@ def test_summary_and_list(capsys):
 def test_doctor_reports_every_path(capsys):
     assert main(["doctor"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["torch", "cpu", "cuda", "native", "dali", "triton", "mlflow", "optuna"]
+    assert names == ["torch", "cpu-bf16", "cuda", "native", "dali", "triton", "mlflow", "optuna"]
 
 
 def test_profile_writes_a_chrome_trace(capsys, tmp_path, data):

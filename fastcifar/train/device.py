@@ -26,9 +26,20 @@ def resolve_device(name: str) -> torch.device:
 # CPU a bf16 training step ran 7x (lenet) to 13x (conv5) slower than fp32
 # (benchmarks/NOTES.md).
 SLOW_BF16 = (
-    "this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast is emulated"
-    " and runs several times slower than fp32"
+    "no bf16 instructions (AVX512-BF16 or AMX) on this CPU: bf16 autocast is emulated,"
+    " several times slower than fp32"
 )
+BF16_INSTRUCTIONS = ("AMX", "AVX512-BF16")
+
+
+def cpu_instructions() -> str:
+    """The CPU's widest instruction set for training: AMX, AVX512-BF16, or torch's own
+    capability name (AVX512, AVX2, ...). It decides the CPU's speed more than its model."""
+    probes = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
+    for name, probe in probes.items():  # torch.cpu's probes are private: absent means no
+        if getattr(torch.cpu, probe, lambda: False)():
+            return name
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -36,18 +47,7 @@ def native_bf16(device: torch.device) -> bool:
     CPU with AVX512-BF16 or AMX."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def cpu_instructions() -> str:
-    """The CPU's widest instruction set for training: AMX, AVX512-BF16, or torch's own
-    capability name (AVX512, AVX2, ...). It decides the CPU's speed more than its model."""
-    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-        return "AMX"
-    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return "AVX512-BF16"
-    return torch.backends.cpu.get_cpu_capability()
+    return cpu_instructions() in BF16_INSTRUCTIONS
 
 
 def fastest_amp(device: torch.device) -> str:
