@@ -18,6 +18,7 @@ from fastcifar.bench import (
     training_flops_per_image,
 )
 from fastcifar.models import list_models
+from fastcifar.train.device import native_bf16
 
 from .conftest import environment
 
@@ -46,6 +47,8 @@ def test_train_throughput(
 ):
     if variant == "compile" and not full and device.type == "cpu":
         pytest.skip("compiling on the CPU takes minutes; --full measures it")
+    if variant == "amp" and not full and not native_bf16(device):
+        pytest.skip("bf16 is emulated on this CPU (7x to 13x slower); --full measures it")
     batch = 128 if full else 32
     p = build_pipeline(arch, variant, *train_arrays, batch_size=batch, device=device)
     warmup, steps = _steps(full, arch)
