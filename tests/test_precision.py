@@ -81,3 +81,16 @@ def test_the_cpu_is_named_with_its_instruction_set(cpu_bf16):
 
     want = "AMX" if cpu_bf16 else torch.backends.cpu.get_cpu_capability()
     assert device_name(CPU).endswith(f" cores, {want}")
+
+
+def test_a_bf16_checkpoint_is_evaluated_in_the_fastest_precision(cpu_bf16, tmp_path):
+    from fastcifar.config import TrainConfig
+    from fastcifar.inference import load_trained
+    from fastcifar.train.checkpoint import save_checkpoint
+    from fastcifar.train.engine import build_model
+
+    cfg = TrainConfig(arch="lenet", amp="bf16", device="cpu")
+    model = build_model(cfg, CPU)
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict()}, tmp_path / "best.pt")
+    _, loaded = load_trained(tmp_path / "best.pt", "cpu")
+    assert loaded.amp == ("bf16" if cpu_bf16 else "none")
