@@ -14,7 +14,7 @@ from fastcifar.data.loader import TensorLoader
 from fastcifar.data.sources import CLASSES
 from fastcifar.errors import UserError
 from fastcifar.train.checkpoint import load_checkpoint, load_model_state
-from fastcifar.train.device import fastest_amp, input_dtype, native_bf16, resolve_device
+from fastcifar.train.device import computes_in, fastest_amp, input_dtype, resolve_device
 from fastcifar.train.engine import build_model
 from fastcifar.train.evaluate import EvalResult, evaluate
 
@@ -24,8 +24,7 @@ def load_trained(path: Path, device_name: str = "auto") -> tuple[torch.nn.Module
     ckpt = load_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
     device = resolve_device(device_name)
-    unsupported = {"fp16": device.type != "cuda", "bf16": not native_bf16(device)}
-    if unsupported.get(cfg.amp, False):  # the training precision is missing or emulated here
+    if not computes_in(cfg.amp, device):  # the training precision is missing or emulated here
         cfg = cfg.replace(amp=fastest_amp(device))
     cfg = cfg.replace(device=device.type)
     model = build_model(cfg, device)

@@ -13,7 +13,7 @@ import torch
 
 from fastcifar.config import read_toml
 from fastcifar.errors import UserError
-from fastcifar.train.device import native_bf16
+from fastcifar.train.device import fastest_amp
 
 # The paper's own hyper-parameters per arch, one TOML file each (`--config`).
 PAPER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -33,29 +33,22 @@ ARCH_RECIPES: dict[str, dict] = {
 }
 CONV4_RECIPE = {"epochs": 20, "batch_size": 256, "lr": 0.05, "label_smoothing": 0.1}
 
-# Speed settings per device kind; per-arch entries override the device's defaults.
-# "cpu" has bf16 instructions (AVX512-BF16 or AMX); "cpu-fp32" lacks them and would
-# emulate bf16 several times slower than fp32 (`device.native_bf16`).
+# Speed settings per device kind; per-arch entries override the device's defaults. On a
+# CPU without bf16 instructions the CPU's bf16 becomes fp32 (`device.fastest_amp`).
 DEVICE_RECIPES: dict[str, dict[str, dict]] = {
     "cpu": {"*": {"amp": "bf16", "channels_last": True, "compile": False}},
-    "cpu-fp32": {"*": {"amp": "none", "channels_last": True, "compile": False}},
     "cuda": {"*": {"amp": "bf16", "channels_last": True, "compile": True}},
 }
-
-
-def device_kind(device: str) -> str:
-    """The DEVICE_RECIPES entry for `device` ("cpu" or "cuda") on this machine."""
-    if device == "cpu" and not native_bf16(torch.device("cpu")):
-        return "cpu-fp32"
-    return device if device in DEVICE_RECIPES else "cpu"
 
 
 def recipe(arch: str, device: str) -> dict:
     """Config values for `arch` on `device` ("cpu" or "cuda")."""
     values = dict(CONV4_RECIPE if arch.startswith("conv4") else ARCH_RECIPES.get(arch, {}))
-    speed = DEVICE_RECIPES[device_kind(device)]
+    speed = DEVICE_RECIPES.get(device, DEVICE_RECIPES["cpu"])
     values.update(speed["*"])
     values.update(speed.get(arch, {}))
+    if device == "cpu" and values.get("amp") == "bf16":
+        values["amp"] = fastest_amp(torch.device("cpu"))
     return values
 
 

@@ -55,12 +55,17 @@ def fastest_amp(device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "none"
 
 
+def computes_in(amp: str, device: torch.device) -> bool:
+    """Whether `device` runs autocast dtype `amp` in hardware (fp16 only on CUDA)."""
+    return {"none": True, "fp16": device.type == "cuda", "bf16": native_bf16(device)}[amp]
+
+
 def check_amp(amp: str, device: torch.device) -> str | None:
     """Rejects an autocast dtype the device cannot run; returns a warning for one it runs
     slowly, else None."""
     if amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    if amp == "bf16" and device.type == "cpu" and not native_bf16(device):
+    if device.type == "cpu" and not computes_in(amp, device):
         return f"{SLOW_BF16}; --no-amp trains in fp32"
     return None
 
