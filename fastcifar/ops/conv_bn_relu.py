@@ -65,13 +65,18 @@ _TILE_CHANNELS = (
 
 
 def _fits(configs, named_args, **_):
-    """Drop tiles far wider than the layer's channels (64 input channels need no 128 tile)."""
+    """Drop tiles far wider than the layer's channels (64 input channels need no 128 tile).
+    The interpreter, which cannot time tiles, keeps one: the largest no wider than the layer."""
 
     def fits(block, channels):
+        if INTERPRET:
+            return block <= channels
         return block <= max(32, triton.next_power_of_2(channels))
 
     kept = [c for c in configs
             if all(fits(c.kwargs[b], named_args[ch]) for b, ch in _TILE_CHANNELS if b in c.kwargs)]  # fmt: skip
+    if INTERPRET:
+        return kept[-1:] or configs[:1]
     return kept or configs[:1]
 
 
@@ -81,8 +86,9 @@ CONV_TILES = [(64, 64, 32, 4), (128, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32
 # (BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps): pixels summed x input x output channels
 WGRAD_TILES = [(64, 64, 64, 4), (128, 64, 64, 4), (128, 64, 64, 8), (64, 128, 128, 8),
                (128, 32, 64, 4)]  # fmt: skip
-if INTERPRET:  # programs run one by one: few, large enough tiles
-    CONV_TILES, WGRAD_TILES = [(32, 32, 16, 1)], [(32, 32, 32, 1)]
+if INTERPRET:  # programs run one by one: few, large tiles (the larger from 64 channels)
+    CONV_TILES = [(32, 32, 16, 1), (64, 64, 32, 1)]
+    WGRAD_TILES = [(32, 32, 32, 1), (64, 64, 64, 1)]
 # split-K parts hold whole pixel tiles of every candidate
 WGRAD_PIXEL_STEP = max(shape[0] for shape in WGRAD_TILES)
 
