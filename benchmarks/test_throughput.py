@@ -78,9 +78,10 @@ def test_train_throughput(
 @pytest.mark.parametrize("variant", ["baseline", "default"])
 def test_eval_throughput(benchmark, arch, variant, full, device, train_arrays):
     batch = 512 if full else 64
-    p = build_pipeline(arch, variant, *train_arrays, batch_size=batch, device=device)
+    p = build_pipeline(arch, variant, *train_arrays, device=device,
+                       overrides={"eval_batch_size": batch})  # fmt: skip
     steps = 10 if full else 2
-    time_eval(p, 1)
+    time_eval(p, 1)  # warm-up
     rates = []
     benchmark.pedantic(
         lambda: rates.append(time_eval(p, steps)), rounds=3 if full else 1, iterations=1

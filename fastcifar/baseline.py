@@ -41,11 +41,18 @@ def tutorial_transform() -> transforms.Compose:
     )
 
 
-def tutorial_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int = 0):
-    """The tutorial's DataLoader: shuffled, per-image transforms in `workers` processes."""
-    dataset = TutorialCIFAR10(np.asarray(images), np.asarray(labels), tutorial_transform())
+def tutorial_eval_transform() -> transforms.Compose:
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def tutorial_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int = 0,
+                    train: bool = True):  # fmt: skip
+    """The tutorial's DataLoader, per-image transforms in `workers` processes: for
+    training shuffled and augmented, for evaluation in order and only normalised."""
+    transform = tutorial_transform() if train else tutorial_eval_transform()
+    dataset = TutorialCIFAR10(np.asarray(images), np.asarray(labels), transform)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        dataset, batch_size=batch_size, shuffle=train, num_workers=workers, drop_last=train,
         persistent_workers=workers > 0,
     )  # fmt: skip
 

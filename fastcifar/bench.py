@@ -35,7 +35,8 @@ class Pipeline:
     cfg: TrainConfig
     model: torch.nn.Module
     step: object  # (x, y) -> None: one training step
-    batches: object  # endless iterator of (x, y) on the device
+    batches: object  # endless iterator of training (x, y) on the device
+    eval_batches: object  # endless iterator of evaluation (x, y), cfg.eval_batch_size each
     device: torch.device
 
 
@@ -76,17 +77,21 @@ def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarr
     model = build_model(cfg, device)
     step_model = compiled(model, cfg)
     optimizer = build_optimizer(model, cfg)
+    # generators: a loader is built at its first batch (no evaluation copy unless timed)
     if variant in ("default", "tensor_loader"):
-        loader = TensorLoader(
-            torch.from_numpy(np.array(images)).to(device), torch.from_numpy(np.array(labels)).to(device),
-            cfg.batch_size, train=True, dtype=input_dtype(cfg.amp),
-        )  # fmt: skip
-        batches = endless(loader)
+        on_device = torch.from_numpy(np.array(images)).to(device), torch.from_numpy(np.array(labels)).to(device)  # fmt: skip
+
+        def batches(train: bool):
+            size = cfg.batch_size if train else cfg.eval_batch_size
+            yield from endless(TensorLoader(*on_device, size, train=train, dtype=input_dtype(cfg.amp)))  # fmt: skip
     else:
-        loader = tutorial_loader(images, labels, cfg.batch_size)
-        batches = ((x.to(device), y.to(device)) for x, y in endless(loader))
-        if cfg.channels_last:
-            batches = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in batches)
+
+        def batches(train: bool):
+            size = cfg.batch_size if train else cfg.eval_batch_size
+            for x, y in endless(tutorial_loader(images, labels, size, train=train)):
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x.to(device), y.to(device)
 
     if variant == "baseline":
 
@@ -97,7 +102,7 @@ def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarr
         def step(x, y):
             train_step(step_model, x, y, optimizer, None, cfg, device)
 
-    return Pipeline(variant, cfg, model, step, batches, device)
+    return Pipeline(variant, cfg, model, step, batches(True), batches(False), device)
 
 
 def time_steps(p: Pipeline, steps: int, batches=None) -> float:
@@ -116,17 +121,21 @@ def time_steps(p: Pipeline, steps: int, batches=None) -> float:
 
 @torch.no_grad()
 def time_eval(p: Pipeline, steps: int) -> float:
-    """Images per second of forward passes in eval mode on the pipeline's batches."""
+    """Images per second of evaluation steps: the next evaluation batch from the
+    pipeline's loader and a forward pass in eval mode."""
     p.model.eval()
-    batches = [next(p.batches) for _ in range(steps)]
-    start = time.perf_counter()
-    for x, _ in batches:
+    if p.device.type == "cuda":
+        torch.cuda.synchronize()  # host sync: earlier work stays out of the window
+    images, start = 0, time.perf_counter()
+    for _ in range(steps):
+        x, _ = next(p.eval_batches)
         with autocast(p.cfg.amp, p.device):
             p.model(x)
+        images += len(x)
     if p.device.type == "cuda":
         torch.cuda.synchronize()  # host sync: end of the timed window
     p.model.train()
-    return steps * p.cfg.batch_size / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start)
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0) -> float:
@@ -178,31 +187,55 @@ class ThroughputResult:
     percent_of_peak: float
     compile_mode: str  # fastcifar's side: "eager" or the torch.compile mode
     default_settings: bool  # fastcifar's side ran the device's recipe unchanged
+    eval_batch_size: int
+    baseline_eval_images_per_sec: float  # evaluation steps, loader included; medians
+    fastcifar_eval_images_per_sec: float
+    eval_speedup: float  # median of the per-window ratios
 
 
 def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_size: int | None = None,
                        steps: int = 20, windows: int = 3, warmup: int = 3,
                        overrides: dict | None = None) -> ThroughputResult:  # fmt: skip
+    """Training, then evaluation, of the baseline and fastcifar's default in alternating
+    windows; an evaluation window sees about as many images as a training window."""
     ours = build_pipeline(arch, "default", images, labels, batch_size, overrides=overrides)
     base = build_pipeline(arch, "baseline", images, labels, ours.cfg.batch_size)
-    time_steps(ours, warmup)
-    time_steps(base, warmup)
-    base_rates, our_rates = [], []
-    for _ in range(windows):
-        base_rates.append(time_steps(base, steps))
-        our_rates.append(time_steps(ours, steps))
-    ratios = [o / b for o, b in zip(our_rates, base_rates, strict=True)]
-    rate = statistics.median(our_rates)
+    train = _alternate(base, ours, time_steps, warmup, steps, windows)
+    eval_steps = max(1, round(steps * ours.cfg.batch_size / ours.cfg.eval_batch_size))
+    evals = _alternate(base, ours, time_eval, 1, eval_steps, windows)
+    rate = train.ours
     tflops = rate * training_flops_per_image(arch) / 1e12
     peak = matmul_peak_tflops(
         ours.device, torch.bfloat16 if ours.cfg.amp == "bf16" else torch.float32
     )
     return ThroughputResult(
-        arch, ours.cfg.batch_size, ours.cfg.amp, statistics.median(base_rates), rate,
-        statistics.median(ratios), windows, steps, device_name(ours.device), torch.__version__,
-        tflops, peak, 100 * tflops / peak, ours.cfg.compile_mode if ours.cfg.compile else "eager",
+        arch, ours.cfg.batch_size, ours.cfg.amp, train.base, rate, train.speedup, windows,
+        steps, device_name(ours.device), torch.__version__, tflops, peak, 100 * tflops / peak,
+        ours.cfg.compile_mode if ours.cfg.compile else "eager",
         ours.cfg == variant_config(arch, "default", ours.device, None),
+        ours.cfg.eval_batch_size, evals.base, evals.ours, evals.speedup,
     )  # fmt: skip
+
+
+@dataclass
+class SideBySide:
+    base: float  # median images/s over windows
+    ours: float
+    speedup: float  # median of the per-window ratios
+
+
+def _alternate(base: Pipeline, ours: Pipeline, timer, warmup: int, steps: int, windows: int):
+    """`timer(pipeline, steps)` for both pipelines in alternating windows, after a warm-up."""
+    timer(ours, warmup)
+    timer(base, warmup)
+    base_rates, our_rates = [], []
+    for _ in range(windows):
+        base_rates.append(timer(base, steps))
+        our_rates.append(timer(ours, steps))
+    ratios = [o / b for o, b in zip(our_rates, base_rates, strict=True)]
+    return SideBySide(
+        statistics.median(base_rates), statistics.median(our_rates), statistics.median(ratios)
+    )
 
 
 def training_flops_per_image(arch: str) -> float:

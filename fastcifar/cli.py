@@ -179,9 +179,9 @@ def cmd_bench_throughput(args) -> int:
     from fastcifar.bench import as_dict, compare_throughput
     from fastcifar.data.dataset import resolve_arrays
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)  # ten columns fit a log
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
-    table = Table(title="training throughput, images/s (median of windows)")
+    table = Table(title="images/s, median of windows (evaluation: eval batches, loader included)")
     for column in (
         "arch",
         "batch",
@@ -190,6 +190,9 @@ def cmd_bench_throughput(args) -> int:
         "fastcifar",
         "speedup",
         "% of peak",
+        "eval: baseline",
+        "eval: fastcifar",
+        "eval speedup",
     ):
         table.add_column(column, justify="right")
     results = []
@@ -201,11 +204,11 @@ def cmd_bench_throughput(args) -> int:
         results.append(as_dict(r))
         table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
                       f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x",
-                      f"{r.percent_of_peak:.1f}")  # fmt: skip
+                      f"{r.percent_of_peak:.1f}", f"{r.baseline_eval_images_per_sec:,.0f}",
+                      f"{r.fastcifar_eval_images_per_sec:,.0f}", f"{r.eval_speedup:.2f}x")  # fmt: skip
     console.print(table)
     if args.json:
         import shlex
-        import sys
         import time
 
         from fastcifar.atomic import write_json_atomic
@@ -435,7 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--arch", nargs="+", default=["lenet", "cerberus"])
     tp.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)")
     tp.add_argument("--batch-size", type=int, help="default: the arch's recipe")
-    tp.add_argument("--steps", type=int, default=20, help="training steps per timed window")
+    tp.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="training steps per timed window (an evaluation window sees as many images)",
+    )
     tp.add_argument("--windows", type=int, default=3, help="alternating timed windows per side")
     tp.add_argument("--compile-mode", choices=COMPILE_MODES,
                     help="torch.compile mode of fastcifar's side (where the recipe compiles)")  # fmt: skip

@@ -77,6 +77,8 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
                 "train_ips": t["fastcifar_images_per_sec"] if t else None,
                 "baseline_ips": t["baseline_images_per_sec"] if t else None,
                 "speedup": t["speedup"] if t else None,
+                "eval_ips": t.get("fastcifar_eval_images_per_sec") if t else None,
+                "eval_speedup": t.get("eval_speedup") if t else None,
                 "percent_of_peak": t.get("percent_of_peak") if t else None,
                 "stats": stats,
                 "epochs": records[0]["epochs_run"] if records else None,
@@ -96,10 +98,10 @@ def _test_accuracy_stats(records: list[dict] | None) -> dict | None:
 def markdown(tables: dict[str, list[dict]]) -> str:
     out = []
     header = ("| arch | params | mult-adds | train img/s | baseline img/s | speedup | % of matmul peak "
-              "| test accuracy | epochs, wall time | first epoch at or above the paper "
-              "| paper's recipe, here | paper |")  # fmt: skip
+              "| eval img/s (speedup) | test accuracy | epochs, wall time "
+              "| first epoch at or above the paper | paper's recipe, here | paper |")  # fmt: skip
     for machine, rows in tables.items():
-        out += [f"**{machine}**", "", header, "|" + " --- |" + " ---: |" * 11]
+        out += [f"**{machine}**", "", header, "|" + " --- |" + " ---: |" * 12]
         for r in rows:
             cells = [
                 r["arch"],
@@ -109,6 +111,7 @@ def markdown(tables: dict[str, list[dict]]) -> str:
                 _num(r["baseline_ips"]),
                 f"{r['speedup']:.2f}x" if r["speedup"] else "-",
                 f"{r['percent_of_peak']:.1f}%" if r["percent_of_peak"] is not None else "-",
+                f"{r['eval_ips']:,.0f} ({r['eval_speedup']:.2f}x)" if r["eval_ips"] else "-",
                 _accuracy(r["stats"]),
                 f"{r['epochs']}, {r['wall']:.0f} s" if r["epochs"] else "-",
                 f"epoch {r['reach']['epoch']} ({r['reach']['train_seconds']:.0f} s)"

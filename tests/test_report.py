@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
-from fastcifar.bench import compare_throughput
+from fastcifar.bench import build_pipeline, compare_throughput
 from fastcifar.cli import main
 from fastcifar.report import END, START, pareto_front, spread_labels
 from fastcifar.results import accuracy_stats
@@ -25,7 +26,10 @@ def results(tmp_path):
     (folder / "throughput-m.json").write_text(json.dumps({
         "kind": "side_by_side", "machine": "Test CPU, 2 cores",
         "results": [{"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 14000.0,
-                     "speedup": 3.5, "percent_of_peak": 12.5}],
+                     "speedup": 3.5, "percent_of_peak": 12.5, "fastcifar_eval_images_per_sec": 30000.0,
+                     "eval_speedup": 1.5},
+                    {"arch": "conv3", "baseline_images_per_sec": 1000.0, "fastcifar_images_per_sec": 3000.0,
+                     "speedup": 3.0, "percent_of_peak": 40.0}],  # saved before evaluation was timed
     }))  # fmt: skip
     (folder / "throughput-n.json").write_text(json.dumps({  # an ablation: not in the table
         "kind": "side_by_side", "machine": "Test CPU, 2 cores",
@@ -67,10 +71,14 @@ def test_report_table_and_readme_section(tmp_path, results, capsys):
         and cells[5] == "3.50x"
         and cells[6] == "12.5%"
     )
-    assert cells[7] == "69.00% ± 1.41 (2 runs)"
-    assert cells[9] == "epoch 7 (30 s)"  # by then both runs had reached the paper's 62%
-    assert cells[10] == "63.00% (1 run)"  # the paper's own recipe, run here
-    assert cells[11] == "62.0%"
+    assert cells[7] == "30,000 (1.50x)"  # evaluation images/s and speedup
+    assert cells[8] == "69.00% ± 1.41 (2 runs)"
+    assert cells[10] == "epoch 7 (30 s)"  # by then both runs had reached the paper's 62%
+    assert cells[11] == "63.00% (1 run)"  # the paper's own recipe, run here
+    assert cells[12] == "62.0%"
+    row = next(line for line in text.splitlines() if line.startswith("| conv3 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "3,000" and cells[7] == "-" and cells[8] == "-"
     with Image.open(figure) as img:
         assert img.format == "PNG" and img.width > 400
 
@@ -107,7 +115,10 @@ def test_report_without_results_is_one_line(tmp_path, capsys):
 def test_side_by_side_records_whether_it_ran_the_recipe_unchanged():
     train, labels, _, _ = make_arrays(n_train=256)
     kwargs = dict(steps=1, windows=1, warmup=1)
-    assert compare_throughput("lenet", train, labels, **kwargs).default_settings
+    result = compare_throughput("lenet", train, labels, **kwargs)
+    assert result.default_settings
+    assert result.eval_batch_size == 1000  # the recipe's; 256 images give one short batch
+    assert result.fastcifar_eval_images_per_sec > 0 and result.baseline_eval_images_per_sec > 0
     assert not compare_throughput("lenet", train, labels, batch_size=32, **kwargs).default_settings
     changed = compare_throughput("lenet", train, labels, overrides={"lr": 0.123}, **kwargs)
     assert not changed.default_settings
@@ -130,3 +141,15 @@ def test_a_run_is_recorded_only_under_the_recipe_it_followed():
     paper = TrainConfig.from_dict(named_recipe("lenet", "paper", "cpu")).to_dict()
     assert recipe_differences(paper, "paper", "cpu") == []
     assert (paper["batch_size"], paper["flip"]) == (4, False)  # from configs/paper/lenet.toml
+
+
+def test_evaluation_batches_of_the_tutorial_and_of_fastcifar_agree():
+    """Both pipelines evaluate the same images in order, normalised alike, unaugmented."""
+    train, labels, _, _ = make_arrays(n_train=70)
+    ours, base = (build_pipeline("lenet", v, train, labels, overrides={"eval_batch_size": 32})
+                  for v in ("default", "baseline"))  # fmt: skip
+    for _ in range(4):  # two epochs of 32 + 32 + 6 images
+        (xa, ya), (xb, yb) = next(ours.eval_batches), next(base.eval_batches)
+        assert torch.equal(ya, yb)
+        tol = 1e-5 if xa.dtype == torch.float32 else 2e-2  # bf16 where the CPU computes in it
+        torch.testing.assert_close(xa.float(), xb, atol=tol, rtol=tol)
