@@ -405,10 +405,30 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A usage mistake (a missing value, an unknown choice) ends like any other user
+    error, in one line, not in a usage dump."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("fastcifar").strip()
+        where = f"{command}: " if command else ""
+        raise UserError(f"{where}{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastcifar.bench import VARIANTS
 
-    parser = argparse.ArgumentParser(prog="fastcifar", description=__doc__.splitlines()[0])
+    parser = OneLineErrors(prog="fastcifar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model")
     add_train_arguments(train)
@@ -437,14 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--arch", nargs="+", default=["lenet", "cerberus"])
     tp.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)")
-    tp.add_argument("--batch-size", type=int, help="default: the arch's recipe")
+    tp.add_argument("--batch-size", type=positive_int, help="default: the arch's recipe")
     tp.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=20,
         help="training steps per timed window (an evaluation window sees as many images)",
     )
-    tp.add_argument("--windows", type=int, default=3, help="alternating timed windows per side")
+    tp.add_argument(
+        "--windows", type=positive_int, default=3, help="alternating timed windows per side"
+    )
     tp.add_argument("--compile-mode", choices=COMPILE_MODES,
                     help="torch.compile mode of fastcifar's side (where the recipe compiles)")  # fmt: skip
     tp.add_argument("--json", type=Path, help="write the results here")
@@ -452,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")
     ac.add_argument("--arch", nargs="+", default=["lenet", "conv3", "conv5", "cerberus"])
     ac.add_argument("--recipe", choices=["default", "paper"], default="default")
-    ac.add_argument("--seeds", type=int, default=1)
+    ac.add_argument("--seeds", type=positive_int, default=1)
     ac.add_argument("--data")
     ac.add_argument("--runs", type=Path, default=Path("runs/bench"), help="where the runs go")
     ac.add_argument("--collect", type=Path, nargs="+", help="record these finished runs instead")
@@ -470,14 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="grid or TPE search over train options (Optuna)")
     sw.add_argument("file", type=Path, help="sweep file (TOML) with a [search] table")
     sw.add_argument("--storage", help="Optuna storage URL (default: sqlite in the sweep folder)")
-    sw.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    sw.add_argument(
+        "--workers", type=positive_int, default=1, help="worker processes on this machine"
+    )
     sw.add_argument("--resume", action="store_true", help="continue an existing study")
     sw.add_argument("--out", type=Path, help="sweep folder (default: sweeps/<file name>)")
     sw.add_argument("--data", help="CIFAR-10 source for every trial")
     sw.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
                     help="MLflow tracking (a parent run and one child run per trial)")  # fmt: skip
     sw.add_argument("--tracking-uri", help="MLflow tracking URI")
-    sw.add_argument("--heartbeat", type=int, default=10, help="worker heartbeat, seconds")
+    sw.add_argument("--heartbeat", type=positive_int, default=10, help="worker heartbeat, seconds")
     sw.add_argument("--worker-of", help=argparse.SUPPRESS)
     sw.set_defaults(handler=cmd_sweep)
 
@@ -497,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         "profile", help="training steps under torch.profiler: top kernels, Chrome trace"
     )
     pf.add_argument("--arch", required=True)
-    pf.add_argument("--steps", type=int, default=5)
-    pf.add_argument("--batch-size", type=int, help="default: the arch's recipe")
+    pf.add_argument("--steps", type=positive_int, default=5)
+    pf.add_argument("--batch-size", type=positive_int, help="default: the arch's recipe")
     pf.add_argument("--variant", default="default", choices=list(VARIANTS))
     pf.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)")
     pf.add_argument("--trace", type=Path, default=Path("profile-trace.json"))
@@ -516,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except UserError as exc:
         print(f"fastcifar: error: {exc}", file=sys.stderr)

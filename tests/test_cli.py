@@ -57,6 +57,26 @@ def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["train", "--epochs"], "train: argument --epochs: expected one argument"),
+        (["train", "--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+        (["train", "--lr", "fast"], "argument --lr"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["bench", "throughput", "--steps", "0"], "--steps: must be a positive integer, got '0'"),
+        (["bench", "throughput", "--windows", "two"], "--windows: must be a positive integer"),
+        (["bench", "accuracy", "--seeds", "-1"], "--seeds: must be a positive integer"),
+        (["sweep", "s.toml", "--workers", "0"], "--workers: must be a positive integer"),
+        (["profile", "--arch", "lenet", "--steps", "0"], "--steps: must be a positive integer"),
+    ],
+)
+def test_usage_mistakes_are_one_line_too(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+    assert "--help" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA messages")
 @pytest.mark.parametrize(("extra", "fragment"), [(["--device", "cuda"], "CUDA is not available"),
                                                  (["--amp", "fp16"], "--amp fp16 needs CUDA")])  # fmt: skip
