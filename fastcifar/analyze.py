@@ -121,7 +121,5 @@ def compare_runs(runs: list[Path], out: Path) -> list[dict]:
         })  # fmt: skip
         curves[run.name] = rows
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.partial.png")
-    figures.training_curves(curves, tmp)
-    tmp.replace(out)
+    figures.training_curves(curves, out)  # written atomically
     return table

@@ -546,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fastcifar: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that cannot be read or written, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fastcifar: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "fastcifar: interrupted; continue a training run with --resume RUN_DIR", file=sys.stderr

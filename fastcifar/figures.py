@@ -12,14 +12,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fastcifar.analysis import Analysis, row_normalized, without_diagonal  # noqa: E402
+from fastcifar.atomic import write_atomic  # noqa: E402
 
 DPI = 110
 
 
 def save(fig, path: Path) -> Path:
+    """Write the figure atomically, in the format its suffix names (PNG without one)."""
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, dpi=DPI, format=path.suffix[1:] or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 

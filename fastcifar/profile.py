@@ -4,17 +4,24 @@ where the profiler counts FLOPs."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from fastcifar.atomic import write_atomic
 from fastcifar.bench import build_pipeline
+from fastcifar.errors import UserError
 
 
 def profile_training(arch: str, images, labels, *, steps: int, batch_size: int | None, variant: str,
                      trace: Path, top: int = 15) -> list[dict]:  # fmt: skip
     """Profile `steps` training steps (after two warm-up steps); write the Chrome trace."""
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(trace.parent, os.W_OK):
+        raise UserError(f"cannot write the trace into {trace.parent}")
     p = build_pipeline(arch, variant, images, labels, batch_size)
     for _ in range(2):
         p.step(*next(p.batches))
@@ -26,8 +33,7 @@ def profile_training(arch: str, images, labels, *, steps: int, batch_size: int |
             p.step(*next(p.batches))
         if p.device.type == "cuda":
             torch.cuda.synchronize()  # host sync: let the last kernels land in the trace
-    trace.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace))
+    export_trace(prof, trace)
     on_gpu = p.device.type == "cuda"
     events = [
         e
@@ -47,3 +53,13 @@ def profile_training(arch: str, images, labels, *, steps: int, batch_size: int |
             "tflops": (e.flops / seconds / 1e12) if e.flops and seconds > 0 else None,
         })  # fmt: skip
     return rows
+
+
+def export_trace(prof, trace: Path) -> None:
+    """The Chrome trace, written atomically: the profiler only logs a failed write."""
+    with tempfile.TemporaryDirectory() as folder:
+        raw = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        if not raw.exists():
+            raise UserError("the profiler wrote no trace")
+        write_atomic(trace, lambda f: f.write(raw.read_bytes()))

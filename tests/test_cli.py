@@ -230,6 +230,23 @@ def test_profile_writes_a_chrome_trace(capsys, tmp_path, data):
     assert any("convolution" in e.get("name", "") for e in events)
 
 
+def test_outputs_that_cannot_be_written_are_one_line(capsys, tmp_path, data):
+    """A file where a folder should be: root may write anywhere else."""
+    (tmp_path / "file").write_text("")
+    code, _, err = run(capsys, "profile", "--arch", "lenet", "--steps", "1", "--data", data,
+                       "--trace", str(tmp_path / "file" / "trace.json"))  # fmt: skip
+    assert_one_line_error(code, err, f"{tmp_path / 'file'}: File exists")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "t.json").write_text(json.dumps({"kind": "side_by_side", "machine": "m", "results": [
+        {"arch": "lenet", "baseline_images_per_sec": 1.0, "fastcifar_images_per_sec": 2.0,
+         "speedup": 2.0}]}))  # fmt: skip
+    figure = tmp_path / "file" / "figure.png"
+    code, _, err = run(capsys, "report", "--results", str(results), "--figure", str(figure))
+    assert_one_line_error(code, err, f"cannot write {figure}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file", "results"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_fused_needs_cerberus_and_a_triton_backend(capsys, tmp_path, data, monkeypatch):
     code, _, err = run(capsys, *quick(data, tmp_path / "a"), "--fused")
