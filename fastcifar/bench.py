@@ -33,7 +33,7 @@ VARIANTS = ("baseline", "default", "amp", "channels_last", "compile", "tensor_lo
 class Pipeline:
     variant: str
     cfg: TrainConfig
-    model: torch.nn.Module
+    model: torch.nn.Module  # what training and evaluation run: compiled where cfg compiles
     step: object  # (x, y) -> None: one training step
     batches: object  # endless iterator of training (x, y) on the device
     eval_batches: object  # endless iterator of evaluation (x, y), cfg.eval_batch_size each
@@ -102,7 +102,7 @@ def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarr
         def step(x, y):
             train_step(step_model, x, y, optimizer, None, cfg, device)
 
-    return Pipeline(variant, cfg, model, step, batches(True), batches(False), device)
+    return Pipeline(variant, cfg, step_model, step, batches(True), batches(False), device)
 
 
 def time_steps(p: Pipeline, steps: int, batches=None) -> float:
