@@ -148,7 +148,7 @@ def test_evaluation_batches_of_the_tutorial_and_of_fastcifar_agree():
     train, labels, _, _ = make_arrays(n_train=70)
     ours, base = (build_pipeline("lenet", v, train, labels, overrides={"eval_batch_size": 32})
                   for v in ("default", "baseline"))  # fmt: skip
-    for _ in range(4):  # two epochs of 32 + 32 + 6 images
+    for _ in range(4):  # an epoch of 32 + 32 + 6 images, then the next one starts over
         (xa, ya), (xb, yb) = next(ours.eval_batches), next(base.eval_batches)
         assert torch.equal(ya, yb)
         tol = 1e-5 if xa.dtype == torch.float32 else 2e-2  # bf16 where the CPU computes in it
