@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import json
 import re
@@ -72,7 +73,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "handler", "config", "resume", "quiet")
+        if k not in ("command", "handler", "parser", "config", "resume", "quiet")
     }
     resume = getattr(args, "resume", None)
     if resume is not None:
@@ -412,7 +413,37 @@ class OneLineErrors(argparse.ArgumentParser):
     def error(self, message):
         command = self.prog.removeprefix("fastcifar").strip()
         where = f"{command}: " if command else ""
-        raise UserError(f"{where}{message} (see {self.prog} --help)")
+        raise UserError(f"{where}{self._plain(message)} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        """Unknown options are reported by the (sub)command they were given to, with the
+        nearest option it has."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            owner = getattr(parsed, "parser", self)
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}{owner._nearest(unknown)}")
+        return parsed
+
+    def _nearest(self, unknown: list[str]) -> str:
+        names = [o[2:] for o in self._option_string_actions if o.startswith("--")]
+        for word in unknown:
+            if word.startswith("--"):
+                near = difflib.get_close_matches(word[2:].split("=")[0], names, n=1)
+                if near:
+                    return f"; did you mean --{near[0]}?"
+        return ""
+
+    def _plain(self, message: str) -> str:
+        """Says what to type instead: a missing command lists the choices, a mistyped
+        one names the nearest."""
+        for action in self._subparsers._group_actions if self._subparsers else ():
+            if message.endswith(f"required: {action.dest}"):
+                return f"no {action.dest} given; choose one of: {', '.join(action.choices)}"
+            typo = re.search(r"invalid choice: '([^']*)'", message)
+            near = typo and difflib.get_close_matches(typo[1], list(action.choices), n=1)
+            if near:
+                return f"unknown {action.dest} '{typo[1]}'; did you mean '{near[0]}'?"
+        return message
 
 
 def positive_int(text: str) -> int:
@@ -451,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--arch", required=True)
     sm.set_defaults(handler=cmd_summary)
 
-    bench = sub.add_parser("bench", help="measurements").add_subparsers(dest="what", required=True)
+    bench = sub.add_parser("bench", help="measurements").add_subparsers(
+        dest="measurement", required=True
+    )
     tp = bench.add_parser(
         "throughput", help="fastcifar against the tutorial pipeline, side by side"
     )
@@ -536,7 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered architectures")
     ls.add_argument("pattern", nargs="?", default="*")
     ls.set_defaults(handler=cmd_list)
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser is stored in the arguments it parses, so that an
+    unknown option is reported by the command it was given to."""
+    parser.set_defaults(parser=parser)
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for child in action.choices.values():
+            _remember_parsers(child)
 
 
 def main(argv: list[str] | None = None) -> int:
