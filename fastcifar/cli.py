@@ -129,10 +129,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from fastcifar.inference import predict_images
+    from fastcifar.inference import image_files, predict_images
 
+    images = image_files(args.images)
     for image, (name, prob) in zip(
-        args.images, predict_images(args.checkpoint, args.images, args.device), strict=True
+        images, predict_images(args.checkpoint, images, args.device), strict=True
     ):
         print(f"{image}\t{name}\t{prob:.4f}")
     return 0
@@ -474,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify image files")
     pr.add_argument("checkpoint", type=Path)
-    pr.add_argument("images", type=Path, nargs="+")
+    pr.add_argument(
+        "images", type=Path, nargs="+", help="image files, or folders to search for them"
+    )
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.set_defaults(handler=cmd_predict)
 

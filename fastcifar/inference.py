@@ -63,14 +63,37 @@ def read_image(path: Path) -> np.ndarray:
     return np.asarray(rgb)
 
 
-@torch.no_grad()
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files named, with each folder replaced by the image files under it, sorted."""
+    files = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+        files.extend(found)
+    return files
+
+
 def predict_images(
-    path: Path, images: list[Path], device_name: str = "auto"
+    path: Path, images: list[Path], device_name: str = "auto", batch_size: int = 500
 ) -> list[tuple[str, float]]:
-    """(class name, probability) for each image."""
+    """(class name, probability) for each image, classified batch_size at a time."""
     model, cfg = load_trained(path, device_name)
     device = next(model.parameters()).device
-    batch = torch.from_numpy(np.stack([read_image(p) for p in images])).to(device)
-    logits = model(to_nchw(prepare_images(batch, 0, torch.float32))).float()
-    probs, classes = logits.softmax(1).max(1)
-    return [(CLASSES[c], p) for c, p in zip(classes.tolist(), probs.tolist(), strict=True)]
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        chunk = [read_image(p) for p in images[start : start + batch_size]]
+        batch = torch.from_numpy(np.stack(chunk)).to(device)
+        with torch.inference_mode():
+            logits = model(to_nchw(prepare_images(batch, 0, torch.float32))).float()
+        probs, classes = logits.softmax(1).max(1)
+        predictions += [
+            (CLASSES[c], p) for c, p in zip(classes.tolist(), probs.tolist(), strict=True)
+        ]
+    return predictions

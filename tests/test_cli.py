@@ -4,11 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastcifar.cli import main
+from fastcifar.inference import predict_images
 
 from .conftest import make_arrays, write_batches_dir
 
@@ -171,14 +174,38 @@ def test_train_eval_predict_and_foreign_checkpoint(capsys, tmp_path, data):
     assert code == 0 and name in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                   "horse", "ship", "truck") and 0 < float(prob) <= 1  # fmt: skip
 
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(folder / "more" / "frog.JPG")
+    Image.new("RGB", (32, 32), (200, 10, 30)).save(folder / "red.png")
+    (folder / "notes.txt").write_text("not an image")
+    code, out, _ = run(capsys, "predict", str(tmp_path / "run"), str(folder), str(image))
+    listed = [line.split("\t")[0] for line in out.strip().splitlines()]
+    assert code == 0
+    assert listed == [str(folder / "more" / "frog.JPG"), str(folder / "red.png"), str(image)]
+    one_at_a_time = predict_images(tmp_path / "run", [Path(p) for p in listed], batch_size=1)
+    together = predict_images(tmp_path / "run", [Path(p) for p in listed])
+    assert [c for c, _ in one_at_a_time] == [c for c, _ in together]
+    assert [p for _, p in one_at_a_time] == pytest.approx([p for _, p in together], rel=1e-4)
+    code, _, err = run(capsys, "predict", str(tmp_path / "run"), str(folder / "more" / "none"))
+    assert_one_line_error(code, err, "image not found")
+    (folder / "empty").mkdir()
+    code, _, err = run(capsys, "predict", str(tmp_path / "run"), str(folder / "empty"))
+    assert_one_line_error(code, err, "no image files")
+
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     ckpt["config"]["arch"] = "conv3"
     torch.save(ckpt, tmp_path / "foreign.pt")
     code, _, err = run(capsys, "eval", str(tmp_path / "foreign.pt"))
     assert_one_line_error(code, err, "does not fit arch 'conv3'")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    code, _, err = run(capsys, "eval", str(tmp_path / "junk.pt"))
-    assert_one_line_error(code, err, "cannot load checkpoint")
+    best = (tmp_path / "run" / "best.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(best[: len(best) // 2])
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        archive.writestr("train/cat/0.png", b"")
+    for name in ("junk.pt", "truncated.pt", "images.zip"):
+        code, _, err = run(capsys, "eval", str(tmp_path / name))
+        assert_one_line_error(code, err, f"{name} is not a checkpoint")
     code, _, err = run(
         capsys, "predict", str(tmp_path / "run" / "best.pt"), str(tmp_path / "no.png")
     )

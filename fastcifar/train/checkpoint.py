@@ -7,6 +7,7 @@ ends, and the run's config, so `--resume` and `fastcifar eval` need nothing else
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,10 +20,23 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def _written_by_torch_save(path: Path) -> bool:
+    """torch.save writes a zip archive holding a pickle (data.pkl) and a version record."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/data.pkl") for n in names) and any(
+        n.endswith("/version") for n in names
+    )
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """A checkpoint dict; a one-line UserError for a missing, corrupt or foreign file."""
     if path.is_dir():
         path = path / "best.pt"
+    if path.is_file() and not _written_by_torch_save(path):
+        raise UserError(f"{path} is not a checkpoint (not a file torch.save wrote, or truncated)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
