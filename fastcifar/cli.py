@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fastcifar.config import COMPILE_MODES, TrainConfig, read_toml
-from fastcifar.errors import UserError
+from fastcifar.errors import NothingToResume, UserError
 
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
 
@@ -592,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fastcifar: error: {exc}", file=sys.stderr)
         return 2
+    except NothingToResume as exc:
+        print(f"fastcifar: {exc}", file=sys.stderr)
+        return 0
     except OSError as exc:  # a path that cannot be read or written, a full disk
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"fastcifar: error: {where}{exc.strerror or exc}", file=sys.stderr)

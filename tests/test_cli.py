@@ -220,6 +220,10 @@ def test_existing_run_and_resume_errors(capsys, tmp_path, data):
     assert_one_line_error(code, err, "nothing to resume")
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--lr", "0.3")
     assert_one_line_error(code, err, "cannot change --lr")
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--epochs", "3")
+    assert_one_line_error(code, err, "--epochs cannot change on resume: the onecycle schedule")
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"))
+    assert code == 0 and err.strip().endswith("has already run 1 of 1 epochs; nothing to resume")
 
 
 def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path, data):

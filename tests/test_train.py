@@ -59,10 +59,45 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, small_data, sched
     assert len(read_metrics(tmp_path / "b")) == 2
     resumed = fit(cfg, TrainingDisplay(quiet=True), resume=tmp_path / "b")
     assert comparable(read_metrics(tmp_path / "a")) == comparable(read_metrics(tmp_path / "b"))
+    # the summary's times cover both invocations, and env.json both machines
+    epoch_seconds = sum(row["seconds"] for row in read_metrics(tmp_path / "b"))
+    spent = resumed["seconds"]
+    assert spent["train"] + spent["warmup"] == pytest.approx(epoch_seconds)
+    assert spent["total"] > epoch_seconds + spent["eval"]
+    env = json.loads((tmp_path / "b" / "env.json").read_text())
+    assert len(env["resumed"]) == 1 and env["resumed"][0]["started"] >= env["started"]
     for (name, a), b in zip(
         straight["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_resume_finished_or_extended_runs(tmp_path, small_data):
+    from fastcifar.errors import NothingToResume
+
+    step = small_config(small_data, tmp_path / "step", epochs=1, schedule="step")
+    fit(step, TrainingDisplay(quiet=True))
+    kept = {f.name: f.read_bytes() for f in (tmp_path / "step").iterdir()}
+    with pytest.raises(NothingToResume, match="already run 1 of 1 epochs"):
+        fit(step, TrainingDisplay(quiet=True), resume=tmp_path / "step")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "step").iterdir()} == kept
+
+    longer = fit(step.replace(epochs=2), TrainingDisplay(quiet=True), resume=tmp_path / "step")
+    assert longer["epochs_run"] == 2 and len(read_metrics(tmp_path / "step")) == 2
+    assert json.loads((tmp_path / "step" / "config.json").read_text())["epochs"] == 2
+
+    cycle = small_config(small_data, tmp_path / "cycle", epochs=1, schedule="onecycle")
+    fit(cycle, TrainingDisplay(quiet=True))
+    with pytest.raises(UserError, match="onecycle schedule .* is laid out over 1 epochs"):
+        fit(cycle.replace(epochs=2), TrainingDisplay(quiet=True), resume=tmp_path / "cycle")
+
+    patient = small_config(
+        small_data, tmp_path / "patient", lr=1e-9, schedule="constant", patience=1, epochs=5
+    )  # learns nothing, so epoch 2 does not improve
+    stopped = fit(patient, TrainingDisplay(quiet=True))
+    assert stopped["stopped"] and stopped["epochs_run"] == 2
+    with pytest.raises(NothingToResume, match="stopped early after epoch 2"):
+        fit(patient, TrainingDisplay(quiet=True), resume=tmp_path / "patient")
 
 
 def test_same_seed_same_result_other_seed_differs(tmp_path, small_data):

@@ -21,7 +21,7 @@ from fastcifar.data.dataset import DataBundle, prepare_data, prepare_encoded
 from fastcifar.data.loader import TensorLoader, epoch_seed
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.display import TrainingDisplay
-from fastcifar.errors import UserError
+from fastcifar.errors import NothingToResume, UserError
 from fastcifar.models import create_model
 from fastcifar.track import Tracker
 from fastcifar.train import rundir
@@ -209,6 +209,8 @@ def fit(
         resume or Path(cfg.out or rundir.default_run_dir(cfg.arch)), fresh=resume is None
     )
     ckpt = load_checkpoint(run_dir / "last.pt") if resume else None
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, run_dir)
 
     t = time.perf_counter()
     data = load_data(cfg, device, display.log)
@@ -235,13 +237,16 @@ def fit(
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
         display.log(f"resuming {run_dir} after epoch {state['epoch']}")
-    else:
-        rundir.write_json(run_dir, "config.json", cfg.to_dict())
+    rundir.write_json(run_dir, "config.json", cfg.to_dict())  # a resume may change --epochs
     env = rundir.environment(device)
-    rundir.write_json(run_dir, "env.json", env)
+    rundir.write_environment(run_dir, env, resumed=ckpt is not None)
     tracker = start_tracking(cfg, env, run_dir, display, parent_run_id, resumed=ckpt is not None)
 
-    seconds = {"data": data_seconds, "warmup": 0.0, "train": 0.0, "eval": 0.0}
+    # Times add up over the invocations of a resumed run (kept in last.pt's state).
+    seconds = {"data": 0.0, "warmup": 0.0, "train": 0.0, "eval": 0.0, "total": 0.0}
+    seconds.update(state.get("seconds", {}))
+    seconds["data"] += data_seconds
+    earlier_total = seconds["total"]
     stopped = None
     try:
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -278,6 +283,8 @@ def fit(
                 rundir.write_predictions(run_dir, test.probs, test.labels, epoch)
             else:
                 state["bad_epochs"] += 1
+            seconds["total"] = earlier_total + time.perf_counter() - wall_start
+            state["seconds"] = dict(seconds)
             checkpoint = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -302,7 +309,8 @@ def fit(
         raise
 
     load_model_state(model, load_checkpoint(run_dir / "best.pt")["model"], cfg.arch, run_dir)
-    summary = run_summary(cfg, run_dir, state, stopped, seconds, wall_start, train_loader, data)
+    seconds["total"] = earlier_total + time.perf_counter() - wall_start
+    summary = run_summary(cfg, run_dir, state, stopped, seconds, train_loader, data)
     rundir.write_json(run_dir, "summary.json", summary)
     finish_tracking(tracker, summary, run_dir)
     display.summary(summary)
@@ -326,7 +334,28 @@ def epoch_row(epoch, stats: EpochStats, val, test, optimizer, train_loader) -> d
     }
 
 
-def run_summary(cfg, run_dir, state, stopped, seconds, wall_start, train_loader, data) -> dict:
+def check_resumable(ckpt: dict, cfg: TrainConfig, run_dir: Path) -> None:
+    """A one-line error when the saved run cannot go on under `cfg`; NothingToResume when
+    it has already finished."""
+    saved_epochs = ckpt["config"]["epochs"]
+    if cfg.epochs != saved_epochs and cfg.schedule in ("onecycle", "cosine"):
+        raise UserError(
+            f"--epochs cannot change on resume: the {cfg.schedule} schedule of {run_dir} is "
+            f"laid out over {saved_epochs} epochs; start a new run to train longer"
+        )
+    state = ckpt["state"]
+    if state["epoch"] >= cfg.epochs:
+        raise NothingToResume(
+            f"{run_dir} has already run {state['epoch']} of {cfg.epochs} epochs; nothing to resume"
+        )
+    if cfg.patience and state["bad_epochs"] >= cfg.patience:
+        raise NothingToResume(
+            f"{run_dir} stopped early after epoch {state['epoch']} (no improvement for "
+            f"{cfg.patience} epochs); nothing to resume"
+        )
+
+
+def run_summary(cfg, run_dir, state, stopped, seconds, train_loader, data) -> dict:
     history = state["history"]
     best_row = history[state["best_epoch"] - 1]
     train_seconds = sum(r["seconds"] for r in history)
@@ -337,7 +366,7 @@ def run_summary(cfg, run_dir, state, stopped, seconds, wall_start, train_loader,
         "stopped": stopped,
         "best": {k: best_row[k] for k in ("epoch", "val_acc", "val_loss", "test_acc", "test_loss")},
         "images_per_sec": train_loader.num_samples * len(history) / train_seconds,
-        "seconds": {**seconds, "total": time.perf_counter() - wall_start},
+        "seconds": dict(seconds),
         "data_source": data.source,
     }
 

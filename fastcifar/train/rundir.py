@@ -74,6 +74,15 @@ def write_json(path: Path, name: str, obj) -> None:
     write_json_atomic(path / name, obj)
 
 
+def write_environment(path: Path, env: dict, resumed: bool) -> None:
+    """env.json: what the run started on; each resume adds where it went on."""
+    saved = path / "env.json"
+    if resumed and saved.exists():
+        first = json.loads(saved.read_text())
+        env = {**first, "resumed": [*first.get("resumed", []), env]}
+    write_json(path, "env.json", env)
+
+
 def git_revision() -> str | None:
     try:
         out = subprocess.run(
