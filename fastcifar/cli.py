@@ -168,7 +168,10 @@ def cmd_summary(args) -> int:
 def cmd_list(args) -> int:
     from fastcifar.models import create_model, list_models
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        raise UserError(f"no architecture matches {args.pattern!r}; see fastcifar list")
+    for name in names:
         params = sum(p.numel() for p in create_model(name).parameters())
         print(f"{name:<22} {params:>12,} params")
     return 0

@@ -256,6 +256,16 @@ def test_summary_and_list(capsys):
     assert code == 0 and "Total params: 3,223,882" in out and "Total mult-adds (M): 379.78" in out
     code, out, _ = run(capsys, "list")
     assert code == 0 and "lenet" in out and "62,006" in out
+    code, out, _ = run(capsys, "list", "conv4_relu*")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == [
+        "conv4_relu",
+        "conv4_relu_bn",
+    ]
+    code, _, err = run(capsys, "list", "resnet*")
+    assert_one_line_error(code, err, "no architecture matches 'resnet*'")
+    for command in ("analyze", "compare"):
+        code, _, err = run(capsys, command, "no-such-run")
+        assert_one_line_error(code, err, "run directory not found: no-such-run")
 
 
 def test_doctor_reports_every_path(capsys):

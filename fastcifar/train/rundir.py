@@ -65,6 +65,8 @@ def read_metrics(path: Path) -> list[dict]:
         lines = (path / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
     except FileNotFoundError:
+        if not path.is_dir():
+            raise UserError(f"run directory not found: {path}") from None
         raise UserError(f"{path} has no metrics.jsonl; is it a fastcifar run directory?") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path / 'metrics.jsonl'}: {exc}") from None
