@@ -108,10 +108,32 @@ class TrainConfig:
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise UserError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        return cls(**_typed_values(values))
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _typed(key: str, value, annotation: str):
+    """`value` as the field's type (an integer is a valid float), or a one-line error
+    naming the key: config files and sweeps are typed by hand."""
+    kind, _, optional = annotation.partition(" | ")
+    if value is None and optional == "None":
+        return value
+    if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {"int": int, "float": float, "bool": bool, "str": str}[kind]
+    if isinstance(value, expected) and (kind == "bool" or not isinstance(value, bool)):
+        return value
+    raise UserError(f"{key} must be {_TYPE_NAMES[kind]}, not {value!r}")
+
+
+def _typed_values(values: dict) -> dict:
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    return {key: _typed(key, value, types[key]) for key, value in values.items()}
 
 
 def load_toml(path: Path, what: str = "config") -> dict:
@@ -131,4 +153,7 @@ def read_toml(path: Path) -> dict:
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise UserError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
-    return values
+    try:
+        return _typed_values(values)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None

@@ -132,6 +132,21 @@ def test_bad_config_file(capsys, tmp_path, data):
     cfg.write_text("lr = [")
     code, _, err = run(capsys, *quick(data, tmp_path / "r"), "--config", str(cfg))
     assert_one_line_error(code, err, "not valid TOML")
+    for text, fragment in [('epochs = "ten"', "epochs must be an integer, not 'ten'"),
+                           ("flip = 1", "flip must be true or false, not 1"),
+                           ("lr = true", "lr must be a number, not True"),
+                           ("arch = 5", "arch must be a string, not 5")]:  # fmt: skip
+        cfg.write_text(text)
+        code, _, err = run(capsys, "train", "--config", str(cfg))
+        assert_one_line_error(code, err, fragment)
+
+
+def test_config_values_are_typed():
+    from fastcifar.config import TrainConfig
+
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+    cfg = TrainConfig.from_dict({"lr": 1, "dropout": 0, "subset": None})
+    assert isinstance(cfg.lr, float) and isinstance(cfg.dropout, float) and cfg.subset is None
 
 
 def test_config_file_and_flags_layer(tmp_path, data):
