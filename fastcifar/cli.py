@@ -6,12 +6,15 @@ User mistakes end in one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import inspect
 import json
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from fastcifar.config import COMPILE_MODES, TrainConfig, read_toml
@@ -588,10 +591,29 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
             _remember_parsers(child)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A SIGTERM (a job scheduler, `kill`) ends a command as Ctrl-C does: a training run
+    keeps its last finished epoch's checkpoint and its MLflow run is marked KILLED."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return args.handler(args)
+        with sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            return args.handler(args)
     except UserError as exc:
         print(f"fastcifar: error: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -264,6 +266,24 @@ def test_no_traceback_from_the_console_script(tmp_path):
                           capture_output=True, text=True, env=env)  # fmt: skip
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_sigterm_stops_training_like_ctrl_c(tmp_path, data):
+    env = {**os.environ, "FASTCIFAR_CACHE": str(tmp_path / "cache")}
+    argv = quick(data, tmp_path / "run")
+    argv[argv.index("--epochs") + 1] = "10000"
+    proc = subprocess.Popen([sys.executable, "-m", "fastcifar", *argv], env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().endswith("interrupted; continue a training run with --resume RUN_DIR")
+    epochs = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert 1 <= epochs <= ckpt["epoch"] <= epochs + 1 < 10000  # metrics follow last.pt
 
 
 def test_summary_and_list(capsys):
