@@ -76,28 +76,27 @@ def environment(device: torch.device) -> dict:
     }
 
 
+# The loader kinds the loader benchmarks compare, as `fastcifar train` switches.
+LOADER_KINDS = {
+    "tensor": {"loader": "tensor", "native": "off", "prefetch": "off"},
+    "tensor_prefetch": {"loader": "tensor", "native": "off", "prefetch": "on"},
+    "native": {"loader": "tensor", "native": "on", "prefetch": "off"},
+    "native_prefetch": {"loader": "tensor", "native": "on", "prefetch": "on"},
+    "dali": {"loader": "dali"},
+}
+
+
 def training_loader(kind: str, images, labels, batch: int, dtype, device):
-    """(loader, None), or (None, why) when `kind` cannot run here. Kinds: tensor (the
-    gather), native (fastcifar._C), dali; a `_prefetch` suffix adds the prefetch thread."""
-    if kind == "dali":
-        try:
-            from fastcifar.data.dali_loader import DaliLoader
-            from fastcifar.errors import UserError
+    """(loader, None), or (None, why) when `kind` cannot run here: the training loader
+    `fastcifar train` builds with the kind's switches (crop and flip, no cutout)."""
+    from fastcifar.bench import loader_split
+    from fastcifar.config import TrainConfig
+    from fastcifar.errors import UserError
+    from fastcifar.train.engine import make_loader
 
-            return DaliLoader(images, labels, batch, train=True, dtype=dtype, device=device), None
-        except UserError as exc:  # DALI not installed
-            return None, str(exc)
-    from fastcifar.data.loader import TensorLoader
-    from fastcifar.data.prefetch import Prefetched
-
-    native = kind.startswith("native")
-    if native:
-        from fastcifar.ops.native import load
-
-        available, why = load()
-        if not available:
-            return None, why
-    loader = TensorLoader(torch.from_numpy(np.array(images)).to(device),
-                          torch.from_numpy(np.array(labels)).to(device), batch, train=True,
-                          dtype=dtype, native=native)  # fmt: skip
-    return (Prefetched(loader) if kind.endswith("_prefetch") else loader), None
+    cfg = TrainConfig(batch_size=batch, cutout=0, track=False, **LOADER_KINDS[kind])
+    try:
+        return make_loader(cfg, loader_split(images, labels, cfg, device), device, dtype,
+                           train=True), None  # fmt: skip
+    except UserError as exc:  # the native extension or DALI is missing here
+        return None, str(exc)

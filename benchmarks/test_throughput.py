@@ -16,6 +16,7 @@ from fastcifar.bench import (
     time_eval,
     time_steps,
     training_flops_per_image,
+    unavailable,
 )
 from fastcifar.models import list_models
 from fastcifar.train.device import native_bf16
@@ -45,6 +46,9 @@ def _steps(full: bool, arch: str) -> tuple[int, int]:
 def test_train_throughput(
     benchmark, arch, variant, full, device, train_arrays, peak, baseline_rates
 ):
+    reason = unavailable(arch, variant, device)
+    if reason:
+        pytest.skip(reason)
     if variant == "compile" and not full and device.type == "cpu":
         pytest.skip("compiling on the CPU takes minutes; --full measures it")
     if variant == "amp" and not full and not native_bf16(device):
@@ -67,7 +71,8 @@ def test_train_throughput(
         baseline_rates[key] = rate
     benchmark.extra_info.update(
         arch=arch, variant=variant, kind="train", batch_size=batch, amp=p.cfg.amp,
-        channels_last=p.cfg.channels_last, compile=p.cfg.compile, images_per_sec=rate,
+        channels_last=p.cfg.channels_last, compile=p.cfg.compile, loader=p.cfg.loader,
+        native=p.cfg.native, fused=p.cfg.fused, images_per_sec=rate,
         speedup=rate / baseline_rates[key] if key in baseline_rates else None,
         tflops=achieved, percent_of_peak=100 * achieved / peak[dtype], peak_tflops=peak[dtype],
         mode="full" if full else "quick", **environment(device),

@@ -19,14 +19,28 @@ import torch
 
 from fastcifar.baseline import tutorial_loader, tutorial_step
 from fastcifar.config import TrainConfig
-from fastcifar.data.loader import TensorLoader
+from fastcifar.data.dataset import Split
 from fastcifar.recipes import recipe
 from fastcifar.train.device import autocast, device_name, input_dtype, resolve_device
-from fastcifar.train.engine import build_model, compiled, train_step
+from fastcifar.train.engine import build_model, compiled, make_loader, train_step
 from fastcifar.train.optim import build_optimizer
 
 # The baseline, fastcifar's default, and the baseline with each optimisation alone.
-VARIANTS = ("baseline", "default", "amp", "channels_last", "compile", "tensor_loader")
+VARIANTS = ("baseline", "default", "amp", "channels_last", "compile", "tensor_loader",
+            "native_loader", "dali_loader", "fused")  # fmt: skip
+# The config values each optimisation switches on over the baseline's.
+ABLATIONS = {
+    "amp": {"amp": "bf16"},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+    "tensor_loader": {"loader": "tensor", "native": "off"},
+    "native_loader": {"loader": "tensor", "native": "on"},
+    "dali_loader": {"loader": "dali"},
+    "fused": {"fused": True},
+}
+# Variants that read batches through fastcifar's loaders (`engine.make_loader`); the
+# others read them through the tutorial's DataLoader.
+OWN_LOADER = ("default", "tensor_loader", "native_loader", "dali_loader")
 
 
 @dataclass
@@ -50,12 +64,37 @@ def variant_config(
     if variant == "default":
         return default
     base = default.replace(amp="none", channels_last=False, compile=False)
-    switch = {
-        "amp": {"amp": "bf16"},
-        "channels_last": {"channels_last": True},
-        "compile": {"compile": True},
-    }
-    return base.replace(**switch.get(variant, {}))
+    return base.replace(**ABLATIONS.get(variant, {}))
+
+
+def unavailable(arch: str, variant: str, device: torch.device) -> str | None:
+    """Why `variant` of `arch` cannot be timed on `device`, or None when it can."""
+    if variant == "fused" and arch != "cerberus":
+        return "the fused block is CerberusNet's unit"
+    if variant == "fused" and device.type != "cuda":
+        return "the fused block's Triton kernels need CUDA (the CPU interpreter is no speed)"
+    if variant == "native_loader":
+        from fastcifar.ops import native
+
+        available, why = native.load()
+        return None if available else why
+    if variant == "dali_loader":
+        from fastcifar.data.dali_loader import import_dali
+        from fastcifar.errors import UserError
+
+        try:
+            import_dali()
+        except UserError as exc:
+            return str(exc)
+    return None
+
+
+def loader_split(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
+                 device: torch.device) -> Split:  # fmt: skip
+    """Arrays where the configured loader reads them: on the device, DALI's on the host."""
+    where = torch.device("cpu") if cfg.loader == "dali" else device
+    return Split(torch.from_numpy(np.array(images)).to(where),
+                 torch.from_numpy(np.array(labels)).to(where))  # fmt: skip
 
 
 def endless(loader):
@@ -78,12 +117,11 @@ def build_pipeline(arch: str, variant: str, images: np.ndarray, labels: np.ndarr
     step_model = compiled(model, cfg)
     optimizer = build_optimizer(model, cfg)
     # generators: a loader is built at its first batch (no evaluation copy unless timed)
-    if variant in ("default", "tensor_loader"):
-        on_device = torch.from_numpy(np.array(images)).to(device), torch.from_numpy(np.array(labels)).to(device)  # fmt: skip
+    if variant in OWN_LOADER:
+        split = loader_split(images, labels, cfg, device)
 
         def batches(train: bool):
-            size = cfg.batch_size if train else cfg.eval_batch_size
-            yield from endless(TensorLoader(*on_device, size, train=train, dtype=input_dtype(cfg.amp)))  # fmt: skip
+            yield from endless(make_loader(cfg, split, device, input_dtype(cfg.amp), train=train))
     else:
 
         def batches(train: bool):

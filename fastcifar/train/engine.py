@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar.config import TrainConfig
-from fastcifar.data.dataset import DataBundle, prepare_data, prepare_encoded
+from fastcifar.data.dataset import DataBundle, Split, prepare_data, prepare_encoded
 from fastcifar.data.loader import TensorLoader, epoch_seed
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.display import TrainingDisplay
@@ -90,6 +90,15 @@ def load_data(cfg: TrainConfig, device: torch.device, log) -> DataBundle:
 
 def make_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, dtype: torch.dtype):
     """(train, val, test) loaders of the configured kind; val is None without a split."""
+    train = make_loader(cfg, data.train, device, dtype, train=True)
+    val = make_loader(cfg, data.val, device, dtype, train=False) if data.val else None
+    return train, val, make_loader(cfg, data.test, device, dtype, train=False)
+
+
+def make_loader(cfg: TrainConfig, split: Split, device: torch.device, dtype: torch.dtype, *,
+                train: bool):  # fmt: skip
+    """One loader of the configured kind over `split`: for training, shuffled, augmented
+    and behind a prefetch thread when configured; for evaluation, in order."""
     if cfg.loader == "dali":
         from fastcifar.data.dali_loader import DaliLoader as Loader
 
@@ -97,20 +106,14 @@ def make_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, dtype
     else:
         Loader = TensorLoader
         extra = {"native": use_native(cfg.native, device)}
-    train = Loader(
-        data.train.images, data.train.labels, cfg.batch_size, train=True, seed=cfg.seed,
-        pad=cfg.crop_pad, flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
-    )  # fmt: skip
-    if use_prefetch(cfg.prefetch, cfg.loader):
-        train = Prefetched(train)
-
-    def eval_loader(split):
-        if split is None:
-            return None
+    if not train:
         return Loader(split.images, split.labels, cfg.eval_batch_size, train=False, dtype=dtype,
                       **extra)  # fmt: skip
-
-    return train, eval_loader(data.val), eval_loader(data.test)
+    loader = Loader(
+        split.images, split.labels, cfg.batch_size, train=True, seed=cfg.seed,
+        pad=cfg.crop_pad, flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
+    )  # fmt: skip
+    return Prefetched(loader) if use_prefetch(cfg.prefetch, cfg.loader) else loader
 
 
 def use_prefetch(switch: str, loader: str) -> bool:
