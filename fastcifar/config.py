@@ -26,10 +26,10 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    arch: str = "cerberus"
-    data: str | None = None  # path to a CIFAR-10 source; None: $FASTCIFAR_DATA, then the cache
+    arch: str = "cerberus"  # network to train (`fastcifar list` names them all)
+    data: str | None = None  # CIFAR-10 source; unset: $FASTCIFAR_DATA, then the cache
     download: bool = False  # fetch the official tarball when no data is found
-    out: str | None = None  # run directory; None: runs/<arch>-<timestamp>
+    out: str | None = None  # run directory; unset: runs/<arch>-<timestamp>
     epochs: int = 20  # epoch cap
     batch_size: int = 128  # images per training step
     eval_batch_size: int = 1000  # images per evaluation step
@@ -66,7 +66,7 @@ class TrainConfig:
     deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
     track: bool = True  # MLflow tracking (when installed)
-    tracking_uri: str | None = None  # MLflow tracking URI; None: $MLFLOW_TRACKING_URI or local
+    tracking_uri: str | None = None  # MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else local
 
     def __post_init__(self) -> None:
         checks = [
