@@ -254,21 +254,20 @@ def cmd_bench_accuracy(args) -> int:
         }
         for arch in args.arch:
             for seed in range(args.seeds):
-                flags = [
-                    "--arch",
-                    arch,
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    str(args.runs / f"{arch}-{args.recipe}-s{seed}"),
-                ]
-                if configs[arch]:
-                    flags += ["--config", str(configs[arch])]
+                out = args.runs / f"{arch}-{args.recipe}-s{seed}"
+                # a run left by an earlier, interrupted call goes on; a finished one stays
+                flags = ["--resume", str(out)] if (out / "last.pt").exists() else [
+                    "--arch", arch, "--seed", str(seed), "--out", str(out),
+                    *(["--config", str(configs[arch])] if configs[arch] else []),
+                ]  # fmt: skip
                 if args.data:
                     flags += ["--data", args.data]
-                cfg, _ = resolve_train_config(build_parser().parse_args(["train", *flags]))
-                fit(cfg, TrainingDisplay())
-                runs.append(Path(cfg.out))
+                cfg, resume = resolve_train_config(build_parser().parse_args(["train", *flags]))
+                try:
+                    fit(cfg, TrainingDisplay(), resume=resume)
+                except NothingToResume as exc:
+                    print(f"fastcifar: {exc}", file=sys.stderr)
+                runs.append(out)
     records = [run_record(run, args.recipe) for run in runs]
     previous = []
     if args.out.exists():

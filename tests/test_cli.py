@@ -259,6 +259,24 @@ def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path
     assert_one_line_error(code, err, "no paper recipe for wide4 (there is one for: cerberus, conv3")
 
 
+def test_bench_accuracy_reruns_keep_finished_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's local store goes here
+    data = write_batches_dir(tmp_path / "data", make_arrays(n_train=5200, n_test=100))
+    argv = ["bench", "accuracy", "--arch", "lenet", "--data", str(data), "--runs",
+            str(tmp_path / "runs"), "--out", str(tmp_path / "accuracy.json")]  # fmt: skip
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    summary = tmp_path / "runs" / "lenet-default-s0" / "summary.json"
+    first = summary.read_bytes()
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "has already run 20 of 20 epochs; nothing to resume" in err
+    assert summary.read_bytes() == first
+    records = json.loads((tmp_path / "accuracy.json").read_text())["records"]
+    assert [(r["arch"], r["recipe"], r["epochs_run"]) for r in records] == [
+        ("lenet", "default", 20)
+    ]
+
+
 def test_no_traceback_from_the_console_script(tmp_path):
     env = {**os.environ, "FASTCIFAR_CACHE": str(tmp_path / "cache")}
     env.pop("FASTCIFAR_DATA", None)
