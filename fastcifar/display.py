@@ -36,7 +36,7 @@ class TrainingDisplay:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         if self.quiet or not self.console.is_terminal:

@@ -100,6 +100,23 @@ def test_resume_finished_or_extended_runs(tmp_path, small_data):
         fit(patient, TrainingDisplay(quiet=True), resume=tmp_path / "patient")
 
 
+def test_a_log_opens_with_one_line_saying_what_trains(tmp_path, small_data):
+    import io
+
+    from rich.console import Console
+
+    log = io.StringIO()
+    fit(
+        small_config(small_data, tmp_path / "run", epochs=1),
+        TrainingDisplay(Console(file=log, width=60)),
+    )
+    lines = log.getvalue().splitlines()  # the data cache's line may come first
+    first = next(line for line in lines if not line.startswith("decoding "))
+    assert first.startswith("lenet (62,006 params) on ")
+    assert ": fp32, channels-last, eager; 1 epochs x 7 steps of 50, sgd onecycle lr 0.05;" in first
+    assert first.endswith(f"run directory {tmp_path / 'run'}")
+
+
 def test_same_seed_same_result_other_seed_differs(tmp_path, small_data):
     runs = [fit(small_config(small_data, tmp_path / str(i), seed=s, epochs=1), TrainingDisplay(quiet=True))
             for i, s in enumerate([7, 7, 8])]  # fmt: skip

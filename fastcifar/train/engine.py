@@ -244,6 +244,7 @@ def fit(
     env = rundir.environment(device)
     rundir.write_environment(run_dir, env, resumed=ckpt is not None)
     tracker = start_tracking(cfg, env, run_dir, display, parent_run_id, resumed=ckpt is not None)
+    display.log(run_header(cfg, model, env["device_name"], len(train_loader), run_dir))
 
     # Times add up over the invocations of a resumed run (kept in last.pt's state).
     seconds = {"data": 0.0, "warmup": 0.0, "train": 0.0, "eval": 0.0, "total": 0.0}
@@ -335,6 +336,21 @@ def epoch_row(epoch, stats: EpochStats, val, test, optimizer, train_loader) -> d
         "images_per_sec": train_loader.num_samples / stats.seconds,
         "seconds": stats.seconds,
     }
+
+
+def run_header(cfg: TrainConfig, model, device_label: str, steps: int, run_dir: Path) -> str:
+    """One line that says what is being trained, where and how, at the top of a log."""
+    params = sum(p.numel() for p in model.parameters())
+    precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
+    speed = [precision, "channels-last" if cfg.channels_last else "NCHW",
+             f"torch.compile ({cfg.compile_mode})" if cfg.compile else "eager"]  # fmt: skip
+    if cfg.fused:
+        speed.append("fused conv-BN-ReLU")
+    return (
+        f"{cfg.arch} ({params:,} params) on {device_label}: {', '.join(speed)}; "
+        f"{cfg.epochs} epochs x {steps} steps of {cfg.batch_size}, {cfg.optimizer} "
+        f"{cfg.schedule} lr {cfg.lr:g}; run directory {run_dir}"
+    )
 
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, run_dir: Path) -> None:
