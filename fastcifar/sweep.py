@@ -89,8 +89,6 @@ def read_sweep(path: Path) -> SweepSpec:
             if all(isinstance(v, dict) for v in value):
                 value = [{k.replace("-", "_"): v for k, v in d.items()} for d in value]
                 keys = {k for d in value for k in d}
-            elif name in CONFIG_FIELDS:
-                keys = {name}
             else:
                 keys = {name}
             axes[name] = value
