@@ -72,6 +72,15 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, small_data, sched
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_resume_refuses_other_data(tmp_path, small_data):
+    cfg = small_config(small_data, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, CrashAfter(1))
+    other = str(write_batches_dir(tmp_path / "other", make_arrays(n_train=500, n_test=100)))
+    with pytest.raises(UserError, match="trained on 350 images an epoch; this data gives 450"):
+        fit(cfg.replace(data=other), TrainingDisplay(quiet=True), resume=tmp_path / "run")
+
+
 def test_resume_finished_or_extended_runs(tmp_path, small_data):
     from fastcifar.errors import NothingToResume
 

@@ -239,7 +239,14 @@ def fit(
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
+        trained_on = state.get("train_samples", train_loader.num_samples)
+        if trained_on != train_loader.num_samples:
+            raise UserError(
+                f"{run_dir} trained on {trained_on} images an epoch; this data gives "
+                f"{train_loader.num_samples}: resume with the run's own data"
+            )
         display.log(f"resuming {run_dir} after epoch {state['epoch']}")
+    state["train_samples"] = train_loader.num_samples
     rundir.write_json(run_dir, "config.json", cfg.to_dict())  # a resume may change --epochs
     env = rundir.environment(device)
     rundir.write_environment(run_dir, env, resumed=ckpt is not None)
