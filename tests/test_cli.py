@@ -259,13 +259,24 @@ def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path
     assert_one_line_error(code, err, "no paper recipe for wide4 (there is one for: cerberus, conv3")
 
 
-def test_bench_accuracy_reruns_keep_finished_runs(capsys, tmp_path, monkeypatch):
+def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's local store goes here
     data = write_batches_dir(tmp_path / "data", make_arrays(n_train=5200, n_test=100))
     argv = ["bench", "accuracy", "--arch", "lenet", "--data", str(data), "--runs",
             str(tmp_path / "runs"), "--out", str(tmp_path / "accuracy.json")]  # fmt: skip
+    from fastcifar import display
+
+    class StopAfterTwoEpochs(display.TrainingDisplay):
+        def end_epoch(self, row, improved):
+            super().end_epoch(row, improved)
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(display, "TrainingDisplay", StopAfterTwoEpochs)
+        assert run(capsys, *argv)[0] == 130
     code, _, err = run(capsys, *argv)
-    assert code == 0, err
+    assert code == 0 and f"resuming {tmp_path / 'runs' / 'lenet-default-s0'} after epoch 2" in err
     summary = tmp_path / "runs" / "lenet-default-s0" / "summary.json"
     first = summary.read_bytes()
     code, _, err = run(capsys, *argv)
