@@ -72,6 +72,17 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, small_data, sched
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_warm_up_is_the_first_step_of_a_run_only(tmp_path, small_data, monkeypatch):
+    epochs, real = [], engine.train_epoch
+    monkeypatch.setattr(
+        engine, "train_epoch", lambda *a, **k: epochs.append(real(*a, **k)) or epochs[-1]
+    )
+    spent = fit(small_config(small_data, tmp_path / "run"), TrainingDisplay(quiet=True))["seconds"]
+    assert len(epochs) == 3
+    assert spent["warmup"] == epochs[0].first_step_seconds
+    assert spent["train"] == pytest.approx(sum(e.seconds for e in epochs) - spent["warmup"])
+
+
 def test_resume_refuses_other_data(tmp_path, small_data):
     cfg = small_config(small_data, tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):

@@ -260,7 +260,8 @@ def fit(
     earlier_total = seconds["total"]
     stopped = None
     try:
-        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        first_epoch = state["epoch"] + 1  # of this invocation: its first step warms up
+        for epoch in range(first_epoch, cfg.epochs + 1):
             train_loader.set_epoch(epoch)
             torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout draws, per epoch
             display.start_epoch(epoch, cfg.epochs, len(train_loader))
@@ -272,7 +273,7 @@ def fit(
                 raise TrainingDiverged(
                     f"loss became {stats.loss} in epoch {epoch}; stopped, kept {kept} in {run_dir}"
                 )
-            warm = stats.first_step_seconds if epoch == state["epoch"] + 1 else 0.0
+            warm = stats.first_step_seconds if epoch == first_epoch else 0.0
             seconds["warmup"] += warm
             seconds["train"] += stats.seconds - warm
 
