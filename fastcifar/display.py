@@ -54,6 +54,11 @@ class TrainingDisplay:
         self.progress.start()
         self.task = self.progress.add_task("train", total=steps, rate=0.0, loss=float("nan"))
 
+    @property
+    def live(self) -> bool:
+        """Whether a progress bar is showing: only then is the running loss worth a sync."""
+        return self.progress is not None
+
     def advance(self, steps_done: int, loss: float, rate: float) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=steps_done, loss=loss, rate=rate)

@@ -72,6 +72,29 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, small_data, sched
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_progress_syncs_only_for_a_live_bar(tmp_path, small_data):
+    import io
+
+    from rich.console import Console
+
+    class Counting(TrainingDisplay):
+        def __init__(self, console):
+            super().__init__(console)
+            self.updates = 0
+
+        def advance(self, *args):
+            self.updates += 1
+            super().advance(*args)
+
+    log, terminal = (
+        Counting(Console(file=io.StringIO())),
+        Counting(Console(file=io.StringIO(), force_terminal=True)),
+    )
+    fit(small_config(small_data, tmp_path / "log", epochs=1), log)
+    fit(small_config(small_data, tmp_path / "tty", epochs=1), terminal)
+    assert log.updates == 0 and terminal.updates == 7  # 7 steps, each one a log boundary
+
+
 def test_warm_up_is_the_first_step_of_a_run_only(tmp_path, small_data, monkeypatch):
     epochs, real = [], engine.train_epoch
     monkeypatch.setattr(

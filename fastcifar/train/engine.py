@@ -182,7 +182,7 @@ def train_epoch(model, loader, optimizer, schedule, cfg, device, scaler, display
             if device.type == "cuda":
                 torch.cuda.synchronize()  # host sync: time the first (compiling) step alone
             first_step = time.perf_counter() - start
-        if step % log_every == 0:
+        if display.live and step % log_every == 0:  # logs and quiet runs never sync here
             elapsed = time.perf_counter() - start
             display.advance(step, loss.item(), seen / elapsed)  # host sync at log boundary
     total_loss = (loss_sum / seen).item()  # host sync: end of epoch
