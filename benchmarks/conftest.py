@@ -76,25 +76,19 @@ def environment(device: torch.device) -> dict:
     }
 
 
-# The loader kinds the loader benchmarks compare, as `fastcifar train` switches.
-LOADER_KINDS = {
-    "tensor": {"loader": "tensor", "native": "off", "prefetch": "off"},
-    "tensor_prefetch": {"loader": "tensor", "native": "off", "prefetch": "on"},
-    "native": {"loader": "tensor", "native": "on", "prefetch": "off"},
-    "native_prefetch": {"loader": "tensor", "native": "on", "prefetch": "on"},
-    "dali": {"loader": "dali"},
-}
-
-
 def training_loader(kind: str, images, labels, batch: int, dtype, device):
     """(loader, None), or (None, why) when `kind` cannot run here: the training loader
-    `fastcifar train` builds with the kind's switches (crop and flip, no cutout)."""
-    from fastcifar.bench import loader_split
+    `fastcifar train` builds with the switches of the ablation `<kind>_loader` (crop and
+    flip, no cutout). Kinds: tensor (the gather), native, dali; a `_prefetch` suffix adds
+    the prefetch thread."""
+    from fastcifar.bench import ABLATIONS, loader_split
     from fastcifar.config import TrainConfig
     from fastcifar.errors import UserError
     from fastcifar.train.engine import make_loader
 
-    cfg = TrainConfig(batch_size=batch, cutout=0, track=False, **LOADER_KINDS[kind])
+    name, _, prefetch = kind.partition("_")
+    cfg = TrainConfig(batch_size=batch, cutout=0, track=False, prefetch="on" if prefetch else "off",
+                      **ABLATIONS[f"{name}_loader"])  # fmt: skip
     try:
         return make_loader(cfg, loader_split(images, labels, cfg, device), device, dtype,
                            train=True), None  # fmt: skip
