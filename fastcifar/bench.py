@@ -229,15 +229,21 @@ class ThroughputResult:
     baseline_eval_images_per_sec: float  # evaluation steps, loader included; medians
     fastcifar_eval_images_per_sec: float
     eval_speedup: float  # median of the per-window ratios
+    against: str = "baseline"  # the other side: the tutorial ("baseline") or "default"
+    settings: dict | None = None  # config values on top of fastcifar's default (`--set`)
 
 
 def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_size: int | None = None,
                        steps: int = 20, windows: int = 3, warmup: int = 3,
-                       overrides: dict | None = None) -> ThroughputResult:  # fmt: skip
-    """Training, then evaluation, of the baseline and fastcifar's default in alternating
-    windows; an evaluation window sees about as many images as a training window."""
+                       overrides: dict | None = None,
+                       against: str = "baseline") -> ThroughputResult:  # fmt: skip
+    """Training, then evaluation, of `against` (the tutorial "baseline", or fastcifar's
+    "default") and fastcifar's default with `overrides` in alternating windows; an
+    evaluation window sees about as many images as a training window."""
     ours = build_pipeline(arch, "default", images, labels, batch_size, overrides=overrides)
-    base = build_pipeline(arch, "baseline", images, labels, ours.cfg.batch_size)
+    # the tutorial trains at fastcifar's batch size; the default keeps its own
+    base_batch = batch_size if against == "default" else ours.cfg.batch_size
+    base = build_pipeline(arch, against, images, labels, base_batch)
     train = _alternate(base, ours, time_steps, warmup, steps, windows)
     eval_steps = max(1, round(steps * ours.cfg.batch_size / ours.cfg.eval_batch_size))
     evals = _alternate(base, ours, time_eval, 1, eval_steps, windows)
@@ -251,7 +257,7 @@ def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_
         steps, device_name(ours.device), torch.__version__, tflops, peak, 100 * tflops / peak,
         ours.cfg.compile_mode if ours.cfg.compile else "eager",
         ours.cfg == variant_config(arch, "default", ours.device, None),
-        ours.cfg.eval_batch_size, evals.base, evals.ours, evals.speedup,
+        ours.cfg.eval_batch_size, evals.base, evals.ours, evals.speedup, against, overrides,
     )  # fmt: skip
 
 

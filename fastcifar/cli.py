@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fastcifar.config import COMPILE_MODES, TrainConfig, read_toml
+from fastcifar.config import TrainConfig, parse_setting, read_toml
 from fastcifar.errors import NothingToResume, UserError
 
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
@@ -189,26 +189,21 @@ def cmd_bench_throughput(args) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 120)  # ten columns fit a log
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
+    overrides = dict(args.set) or None
+    base, ours = (
+        "fastcifar default" if args.against == "default" else "tutorial baseline",
+        "with " + " ".join(f"{k}={v}" for k, v in args.set) if overrides else "fastcifar",
+    )
     table = Table(title="images/s, median of windows (evaluation: eval batches, loader included)")
-    for column in (
-        "arch",
-        "batch",
-        "amp",
-        "tutorial baseline",
-        "fastcifar",
-        "speedup",
-        "% of peak",
-        "eval: baseline",
-        "eval: fastcifar",
-        "eval speedup",
-    ):
+    for column in ("arch", "batch", "amp", base, ours, "speedup", "% of peak",
+                   "eval: " + base, "eval: " + ours, "eval speedup"):  # fmt: skip
         table.add_column(column, justify="right")
     results = []
+    against = "default" if args.against == "default" else "baseline"
     for arch in args.arch:
         console.print(f"measuring {arch} ...", highlight=False)
-        overrides = {"compile_mode": args.compile_mode} if args.compile_mode else None
         r = compare_throughput(arch, arrays.train_images, arrays.train_labels, args.batch_size,
-                               args.steps, args.windows, overrides=overrides)  # fmt: skip
+                               args.steps, args.windows, overrides=overrides, against=against)  # fmt: skip
         results.append(as_dict(r))
         table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
                       f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x",
@@ -452,6 +447,14 @@ class OneLineErrors(argparse.ArgumentParser):
         return message
 
 
+def setting(text: str) -> tuple[str, object]:
+    """`--set KEY=VALUE`, a usage error when KEY or VALUE does not fit the config."""
+    try:
+        return parse_setting(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -508,8 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument(
         "--windows", type=positive_int, default=3, help="alternating timed windows per side"
     )
-    tp.add_argument("--compile-mode", choices=COMPILE_MODES,
-                    help="torch.compile mode of fastcifar's side (where the recipe compiles)")  # fmt: skip
+    tp.add_argument("--set", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="a config value on fastcifar's side, e.g. channels_last=false or "
+                    "compile_mode=reduce-overhead (repeatable)")  # fmt: skip
+    tp.add_argument("--against", choices=("tutorial", "default"), default="tutorial",
+                    help="the other side: the tutorial pipeline, or fastcifar's default for "
+                    "the device (to measure one setting's effect)")  # fmt: skip
     tp.add_argument("--json", type=Path, help="write the results here")
     tp.set_defaults(handler=cmd_bench_throughput)
     ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")

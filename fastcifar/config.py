@@ -136,6 +136,23 @@ def _typed_values(values: dict) -> dict:
     return {key: _typed(key, value, types[key]) for key, value in values.items()}
 
 
+def parse_setting(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` from the command line as a typed config value: VALUE is read as TOML
+    (`false`, `0.1`, `"x"`) and otherwise taken as a bare string (`amp=none`)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    if not sep:
+        raise UserError(f"expected KEY=VALUE, got {text!r}")
+    if key not in fields:
+        raise UserError(f"unknown config key {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, _typed(key, value, fields[key])
+
+
 def load_toml(path: Path, what: str = "config") -> dict:
     """A TOML file's contents, with a one-line error for a missing or malformed file."""
     try:

@@ -84,6 +84,14 @@ def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):
         (["eval", "run", "--frobnicate"], "eval: unrecognized arguments: --frobnicate (see"),
         (["bench", "throughput", "--steps", "0"], "--steps: must be a positive integer, got '0'"),
         (["bench", "throughput", "--windows", "two"], "--windows: must be a positive integer"),
+        (["bench", "throughput", "--set", "speed=11"], "--set: unknown config key 'speed'"),
+        (["bench", "throughput", "--set", "lr"], "--set: expected KEY=VALUE, got 'lr'"),
+        (
+            ["bench", "throughput", "--set", "channels_last=maybe"],
+            "--set: channels_last must be true or false, not 'maybe'",
+        ),
+        (["bench", "throughput", "--set", "epochs=1.5"], "--set: epochs must be an integer"),
+        (["bench", "throughput", "--against", "pytorch"], "--against: invalid choice"),
         (["bench", "accuracy", "--seeds", "-1"], "--seeds: must be a positive integer"),
         (["sweep", "s.toml", "--workers", "0"], "--workers: must be a positive integer"),
         (["profile", "--arch", "lenet", "--steps", "0"], "--steps: must be a positive integer"),
@@ -149,6 +157,17 @@ def test_config_values_are_typed():
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
     cfg = TrainConfig.from_dict({"lr": 1, "dropout": 0, "subset": None})
     assert isinstance(cfg.lr, float) and isinstance(cfg.dropout, float) and cfg.subset is None
+
+
+def test_settings_from_the_command_line_are_typed():
+    from fastcifar.config import parse_setting
+
+    assert parse_setting("channels_last=false") == ("channels_last", False)
+    assert parse_setting("lr=1") == ("lr", 1.0) and isinstance(parse_setting("lr=1")[1], float)
+    assert parse_setting("amp=none") == ("amp", "none")  # a bare word is a string
+    assert parse_setting("compile-mode=reduce-overhead") == ("compile_mode", "reduce-overhead")
+    assert parse_setting('arch="conv3"') == ("arch", "conv3")
+    assert parse_setting("subset=512") == ("subset", 512)
 
 
 def test_config_file_and_flags_layer(tmp_path, data):

@@ -38,7 +38,10 @@ def results(tmp_path):
                     {"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 30000.0,
                      "speedup": 7.5, "percent_of_peak": 27.0, "batch_size": 1024},
                     {"arch": "lenet", "baseline_images_per_sec": 4000.0, "fastcifar_images_per_sec": 40000.0,
-                     "speedup": 10.0, "percent_of_peak": 36.0, "default_settings": False}],
+                     "speedup": 10.0, "percent_of_peak": 36.0, "default_settings": False},
+                    {"arch": "lenet", "baseline_images_per_sec": 14000.0, "fastcifar_images_per_sec": 14000.0,
+                     "speedup": 1.0, "percent_of_peak": 12.5, "default_settings": True,
+                     "against": "default"}],
     }))  # fmt: skip
     (folder / "accuracy-m.json").write_text(json.dumps({
         "kind": "accuracy", "machine": "Test CPU, 2 cores",
@@ -122,6 +125,30 @@ def test_side_by_side_records_whether_it_ran_the_recipe_unchanged():
     assert not compare_throughput("lenet", train, labels, batch_size=32, **kwargs).default_settings
     changed = compare_throughput("lenet", train, labels, overrides={"lr": 0.123}, **kwargs)
     assert not changed.default_settings
+    assert changed.against == "baseline" and changed.settings == {"lr": 0.123}
+
+
+def test_side_by_side_against_the_default_times_one_setting(monkeypatch):
+    import fastcifar.bench as bench
+
+    built = []
+    real = bench.build_pipeline
+
+    def recording(arch, variant, *args, **kwargs):
+        pipeline = real(arch, variant, *args, **kwargs)
+        built.append((variant, pipeline.cfg))
+        return pipeline
+
+    monkeypatch.setattr(bench, "build_pipeline", recording)
+    train, labels, _, _ = make_arrays(n_train=256)
+    result = bench.compare_throughput("lenet", train, labels, steps=1, windows=1, warmup=1,
+                                      overrides={"channels_last": False}, against="default")  # fmt: skip
+    (ours_variant, ours), (base_variant, base) = built
+    assert ours_variant == base_variant == "default"
+    assert base.channels_last and not ours.channels_last
+    assert base.replace(channels_last=False) == ours  # the one setting is the only difference
+    assert result.against == "default" and result.settings == {"channels_last": False}
+    assert not result.default_settings
 
 
 def test_a_run_is_recorded_only_under_the_recipe_it_followed():
