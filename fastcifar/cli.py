@@ -65,6 +65,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", type=Path, default=argparse.SUPPRESS, help="continue the run in this directory"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as TOML (a --config file) and exit without training",
+    )
 
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
@@ -76,7 +81,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "handler", "parser", "config", "resume", "quiet")
+        if k not in ("command", "handler", "parser", "config", "resume", "quiet", "print_config")
     }
     resume = getattr(args, "resume", None)
     if resume is not None:
@@ -113,6 +118,9 @@ def cmd_train(args) -> int:
     from fastcifar.train.engine import fit
 
     cfg, resume = resolve_train_config(args)
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
     fit(cfg, TrainingDisplay(quiet=args.quiet), resume=resume)
     return 0
 

@@ -9,6 +9,7 @@ flags given on the command line.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,22 @@ class TrainConfig:
             raise UserError(f"unknown config keys: {', '.join(sorted(unknown))}")
         return cls(**_typed_values(values))
 
+    def to_toml(self) -> str:
+        """Every set value as a `--config` file; unset (None) values are left out."""
+        lines = [f"{key} = {_toml_value(value)}" for key, value in self.to_dict().items()
+                 if value is not None]  # fmt: skip
+        return "\n".join(lines) + "\n"
+
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return repr(value)
 
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}

@@ -159,6 +159,24 @@ def test_config_values_are_typed():
     assert isinstance(cfg.lr, float) and isinstance(cfg.dropout, float) and cfg.subset is None
 
 
+def test_print_config_is_a_config_file_of_the_resolved_values(capsys, tmp_path, data):
+    from fastcifar.config import TrainConfig, read_toml
+    from fastcifar.recipes import recipe
+
+    code, out, _ = run(capsys, *quick(data, tmp_path / "run", "--lr", "0.02", "--print-config"))
+    assert code == 0 and not (tmp_path / "run").exists()  # nothing trained, nothing written
+    printed = tmp_path / "printed.toml"
+    printed.write_text(out)
+    values = read_toml(printed)
+    assert values["lr"] == 0.02 and values["epochs"] == 1 and values["out"] == str(tmp_path / "run")
+    assert values["label_smoothing"] == recipe("lenet", "cpu")["label_smoothing"]  # the recipe's
+    assert "dropout" not in values  # unset: the arch's own
+    # read back as --config it resolves to the same config
+    code, again, _ = run(capsys, "train", "--config", str(printed), "--print-config")
+    assert code == 0 and again == out
+    assert TrainConfig.from_dict(values).to_toml() == out
+
+
 def test_settings_from_the_command_line_are_typed():
     from fastcifar.config import parse_setting
 
