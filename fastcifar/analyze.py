@@ -96,30 +96,70 @@ def _html(name: str, result: dict, pictures) -> str:
     )
 
 
-def compare_runs(runs: list[Path], out: Path) -> list[dict]:
-    """Final metrics of each run, and their curves overlaid in `out` (PNG)."""
+def compare_runs(paths: list[Path], out: Path, log=print) -> list[dict]:
+    """Final metrics of each run, and their curves overlaid in `out` (PNG). A path that is
+    a folder of runs (a sweep's, `runs/`) stands for every run in it."""
     from fastcifar import figures
 
+    runs = expand_runs(paths, log)
+    labels = _labels(runs)
     table, curves = [], {}
-    for run in runs:
+    for run, label in zip(runs, labels, strict=True):
         rows = read_metrics(run)
         if not rows:
             raise UserError(f"{run} has no finished epoch")
-        summary = (
-            json.loads((run / "summary.json").read_text())
-            if (run / "summary.json").exists()
-            else {}
-        )
+        summary = _read_json(run / "summary.json")
         best = summary.get("best") or max(rows, key=lambda r: r.get("val_acc") or r["train_acc"])
         table.append({
-            "run": run.name,
+            "run": label,
             "epochs": len(rows),
+            "planned_epochs": _read_json(run / "config.json").get("epochs"),
+            "state": run_state(summary),
             "best_epoch": best["epoch"],
             "val_acc": best.get("val_acc"),
             "test_acc": best["test_acc"],
             "seconds": summary.get("seconds", {}).get("total", sum(r["seconds"] for r in rows)),
         })  # fmt: skip
-        curves[run.name] = rows
+        curves[label] = rows
     out.parent.mkdir(parents=True, exist_ok=True)
     figures.training_curves(curves, out)  # written atomically
     return table
+
+
+def expand_runs(paths: list[Path], log=print) -> list[Path]:
+    """The run directories `paths` name: a run itself, or each run inside a folder. A run
+    inside a folder that has not finished an epoch yet is left out, with a note."""
+    runs = []
+    for path in paths:
+        inner = sorted(p.parent for p in path.glob("*/config.json"))
+        if (path / "metrics.jsonl").exists() or not inner:
+            runs.append(path)  # read_metrics says what is wrong with a path that is no run
+            continue
+        for run in inner:
+            if (run / "metrics.jsonl").exists():
+                runs.append(run)
+            else:
+                log(f"{run}: no finished epoch yet, left out")
+    return runs
+
+
+def run_state(summary: dict) -> str:
+    """finished, early stop (the summary's reason), or unfinished (interrupted or running)."""
+    if not summary:
+        return "unfinished"
+    return "early stop" if summary.get("stopped") else "finished"
+
+
+def _labels(runs: list[Path]) -> list[str]:
+    """Each run's folder name, or its whole path where two runs share a name."""
+    names = [run.name for run in runs]
+    return [run.name if names.count(run.name) == 1 else str(run) for run in runs]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None

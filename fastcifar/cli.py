@@ -335,15 +335,18 @@ def cmd_compare(args) -> int:
 
     from fastcifar.analyze import compare_runs
 
-    rows = compare_runs(args.runs, args.out)
+    console = Console(width=None if sys.stdout.isatty() else 120)  # run names fit a log
+    rows = compare_runs(args.runs, args.out, log=lambda text: console.print(text, style="dim"))
     table = Table(title="runs")
-    for column in ("run", "epochs", "best epoch", "val acc", "test acc", "seconds"):
+    table.add_column("run", no_wrap=True)
+    for column in ("state", "epochs", "best epoch", "val acc", "test acc", "seconds"):
         table.add_column(column, justify="right")
     for r in rows:
         val = f"{r['val_acc']:.2%}" if r["val_acc"] is not None else "-"
-        table.add_row(r["run"], str(r["epochs"]), str(r["best_epoch"]), val, f"{r['test_acc']:.2%}",
-                      f"{r['seconds']:.0f}")  # fmt: skip
-    Console().print(table)
+        epochs = f"{r['epochs']}/{r['planned_epochs']}" if r["planned_epochs"] else str(r["epochs"])
+        table.add_row(r["run"], r["state"], epochs, str(r["best_epoch"]), val,
+                      f"{r['test_acc']:.2%}", f"{r['seconds']:.0f}")  # fmt: skip
+    console.print(table)
     print(f"curves: {args.out}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -30,26 +31,31 @@ def save(fig, path: Path) -> Path:
 
 def training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
     """Loss and accuracy against epoch for train/val/test (figures 3, 5, 7, 9); several
-    runs overlay, one colour each."""
+    runs overlay, one colour each (tab10, tab20 beyond ten runs), named once in the legend,
+    with the line style telling the split."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"train": "-", "val": "--", "test": ":"}
-    for color, (name, rows) in zip(plt.cm.tab10.colors, runs.items(), strict=False):
+    palette = plt.cm.tab10.colors if len(runs) <= 10 else plt.cm.tab20.colors
+    for color, (name, rows) in zip(itertools.cycle(palette), runs.items()):
         epochs = [r["epoch"] for r in rows]
+        named = False
         for split, style in styles.items():
-            label = f"{name} {split}" if len(runs) > 1 else split
+            label = split if len(runs) == 1 else (None if named else name)
             losses = [r.get(f"{split}_loss") for r in rows]
             accs = [r.get(f"{split}_acc") for r in rows]
             if all(v is not None for v in losses):
                 loss_ax.plot(epochs, losses, style, color=color, label=label)
             if all(v is not None for v in accs):
                 acc_ax.plot(epochs, [100 * a for a in accs], style, color=color, label=label)
+                named = True
+    splits = "" if len(runs) == 1 else " (solid: train, dashed: val, dotted: test)"
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss",
                 title="loss (train: as optimised, with any label smoothing)")  # fmt: skip
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy" + splits)
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8 if len(runs) <= 10 else 6)
     return save(fig, path)
 
 

@@ -95,6 +95,51 @@ def test_analyze_and_compare_write_valid_figures(tmp_path, capsys):
         assert img.format == "PNG"
 
 
+def fake_run(path, epochs, planned, summary=None):
+    """A run directory's files as `fit` writes them, without training."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"arch": "lenet", "epochs": planned}))
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.1 * e, "val_loss": 2.1 / e,
+             "val_acc": 0.09 * e, "test_loss": 2.2 / e, "test_acc": 0.08 * e, "seconds": 10.0}
+            for e in range(1, epochs + 1)]  # fmt: skip
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        best = {k: rows[-1][k] for k in ("epoch", "val_acc", "test_acc")}
+        (path / "summary.json").write_text(json.dumps({**summary, "best": best}))
+    return path
+
+
+def test_compare_takes_folders_of_runs_and_says_how_each_ended(tmp_path):
+    from fastcifar.analyze import compare_runs
+
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "a", 4, 4, {"stopped": None, "seconds": {"total": 55.0}})
+    fake_run(sweep / "b", 3, 8, {"stopped": "early stop: no improvement for 2 epochs"})
+    fake_run(sweep / "c", 2, 6)  # interrupted or still running: no summary yet
+    (sweep / "d").mkdir()
+    (sweep / "d" / "config.json").write_text("{}")  # started, no epoch finished
+    other = fake_run(tmp_path / "other" / "a", 1, 5, {"stopped": None})
+    notes = []
+    rows = compare_runs([sweep, other], tmp_path / "c.png", log=notes.append)
+    assert [r["run"] for r in rows] == [str(sweep / "a"), "b", "c", str(other)]  # "a" twice
+    assert [r["state"] for r in rows] == ["finished", "early stop", "unfinished", "finished"]
+    assert [(r["epochs"], r["planned_epochs"]) for r in rows] == [(4, 4), (3, 8), (2, 6), (1, 5)]
+    assert rows[0]["seconds"] == 55.0 and rows[2]["seconds"] == 20.0  # epochs' own, unfinished
+    assert rows[2]["test_acc"] == pytest.approx(0.16)  # best validation epoch so far
+    assert notes == [f"{sweep / 'd'}: no finished epoch yet, left out"]
+    with Image.open(tmp_path / "c.png") as img:
+        assert img.format == "PNG"
+
+
+def test_compare_of_a_file_is_one_line(tmp_path, capsys):
+    log = tmp_path / "run.log"
+    log.write_text("not a run")
+    assert main(["compare", str(log)]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"fastcifar: error: {log} is a file, not a run directory"
+    )
+
+
 def test_analyze_without_predictions_is_one_line(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")

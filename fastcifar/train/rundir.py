@@ -61,6 +61,8 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a run directory")
     try:
         lines = (path / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
