@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fastcifar.config import TrainConfig, parse_setting, read_toml
+from fastcifar.config import TrainConfig, parse_setting, read_config
 from fastcifar.errors import NothingToResume, UserError
 
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
@@ -60,7 +60,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 flag, type=_parser_for(field.type), default=argparse.SUPPRESS, help=text,
                 metavar=field.name.upper(),
             )  # fmt: skip
-    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
+    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help="TOML config file, or a run directory: that run's settings")  # fmt: skip
     parser.add_argument(
         "--resume", type=Path, default=argparse.SUPPRESS, help="continue the run in this directory"
     )
@@ -91,7 +92,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
             raise UserError(f"--resume continues the saved config; it cannot change {names}")
         saved = read_toml_or_json(resume / "config.json")
         return TrainConfig.from_dict({**saved, **flags}), resume
-    file_values = read_toml(args.config) if getattr(args, "config", None) else {}
+    file_values = read_config(args.config) if getattr(args, "config", None) else {}
     arch = flags.get("arch") or file_values.get("arch") or TrainConfig.arch
     if arch not in list_models():
         raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(list_models())}")

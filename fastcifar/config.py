@@ -179,9 +179,31 @@ def load_toml(path: Path, what: str = "config") -> dict:
         raise UserError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
+def read_config(path: Path) -> dict:
+    """A `--config` file's values: TOML, or a run's `config.json` (naming the run directory
+    is enough), whose `out` stays behind: the run's settings, not its place."""
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix != ".json":
+        return read_toml(path)
+    try:
+        values = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UserError(f"config {path} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} is not a JSON object")
+    values.pop("out", None)
+    return _checked(values, path)
+
+
 def read_toml(path: Path) -> dict:
     """A config file's values, keys as field names; unknown keys are an error."""
-    values = {key.replace("-", "_"): value for key, value in load_toml(path).items()}
+    return _checked({key.replace("-", "_"): value for key, value in load_toml(path).items()}, path)
+
+
+def _checked(values: dict, path: Path) -> dict:
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise UserError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")

@@ -177,6 +177,31 @@ def test_print_config_is_a_config_file_of_the_resolved_values(capsys, tmp_path, 
     assert TrainConfig.from_dict(values).to_toml() == out
 
 
+def test_config_may_be_a_run_directory(capsys, tmp_path):
+    from fastcifar.config import TrainConfig, read_toml
+
+    run_dir = tmp_path / "runs" / "conv3-a"
+    run_dir.mkdir(parents=True)
+    saved = TrainConfig(arch="conv3", lr=0.03, epochs=7, cutout=6, amp="none", out=str(run_dir))
+    (run_dir / "config.json").write_text(json.dumps(saved.to_dict()))
+    for given in (run_dir, run_dir / "config.json"):
+        code, out, _ = run(capsys, "train", "--config", str(given), "--seed", "3", "--print-config")
+        assert code == 0
+        printed = tmp_path / "printed.toml"
+        printed.write_text(out)
+        # the run's settings, another seed, and not its run directory
+        assert read_toml(printed) == {k: v for k, v in {**saved.to_dict(), "seed": 3}.items()
+                                      if v is not None and k != "out"}  # fmt: skip
+    (run_dir / "config.json").write_text('{"lr": "fast"}')
+    code, _, err = run(capsys, "train", "--config", str(run_dir), "--print-config")
+    assert_one_line_error(code, err, "lr must be a number, not 'fast'")
+    (run_dir / "config.json").write_text("{")
+    code, _, err = run(capsys, "train", "--config", str(run_dir))
+    assert_one_line_error(code, err, "is not valid JSON")
+    code, _, err = run(capsys, "train", "--config", str(tmp_path / "empty"))
+    assert_one_line_error(code, err, "cannot read config")
+
+
 def test_settings_from_the_command_line_are_typed():
     from fastcifar.config import parse_setting
 
