@@ -394,6 +394,17 @@ def test_summary_and_list(capsys):
         assert_one_line_error(code, err, "run directory not found: no-such-run")
 
 
+def test_a_run_before_its_first_epoch_says_so(capsys, tmp_path):
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.json").write_text("{}")
+    for command in ("analyze", "compare"):
+        code, _, err = run(capsys, command, str(started))
+        assert_one_line_error(code, err, f"{started} has not finished an epoch yet")
+    code, _, err = run(capsys, "eval", str(started))
+    assert_one_line_error(code, err, f"no best.pt in {started}: no epoch finished yet")
+
+
 def test_doctor_reports_every_path(capsys):
     assert main(["doctor"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]

@@ -40,6 +40,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
+        if (path.parent / "config.json").exists():  # a run directory, before its first epoch
+            raise UserError(f"no {path.name} in {path.parent}: no epoch finished yet") from None
         raise UserError(f"checkpoint not found: {path}") from None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
         raise UserError(f"cannot load checkpoint {path}: {first_line(exc)}") from None

@@ -69,6 +69,8 @@ def read_metrics(path: Path) -> list[dict]:
     except FileNotFoundError:
         if not path.is_dir():
             raise UserError(f"run directory not found: {path}") from None
+        if (path / "config.json").exists():
+            raise UserError(f"{path} has not finished an epoch yet") from None
         raise UserError(f"{path} has no metrics.jsonl; is it a fastcifar run directory?") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path / 'metrics.jsonl'}: {exc}") from None
