@@ -12,7 +12,7 @@ from pathlib import Path
 from fastcifar.analysis import analyze_predictions, misclassified
 from fastcifar.data.sources import CLASSES
 from fastcifar.errors import UserError
-from fastcifar.train.rundir import read_metrics, read_predictions
+from fastcifar.train.rundir import is_training, read_metrics, read_predictions
 
 
 def analyze_run(run: Path, data: str | None = None, top_pairs: int = 4, examples: int = 16,
@@ -114,7 +114,7 @@ def compare_runs(paths: list[Path], out: Path, log=print) -> list[dict]:
             "run": label,
             "epochs": len(rows),
             "planned_epochs": _read_json(run / "config.json").get("epochs"),
-            "state": run_state(summary),
+            "state": run_state(run, summary),
             "best_epoch": best["epoch"],
             "val_acc": best.get("val_acc"),
             "test_acc": best["test_acc"],
@@ -143,8 +143,11 @@ def expand_runs(paths: list[Path], log=print) -> list[Path]:
     return runs
 
 
-def run_state(summary: dict) -> str:
-    """finished, early stop (the summary's reason), or unfinished (interrupted or running)."""
+def run_state(run: Path, summary: dict) -> str:
+    """training (a process holds the run now), finished, early stop, or unfinished
+    (interrupted: `--resume` goes on)."""
+    if is_training(run):
+        return "training"
     if not summary:
         return "unfinished"
     return "early stop" if summary.get("stopped") else "finished"

@@ -394,6 +394,24 @@ def test_summary_and_list(capsys):
         assert_one_line_error(code, err, "run directory not found: no-such-run")
 
 
+def test_a_run_directory_trains_in_one_process_at_a_time(capsys, tmp_path, data):
+    from fastcifar.analyze import compare_runs
+    from fastcifar.train.rundir import claimed, is_training
+
+    out = tmp_path / "run"
+    assert run(capsys, *quick(data, out))[0] == 0
+    assert not is_training(out)  # released when training ends
+    (out / "summary.json").unlink()  # as if interrupted: --resume would go on
+    with claimed(out):  # another process training there (flock: per open file)
+        assert is_training(out)
+        code, _, err = run(capsys, "train", "--resume", str(out), "--epochs", "2")
+        assert_one_line_error(code, err, f"{out} is in use: another fastcifar process")
+        code, _, err = run(capsys, *quick(data, out))
+        assert_one_line_error(code, err, "is in use")
+        assert compare_runs([out], tmp_path / "c.png")[0]["state"] == "training"
+    assert compare_runs([out], tmp_path / "c.png")[0]["state"] == "unfinished"
+
+
 def test_a_run_before_its_first_epoch_says_so(capsys, tmp_path):
     started = tmp_path / "started"
     started.mkdir()

@@ -202,16 +202,22 @@ def fit(
     `parent_run_id` nests the MLflow run under a sweep's; `on_epoch(row)` is called after
     every epoch (sweeps use it to prune).
     """
+    run_dir = rundir.create_run_dir(
+        resume or Path(cfg.out or rundir.default_run_dir(cfg.arch)), fresh=resume is None
+    )
+    with rundir.claimed(run_dir):
+        return _fit(cfg, display, run_dir, resume is not None, parent_run_id, on_epoch)
+
+
+def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bool,
+         parent_run_id: str | None, on_epoch) -> dict:  # fmt: skip
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
     warning = check_amp(cfg.amp, device)
     if warning:
         print(f"fastcifar: {warning}", file=sys.stderr)
     configure_runtime(cfg.threads, cfg.deterministic, cfg.seed)
-    run_dir = rundir.create_run_dir(
-        resume or Path(cfg.out or rundir.default_run_dir(cfg.arch)), fresh=resume is None
-    )
-    ckpt = load_checkpoint(run_dir / "last.pt") if resume else None
+    ckpt = load_checkpoint(run_dir / "last.pt") if resuming else None
     if ckpt is not None:
         check_resumable(ckpt, cfg, run_dir)
 

@@ -3,6 +3,8 @@ and the final summary. Every file in it is written atomically."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import platform
 import subprocess
@@ -23,6 +25,8 @@ def default_run_dir(arch: str) -> Path:
 
 def create_run_dir(path: Path, fresh: bool) -> Path:
     """Make (or, when resuming, check) a run directory, with a one-line error if unusable."""
+    if is_training(path):
+        raise UserError(IN_USE.format(path=path))
     if fresh and (path / "last.pt").exists():
         raise UserError(f"{path} already holds a run; use --resume {path} or another --out")
     if not fresh and not (path / "last.pt").exists():
@@ -35,6 +39,35 @@ def create_run_dir(path: Path, fresh: bool) -> Path:
     except OSError as exc:
         raise UserError(f"run directory {path} is not writable: {exc.strerror}") from None
     return path
+
+
+LOCK = ".lock"  # held (flock) by the process training in the run directory
+IN_USE = "{path} is in use: another fastcifar process is training there"
+
+
+@contextlib.contextmanager
+def claimed(path: Path):
+    """Hold the run directory for one training process: a second one (a `--resume` of a
+    run still training, or the same `--out` twice) stops with a one-line error. The
+    operating system drops the lock when the process ends, however it ends."""
+    with (path / LOCK).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(IN_USE.format(path=path)) from None
+        yield path
+
+
+def is_training(path: Path) -> bool:
+    """Whether a process holds the run directory's lock now."""
+    try:
+        with (path / LOCK).open("r") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
