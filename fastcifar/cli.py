@@ -196,6 +196,8 @@ def cmd_bench_throughput(args) -> int:
     from fastcifar.bench import as_dict, compare_throughput
     from fastcifar.data.dataset import resolve_arrays
 
+    if any(key == "arch" for key, _ in args.set):
+        raise UserError("--set arch=...: name the architectures with --arch")
     console = Console(width=None if sys.stdout.isatty() else 120)  # ten columns fit a log
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
     overrides = dict(args.set) or None

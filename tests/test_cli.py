@@ -202,6 +202,11 @@ def test_config_may_be_a_run_directory(capsys, tmp_path):
     assert_one_line_error(code, err, "cannot read config")
 
 
+def test_bench_settings_leave_the_arch_to_arch(capsys):
+    code, _, err = run(capsys, "bench", "throughput", "--set", "arch=conv3")
+    assert_one_line_error(code, err, "--set arch=...: name the architectures with --arch")
+
+
 def test_settings_from_the_command_line_are_typed():
     from fastcifar.config import parse_setting
 
