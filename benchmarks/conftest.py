@@ -66,6 +66,36 @@ def baseline_rates() -> dict:
     return {}
 
 
+MEASURED = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def measured(request) -> dict:
+    """This session's results, (arch, "train" | "eval", variant) -> the benchmark's
+    extra_info, for the summary (kept on the config: the test modules may import this
+    file a second time under another name)."""
+    return request.config.stash.setdefault(MEASURED, {})
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Throughput against accuracy: this session's images/s of each architecture beside
+    the test accuracy recorded for this machine in benchmarks/results (README's columns)."""
+    measured = config.stash.get(MEASURED, {})
+    from fastcifar.report import throughput_against_accuracy
+
+    results = Path(__file__).resolve().parent / "results"
+    table = throughput_against_accuracy(measured, device_name(resolve_device("auto")), results)
+    if not table:
+        return
+    mode = ("full windows" if config.getoption("--full") else
+            "quick mode: a few steps at batch 32, a smoke test, not a measurement")  # fmt: skip
+    terminalreporter.section("throughput against accuracy")
+    terminalreporter.write_line(f"images/s from this session ({mode}); test accuracy of the "
+                                "default recipe as recorded for this machine")  # fmt: skip
+    for line in table.splitlines():
+        terminalreporter.write_line(line)
+
+
 def environment(device: torch.device) -> dict:
     return {
         "device": device.type,

@@ -44,7 +44,7 @@ def _steps(full: bool, arch: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_train_throughput(
-    benchmark, arch, variant, full, device, train_arrays, peak, baseline_rates
+    benchmark, arch, variant, full, device, train_arrays, peak, baseline_rates, measured
 ):
     reason = unavailable(arch, variant, device)
     if reason:
@@ -77,11 +77,12 @@ def test_train_throughput(
         tflops=achieved, percent_of_peak=100 * achieved / peak[dtype], peak_tflops=peak[dtype],
         mode="full" if full else "quick", **environment(device),
     )  # fmt: skip
+    measured[(arch, "train", variant)] = dict(benchmark.extra_info)
     assert rate > 0
 
 
 @pytest.mark.parametrize("variant", ["baseline", "default"])
-def test_eval_throughput(benchmark, arch, variant, full, device, train_arrays):
+def test_eval_throughput(benchmark, arch, variant, full, device, train_arrays, measured):
     batch = 512 if full else 64
     p = build_pipeline(arch, variant, *train_arrays, device=device,
                        overrides={"eval_batch_size": batch})  # fmt: skip
@@ -94,4 +95,5 @@ def test_eval_throughput(benchmark, arch, variant, full, device, train_arrays):
     rate = sorted(rates)[len(rates) // 2]
     benchmark.extra_info.update(arch=arch, variant=variant, kind="eval", batch_size=batch, amp=p.cfg.amp,
                                 images_per_sec=rate, **environment(device))  # fmt: skip
+    measured[(arch, "eval", variant)] = dict(benchmark.extra_info)
     assert rate > 0

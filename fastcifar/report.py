@@ -94,6 +94,35 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
     return tables
 
 
+def throughput_against_accuracy(measured: dict, machine: str, results: Path) -> str:
+    """The README's table for the architectures whose default the benchmark suite timed:
+    throughput from `measured` ((arch, "train" | "eval", variant) -> the benchmark's
+    extra_info; fastcifar's default against the tutorial baseline), accuracy as recorded
+    for `machine` in the `results` folder."""
+
+    def rate(arch, kind, variant):
+        return measured.get((arch, kind, variant), {}).get("images_per_sec")
+
+    throughput = []
+    for arch in sorted({arch for arch, kind, variant in measured if variant == "default"}):
+        train, base = rate(arch, "train", "default"), rate(arch, "train", "baseline")
+        evals, eval_base = rate(arch, "eval", "default"), rate(arch, "eval", "baseline")
+        throughput.append({
+            "arch": arch, "machine": machine, "default_settings": True,
+            "fastcifar_images_per_sec": train, "baseline_images_per_sec": base,
+            "speedup": train / base if train and base else None,
+            "fastcifar_eval_images_per_sec": evals,
+            "eval_speedup": evals / eval_base if evals and eval_base else None,
+            "percent_of_peak": measured.get((arch, "train", "default"), {}).get("percent_of_peak"),
+        })  # fmt: skip
+    if not throughput:
+        return ""
+    accuracy = [r for r in load_results(results)[1] if r["machine"] == machine]
+    rows = table_rows(throughput, accuracy).get(machine, [])
+    archs = {t["arch"] for t in throughput}
+    return markdown({machine: [r for r in rows if r["arch"] in archs]})
+
+
 def _test_accuracy_stats(records: list[dict] | None) -> dict | None:
     return accuracy_stats([r["test_acc"] for r in records]) if records else None
 
@@ -114,7 +143,7 @@ def markdown(tables: dict[str, list[dict]]) -> str:
                 _num(r["baseline_ips"]),
                 f"{r['speedup']:.2f}x" if r["speedup"] else "-",
                 f"{r['percent_of_peak']:.1f}%" if r["percent_of_peak"] is not None else "-",
-                f"{r['eval_ips']:,.0f} ({r['eval_speedup']:.2f}x)" if r["eval_ips"] else "-",
+                _with_speedup(r["eval_ips"], r["eval_speedup"]),
                 _accuracy(r["stats"]),
                 f"{r['epochs']}, {r['wall']:.0f} s" if r["epochs"] else "-",
                 f"epoch {r['reach']['epoch']} ({r['reach']['train_seconds']:.0f} s)"
@@ -126,6 +155,12 @@ def markdown(tables: dict[str, list[dict]]) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _with_speedup(rate: float | None, speedup: float | None) -> str:
+    if not rate:
+        return "-"
+    return f"{rate:,.0f}" + (f" ({speedup:.2f}x)" if speedup else "")
 
 
 def _accuracy(stats: dict | None) -> str:

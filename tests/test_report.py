@@ -86,6 +86,28 @@ def test_report_table_and_readme_section(tmp_path, results, capsys):
         assert img.format == "PNG" and img.width > 400
 
 
+def test_benchmark_summary_joins_this_sessions_throughput_with_recorded_accuracy(results):
+    from fastcifar.report import throughput_against_accuracy
+
+    measured = {
+        ("lenet", "train", "baseline"): {"images_per_sec": 2000.0},
+        ("lenet", "train", "default"): {"images_per_sec": 8000.0, "percent_of_peak": 20.0},
+        ("lenet", "eval", "baseline"): {"images_per_sec": 5000.0},
+        ("lenet", "eval", "default"): {"images_per_sec": 25000.0},
+        ("conv3", "train", "amp"): {"images_per_sec": 900.0},  # no default timed: no row
+        ("cerberus", "train", "default"): {"images_per_sec": 40.0},  # no accuracy recorded
+    }
+    table = throughput_against_accuracy(measured, "Test CPU, 2 cores", results)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}  # fmt: skip
+    assert set(rows) == {"arch", "lenet", "cerberus"}
+    lenet = rows["lenet"]
+    assert lenet[3:8] == ["8,000", "2,000", "4.00x", "20.0%", "25,000 (5.00x)"]
+    assert lenet[8] == "69.00% ± 1.41 (2 runs)"  # from the results folder, not measured here
+    assert rows["cerberus"][3:9] == ["40", "-", "-", "-", "-", "-"]
+    assert throughput_against_accuracy({}, "Test CPU, 2 cores", results) == ""
+
+
 def test_accuracy_stats_and_pareto_front():
     s = accuracy_stats([0.70, 0.72, 0.74])
     assert s["mean"] == pytest.approx(0.72) and s["std"] == pytest.approx(0.02)
