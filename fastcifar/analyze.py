@@ -96,6 +96,11 @@ def _html(name: str, result: dict, pictures) -> str:
     )
 
 
+# The columns of a compare row, as `compare --table` writes them.
+COMPARE_COLUMNS = ("run", "state", "epochs", "planned_epochs", "best_epoch", "val_acc", "test_acc",
+                   "seconds")  # fmt: skip
+
+
 def compare_runs(paths: list[Path], out: Path, log=print) -> list[dict]:
     """Final metrics of each run, and their curves overlaid in `out` (PNG). A path that is
     a folder of runs (a sweep's, `runs/`) stands for every run in it."""
@@ -116,9 +121,11 @@ def compare_runs(paths: list[Path], out: Path, log=print) -> list[dict]:
             "planned_epochs": _read_json(run / "config.json").get("epochs"),
             "state": run_state(run, summary),
             "best_epoch": best["epoch"],
-            "val_acc": best.get("val_acc"),
-            "test_acc": best["test_acc"],
-            "seconds": summary.get("seconds", {}).get("total", sum(r["seconds"] for r in rows)),
+            "val_acc": _rounded(best.get("val_acc"), 4),  # 10,000 test images: 1e-4 steps
+            "test_acc": _rounded(best["test_acc"], 4),
+            "seconds": round(
+                summary.get("seconds", {}).get("total", sum(r["seconds"] for r in rows)), 1
+            ),
         })  # fmt: skip
         curves[label] = rows
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +164,10 @@ def _labels(runs: list[Path]) -> list[str]:
     """Each run's folder name, or its whole path where two runs share a name."""
     names = [run.name for run in runs]
     return [run.name if names.count(run.name) == 1 else str(run) for run in runs]
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _read_json(path: Path) -> dict:

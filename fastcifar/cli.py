@@ -336,8 +336,11 @@ def cmd_compare(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fastcifar.analyze import compare_runs
+    from fastcifar.analyze import COMPARE_COLUMNS, compare_runs
+    from fastcifar.tables import table_path, write_table
 
+    if args.table:
+        table_path(args.table)  # a wrong suffix fails before the work
     console = Console(width=None if sys.stdout.isatty() else 120)  # run names fit a log
     rows = compare_runs(args.runs, args.out, log=lambda text: console.print(text, style="dim"))
     table = Table(title="runs")
@@ -351,6 +354,9 @@ def cmd_compare(args) -> int:
                       f"{r['test_acc']:.2%}", f"{r['seconds']:.0f}")  # fmt: skip
     console.print(table)
     print(f"curves: {args.out}")
+    if args.table:
+        write_table(rows, list(COMPARE_COLUMNS), args.table)
+        print(f"table: {args.table}")
     return 0
 
 
@@ -577,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("compare", help="runs side by side: final metrics and overlaid curves")
     co.add_argument("runs", type=Path, nargs="+")
     co.add_argument("--out", type=Path, default=Path("compare.png"), help="curves figure (PNG)")
+    co.add_argument("--table", type=Path, help="also write the table here (.csv or .md)")
     co.set_defaults(handler=cmd_compare)
 
     pf = sub.add_parser(

@@ -13,9 +13,7 @@ parameters. Every trial is an MLflow child run under one parent run for the swee
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import os
 import subprocess
@@ -406,13 +404,7 @@ def results(study, spec: SweepSpec) -> list[dict]:
 
 
 def write_results(rows: list[dict], out: Path) -> None:
-    from fastcifar.atomic import write_text_atomic
+    from fastcifar.tables import write_table
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*RESULT_COLUMNS, "val_acc"])
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out / "results.csv", buffer.getvalue())
-    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + " --- |" * len(RESULT_COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in RESULT_COLUMNS) + " |" for r in rows]
-    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
+    write_table(rows, [*RESULT_COLUMNS, "val_acc"], out / "results.csv")
+    write_table(rows, list(RESULT_COLUMNS), out / "results.md")

@@ -131,6 +131,33 @@ def test_compare_takes_folders_of_runs_and_says_how_each_ended(tmp_path):
         assert img.format == "PNG"
 
 
+def test_compare_writes_its_table_as_csv_or_markdown(tmp_path, capsys):
+    import csv
+
+    fake_run(tmp_path / "runs" / "a", 4, 4, {"stopped": None, "seconds": {"total": 55.04}})
+    fake_run(tmp_path / "runs" / "b", 2, 6)
+    argv = ["compare", str(tmp_path / "runs"), "--out", str(tmp_path / "c.png")]
+    assert main([*argv, "--table", str(tmp_path / "t.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert [(r["run"], r["state"], r["epochs"], r["planned_epochs"]) for r in rows] == [
+        ("a", "finished", "4", "4"),
+        ("b", "unfinished", "2", "6"),
+    ]
+    assert rows[0]["test_acc"] == "0.32" and rows[0]["seconds"] == "55.0"
+    assert main([*argv, "--table", str(tmp_path / "t.md")]) == 0
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert lines[0].startswith("| run | state | epochs |") and lines[2].startswith(
+        "| a | finished | 4 |"
+    )
+    capsys.readouterr()
+    assert main([*argv, "--table", str(tmp_path / "t.txt")]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        err.strip() == f"fastcifar: error: {tmp_path / 't.txt'}: a table is written as .csv or .md"
+    )
+    assert out == "" and not (tmp_path / "t.txt").exists()  # refused before any work
+
+
 def test_compare_of_a_file_is_one_line(tmp_path, capsys):
     log = tmp_path / "run.log"
     log.write_text("not a run")
