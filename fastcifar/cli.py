@@ -201,16 +201,14 @@ def cmd_bench_throughput(args) -> int:
     console = Console(width=None if sys.stdout.isatty() else 120)  # ten columns fit a log
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
     overrides = dict(args.set) or None
-    base, ours = (
-        "fastcifar default" if args.against == "default" else "tutorial baseline",
-        "with " + " ".join(f"{k}={v}" for k, v in args.set) if overrides else "fastcifar",
-    )
+    against = {"tutorial": "baseline", "default": "default"}[args.against]  # bench variants
+    base = "fastcifar default" if against == "default" else "tutorial baseline"
+    ours = "with " + " ".join(f"{k}={v}" for k, v in args.set) if overrides else "fastcifar"
     table = Table(title="images/s, median of windows (evaluation: eval batches, loader included)")
     for column in ("arch", "batch", "amp", base, ours, "speedup", "% of peak",
                    "eval: " + base, "eval: " + ours, "eval speedup"):  # fmt: skip
         table.add_column(column, justify="right")
     results = []
-    against = "default" if args.against == "default" else "baseline"
     for arch in args.arch:
         console.print(f"measuring {arch} ...", highlight=False)
         r = compare_throughput(arch, arrays.train_images, arrays.train_labels, args.batch_size,
