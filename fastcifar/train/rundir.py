@@ -63,10 +63,10 @@ def is_training(path: Path) -> bool:
     try:
         with (path / LOCK).open("r") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except FileNotFoundError:
-        return False
     except BlockingIOError:
         return True
+    except OSError:  # no lock file (never trained there), or no such directory
+        return False
     return False
 
 
