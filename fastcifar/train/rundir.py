@@ -55,6 +55,8 @@ def claimed(path: Path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(IN_USE.format(path=path)) from None
+        except OSError:  # a file system without locks: train unguarded rather than not at all
+            pass
         yield path
 
 
