@@ -123,9 +123,7 @@ def compare_runs(paths: list[Path], out: Path, log=print) -> list[dict]:
             "best_epoch": best["epoch"],
             "val_acc": _rounded(best.get("val_acc"), 4),  # 10,000 test images: 1e-4 steps
             "test_acc": _rounded(best["test_acc"], 4),
-            "seconds": round(
-                summary.get("seconds", {}).get("total", sum(r["seconds"] for r in rows)), 1
-            ),
+            "seconds": round(wall_seconds(summary, rows), 1),
         })  # fmt: skip
         curves[label] = rows
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +146,14 @@ def expand_runs(paths: list[Path], log=print) -> list[Path]:
             else:
                 log(f"{run}: no finished epoch yet, left out")
     return runs
+
+
+def wall_seconds(summary: dict, rows: list[dict]) -> float:
+    """The run's wall time: the summary's, else up to its last epoch (runs from before
+    the rows kept it: their epochs' training seconds)."""
+    if "seconds" in summary:
+        return summary["seconds"]["total"]
+    return rows[-1].get("wall_seconds", sum(r["seconds"] for r in rows))
 
 
 def run_state(run: Path, summary: dict) -> str:

@@ -95,13 +95,16 @@ def test_analyze_and_compare_write_valid_figures(tmp_path, capsys):
         assert img.format == "PNG"
 
 
-def fake_run(path, epochs, planned, summary=None):
-    """A run directory's files as `fit` writes them, without training."""
+def fake_run(path, epochs, planned, summary=None, wall=False):
+    """A run directory's files as `fit` writes them, without training (`wall`: rows with
+    the run's wall time so far, as runs since that field write them)."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"arch": "lenet", "epochs": planned}))
     rows = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.1 * e, "val_loss": 2.1 / e,
              "val_acc": 0.09 * e, "test_loss": 2.2 / e, "test_acc": 0.08 * e, "seconds": 10.0}
             for e in range(1, epochs + 1)]  # fmt: skip
+    for row in rows if wall else []:
+        row["wall_seconds"] = 12.5 * row["epoch"]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if summary is not None:
         best = {k: rows[-1][k] for k in ("epoch", "val_acc", "test_acc")}
@@ -115,7 +118,7 @@ def test_compare_takes_folders_of_runs_and_says_how_each_ended(tmp_path):
     sweep = tmp_path / "sweep"
     fake_run(sweep / "a", 4, 4, {"stopped": None, "seconds": {"total": 55.0}})
     fake_run(sweep / "b", 3, 8, {"stopped": "early stop: no improvement for 2 epochs"})
-    fake_run(sweep / "c", 2, 6)  # interrupted or still running: no summary yet
+    fake_run(sweep / "c", 2, 6, wall=True)  # interrupted: no summary yet
     (sweep / "d").mkdir()
     (sweep / "d" / "config.json").write_text("{}")  # started, no epoch finished
     other = fake_run(tmp_path / "other" / "a", 1, 5, {"stopped": None})
@@ -124,7 +127,7 @@ def test_compare_takes_folders_of_runs_and_says_how_each_ended(tmp_path):
     assert [r["run"] for r in rows] == [str(sweep / "a"), "b", "c", str(other)]  # "a" twice
     assert [r["state"] for r in rows] == ["finished", "early stop", "unfinished", "finished"]
     assert [(r["epochs"], r["planned_epochs"]) for r in rows] == [(4, 4), (3, 8), (2, 6), (1, 5)]
-    assert rows[0]["seconds"] == 55.0 and rows[2]["seconds"] == 20.0  # epochs' own, unfinished
+    assert rows[0]["seconds"] == 55.0 and rows[2]["seconds"] == 25.0  # the last epoch's wall
     assert rows[2]["test_acc"] == pytest.approx(0.16)  # best validation epoch so far
     assert notes == [f"{sweep / 'd'}: no finished epoch yet, left out"]
     with Image.open(tmp_path / "c.png") as img:
@@ -144,6 +147,7 @@ def test_compare_writes_its_table_as_csv_or_markdown(tmp_path, capsys):
         ("b", "unfinished", "2", "6"),
     ]
     assert rows[0]["test_acc"] == "0.32" and rows[0]["seconds"] == "55.0"
+    assert rows[1]["seconds"] == "20.0"  # rows without wall time: their epochs' seconds
     assert main([*argv, "--table", str(tmp_path / "t.md")]) == 0
     lines = (tmp_path / "t.md").read_text().splitlines()
     assert lines[0].startswith("| run | state | epochs |") and lines[2].startswith(

@@ -45,7 +45,8 @@ class CrashAfter(TrainingDisplay):
 
 
 def comparable(rows):
-    return [{k: v for k, v in r.items() if k not in ("images_per_sec", "seconds")} for r in rows]
+    timing = ("images_per_sec", "seconds", "wall_seconds")
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
@@ -64,6 +65,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, small_data, sched
     spent = resumed["seconds"]
     assert spent["train"] + spent["warmup"] == pytest.approx(epoch_seconds)
     assert spent["total"] > epoch_seconds + spent["eval"]
+    walls = [row["wall_seconds"] for row in read_metrics(tmp_path / "b")]
+    assert walls == sorted(walls) and walls[-1] < spent["total"]  # adds up over both invocations
     env = json.loads((tmp_path / "b" / "env.json").read_text())
     assert len(env["resumed"]) == 1 and env["resumed"][0]["started"] >= env["started"]
     for (name, a), b in zip(
@@ -179,7 +182,7 @@ def test_run_directory_contents(tmp_path, small_data):
         assert (run / name).exists(), name
     rows = read_metrics(run)
     required = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-                "lr", "images_per_sec", "seconds"}  # fmt: skip
+                "lr", "images_per_sec", "seconds", "wall_seconds"}  # fmt: skip
     assert all(required <= set(r) for r in rows)
     assert all(0 <= r["test_acc"] <= 1 and 0 <= r["val_acc"] <= 1 for r in rows)
     assert json.loads((run / "config.json").read_text())["arch"] == "lenet"

@@ -303,6 +303,7 @@ def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bo
                 state["bad_epochs"] += 1
             seconds["total"] = earlier_total + time.perf_counter() - wall_start
             state["seconds"] = dict(seconds)
+            row["wall_seconds"] = seconds["total"]  # the run so far, every invocation
             checkpoint = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
