@@ -650,9 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastcifar: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "fastcifar: interrupted; continue a training run with --resume RUN_DIR", file=sys.stderr
-        )
+        print("fastcifar: interrupted", file=sys.stderr)
         return 130
 
 

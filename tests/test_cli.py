@@ -376,8 +376,12 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path, data):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
-    assert err.strip().endswith("interrupted; continue a training run with --resume RUN_DIR")
     epochs = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    hint, last = err.strip().splitlines()[-2:]
+    assert last == "fastcifar: interrupted"
+    run_dir = tmp_path / "run"
+    assert hint.startswith(f"fastcifar: {run_dir} keeps its last finished epoch; ")
+    assert hint.endswith(f"`fastcifar train --resume {run_dir}` goes on from there")
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert 1 <= epochs <= ckpt["epoch"] <= epochs + 1 < 10000  # metrics follow last.pt
 

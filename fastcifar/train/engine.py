@@ -206,7 +206,13 @@ def fit(
         resume or Path(cfg.out or rundir.default_run_dir(cfg.arch)), fresh=resume is None
     )
     with rundir.claimed(run_dir):
-        return _fit(cfg, display, run_dir, resume is not None, parent_run_id, on_epoch)
+        try:
+            return _fit(cfg, display, run_dir, resume is not None, parent_run_id, on_epoch)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on
+            if (run_dir / "last.pt").exists():
+                print(f"fastcifar: {run_dir} keeps its last finished epoch; `fastcifar train "
+                      f"--resume {run_dir}` goes on from there", file=sys.stderr)  # fmt: skip
+            raise
 
 
 def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bool,
