@@ -132,11 +132,12 @@ def compare_runs(paths: list[Path], out: Path, log=print) -> list[dict]:
 
 
 def expand_runs(paths: list[Path], log=print) -> list[Path]:
-    """The run directories `paths` name: a run itself, or each run inside a folder. A run
-    inside a folder that has not finished an epoch yet is left out, with a note."""
+    """The run directories `paths` name: a run itself, or each run anywhere below a folder
+    (a sweep's runs are in its `trials/`). A run in a folder that has not finished an
+    epoch yet is left out, with a note."""
     runs = []
     for path in paths:
-        inner = sorted(p.parent for p in path.glob("*/config.json"))
+        inner = sorted(p.parent for p in path.rglob("config.json") if p.parent != path)
         if (path / "metrics.jsonl").exists() or not inner:
             runs.append(path)  # read_metrics says what is wrong with a path that is no run
             continue

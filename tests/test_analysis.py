@@ -121,9 +121,9 @@ def test_compare_takes_folders_of_runs_and_says_how_each_ended(tmp_path):
     fake_run(sweep / "c", 2, 6, wall=True)  # interrupted: no summary yet
     (sweep / "d").mkdir()
     (sweep / "d" / "config.json").write_text("{}")  # started, no epoch finished
-    other = fake_run(tmp_path / "other" / "a", 1, 5, {"stopped": None})
+    other = fake_run(tmp_path / "other" / "trials" / "a", 1, 5, {"stopped": None})
     notes = []
-    rows = compare_runs([sweep, other], tmp_path / "c.png", log=notes.append)
+    rows = compare_runs([sweep, tmp_path / "other"], tmp_path / "c.png", log=notes.append)
     assert [r["run"] for r in rows] == [str(sweep / "a"), "b", "c", str(other)]  # "a" twice
     assert [r["state"] for r in rows] == ["finished", "early stop", "unfinished", "finished"]
     assert [(r["epochs"], r["planned_epochs"]) for r in rows] == [(4, 4), (3, 8), (2, 6), (1, 5)]
