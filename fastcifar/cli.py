@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import re
 import signal
 import sys
@@ -359,8 +360,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    import os
-
     from fastcifar import sweep
 
     if args.worker_of:  # one worker process, started by the sweep command
@@ -645,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     except NothingToResume as exc:
         print(f"fastcifar: {exc}", file=sys.stderr)
         return 0
+    except BrokenPipeError:  # `fastcifar ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush stays quiet
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     except OSError as exc:  # a path that cannot be read or written, a full disk
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"fastcifar: error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -364,6 +364,17 @@ def test_no_traceback_from_the_console_script(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def test_a_reader_that_leaves_early_ends_output_quietly():
+    # `fastcifar list | head -1` once head has exited: the pipe has no reader left
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", "fastcifar", "list"], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    os.close(write_end)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == ""
+
+
 def test_sigterm_stops_training_like_ctrl_c(tmp_path, data):
     env = {**os.environ, "FASTCIFAR_CACHE": str(tmp_path / "cache")}
     argv = quick(data, tmp_path / "run")
