@@ -180,13 +180,16 @@ def cmd_summary(args) -> int:
 
 def cmd_list(args) -> int:
     from fastcifar.models import create_model, list_models
+    from fastcifar.summary import count_mult_adds
 
     names = list_models(args.pattern)
     if not names:
         raise UserError(f"no architecture matches {args.pattern!r}; see fastcifar list")
     for name in names:
-        params = sum(p.numel() for p in create_model(name).parameters())
-        print(f"{name:<22} {params:>12,} params")
+        model = create_model(name)
+        params = sum(p.numel() for p in model.parameters())
+        mult_adds = count_mult_adds(model) / 1e6
+        print(f"{name:<22} {params:>12,} params {mult_adds:>9.2f} M mult-adds")
     return 0
 
 

@@ -407,6 +407,8 @@ def test_summary_and_list(capsys):
         "conv4_relu",
         "conv4_relu_bn",
     ]
+    code, out, _ = run(capsys, "list", "lenet")
+    assert out.split() == ["lenet", "62,006", "params", "0.65", "M", "mult-adds"]
     code, _, err = run(capsys, "list", "resnet*")
     assert_one_line_error(code, err, "no architecture matches 'resnet*'")
     for command in ("analyze", "compare"):
