@@ -65,14 +65,13 @@ def analyze_run(run: Path, data: str | None = None, top_pairs: int = 4, examples
 def _run_data(run: Path) -> str | None:
     """The data a run trained on: its --data, else the source its summary recorded."""
     for name, key in (("config.json", "data"), ("summary.json", "data_source")):
-        if (run / name).exists() and (value := json.loads((run / name).read_text()).get(key)):
+        if value := _read_json(run / name).get(key):
             return value
     return None
 
 
 def _best_epoch(run: Path):
-    summary = run / "summary.json"
-    return json.loads(summary.read_text())["best"]["epoch"] if summary.exists() else None
+    return _read_json(run / "summary.json").get("best", {}).get("epoch")
 
 
 def _html(name: str, result: dict, pictures) -> str:
@@ -178,6 +177,7 @@ def _rounded(value: float | None, digits: int) -> float | None:
 
 
 def _read_json(path: Path) -> dict:
+    """A run file's JSON object; {} when the run has not written it."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

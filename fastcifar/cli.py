@@ -339,10 +339,8 @@ def cmd_compare(args) -> int:
     from rich.table import Table
 
     from fastcifar.analyze import COMPARE_COLUMNS, compare_runs
-    from fastcifar.tables import table_path, write_table
+    from fastcifar.tables import write_table
 
-    if args.table:
-        table_path(args.table)  # a wrong suffix fails before the work
     console = Console(width=None if sys.stdout.isatty() else 120)  # run names fit a log
     rows = compare_runs(args.runs, args.out, log=lambda text: console.print(text, style="dim"))
     table = Table(title="runs")
@@ -487,6 +485,7 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastcifar.bench import VARIANTS
+    from fastcifar.tables import table_path
 
     parser = OneLineErrors(prog="fastcifar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -583,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("compare", help="runs side by side: final metrics and overlaid curves")
     co.add_argument("runs", type=Path, nargs="+")
     co.add_argument("--out", type=Path, default=Path("compare.png"), help="curves figure (PNG)")
-    co.add_argument("--table", type=Path, help="also write the table here (.csv or .md)")
+    co.add_argument("--table", type=table_path,  # a wrong suffix fails before the work
+                    help="also write the table here (.csv or .md)")  # fmt: skip
     co.set_defaults(handler=cmd_compare)
 
     pf = sub.add_parser(
