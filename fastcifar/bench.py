@@ -176,12 +176,15 @@ def time_eval(p: Pipeline, steps: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0) -> float:
-    """Measured dense matmul throughput, the yardstick for 'percent of peak'. The square
-    product grows from 256 to the size that saturates the device (8192 on a GPU, 2048 on
-    these CPUs) while one product takes under a tenth of `budget_s`, then repeats for
-    about `budget_s`: a CPU without bf16 instructions emulates a bf16 product some fifty
-    times slower than fp32, and a full-size one would take minutes."""
+def matmul_peak_tflops(
+    device: torch.device, dtype: torch.dtype, budget_s: float = 2.0, windows: int = 7
+) -> float:
+    """Measured dense matmul throughput, the yardstick for 'percent of peak': the median
+    of `windows` timed windows. The square product grows from 256 to the size that
+    saturates the device (8192 on a GPU, 2048 on these CPUs) while one product takes
+    under a tenth of `budget_s`: a CPU without bf16 instructions emulates a bf16 product
+    some fifty times slower than fp32, and a full-size one would take minutes. One
+    window alone varied by 1.6x on a quiet 2-core CPU (benchmarks/NOTES.md)."""
     largest = 8192 if device.type == "cuda" else 2048
     size = 256
     while True:
@@ -192,8 +195,9 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, budget_s: float
         if size >= largest or seconds > budget_s / 10:
             break
         size *= 2
-    reps = max(1, min(20, int(budget_s / seconds)))
-    return 2 * size**3 * reps / _time_products(a, b, reps) / 1e12
+    reps = max(1, min(20, int(budget_s / windows / seconds)))
+    rates = [2 * size**3 * reps / _time_products(a, b, reps) / 1e12 for _ in range(windows)]
+    return statistics.median(rates)
 
 
 def _time_products(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:

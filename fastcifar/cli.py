@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fastcifar.config import TrainConfig, parse_setting, read_config
+from fastcifar.config import TrainConfig, parse_setting, read_config, read_run_config
 from fastcifar.errors import NothingToResume, UserError
 
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
@@ -91,8 +91,10 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
         if extra:
             names = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
             raise UserError(f"--resume continues the saved config; it cannot change {names}")
-        saved = read_toml_or_json(resume / "config.json")
-        return TrainConfig.from_dict({**saved, **flags}), resume
+        saved = resume / "config.json"
+        if not saved.is_file():
+            raise UserError(f"nothing to resume: {saved} not found")
+        return TrainConfig.from_dict({**read_run_config(saved), **flags}), resume
     file_values = read_config(args.config) if getattr(args, "config", None) else {}
     arch = flags.get("arch") or file_values.get("arch") or TrainConfig.arch
     if arch not in list_models():
@@ -106,22 +108,13 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     return TrainConfig.from_dict(values), None
 
 
-def read_toml_or_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"nothing to resume: {path} not found") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-
-
 def cmd_train(args) -> int:
     from fastcifar.display import TrainingDisplay
     from fastcifar.train.engine import fit
 
     cfg, resume = resolve_train_config(args)
-    if args.print_config:
-        print(cfg.to_toml(), end="")
+    if args.print_config:  # with --resume: the run's settings, not its place (as --config RUN)
+        print((cfg if resume is None else cfg.replace(out=None)).to_toml(), end="")
         return 0
     fit(cfg, TrainingDisplay(quiet=args.quiet), resume=resume)
     return 0

@@ -186,6 +186,13 @@ def read_config(path: Path) -> dict:
         path = path / "config.json"
     if path.suffix != ".json":
         return read_toml(path)
+    values = read_run_config(path)
+    values.pop("out", None)
+    return values
+
+
+def read_run_config(path: Path) -> dict:
+    """The values a run saved in its `config.json`, checked like a config file's."""
     try:
         values = json.loads(path.read_text())
     except OSError as exc:
@@ -194,7 +201,6 @@ def read_config(path: Path) -> dict:
         raise UserError(f"config {path} is not valid JSON: {exc}") from None
     if not isinstance(values, dict):
         raise UserError(f"config {path} is not a JSON object")
-    values.pop("out", None)
     return _checked(values, path)
 
 

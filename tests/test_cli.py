@@ -308,6 +308,11 @@ def test_existing_run_and_resume_errors(capsys, tmp_path, data):
     assert_one_line_error(code, err, "--epochs cannot change on resume: the onecycle schedule")
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"))
     assert code == 0 and err.strip().endswith("has already run 1 of 1 epochs; nothing to resume")
+    code, out, _ = run(capsys, "train", "--resume", str(tmp_path / "run"), "--print-config")
+    assert code == 0 and "\nepochs = 1\n" in out and "\nout =" not in out
+    (tmp_path / "run" / "config.json").write_text("{")
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "is not valid JSON")
 
 
 def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path, data):
