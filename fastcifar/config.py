@@ -29,7 +29,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class TrainConfig:
     arch: str = "cerberus"  # network to train (`fastcifar list` names them all)
     data: str | None = None  # CIFAR-10 source; unset: $FASTCIFAR_DATA, then the cache
-    download: bool = False  # fetch the official tarball when no data is found
+    download: bool = False  # fetch the official tarball: to --data when it is missing, else cached
     out: str | None = None  # run directory; unset: runs/<arch>-<timestamp>
     epochs: int = 20  # epoch cap
     batch_size: int = 128  # images per training step
@@ -92,10 +92,14 @@ class TrainConfig:
             (self.patience >= 0, "--patience must be >= 0"),
             (self.val >= 0, f"--val must be >= 0, not {self.val}"),
             (self.subset is None or self.subset > 0, "--subset must be positive"),
-            (self.crop_pad >= 0 and self.cutout >= 0, "--crop-pad and --cutout must be >= 0"),
-            (self.warmup_epochs >= 0 and self.step_epochs > 0, "bad warm-up or step length"),
-            (self.weight_decay >= 0 and self.momentum >= 0, "momentum/weight decay must be >= 0"),
-            (self.threads >= 0, "--threads must be >= 0"),
+            (self.crop_pad >= 0, f"--crop-pad must be >= 0, not {self.crop_pad}"),
+            (self.cutout >= 0, f"--cutout must be >= 0, not {self.cutout}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
+            (self.step_epochs > 0, f"--step-epochs must be positive, not {self.step_epochs}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, not {self.weight_decay}"),
+            # momentum 1 or more makes SGD's steps grow without bound
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), not {self.momentum}"),
+            (self.threads >= 0, f"--threads must be >= 0, not {self.threads}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -51,12 +51,16 @@ def recipe_differences(config: dict, recipe: str, device: str) -> list[str]:
 
 def run_record(run: Path, recipe: str) -> dict:
     """One accuracy record from a finished run directory."""
+    if not run.is_dir():
+        raise UserError(f"run directory not found: {run}")
     try:
         config = json.loads((run / "config.json").read_text())
         env = json.loads((run / "env.json").read_text())
         summary = json.loads((run / "summary.json").read_text())
     except FileNotFoundError as exc:
         raise UserError(f"{run} is not a finished run: {Path(exc.filename).name} missing") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the run files of {run}: {exc}") from None
     differences = recipe_differences(config, recipe, env["device"])
     if differences:
         raise UserError(f"{run} was not trained with the {recipe} recipe of {config['arch']}: "

@@ -45,7 +45,10 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+        except Exception as exc:  # e.g. a URI scheme MLflow does not know
+            self._warn(f"cannot track to {self.uri} ({first_line(exc)[:200]})")
 
     @property
     def active(self) -> bool:

@@ -55,6 +55,10 @@ def assert_one_line_error(code, err, fragment):
         (["--compile-mode", "fastest"], "--compile-mode must be one of"),
         (["--prefetch", "maybe"], "--prefetch must be one of"),
         (["--dali-decode"], "--dali-decode needs --loader dali"),
+        (["--device", "tpu"], "--device must be one of auto, cpu, cuda, not 'tpu'"),
+        (["--momentum", "1.5"], "--momentum must be in [0, 1), not 1.5"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, not -0.1"),
+        (["--cutout", "-1"], "--cutout must be >= 0, not -1"),
     ],
 )
 def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):
@@ -329,6 +333,15 @@ def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path
         capsys, "bench", "accuracy", "--arch", "wide4", "--recipe", "paper", "--out", str(out)
     )
     assert_one_line_error(code, err, "no paper recipe for wide4 (there is one for: cerberus, conv3")
+    collect = ["bench", "accuracy", "--out", str(out), "--collect"]
+    code, _, err = run(capsys, *collect, str(tmp_path / "nothing"))
+    assert_one_line_error(code, err, "run directory not found")
+    (tmp_path / "run" / "summary.json").unlink()
+    code, _, err = run(capsys, *collect, str(tmp_path / "run"))
+    assert_one_line_error(code, err, "is not a finished run: summary.json missing")
+    (tmp_path / "run" / "env.json").write_text("{")
+    code, _, err = run(capsys, *collect, str(tmp_path / "run"))
+    assert_one_line_error(code, err, "cannot read the run files of")
 
 
 def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch):

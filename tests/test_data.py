@@ -65,6 +65,48 @@ def test_official_tarball(tmp_path, batches_dir, arrays, monkeypatch):
     assert_same_arrays(read_source(tarball), arrays)
 
 
+def test_download_fetches_into_the_data_path_once(tmp_path, batches_dir, arrays, monkeypatch):
+    """`--data PATH --download` puts the official tarball at PATH (a folder, or the
+    tarball's own path), as torchvision's root; a failed download leaves nothing."""
+    import io
+    import urllib.error
+
+    from fastcifar.data import dataset
+
+    tarball = tmp_path / "served.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(batches_dir, arcname="cifar-10-batches-py")
+    for module in (sources, dataset):
+        monkeypatch.setattr(module, "OFFICIAL_MD5", sources.md5sum(tarball))
+    fetched = []
+
+    def urlopen(url, timeout):
+        fetched.append(url)
+        return io.BytesIO(tarball.read_bytes())
+
+    monkeypatch.setattr(dataset.urllib.request, "urlopen", urlopen)
+    folder, named = tmp_path / "data", tmp_path / "elsewhere" / "c.tar.gz"
+    for where in (folder, named):
+        for _ in range(2):  # the second time it is there already
+            got, source = resolve_arrays(str(where), download=True, log=lambda _: None)
+            assert_same_arrays(got, arrays)
+            assert source == str(where)
+    assert fetched == [sources.OFFICIAL_URL] * 2
+    assert sorted(p.name for p in folder.iterdir()) == ["cifar-10-python.tar.gz"]
+
+    def unreachable(url, timeout):
+        raise urllib.error.URLError("no route")
+
+    monkeypatch.setattr(dataset.urllib.request, "urlopen", unreachable)
+    with pytest.raises(UserError, match="cannot download CIFAR-10 from .*no route"):
+        resolve_arrays(str(tmp_path / "offline"), download=True, log=lambda _: None)
+    assert list((tmp_path / "offline").iterdir()) == []  # no partial file left
+    monkeypatch.setattr(dataset.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"x"))
+    with pytest.raises(UserError, match="fails its md5 check"):  # an empty folder is fetched into
+        resolve_arrays(str(tmp_path / "offline"), download=True, log=lambda _: None)
+    assert list((tmp_path / "offline").iterdir()) == []
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(UserError, match="data not found"):
         read_source(tmp_path / "nope.zip")

@@ -1,11 +1,13 @@
-"""Precision per device: bf16 only where the hardware computes in bf16."""
+"""Precision and threads per device: bf16 only where the hardware computes in bf16."""
+
+import os
 
 import pytest
 import torch
 
 from fastcifar.cli import build_parser, main, resolve_train_config
 from fastcifar.recipes import recipe
-from fastcifar.train.device import check_amp, fastest_amp, native_bf16
+from fastcifar.train.device import check_amp, check_threads, fastest_amp, native_bf16
 
 from .conftest import make_arrays, write_batches_dir
 
@@ -37,6 +39,12 @@ def test_forcing_bf16_without_instructions_warns_but_is_allowed(cpu_bf16):
     if warning:
         assert "emulated" in warning and "--no-amp" in warning
     assert check_amp("none", CPU) is None
+
+
+def test_more_threads_than_cores_is_a_warning():
+    cores = len(os.sched_getaffinity(0))
+    assert check_threads(0) is None and check_threads(cores) is None  # 0: torch's default
+    assert f"more than the {cores} CPU cores" in check_threads(cores + 1)
 
 
 def test_bare_amp_picks_the_fastest_precision_and_says_why(cpu_bf16, capsys):

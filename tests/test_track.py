@@ -55,10 +55,11 @@ def test_run_is_written_and_read_back(tmp_path):
     assert {"metrics.jsonl", "config.json", "best.pt"} <= artifacts
 
 
-def test_unreachable_server_warns_once_and_trains_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:9", "bogus://store"])  # no server; no scheme
+def test_unreachable_or_unknown_store_warns_once_and_trains_on(tmp_path, monkeypatch, uri):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     display = Recorder()
-    summary = fit(config(tmp_path, tracking_uri="http://127.0.0.1:9"), display)
+    summary = fit(config(tmp_path, tracking_uri=uri), display)
     assert summary["epochs_run"] == 2
     warnings = [m for m in display.messages if "tracking off" in m]
     assert len(warnings) == 1

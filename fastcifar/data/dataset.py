@@ -24,6 +24,7 @@ from fastcifar.data.cache import (
 from fastcifar.data.sources import (
     HOW_TO_GET,
     OFFICIAL_MD5,
+    OFFICIAL_TARBALL,
     OFFICIAL_URL,
     CifarArrays,
     md5sum,
@@ -56,10 +57,12 @@ def resolve_arrays(data: str | None, download: bool, log=print) -> tuple[CifarAr
     path = data or os.environ.get("FASTCIFAR_DATA") or None
     if path:
         given = Path(path).expanduser()
+        if download and (not given.exists() or _empty_folder(given)):  # as torchvision's root
+            download_official(given, log)
         arrays = _read_entry(given) if is_entry(given) else load_cached(given, log)
         return arrays, str(path)
     if download:
-        tarball = download_official(log)
+        tarball = download_official(cache_root(), log)
         return load_cached(tarball, log), str(tarball)
     entry = default_entry()
     if entry is None:
@@ -73,6 +76,10 @@ def resolve_arrays(data: str | None, download: bool, log=print) -> tuple[CifarAr
     return arrays, source if source and Path(source).exists() else str(entry)
 
 
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and next(path.iterdir(), None) is None
+
+
 def _read_entry(entry: Path) -> CifarArrays:
     arrays = read_entry(entry)
     if arrays is None:
@@ -80,25 +87,30 @@ def _read_entry(entry: Path) -> CifarArrays:
     return arrays
 
 
-def download_official(log=print) -> Path:
-    """Fetch the official tarball into the cache folder (once) and check its md5."""
-    target = cache_root() / "cifar-10-python.tar.gz"
+def download_official(where: Path, log=print) -> Path:
+    """Fetch the official tarball (once) to `where`, a tarball's path or a folder to hold
+    `cifar-10-python.tar.gz`, and check its md5; written whole or not at all."""
+    tarball = where.name.endswith((".tar.gz", ".tgz"))
+    target = where if tarball else where / OFFICIAL_TARBALL
     if target.exists() and md5sum(target) == OFFICIAL_MD5:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    log(f"downloading {OFFICIAL_URL}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {target.parent}: {exc.strerror}") from None
+    partial = target.with_name(target.name + ".partial")
+    log(f"downloading {OFFICIAL_URL} to {target}")
     try:
         with urllib.request.urlopen(OFFICIAL_URL, timeout=60) as response, partial.open("wb") as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
+        if md5sum(partial) != OFFICIAL_MD5:
+            raise UserError("downloaded CIFAR-10 tarball fails its md5 check")
+        os.replace(partial, target)
     except (urllib.error.URLError, OSError) as exc:
-        partial.unlink(missing_ok=True)
         raise UserError(f"cannot download CIFAR-10 from {OFFICIAL_URL}: {exc}") from None
-    if md5sum(partial) != OFFICIAL_MD5:
-        partial.unlink()
-        raise UserError("downloaded CIFAR-10 tarball fails its md5 check")
-    os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)  # an interrupted or failed download leaves nothing
     return target
 
 

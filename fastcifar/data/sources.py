@@ -37,7 +37,8 @@ CLASSES = (
     "ship",
     "truck",
 )
-OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_TARBALL = "cifar-10-python.tar.gz"
+OFFICIAL_URL = f"https://www.cs.toronto.edu/~kriz/{OFFICIAL_TARBALL}"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 HOW_TO_GET = (
@@ -66,7 +67,11 @@ def read_source(path: Path) -> CifarArrays:
                 return _read_batches(lambda name: (path / name).read_bytes())
             if (path / "train").is_dir() and (path / "test").is_dir():
                 return _read_image_folder(_DirFiles(path))
-            raise UserError(f"{path} holds neither cifar-10-batches-py nor train/ and test/")
+            if (path / OFFICIAL_TARBALL).is_file():  # a --download folder, or torchvision's
+                return _read_tarball(path / OFFICIAL_TARBALL)
+            raise UserError(
+                f"{path} holds neither cifar-10-batches-py, {OFFICIAL_TARBALL} nor train/ and test/"
+            )
         if path.name.endswith((".tar.gz", ".tgz")):
             return _read_tarball(path)
         if zipfile.is_zipfile(path):

@@ -17,6 +17,8 @@ def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA without it is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be one of auto, cpu, cuda, not {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but CUDA is not available here")
     return torch.device(name)
@@ -67,6 +69,14 @@ def check_amp(amp: str, device: torch.device) -> str | None:
         raise UserError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
     if device.type == "cpu" and not computes_in(amp, device):
         return f"{SLOW_BF16}; --no-amp trains in fp32"
+    return None
+
+
+def check_threads(threads: int) -> str | None:
+    """A warning when more CPU threads are asked for than this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and threads > cores:
+        return f"--threads {threads} is more than the {cores} CPU cores here: threads will fight"
     return None
 
 

@@ -29,6 +29,7 @@ from fastcifar.train.checkpoint import load_checkpoint, load_model_state, save_c
 from fastcifar.train.device import (
     autocast,
     check_amp,
+    check_threads,
     configure_runtime,
     input_dtype,
     resolve_device,
@@ -219,9 +220,9 @@ def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bo
          parent_run_id: str | None, on_epoch) -> dict:  # fmt: skip
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    warning = check_amp(cfg.amp, device)
-    if warning:
-        print(f"fastcifar: {warning}", file=sys.stderr)
+    for warning in (check_amp(cfg.amp, device), check_threads(cfg.threads)):
+        if warning:
+            print(f"fastcifar: {warning}", file=sys.stderr)
     configure_runtime(cfg.threads, cfg.deterministic, cfg.seed)
     ckpt = load_checkpoint(run_dir / "last.pt") if resuming else None
     if ckpt is not None:
