@@ -208,6 +208,9 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         cfg = trial_config(spec, spec.options(choice), out, trial.number, data, track, device)
         run_dir = Path(cfg.out)
         trial.set_user_attr("run_dir", str(run_dir))
+        # what the trial trains with, the recipe's values included, for the result table
+        trial.set_user_attr("trained", {"lr": cfg.lr, "optimizer": cfg.optimizer,
+                                        "momentum": cfg.momentum})  # fmt: skip
         if (run_dir / "last.pt").exists():  # a retried trial starts over
             import shutil
 
@@ -233,7 +236,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         for r in rows:
             if r["trial"] == trial.number:
                 print(f"trial {r['trial']} {r['state']}: {r['model']}, lr {r['lr']}, "
-                      f"{r['optimizer'] or 'default optimiser'}: {r['accuracy']} test at epoch "
+                      f"{r['optimizer']}: {r['accuracy']} test at epoch "
                       f"{r['epochs_needed']}, {r['duration']}", flush=True)  # fmt: skip
 
     if spec.sampler == "grid":  # the grid sampler stops the study once every point is taken
@@ -385,15 +388,17 @@ def results(study, spec: SweepSpec) -> list[dict]:
     rows = []
     for trial in sorted(latest.values(), key=lambda t: t.number):
         options = spec.options({name: _decode(value) for name, value in trial.params.items()})
-        optimizer = options.get("optimizer", "")
-        if optimizer == "sgd" and "momentum" in options:
-            optimizer = f"sgd m={options['momentum']}"
+        # studies from before the "trained" record show the sweep file's options only
+        trained = trial.user_attrs.get("trained") or options
+        optimizer = trained.get("optimizer", "")
+        if optimizer == "sgd" and "momentum" in trained:
+            optimizer = f"sgd m={trained['momentum']}"
         duration = trial.user_attrs.get("duration_s")
         rows.append({
             "trial": trial.number,
             "model": options.get("arch", TrainConfig.arch),
-            "duration": f"{duration / 60:.1f} min" if duration is not None else "",
-            "lr": options.get("lr", ""),
+            "duration": _minutes(duration) if duration is not None else "",
+            "lr": trained.get("lr", ""),
             "optimizer": optimizer,
             "accuracy": f"{trial.user_attrs['test_acc']:.2%}" if "test_acc" in trial.user_attrs else "",
             "epochs_needed": trial.user_attrs.get("epochs_needed", ""),
@@ -401,6 +406,10 @@ def results(study, spec: SweepSpec) -> list[dict]:
             "val_acc": trial.value,
         })  # fmt: skip
     return rows
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def write_results(rows: list[dict], out: Path) -> None:

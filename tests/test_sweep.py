@@ -189,6 +189,8 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, mon
     assert tables == [1, 2]
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert len(logged) == 2 and all("complete: lenet, lr 0.0" in line for line in logged)
+    # the optimiser the recipe chose, though the sweep file leaves it out; seconds, not 0.0 min
+    assert all(", sgd m=0.9: " in line and line.endswith(" s") for line in logged), logged
     assert (out / "results.md").read_text().count("| lenet |") == 2
 
 
