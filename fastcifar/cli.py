@@ -331,24 +331,44 @@ def cmd_compare(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fastcifar.analyze import COMPARE_COLUMNS, compare_runs
+    from fastcifar import compare
     from fastcifar.tables import write_table
 
     console = Console(width=None if sys.stdout.isatty() else 120)  # run names fit a log
-    rows = compare_runs(args.runs, args.out, log=lambda text: console.print(text, style="dim"))
-    table = Table(title="runs")
-    table.add_column("run", no_wrap=True)
-    for column in ("state", "epochs", "best epoch", "val acc", "test acc", "seconds"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        val = f"{r['val_acc']:.2%}" if r["val_acc"] is not None else "-"
-        epochs = f"{r['epochs']}/{r['planned_epochs']}" if r["planned_epochs"] else str(r["epochs"])
-        table.add_row(r["run"], r["state"], epochs, str(r["best_epoch"]), val,
-                      f"{r['test_acc']:.2%}", f"{r['seconds']:.0f}")  # fmt: skip
+
+    def log(text):
+        console.print(text, style="dim")
+
+    if args.pool_seeds:
+        rows, columns = compare.compare_settings(args.runs, args.out, log), compare.POOLED_COLUMNS
+        table = Table(title="settings, pooled over seeds (test accuracy of each best-val epoch)")
+        table.add_column("settings")
+        for column in ("runs", "test acc", "95% CI", "val acc", "seconds"):
+            table.add_column(column, justify="right")
+        for r in rows:
+            low, high = r["test_acc_ci95_low"], r["test_acc_ci95_high"]
+            table.add_row(r["settings"], str(r["runs"]),
+                          f"{r['test_acc_mean']:.2%}" + (f" ± {r['test_acc_std']:.2%}"
+                                                          if r["runs"] > 1 else ""),
+                          f"{low:.2%} to {high:.2%}" if low is not None else "-",
+                          f"{r['val_acc_mean']:.2%}" if r["val_acc_mean"] is not None else "-",
+                          f"{r['seconds_mean']:.0f}")  # fmt: skip
+    else:
+        rows, columns = compare.compare_runs(args.runs, args.out, log), compare.COMPARE_COLUMNS
+        table = Table(title="runs")
+        table.add_column("run", no_wrap=True)
+        for column in ("state", "epochs", "best epoch", "val acc", "test acc", "seconds"):
+            table.add_column(column, justify="right")
+        for r in rows:
+            val = f"{r['val_acc']:.2%}" if r["val_acc"] is not None else "-"
+            planned = r["planned_epochs"]
+            epochs = f"{r['epochs']}/{planned}" if planned else str(r["epochs"])
+            table.add_row(r["run"], r["state"], epochs, str(r["best_epoch"]), val,
+                          f"{r['test_acc']:.2%}", f"{r['seconds']:.0f}")  # fmt: skip
     console.print(table)
     print(f"curves: {args.out}")
     if args.table:
-        write_table(rows, list(COMPARE_COLUMNS), args.table)
+        write_table(rows, list(columns), args.table)
         print(f"table: {args.table}")
     return 0
 
@@ -577,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", type=Path, default=Path("compare.png"), help="curves figure (PNG)")
     co.add_argument("--table", type=table_path,  # a wrong suffix fails before the work
                     help="also write the table here (.csv or .md)")  # fmt: skip
+    co.add_argument("--pool-seeds", action="store_true",
+                    help="one row per setting: runs differing only in --seed pooled (mean, "
+                         "std, 95%% CI of test accuracy), their mean curves drawn")  # fmt: skip
     co.set_defaults(handler=cmd_compare)
 
     pf = sub.add_parser(

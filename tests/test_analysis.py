@@ -113,7 +113,7 @@ def fake_run(path, epochs, planned, summary=None, wall=False):
 
 
 def test_compare_takes_folders_of_runs_and_says_how_each_ended(tmp_path):
-    from fastcifar.analyze import compare_runs
+    from fastcifar.compare import compare_runs
 
     sweep = tmp_path / "sweep"
     fake_run(sweep / "a", 4, 4, {"stopped": None, "seconds": {"total": 55.0}})
@@ -160,6 +160,48 @@ def test_compare_writes_its_table_as_csv_or_markdown(tmp_path, capsys):
         err.strip() == f"fastcifar: error: {tmp_path / 't.txt'}: a table is written as .csv or .md"
     )
     assert out == "" and not (tmp_path / "t.txt").exists()  # refused before any work
+
+
+def test_compare_pools_runs_that_differ_only_in_their_seed(tmp_path, capsys):
+    import csv
+
+    from fastcifar.compare import compare_settings
+    from fastcifar.results import accuracy_stats
+
+    def trained(name, epochs, test_acc, **config):
+        path = fake_run(tmp_path / "runs" / name, epochs, epochs, {"stopped": None,
+                        "seconds": {"total": 10.0 * epochs}})  # fmt: skip
+        (path / "config.json").write_text(json.dumps({"arch": "lenet", "epochs": epochs, **config}))
+        summary = json.loads((path / "summary.json").read_text())
+        summary["best"]["test_acc"] = test_acc
+        (path / "summary.json").write_text(json.dumps(summary))
+
+    trained("a", 3, 0.61, lr=0.05, seed=0, out="runs/a")
+    trained("b", 3, 0.65, lr=0.05, seed=1, out="runs/b", threads=1)  # threads change no result
+    trained("c", 4, 0.70, lr=0.1, seed=0)
+    trained("d", 3, 0.50, lr=0.05, seed=2, arch="conv3")
+    fake_run(tmp_path / "runs" / "e", 1, 3)  # interrupted: not pooled
+    notes = []
+    rows = compare_settings([tmp_path / "runs"], tmp_path / "c.png", log=notes.append)
+    by_setting = {r["settings"]: r for r in rows}
+    assert sorted(by_setting) == ["conv3", "lenet, epochs=3, lr=0.05", "lenet, epochs=4, lr=0.1"]
+    pooled = by_setting["lenet, epochs=3, lr=0.05"]
+    stats = accuracy_stats([0.61, 0.65])
+    assert (pooled["runs"], pooled["seeds"]) == (2, "0 1")
+    assert pooled["test_acc_mean"] == pytest.approx(0.63)
+    assert pooled["test_acc_std"] == pytest.approx(round(stats["std"], 4))
+    assert pooled["test_acc_ci95_low"] == pytest.approx(round(stats["ci95"][0], 4))
+    assert pooled["seconds_mean"] == 30.0
+    alone = by_setting["lenet, epochs=4, lr=0.1"]
+    assert alone["runs"] == 1 and alone["test_acc_std"] is None and alone["test_acc_ci95_low"] is None
+    assert notes == [f"{tmp_path / 'runs' / 'e'}: unfinished, left out of the pooled rows"]
+    argv = ["compare", str(tmp_path / "runs"), "--pool-seeds", "--out", str(tmp_path / "p.png")]
+    assert main([*argv, "--table", str(tmp_path / "p.csv")]) == 0
+    assert "63.00% ± 2.83%" in capsys.readouterr().out
+    written = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [r["settings"] for r in written] == [r["settings"] for r in rows]
+    with Image.open(tmp_path / "p.png") as img:
+        assert img.format == "PNG"
 
 
 def test_compare_of_a_file_is_one_line(tmp_path, capsys):

@@ -435,7 +435,7 @@ def test_summary_and_list(capsys):
 
 
 def test_a_run_directory_trains_in_one_process_at_a_time(capsys, tmp_path, data):
-    from fastcifar.analyze import compare_runs
+    from fastcifar.compare import compare_runs
     from fastcifar.train.rundir import claimed, is_training
 
     out = tmp_path / "run"

@@ -72,6 +72,24 @@ def is_training(path: Path) -> bool:
     return False
 
 
+def read_json(path: Path) -> dict:
+    """A run file's JSON object; {} when the run has not written it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def run_data(run: Path) -> str | None:
+    """The data a run trained on: its --data, else the source its summary recorded."""
+    for name, key in (("config.json", "data"), ("summary.json", "data_source")):
+        if value := read_json(run / name).get(key):
+            return value
+    return None
+
+
 def write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.jsonl: one JSON object per epoch, rewritten whole so it always matches last.pt."""
     write_text_atomic(path / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))

@@ -1,0 +1,179 @@
+"""`fastcifar compare RUN...`: runs side by side (final metrics, overlaid curves), or
+pooled over seeds: one row per setting, with the mean, spread and 95% confidence
+interval of its runs' test accuracy."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastcifar.errors import UserError
+from fastcifar.train.rundir import is_training, read_json, read_metrics, run_data
+
+# The columns of a compare row, as `compare --table` writes them.
+COMPARE_COLUMNS = ("run", "state", "epochs", "planned_epochs", "best_epoch", "val_acc", "test_acc",
+                   "seconds")  # fmt: skip
+POOLED_COLUMNS = ("settings", "runs", "seeds", "test_acc_mean", "test_acc_std", "test_acc_ci95_low",
+                  "test_acc_ci95_high", "val_acc_mean", "seconds_mean")  # fmt: skip
+
+# Config fields that leave a run's result where it was: runs differing only in these
+# (and in the seed) are one setting. The data counts by its file name.
+NOT_SETTINGS = {"out", "seed", "data", "download", "track", "tracking_uri", "threads", "native",
+                "prefetch"}  # fmt: skip
+CURVE_FIELDS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+
+
+def compare_runs(paths: list[Path], out: Path, log=print) -> list[dict]:
+    """Final metrics of each run, and their curves overlaid in `out` (PNG). A path that is
+    a folder of runs (a sweep's, `runs/`) stands for every run in it."""
+    runs = [_read_run(run, label) for run, label in _named(expand_runs(paths, log))]
+    _curves({r.row["run"]: r.rows for r in runs}, out)
+    return [r.row for r in runs]
+
+
+def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
+    """One row per setting: the runs (finished or early-stopped) whose configs differ only
+    in their seed and in fields that do not change results, pooled; their mean curves
+    overlaid in `out` (PNG)."""
+    from fastcifar.results import accuracy_stats
+
+    groups: dict[str, list[_Run]] = {}
+    for run, label in _named(expand_runs(paths, log)):
+        r = _read_run(run, label)
+        if r.row["state"] not in ("finished", "early stop"):
+            log(f"{run}: {r.row['state']}, left out of the pooled rows")
+            continue
+        groups.setdefault(json.dumps(r.settings, sort_keys=True), []).append(r)
+    if not groups:
+        raise UserError("no finished run to pool")
+    labels = _setting_labels([members[0].settings for members in groups.values()])
+    rows, curves = [], {}
+    for label, members in zip(labels, groups.values(), strict=True):
+        stats = accuracy_stats([m.best["test_acc"] for m in members])
+        vals = [m.best["val_acc"] for m in members if m.best.get("val_acc") is not None]
+        low, high = stats["ci95"] or (None, None)
+        rows.append({
+            "settings": label,
+            "runs": len(members),
+            "seeds": " ".join(str(m.seed) for m in members),
+            "test_acc_mean": round(stats["mean"], 4),
+            "test_acc_std": round(stats["std"], 4) if len(members) > 1 else None,
+            "test_acc_ci95_low": _rounded(low, 4),
+            "test_acc_ci95_high": _rounded(high, 4),
+            "val_acc_mean": round(statistics.fmean(vals), 4) if vals else None,
+            "seconds_mean": round(statistics.fmean(m.row["seconds"] for m in members), 1),
+        })  # fmt: skip
+        runs = f"{len(members)} runs" if len(members) > 1 else "1 run"
+        curves[f"{label} ({runs})"] = _mean_curve([m.rows for m in members])
+    _curves(curves, out)
+    return rows
+
+
+@dataclass
+class _Run:
+    row: dict  # the compare row
+    rows: list[dict]  # metrics.jsonl
+    best: dict  # the best-validation epoch's metrics, unrounded
+    settings: dict  # what makes it the same experiment as another run
+    seed: int | None
+
+
+def _read_run(run: Path, label: str) -> _Run:
+    rows = read_metrics(run)
+    if not rows:
+        raise UserError(f"{run} has no finished epoch")
+    summary = read_json(run / "summary.json")
+    config = read_json(run / "config.json")
+    best = summary.get("best") or max(rows, key=lambda r: r.get("val_acc") or r["train_acc"])
+    row = {
+        "run": label,
+        "epochs": len(rows),
+        "planned_epochs": config.get("epochs"),
+        "state": run_state(run, summary),
+        "best_epoch": best["epoch"],
+        "val_acc": _rounded(best.get("val_acc"), 4),  # 10,000 test images: 1e-4 steps
+        "test_acc": _rounded(best["test_acc"], 4),
+        "seconds": round(wall_seconds(summary, rows), 1),
+    }
+    settings = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+    data = run_data(run)
+    settings["data"] = Path(data).name if data else None
+    return _Run(row, rows, best, settings, config.get("seed"))
+
+
+def expand_runs(paths: list[Path], log=print) -> list[Path]:
+    """The run directories `paths` name: a run itself, or each run anywhere below a folder
+    (a sweep's runs are in its `trials/`). A run in a folder that has not finished an
+    epoch yet is left out, with a note."""
+    runs = []
+    for path in paths:
+        inner = sorted(p.parent for p in path.rglob("config.json") if p.parent != path)
+        if (path / "metrics.jsonl").exists() or not inner:
+            runs.append(path)  # read_metrics says what is wrong with a path that is no run
+            continue
+        for run in inner:
+            if (run / "metrics.jsonl").exists():
+                runs.append(run)
+            else:
+                log(f"{run}: no finished epoch yet, left out")
+    return runs
+
+
+def wall_seconds(summary: dict, rows: list[dict]) -> float:
+    """The run's wall time: the summary's, else up to its last epoch (runs from before
+    the rows kept it: their epochs' training seconds)."""
+    if "seconds" in summary:
+        return summary["seconds"]["total"]
+    return rows[-1].get("wall_seconds", sum(r["seconds"] for r in rows))
+
+
+def run_state(run: Path, summary: dict) -> str:
+    """training (a process holds the run now), finished, early stop, or unfinished
+    (interrupted: `--resume` goes on)."""
+    if is_training(run):
+        return "training"
+    if not summary:
+        return "unfinished"
+    return "early stop" if summary.get("stopped") else "finished"
+
+
+def _named(runs: list[Path]) -> list[tuple[Path, str]]:
+    """Each run with its folder name, or its whole path where two runs share a name."""
+    names = [run.name for run in runs]
+    return [(run, run.name if names.count(run.name) == 1 else str(run)) for run in runs]
+
+
+def _setting_labels(settings: list[dict]) -> list[str]:
+    """Each setting named by its arch and the fields in which it differs from the other
+    settings of that arch (the fields an arch's recipe sets follow from the arch)."""
+    labels = []
+    for s in settings:
+        same_arch = [o for o in settings if o.get("arch") == s.get("arch")]
+        keys = sorted(k for k in s if k != "arch" and any(o.get(k) != s[k] for o in same_arch))
+        labels.append(", ".join([str(s.get("arch")), *(f"{k}={s[k]}" for k in keys)]))
+    return labels
+
+
+def _mean_curve(runs: list[list[dict]]) -> list[dict]:
+    """Epoch by epoch, each metric's mean over the runs, as far as every run went."""
+    curve = []
+    for epoch_rows in zip(*runs, strict=False):
+        row = {"epoch": epoch_rows[0]["epoch"]}
+        for field in CURVE_FIELDS:
+            values = [r.get(field) for r in epoch_rows]
+            row[field] = statistics.fmean(values) if None not in values else None
+        curve.append(row)
+    return curve
+
+
+def _curves(curves: dict[str, list[dict]], out: Path) -> None:
+    from fastcifar import figures
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures.training_curves(curves, out)  # written atomically
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
