@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastcifar.errors import UserError
+from fastcifar.results import accuracy_stats, data_name
 from fastcifar.train.rundir import is_training, read_json, read_metrics, run_data
 
 # The columns of a compare row, as `compare --table` writes them.
@@ -37,8 +38,6 @@ def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
     """One row per setting: the runs (finished or early-stopped) whose configs differ only
     in their seed and in fields that do not change results, pooled; their mean curves
     overlaid in `out` (PNG)."""
-    from fastcifar.results import accuracy_stats
-
     groups: dict[str, list[_Run]] = {}
     for run, label in _named(expand_runs(paths, log)):
         r = _read_run(run, label)
@@ -99,7 +98,7 @@ def _read_run(run: Path, label: str) -> _Run:
     }
     settings = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
     data = run_data(run)
-    settings["data"] = Path(data).name if data else None
+    settings["data"] = data_name(data) if data else None
     return _Run(row, rows, best, settings, config.get("seed"))
 
 
