@@ -510,19 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", type=Path, help="a .pt file or a run directory (uses best.pt)")
     ev.add_argument("--data", help="CIFAR-10 source (default: the one the run trained on)")
     ev.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: CUDA when present")  # fmt: skip
     ev.set_defaults(handler=cmd_eval)
 
     pr = sub.add_parser("predict", help="classify image files")
-    pr.add_argument("checkpoint", type=Path)
+    pr.add_argument("checkpoint", type=Path, help="a .pt file or a run directory (uses best.pt)")
     pr.add_argument(
         "images", type=Path, nargs="+", help="image files, or folders to search for them"
     )
-    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: CUDA when present")  # fmt: skip
     pr.set_defaults(handler=cmd_predict)
 
     sm = sub.add_parser("summary", help="per-layer table: output shapes, parameters, mult-adds")
-    sm.add_argument("--arch", required=True)
+    sm.add_argument("--arch", required=True, help="architecture (`fastcifar list`)")
     sm.set_defaults(handler=cmd_summary)
 
     bench = sub.add_parser("bench", help="measurements").add_subparsers(
@@ -531,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench.add_parser(
         "throughput", help="fastcifar against the tutorial pipeline, side by side"
     )
-    tp.add_argument("--arch", nargs="+", default=["lenet", "cerberus"])
+    tp.add_argument("--arch", nargs="+", default=["lenet", "cerberus"],
+                    help="architectures, one after another (default: lenet cerberus)")  # fmt: skip
     tp.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)")
     tp.add_argument("--batch-size", type=positive_int, help="default: the arch's recipe")
     tp.add_argument(
@@ -552,20 +555,23 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--json", type=Path, help="write the results here")
     tp.set_defaults(handler=cmd_bench_throughput)
     ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")
-    ac.add_argument("--arch", nargs="+", default=["lenet", "conv3", "conv5", "cerberus"])
-    ac.add_argument("--recipe", choices=["default", "paper"], default="default")
-    ac.add_argument("--seeds", type=positive_int, default=1)
-    ac.add_argument("--data")
+    ac.add_argument("--arch", nargs="+", default=["lenet", "conv3", "conv5", "cerberus"],
+                    help="architectures (default: lenet conv3 conv5 cerberus)")  # fmt: skip
+    ac.add_argument("--recipe", choices=["default", "paper"], default="default",
+                    help="the arch's default recipe, or the paper's own (configs/paper/)")  # fmt: skip
+    ac.add_argument("--seeds", type=positive_int, default=1, help="runs per arch, seeds 0..N-1")
+    ac.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)")
     ac.add_argument("--runs", type=Path, default=Path("runs/bench"), help="where the runs go")
     ac.add_argument("--collect", type=Path, nargs="+", help="record these finished runs instead")
     ac.add_argument("--out", type=Path, required=True, help="results JSON (records are merged)")
     ac.set_defaults(handler=cmd_bench_accuracy)
 
     rp = sub.add_parser("report", help="Markdown table and figure from benchmarks/results")
-    rp.add_argument("--results", type=Path, default=Path("benchmarks/results"))
-    rp.add_argument(
-        "--figure", type=Path, default=Path("benchmarks/results/throughput-vs-accuracy.png")
-    )
+    rp.add_argument("--results", type=Path, default=Path("benchmarks/results"),
+                    help="folder of result JSON files (default: benchmarks/results)")  # fmt: skip
+    rp.add_argument("--figure", type=Path,
+                    default=Path("benchmarks/results/throughput-vs-accuracy.png"),
+                    help="throughput-against-accuracy scatter (PNG)")  # fmt: skip
     rp.add_argument("--readme", type=Path, help="rewrite this file's report section")
     rp.set_defaults(handler=cmd_report)
 
@@ -605,12 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser(
         "profile", help="training steps under torch.profiler: top kernels, Chrome trace"
     )
-    pf.add_argument("--arch", required=True)
-    pf.add_argument("--steps", type=positive_int, default=5)
+    pf.add_argument("--arch", required=True, help="architecture (`fastcifar list`)")
+    pf.add_argument("--steps", type=positive_int, default=5,
+                    help="training steps profiled, after two warm-up steps (default: 5)")  # fmt: skip
     pf.add_argument("--batch-size", type=positive_int, help="default: the arch's recipe")
-    pf.add_argument("--variant", default="default", choices=list(VARIANTS))
+    pf.add_argument("--variant", default="default", choices=list(VARIANTS),
+                    help="the pipeline: fastcifar's default, the tutorial baseline, or one "
+                         "optimisation alone (default: default)")  # fmt: skip
     pf.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)")
-    pf.add_argument("--trace", type=Path, default=Path("profile-trace.json"))
+    pf.add_argument("--trace", type=Path, default=Path("profile-trace.json"),
+                    help="Chrome trace file, for chrome://tracing or Perfetto "
+                         "(default: profile-trace.json)")  # fmt: skip
     pf.set_defaults(handler=cmd_profile)
 
     dr = sub.add_parser(
