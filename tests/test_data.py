@@ -112,12 +112,16 @@ def test_bad_sources(tmp_path):
         read_source(tmp_path / "nope.zip")
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"PK\x03\x04 this is not a zip")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="bad.zip is not a readable zip file"):
         read_source(bad)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="neither"):
         read_source(empty)
+    notes = []  # found out before a decode is announced (or a large file hashed)
+    with pytest.raises(UserError, match="neither"):
+        load_cached(empty, log=notes.append)
+    assert notes == []
 
 
 def test_cache_roundtrip_is_memory_mapped(png_zip, arrays):

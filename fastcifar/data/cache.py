@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastcifar.data.sources import HOW_TO_GET, CifarArrays, read_source
-from fastcifar.errors import UserError
+from fastcifar.data.sources import CifarArrays, read_source, source_reader
 
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 FORMAT = 1
@@ -53,8 +52,7 @@ def _file_digest(path: Path) -> str:
 
 def load_cached(source: Path, log=print) -> CifarArrays:
     """Arrays for `source`, from the cache when a valid entry exists, else decoded and cached."""
-    if not source.exists():
-        raise UserError(f"data not found: {source}; {HOW_TO_GET}")
+    source_reader(source)  # no source (or none at all): say so before hashing or decoding
     entry = cache_root() / content_hash(source)
     arrays = read_entry(entry)
     if arrays is not None:

@@ -17,6 +17,7 @@ import multiprocessing
 import pickle
 import tarfile
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,25 +58,9 @@ class CifarArrays:
 
 def read_source(path: Path) -> CifarArrays:
     """Read any supported CIFAR-10 source; a one-line UserError when it is not one."""
-    if not path.exists():
-        raise UserError(f"data not found: {path}; {HOW_TO_GET}")
+    read = source_reader(path)
     try:
-        if path.is_dir():
-            if (path / "cifar-10-batches-py").is_dir():
-                path = path / "cifar-10-batches-py"
-            if (path / "data_batch_1").exists():
-                return _read_batches(lambda name: (path / name).read_bytes())
-            if (path / "train").is_dir() and (path / "test").is_dir():
-                return _read_image_folder(_DirFiles(path))
-            if (path / OFFICIAL_TARBALL).is_file():  # a --download folder, or torchvision's
-                return _read_tarball(path / OFFICIAL_TARBALL)
-            raise UserError(
-                f"{path} holds neither cifar-10-batches-py, {OFFICIAL_TARBALL} nor train/ and test/"
-            )
-        if path.name.endswith((".tar.gz", ".tgz")):
-            return _read_tarball(path)
-        if zipfile.is_zipfile(path):
-            return _read_image_folder(_ZipFiles(path))
+        return read()
     except UserError:
         raise
     except (
@@ -88,6 +73,31 @@ def read_source(path: Path) -> CifarArrays:
         zipfile.BadZipFile,
     ) as exc:
         raise UserError(f"cannot read CIFAR-10 from {path}: {exc}") from None
+
+
+def source_reader(path: Path) -> Callable[[], CifarArrays]:
+    """What reads `path`, found from its layout without decoding anything (a quick check
+    before a long decode); a one-line UserError when it is no CIFAR-10 source."""
+    if not path.exists():
+        raise UserError(f"data not found: {path}; {HOW_TO_GET}")
+    if path.is_dir():
+        if (path / "cifar-10-batches-py").is_dir():
+            path = path / "cifar-10-batches-py"
+        if (path / "data_batch_1").exists():
+            return lambda: _read_batches(lambda name: (path / name).read_bytes())
+        if (path / "train").is_dir() and (path / "test").is_dir():
+            return lambda: _read_image_folder(_DirFiles(path))
+        if (path / OFFICIAL_TARBALL).is_file():  # a --download folder, or torchvision's
+            return lambda: _read_tarball(path / OFFICIAL_TARBALL)
+        raise UserError(
+            f"{path} holds neither cifar-10-batches-py, {OFFICIAL_TARBALL} nor train/ and test/"
+        )
+    if path.name.endswith((".tar.gz", ".tgz")):
+        return lambda: _read_tarball(path)
+    if zipfile.is_zipfile(path):
+        return lambda: _read_image_folder(_ZipFiles(path))
+    if path.suffix == ".zip":
+        raise UserError(f"{path} is not a readable zip file (truncated or damaged?)")
     raise UserError(f"{path} is not a CIFAR-10 source; {HOW_TO_GET}")
 
 
