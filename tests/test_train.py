@@ -159,7 +159,7 @@ def test_a_log_opens_with_one_line_saying_what_trains(tmp_path, small_data):
     lines = log.getvalue().splitlines()  # the data cache's line may come first
     first = next(line for line in lines if not line.startswith("decoding "))
     assert first.startswith("lenet (62,006 params) on ")
-    assert ": fp32, channels-last, eager; 1 epochs x 7 steps of 50, sgd onecycle lr 0.05;" in first
+    assert ": fp32, channels-last, eager; 1 epoch x 7 steps of 50, sgd onecycle lr 0.05;" in first
     assert first.endswith(f"run directory {tmp_path / 'run'}")
 
 

@@ -370,9 +370,14 @@ def run_header(cfg: TrainConfig, model, device_label: str, steps: int, run_dir: 
         speed.append("fused conv-BN-ReLU")
     return (
         f"{cfg.arch} ({params:,} params) on {device_label}: {', '.join(speed)}; "
-        f"{cfg.epochs} epochs x {steps} steps of {cfg.batch_size}, {cfg.optimizer} "
+        f"{_count(cfg.epochs, 'epoch')} x {_count(steps, 'step')} of {cfg.batch_size}, "
+        f"{cfg.optimizer} "
         f"{cfg.schedule} lr {cfg.lr:g}; run directory {run_dir}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def check_resumable(ckpt: dict, cfg: TrainConfig, run_dir: Path) -> None:
