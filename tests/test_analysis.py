@@ -193,7 +193,9 @@ def test_compare_pools_runs_that_differ_only_in_their_seed(tmp_path, capsys):
     assert pooled["test_acc_ci95_low"] == pytest.approx(round(stats["ci95"][0], 4))
     assert pooled["seconds_mean"] == 30.0
     alone = by_setting["lenet, epochs=4, lr=0.1"]
-    assert alone["runs"] == 1 and alone["test_acc_std"] is None and alone["test_acc_ci95_low"] is None
+    assert (
+        alone["runs"] == 1 and alone["test_acc_std"] is None and alone["test_acc_ci95_low"] is None
+    )
     assert notes == [f"{tmp_path / 'runs' / 'e'}: unfinished, left out of the pooled rows"]
     argv = ["compare", str(tmp_path / "runs"), "--pool-seeds", "--out", str(tmp_path / "p.png")]
     assert main([*argv, "--table", str(tmp_path / "p.csv")]) == 0
