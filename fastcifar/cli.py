@@ -329,7 +329,6 @@ def cmd_analyze(args) -> int:
 
 def cmd_compare(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from fastcifar import compare
     from fastcifar.tables import write_table
@@ -341,36 +340,50 @@ def cmd_compare(args) -> int:
 
     if args.pool_seeds:
         rows, columns = compare.compare_settings(args.runs, args.out, log), compare.POOLED_COLUMNS
-        table = Table(title="settings, pooled over seeds (test accuracy of each best-val epoch)")
-        table.add_column("settings")
-        for column in ("runs", "test acc", "95% CI", "val acc", "seconds"):
-            table.add_column(column, justify="right")
-        for r in rows:
-            low, high = r["test_acc_ci95_low"], r["test_acc_ci95_high"]
-            table.add_row(r["settings"], str(r["runs"]),
-                          f"{r['test_acc_mean']:.2%}" + (f" ± {r['test_acc_std']:.2%}"
-                                                          if r["runs"] > 1 else ""),
-                          f"{low:.2%} to {high:.2%}" if low is not None else "-",
-                          f"{r['val_acc_mean']:.2%}" if r["val_acc_mean"] is not None else "-",
-                          f"{r['seconds_mean']:.0f}")  # fmt: skip
+        console.print(_pooled_table(rows))
     else:
         rows, columns = compare.compare_runs(args.runs, args.out, log), compare.COMPARE_COLUMNS
-        table = Table(title="runs")
-        table.add_column("run", no_wrap=True)
-        for column in ("state", "epochs", "best epoch", "val acc", "test acc", "seconds"):
-            table.add_column(column, justify="right")
-        for r in rows:
-            val = f"{r['val_acc']:.2%}" if r["val_acc"] is not None else "-"
-            planned = r["planned_epochs"]
-            epochs = f"{r['epochs']}/{planned}" if planned else str(r["epochs"])
-            table.add_row(r["run"], r["state"], epochs, str(r["best_epoch"]), val,
-                          f"{r['test_acc']:.2%}", f"{r['seconds']:.0f}")  # fmt: skip
-    console.print(table)
+        console.print(_runs_table(rows))
     print(f"curves: {args.out}")
     if args.table:
         write_table(rows, list(columns), args.table)
         print(f"table: {args.table}")
     return 0
+
+
+def _runs_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="runs")
+    table.add_column("run", no_wrap=True)
+    for column in ("state", "epochs", "best epoch", "val acc", "test acc", "seconds"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        planned = r["planned_epochs"]
+        table.add_row(r["run"], r["state"], f"{r['epochs']}/{planned}" if planned else str(r["epochs"]),
+                      str(r["best_epoch"]), _percent(r["val_acc"]), _percent(r["test_acc"]),
+                      f"{r['seconds']:.0f}")  # fmt: skip
+    return table
+
+
+def _pooled_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="settings, pooled over seeds (test accuracy of each best-val epoch)")
+    table.add_column("settings")
+    for column in ("runs", "test acc", "95% CI", "val acc", "seconds"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        spread = f" ± {_percent(r['test_acc_std'])}" if r["runs"] > 1 else ""
+        low, high = r["test_acc_ci95_low"], r["test_acc_ci95_high"]
+        table.add_row(r["settings"], str(r["runs"]), _percent(r["test_acc_mean"]) + spread,
+                      f"{_percent(low)} to {_percent(high)}" if low is not None else "-",
+                      _percent(r["val_acc_mean"]), f"{r['seconds_mean']:.0f}")  # fmt: skip
+    return table
+
+
+def _percent(fraction: float | None) -> str:
+    return f"{fraction:.2%}" if fraction is not None else "-"
 
 
 def cmd_sweep(args) -> int:
