@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fastcifar.config import TrainConfig, parse_setting, read_config, read_run_config
+from fastcifar.config import DEVICES, TrainConfig, parse_setting, read_config, read_run_config
 from fastcifar.errors import NothingToResume, UserError
 
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", type=Path, help="a .pt file or a run directory (uses best.pt)")
     ev.add_argument("--data", help="CIFAR-10 source (default: the one the run trained on)")
     ev.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    ev.add_argument("--device", default="auto", choices=DEVICES,
                     help="auto: CUDA when present")  # fmt: skip
     ev.set_defaults(handler=cmd_eval)
 
@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "images", type=Path, nargs="+", help="image files, or folders to search for them"
     )
-    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    pr.add_argument("--device", default="auto", choices=DEVICES,
                     help="auto: CUDA when present")  # fmt: skip
     pr.set_defaults(handler=cmd_predict)
 

@@ -90,8 +90,8 @@ def _read_entry(entry: Path) -> CifarArrays:
 def download_official(where: Path, log=print) -> Path:
     """Fetch the official tarball (once) to `where`, a tarball's path or a folder to hold
     `cifar-10-python.tar.gz`, and check its md5; written whole or not at all."""
-    tarball = where.name.endswith((".tar.gz", ".tgz"))
-    target = where if tarball else where / OFFICIAL_TARBALL
+    names_a_tarball = where.name.endswith((".tar.gz", ".tgz"))
+    target = where if names_a_tarball else where / OFFICIAL_TARBALL
     if target.exists() and md5sum(target) == OFFICIAL_MD5:
         return target
     try:

@@ -8,6 +8,7 @@ import platform
 
 import torch
 
+from fastcifar.config import DEVICES
 from fastcifar.errors import UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -17,8 +18,8 @@ def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA without it is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be one of auto, cpu, cuda, not {name!r}")
+    if name not in DEVICES:  # checked here too: the recipe needs the device before the config
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, not {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but CUDA is not available here")
     return torch.device(name)

@@ -371,8 +371,7 @@ def run_header(cfg: TrainConfig, model, device_label: str, steps: int, run_dir: 
     return (
         f"{cfg.arch} ({params:,} params) on {device_label}: {', '.join(speed)}; "
         f"{_count(cfg.epochs, 'epoch')} x {_count(steps, 'step')} of {cfg.batch_size}, "
-        f"{cfg.optimizer} "
-        f"{cfg.schedule} lr {cfg.lr:g}; run directory {run_dir}"
+        f"{cfg.optimizer} {cfg.schedule} lr {cfg.lr:g}; run directory {run_dir}"
     )
 
 
