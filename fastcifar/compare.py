@@ -1,11 +1,13 @@
 """`fastcifar compare RUN...`: runs side by side (final metrics, overlaid curves), or
 pooled over seeds: one row per setting, with the mean, spread and 95% confidence
-interval of its runs' test accuracy."""
+interval of its runs' test accuracy, and how far it lies from the best setting (Welch's
+t-test)."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from fastcifar.train.rundir import is_training, read_json, read_metrics, run_dat
 COMPARE_COLUMNS = ("run", "state", "epochs", "planned_epochs", "best_epoch", "val_acc", "test_acc",
                    "seconds")  # fmt: skip
 POOLED_COLUMNS = ("settings", "runs", "seeds", "test_acc_mean", "test_acc_std", "test_acc_ci95_low",
-                  "test_acc_ci95_high", "val_acc_mean", "seconds_mean")  # fmt: skip
+                  "test_acc_ci95_high", "vs_best", "vs_best_ci95_low", "vs_best_ci95_high",
+                  "p_vs_best", "val_acc_mean", "seconds_mean")  # fmt: skip
 
 # Config fields that leave a run's result where it was: runs differing only in these
 # (and in the seed) are one setting. The data counts by its file name.
@@ -48,15 +51,16 @@ def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
     if not groups:
         raise UserError("no finished run to pool")
     labels = _setting_labels([members[0].settings for members in groups.values()])
-    rows, curves = [], {}
+    rows, curves, samples = [], {}, []
     for label, members in zip(labels, groups.values(), strict=True):
-        stats = accuracy_stats([m.best["test_acc"] for m in members])
+        samples.append([m.best["test_acc"] for m in members])
+        stats = accuracy_stats(samples[-1])
         vals = [m.best["val_acc"] for m in members if m.best.get("val_acc") is not None]
         low, high = stats["ci95"] or (None, None)
         rows.append({
             "settings": label,
             "runs": len(members),
-            "seeds": " ".join(str(m.seed) for m in members),
+            "seeds": " ".join(str(s) for s in sorted(m.seed for m in members if m.seed is not None)),
             "test_acc_mean": round(stats["mean"], 4),
             "test_acc_std": round(stats["std"], 4) if len(members) > 1 else None,
             "test_acc_ci95_low": _rounded(low, 4),
@@ -66,7 +70,34 @@ def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
         })  # fmt: skip
         runs = f"{len(members)} runs" if len(members) > 1 else "1 run"
         curves[f"{label} ({runs})"] = _mean_curve([m.rows for m in members])
+    for row, against in zip(rows, against_best(samples), strict=True):
+        row.update(against)
     _curves(curves, out)
+    return rows
+
+
+def against_best(samples: list[list[float]]) -> list[dict]:
+    """For each sample of test accuracies, its mean's difference from the sample with the
+    highest mean, with the 95% confidence interval of that difference and the two-sided
+    p-value of Welch's t-test (unequal variances); both need two runs or more a side, and
+    some spread on one side at least."""
+    from scipy import stats
+
+    best = max(samples, key=statistics.fmean)
+    rows = []
+    for sample in samples:
+        row = {"vs_best": round(statistics.fmean(sample) - statistics.fmean(best), 4),
+               "vs_best_ci95_low": None, "vs_best_ci95_high": None, "p_vs_best": None}  # fmt: skip
+        paired = sample is not best and len(sample) > 1 and len(best) > 1
+        if paired and max(statistics.stdev(sample), statistics.stdev(best)) > 0:
+            with warnings.catch_warnings():  # one side without spread (equal seeds) is fine
+                warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+                test = stats.ttest_ind(sample, best, equal_var=False)
+            low, high = test.confidence_interval(0.95)
+            row.update(vs_best_ci95_low=round(float(low), 4),
+                       vs_best_ci95_high=round(float(high), 4),
+                       p_vs_best=round(float(test.pvalue), 4))  # fmt: skip
+        rows.append(row)
     return rows
 
 

@@ -31,8 +31,6 @@ PAPER_ACCURACY = {
     "sinha14": 0.81,
 }
 LEVELS = (0.6, 0.7, 0.8, 0.85, 0.9)
-# two-sided 95% Student t quantiles for 1..10 degrees of freedom; 1.96 beyond
-T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
 # The config fields that make a recipe: a run recorded under a recipe's name must match
 # them. Paths, seeds, loaders and speed switches may differ between runs of one recipe.
 RECIPE_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
@@ -105,9 +103,11 @@ def data_name(source: str) -> str:
 
 def accuracy_stats(values: list[float]) -> dict:
     """Mean, standard deviation, min and a 95% confidence interval (Student t)."""
+    from scipy import stats
+
     n = len(values)
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if n > 1 else 0.0
-    half = (T95[n - 2] if n - 1 <= len(T95) else 1.96) * std / math.sqrt(n) if n > 1 else None
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else None
     return {"runs": n, "mean": mean, "std": std, "min": min(values),
             "ci95": [mean - half, mean + half] if half is not None else None}  # fmt: skip

@@ -206,6 +206,25 @@ def test_compare_pools_runs_that_differ_only_in_their_seed(tmp_path, capsys):
         assert img.format == "PNG"
 
 
+def test_against_best_is_welchs_t_test_worked_by_hand():
+    from fastcifar.compare import against_best
+
+    # means 0.81 and 0.85, variances 2e-4 each: standard error sqrt(2e-4), t = -2.828 with
+    # 2 degrees of freedom, where the t CDF is 1/2 + t / (2 sqrt(2 + t^2)): p = 0.1056;
+    # the interval is -0.04 +- t(0.975, 2) = 4.3027 times the standard error
+    worse, best, single, flat = against_best([[0.80, 0.82], [0.84, 0.86], [0.70], [0.5, 0.5]])
+    assert worse["vs_best"] == pytest.approx(-0.04) and worse["p_vs_best"] == pytest.approx(0.1056)
+    half = 4.3027 * 2e-4**0.5
+    assert (worse["vs_best_ci95_low"], worse["vs_best_ci95_high"]) == pytest.approx(
+        (-0.04 - half, -0.04 + half), abs=1e-4
+    )
+    assert best == {"vs_best": 0.0, "vs_best_ci95_low": None, "vs_best_ci95_high": None,
+                    "p_vs_best": None}  # fmt: skip
+    assert single["vs_best"] == pytest.approx(-0.15) and single["p_vs_best"] is None
+    assert flat["p_vs_best"] is not None  # no spread on one side only: still a test
+    assert against_best([[0.5, 0.5], [0.6, 0.6]])[0]["p_vs_best"] is None  # none on either
+
+
 def test_compare_of_a_file_is_one_line(tmp_path, capsys):
     log = tmp_path / "run.log"
     log.write_text("not a run")

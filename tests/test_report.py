@@ -111,7 +111,11 @@ def test_benchmark_summary_joins_this_sessions_throughput_with_recorded_accuracy
 def test_accuracy_stats_and_pareto_front():
     s = accuracy_stats([0.70, 0.72, 0.74])
     assert s["mean"] == pytest.approx(0.72) and s["std"] == pytest.approx(0.02)
-    assert s["ci95"] == pytest.approx([0.72 - 4.30 * 0.02 / 3**0.5, 0.72 + 4.30 * 0.02 / 3**0.5])
+    half = 4.3027 * 0.02 / 3**0.5  # t(0.975, 2 degrees of freedom), from a printed table
+    assert s["ci95"] == pytest.approx([0.72 - half, 0.72 + half], abs=1e-5)
+    many = accuracy_stats([0.70, 0.74] * 15)  # 29 degrees of freedom: t = 2.0452, not 1.96
+    half = 2.0452 * many["std"] / 30**0.5
+    assert many["ci95"] == pytest.approx([0.72 - half, 0.72 + half], abs=1e-5)
     assert accuracy_stats([0.5])["ci95"] is None
     assert pareto_front([(1, 0.9), (2, 0.8), (1.5, 0.7), (3, 0.6)]) == [
         (1, 0.9),

@@ -227,3 +227,18 @@ def test_cpu_workers_split_the_cores(monkeypatch):
     assert sweep._run_workers(exit_with_threads, env, 2) == [2, 2]
     assert sweep._run_workers(exit_with_threads, env, 8) == [1] * 8
     assert sweep._run_workers(exit_with_threads, {**env, "OMP_NUM_THREADS": "3"}, 2) == [3, 3]
+
+
+def test_a_seed_axis_repeats_each_point_and_compare_pools_them(tmp_path, data, capsys):
+    from fastcifar.compare import compare_settings
+
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]\nseed = [0, 1]')
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), "--data", data, "--no-track"]) == 0
+    rows = compare_settings([out], tmp_path / "c.png", log=lambda _: None)
+    assert sorted((r["settings"], r["runs"], r["seeds"]) for r in rows) == [
+        ("lenet, lr=0.01", 2, "0 1"),
+        ("lenet, lr=0.05", 2, "0 1"),
+    ]
+    worse = min(rows, key=lambda r: r["test_acc_mean"])
+    assert worse["vs_best"] <= 0 and (worse["p_vs_best"] is None or 0 <= worse["p_vs_best"] <= 1)

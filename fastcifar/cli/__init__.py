@@ -1,0 +1,78 @@
+"""The `fastcifar` command line: train, evaluate, sweep, analyse and benchmark CIFAR-10 CNNs.
+
+Each command's flags and handler live in one module of this package; `build_parser` joins
+them. User mistakes end in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+from fastcifar.cli import checkpoints, machine, measure, runs, sweep, train
+from fastcifar.cli.arguments import OneLineErrors, remember_parsers
+from fastcifar.cli.train import resolve_train_config
+from fastcifar.errors import NothingToResume, UserError
+
+__all__ = ["build_parser", "main", "resolve_train_config"]
+
+COMMAND_MODULES = (train, checkpoints, machine, measure, runs, sweep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrors(prog="fastcifar", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.register(commands)
+    remember_parsers(parser)
+    return parser
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A SIGTERM (a job scheduler, `kill`) ends a command as Ctrl-C does: a training run
+    keeps its last finished epoch's checkpoint and its MLflow run is marked KILLED."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        with sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            return args.handler(args)
+    except UserError as exc:
+        print(f"fastcifar: error: {exc}", file=sys.stderr)
+        return 2
+    except NothingToResume as exc:
+        print(f"fastcifar: {exc}", file=sys.stderr)
+        return 0
+    except BrokenPipeError:  # `fastcifar ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush stays quiet
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+    except OSError as exc:  # a path that cannot be read or written, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fastcifar: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastcifar: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""`fastcifar bench`, `report` and `profile`: throughput side by side, recorded accuracy,
+the README's table and figure, and where a training step's time goes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fastcifar.cli.arguments import DATA_HELP, positive_int, setting
+from fastcifar.errors import NothingToResume, UserError
+
+
+def register(commands) -> None:
+    from fastcifar.bench import VARIANTS
+
+    bench = commands.add_parser("bench", help="measurements").add_subparsers(
+        dest="measurement", required=True
+    )
+    tp = bench.add_parser(
+        "throughput", help="fastcifar against the tutorial pipeline, side by side"
+    )
+    tp.add_argument("--arch", nargs="+", default=["lenet", "cerberus"],
+                    help="architectures, one after another (default: lenet cerberus)")  # fmt: skip
+    tp.add_argument("--data", help=DATA_HELP)
+    tp.add_argument("--batch-size", type=positive_int, help="default: the arch's recipe")
+    tp.add_argument(
+        "--steps",
+        type=positive_int,
+        default=20,
+        help="training steps per timed window (an evaluation window sees as many images)",
+    )
+    tp.add_argument(
+        "--windows", type=positive_int, default=3, help="alternating timed windows per side"
+    )
+    tp.add_argument("--set", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="a config value on fastcifar's side, e.g. channels_last=false or "
+                    "compile_mode=reduce-overhead (repeatable)")  # fmt: skip
+    tp.add_argument("--against", choices=("tutorial", "default"), default="tutorial",
+                    help="the other side: the tutorial pipeline, or fastcifar's default for "
+                    "the device (to measure one setting's effect)")  # fmt: skip
+    tp.add_argument("--json", type=Path, help="write the results here")
+    tp.set_defaults(handler=bench_throughput)
+
+    ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")
+    ac.add_argument("--arch", nargs="+", default=["lenet", "conv3", "conv5", "cerberus"],
+                    help="architectures (default: lenet conv3 conv5 cerberus)")  # fmt: skip
+    ac.add_argument("--recipe", choices=["default", "paper"], default="default",
+                    help="the arch's default recipe, or the paper's own (configs/paper/)")  # fmt: skip
+    ac.add_argument("--seeds", type=positive_int, default=1, help="runs per arch, seeds 0..N-1")
+    ac.add_argument("--data", help=DATA_HELP)
+    ac.add_argument("--runs", type=Path, default=Path("runs/bench"), help="where the runs go")
+    ac.add_argument("--collect", type=Path, nargs="+", help="record these finished runs instead")
+    ac.add_argument("--out", type=Path, required=True, help="results JSON (records are merged)")
+    ac.set_defaults(handler=bench_accuracy)
+
+    rp = commands.add_parser("report", help="Markdown table and figure from benchmarks/results")
+    rp.add_argument("--results", type=Path, default=Path("benchmarks/results"),
+                    help="folder of result JSON files (default: benchmarks/results)")  # fmt: skip
+    rp.add_argument("--figure", type=Path,
+                    default=Path("benchmarks/results/throughput-vs-accuracy.png"),
+                    help="throughput-against-accuracy scatter (PNG)")  # fmt: skip
+    rp.add_argument("--readme", type=Path, help="rewrite this file's report section")
+    rp.set_defaults(handler=report)
+
+    pf = commands.add_parser(
+        "profile", help="training steps under torch.profiler: top kernels, Chrome trace"
+    )
+    pf.add_argument("--arch", required=True, help="architecture (`fastcifar list`)")
+    pf.add_argument("--steps", type=positive_int, default=5,
+                    help="training steps profiled, after two warm-up steps (default: 5)")  # fmt: skip
+    pf.add_argument("--batch-size", type=positive_int, help="default: the arch's recipe")
+    pf.add_argument("--variant", default="default", choices=list(VARIANTS),
+                    help="the pipeline: fastcifar's default, the tutorial baseline, or one "
+                         "optimisation alone (default: default)")  # fmt: skip
+    pf.add_argument("--data", help=DATA_HELP)
+    pf.add_argument("--trace", type=Path, default=Path("profile-trace.json"),
+                    help="Chrome trace file, for chrome://tracing or Perfetto "
+                         "(default: profile-trace.json)")  # fmt: skip
+    pf.set_defaults(handler=profile)
+
+
+def bench_throughput(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastcifar.bench import as_dict, compare_throughput
+    from fastcifar.data.dataset import resolve_arrays
+
+    if any(key == "arch" for key, _ in args.set):
+        raise UserError("--set arch=...: name the architectures with --arch")
+    console = Console(width=None if sys.stdout.isatty() else 120)  # ten columns fit a log
+    arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
+    overrides = dict(args.set) or None
+    against = {"tutorial": "baseline", "default": "default"}[args.against]  # bench variants
+    base = "fastcifar default" if against == "default" else "tutorial baseline"
+    ours = "with " + " ".join(f"{k}={v}" for k, v in args.set) if overrides else "fastcifar"
+    table = Table(title="images/s, median of windows (evaluation: eval batches, loader included)")
+    for column in ("arch", "batch", "amp", base, ours, "speedup", "% of peak",
+                   "eval: " + base, "eval: " + ours, "eval speedup"):  # fmt: skip
+        table.add_column(column, justify="right")
+    results = []
+    for arch in args.arch:
+        console.print(f"measuring {arch} ...", highlight=False)
+        r = compare_throughput(arch, arrays.train_images, arrays.train_labels, args.batch_size,
+                               args.steps, args.windows, overrides=overrides, against=against)  # fmt: skip
+        results.append(as_dict(r))
+        table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
+                      f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x",
+                      f"{r.percent_of_peak:.1f}", f"{r.baseline_eval_images_per_sec:,.0f}",
+                      f"{r.fastcifar_eval_images_per_sec:,.0f}", f"{r.eval_speedup:.2f}x")  # fmt: skip
+    console.print(table)
+    if args.json:
+        _write_results(args.json, "side_by_side", "date", results=results)
+    else:
+        print(json.dumps(results))
+    return 0
+
+
+def bench_accuracy(args) -> int:
+    from fastcifar.results import accuracy_stats, run_record
+
+    runs = list(args.collect or [])
+    if not runs:
+        runs = _train_recipes(args)
+    records = [run_record(run, args.recipe) for run in runs]
+    previous = []
+    if args.out.exists():
+        previous = [r for r in json.loads(args.out.read_text())["records"]
+                    if (r["run"], r["recipe"]) not in {(x["run"], x["recipe"]) for x in records}]  # fmt: skip
+    _write_results(args.out, "accuracy", "updated", records=previous + records)
+    for arch in sorted({r["arch"] for r in records}):
+        stats = accuracy_stats([r["test_acc"] for r in records if r["arch"] == arch])
+        print(f"{arch}: {100 * stats['mean']:.2f}% over {stats['runs']} run(s)")
+    return 0
+
+
+def _train_recipes(args) -> list[Path]:
+    """Trains each arch's recipe for each seed into args.runs; a run left by an earlier,
+    interrupted call goes on, a finished one stays as it is."""
+    from fastcifar.cli.train import train_config
+    from fastcifar.display import TrainingDisplay
+    from fastcifar.recipes import paper_config
+    from fastcifar.train.engine import fit
+
+    runs = []
+    for arch in args.arch:
+        config = paper_config(arch) if args.recipe == "paper" else None
+        for seed in range(args.seeds):
+            out = args.runs / f"{arch}-{args.recipe}-s{seed}"
+            flags = ["--resume", str(out)] if (out / "last.pt").exists() else [
+                "--arch", arch, "--seed", str(seed), "--out", str(out),
+                *(["--config", str(config)] if config else []),
+            ]  # fmt: skip
+            if args.data:
+                flags += ["--data", args.data]
+            cfg, resume = train_config(flags)
+            try:
+                fit(cfg, TrainingDisplay(), resume=resume)
+            except NothingToResume as exc:
+                print(f"fastcifar: {exc}", file=sys.stderr)
+            runs.append(out)
+    return runs
+
+
+def _write_results(path: Path, kind: str, date_key: str, **payload) -> None:
+    """A results file names the machine, the day and the command that measured it."""
+    import shlex
+    import time
+
+    from fastcifar.atomic import write_json_atomic
+    from fastcifar.train.device import device_name, resolve_device
+
+    write_json_atomic(path, {
+        "kind": kind,
+        "machine": device_name(resolve_device("auto")),
+        date_key: time.strftime("%Y-%m-%d"),
+        "command": "fastcifar " + shlex.join(sys.argv[1:]),
+        **payload,
+    })  # fmt: skip
+
+
+def report(args) -> int:
+    from fastcifar.report import load_results, markdown, scatter, table_rows, write_readme_section
+
+    throughput, accuracy = load_results(args.results)
+    tables = table_rows(throughput, accuracy)
+    if not tables:
+        raise UserError(f"no results in {args.results}")
+    text = markdown(tables)
+    figure = scatter(tables, args.figure)
+    text += f"\n![throughput against accuracy]({figure.as_posix()})\n"
+    if args.readme:
+        write_readme_section(args.readme, text)
+    print(text)
+    return 0
+
+
+def profile(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastcifar.data.dataset import resolve_arrays
+    from fastcifar.profile import profile_training
+
+    console = Console()
+    arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
+    rows = profile_training(args.arch, arrays.train_images[:8192], arrays.train_labels[:8192],
+                            steps=args.steps, batch_size=args.batch_size, variant=args.variant,
+                            trace=args.trace)  # fmt: skip
+    table = Table(
+        title=f"{args.arch}: top kernels over {args.steps} training steps ({args.variant})"
+    )
+    for column in ("kernel", "share", "calls", "time (ms)", "TFLOP/s"):
+        table.add_column(column, justify="left" if column == "kernel" else "right")
+    for r in rows:
+        tflops = f"{r['tflops']:.3f}" if r["tflops"] else "-"
+        table.add_row(
+            r["name"][:60], f"{r['share']:.1%}", str(r["calls"]), f"{r['ms']:.1f}", tflops
+        )
+    console.print(table)
+    console.print(
+        f"Chrome trace: {args.trace} (open in chrome://tracing or ui.perfetto.dev)", highlight=False
+    )
+    return 0

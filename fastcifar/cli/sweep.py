@@ -1,0 +1,55 @@
+"""`fastcifar sweep`: a grid or TPE search over train options, as an Optuna study."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from fastcifar.cli.arguments import positive_int
+
+
+def register(commands) -> None:
+    sw = commands.add_parser("sweep", help="grid or TPE search over train options (Optuna)")
+    sw.add_argument("file", type=Path, help="sweep file (TOML) with a [search] table")
+    sw.add_argument("--storage", help="Optuna storage URL (default: sqlite in the sweep folder)")
+    sw.add_argument(
+        "--workers", type=positive_int, default=1, help="worker processes on this machine"
+    )
+    sw.add_argument("--resume", action="store_true", help="continue an existing study")
+    sw.add_argument("--out", type=Path, help="sweep folder (default: sweeps/<file name>)")
+    sw.add_argument("--data", help="CIFAR-10 source for every trial")
+    sw.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
+                    help="MLflow tracking (a parent run and one child run per trial)")  # fmt: skip
+    sw.add_argument("--tracking-uri", help="MLflow tracking URI")
+    sw.add_argument("--heartbeat", type=positive_int, default=10, help="worker heartbeat, seconds")
+    sw.add_argument("--worker-of", help=argparse.SUPPRESS)
+    sw.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from fastcifar import sweep
+
+    if args.worker_of:  # one worker process, started by the sweep command
+        spec = sweep.read_sweep(args.file)
+        worker = int(os.environ.get("FASTCIFAR_SWEEP_WORKER", "0"))
+        sweep.run_worker(
+            spec, args.worker_of, args.out, args.data, args.track, worker, args.heartbeat
+        )
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    rows = sweep.run_sweep(
+        args.file, storage=args.storage, workers=args.workers, resume=args.resume, out=args.out,
+        data=args.data, track=args.track, tracking_uri=args.tracking_uri, heartbeat=args.heartbeat,
+        log=console.print,
+    )  # fmt: skip
+    table = Table(title=f"sweep {args.file.stem}")
+    for column in sweep.RESULT_COLUMNS:
+        table.add_column(column.replace("_", " "), justify="right")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in sweep.RESULT_COLUMNS))
+    console.print(table)
+    return 0

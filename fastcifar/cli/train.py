@@ -1,0 +1,122 @@
+"""`fastcifar train`: one flag per TrainConfig field, layered over recipes and config files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from pathlib import Path
+
+from fastcifar.cli.arguments import OneLineErrors
+from fastcifar.config import TrainConfig, read_config, read_run_config
+from fastcifar.errors import UserError
+
+RESUME_OVERRIDES = {"data", "epochs", "device", "threads"}
+NOT_CONFIG = ("command", "handler", "parser", "config", "resume", "quiet", "print_config")
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("train", help="train a model")
+    add_train_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from fastcifar.display import TrainingDisplay
+    from fastcifar.train.engine import fit
+
+    cfg, resume = resolve_train_config(args)
+    if args.print_config:  # with --resume: the run's settings, not its place (as --config RUN)
+        print((cfg if resume is None else cfg.replace(out=None)).to_toml(), end="")
+        return 0
+    fit(cfg, TrainingDisplay(quiet=args.quiet), resume=resume)
+    return 0
+
+
+def train_config(flags: list[str]) -> tuple[TrainConfig, Path | None]:
+    """The config (and run to resume) that `fastcifar train FLAGS...` would train."""
+    parser = OneLineErrors(prog="fastcifar train")
+    add_train_arguments(parser)
+    return resolve_train_config(parser.parse_args(flags))
+
+
+def _field_help() -> dict[str, str]:
+    """Each config field's help text: its comment in config.py (one place for units)."""
+    source = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.MULTILINE))
+
+
+def _parser_for(type_name: str):
+    base = type_name.replace(" | None", "")
+    return {"int": int, "float": float, "str": str}[base]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay absent so recipes can fill them."""
+    helps = _field_help()
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        text = helps.get(field.name, "")
+        if field.name == "amp":
+            parser.add_argument(
+                "--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16", "none"],
+                default=argparse.SUPPRESS,
+                help="autocast dtype; bare --amp (auto) means bf16 where the device computes in"
+                " bf16 (a GPU, a CPU with AVX512-BF16 or AMX), else fp32",
+            )  # fmt: skip
+            parser.add_argument(
+                "--no-amp", dest="amp", action="store_const", const="none",
+                default=argparse.SUPPRESS, help="train in fp32",
+            )  # fmt: skip
+        elif field.type == "bool":
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
+        else:
+            parser.add_argument(
+                flag, type=_parser_for(field.type), default=argparse.SUPPRESS, help=text,
+                metavar=field.name.upper(),
+            )  # fmt: skip
+    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help="TOML config file, or a run directory: that run's settings")  # fmt: skip
+    parser.add_argument(
+        "--resume", type=Path, default=argparse.SUPPRESS, help="continue the run in this directory"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as TOML (a --config file) and exit without training",
+    )
+
+
+def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
+    """Layer defaults, the arch's device recipe, --config, then flags (later wins)."""
+    from fastcifar.models import list_models
+    from fastcifar.recipes import recipe
+    from fastcifar.train.device import SLOW_BF16, fastest_amp, resolve_device
+
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        extra = set(flags) - RESUME_OVERRIDES
+        if extra:
+            names = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
+            raise UserError(f"--resume continues the saved config; it cannot change {names}")
+        saved = resume / "config.json"
+        if not saved.is_file():
+            raise UserError(f"nothing to resume: {saved} not found")
+        return TrainConfig.from_dict({**read_run_config(saved), **flags}), resume
+    file_values = read_config(args.config) if getattr(args, "config", None) else {}
+    arch = flags.get("arch") or file_values.get("arch") or TrainConfig.arch
+    if arch not in list_models():
+        raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(list_models())}")
+    device = resolve_device(flags.get("device") or file_values.get("device") or "auto")
+    if flags.get("amp") == "auto":
+        flags["amp"] = fastest_amp(device)
+        if flags["amp"] == "none":
+            print(f"fastcifar: {SLOW_BF16}; --amp trains in fp32", file=sys.stderr)
+    values = {**recipe(arch, device.type), **file_values, **flags, "arch": arch}
+    return TrainConfig.from_dict(values), None
