@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fastcifar.atomic import write_atomic
+from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError, first_line
 
 
@@ -56,3 +57,28 @@ def load_model_state(model: torch.nn.Module, state: dict, arch: str, source: Pat
         model.load_state_dict(state)
     except RuntimeError:
         raise UserError(f"checkpoint {source} does not fit arch {arch!r}") from None
+
+
+def resumable(model, optimizer, schedule, scaler, state: dict, cfg: TrainConfig) -> dict:
+    """What last.pt holds: everything `restore` needs to go on after `state["epoch"]`."""
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "state": state,
+        "config": cfg.to_dict(),
+        "epoch": state["epoch"],
+    }
+    if scaler is not None:
+        checkpoint["scaler"] = scaler.state_dict()
+    return checkpoint
+
+
+def restore(ckpt: dict, model, optimizer, schedule, scaler, arch: str, path: Path) -> dict:
+    """Loads a `resumable` checkpoint into the training objects; returns the run's state."""
+    load_model_state(model, ckpt["model"], arch, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["state"]

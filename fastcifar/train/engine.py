@@ -25,7 +25,13 @@ from fastcifar.errors import NothingToResume, UserError
 from fastcifar.models import create_model
 from fastcifar.track import Tracker
 from fastcifar.train import rundir
-from fastcifar.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from fastcifar.train.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    restore,
+    resumable,
+    save_checkpoint,
+)
 from fastcifar.train.device import (
     autocast,
     check_amp,
@@ -246,12 +252,7 @@ def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bo
 
     state = {"epoch": 0, "best_acc": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if ckpt is not None:
-        load_model_state(model, ckpt["model"], cfg.arch, run_dir / "last.pt")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if scaler is not None and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
+        state = restore(ckpt, model, optimizer, schedule, scaler, cfg.arch, run_dir / "last.pt")
         trained_on = state.get("train_samples", train_loader.num_samples)
         if trained_on != train_loader.num_samples:
             raise UserError(
@@ -311,17 +312,9 @@ def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bo
             seconds["total"] = earlier_total + time.perf_counter() - wall_start
             state["seconds"] = dict(seconds)
             row["wall_seconds"] = seconds["total"]  # the run so far, every invocation
-            checkpoint = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "state": state,
-                "config": cfg.to_dict(),
-                "epoch": epoch,
-            }
-            if scaler is not None:
-                checkpoint["scaler"] = scaler.state_dict()
-            save_checkpoint(checkpoint, run_dir / "last.pt")
+            save_checkpoint(
+                resumable(model, optimizer, schedule, scaler, state, cfg), run_dir / "last.pt"
+            )
             rundir.write_metrics(run_dir, state["history"])
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             display.end_epoch(row, improved)
