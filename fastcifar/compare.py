@@ -187,13 +187,16 @@ def _setting_labels(settings: list[dict]) -> list[str]:
 
 
 def _mean_curve(runs: list[list[dict]]) -> list[dict]:
-    """Epoch by epoch, each metric's mean over the runs, as far as every run went."""
+    """Epoch by epoch, each metric's mean over the runs, as far as every run went, and
+    with two runs or more its standard deviation (`<metric>_std`, the figure's band)."""
     curve = []
     for epoch_rows in zip(*runs, strict=False):
         row = {"epoch": epoch_rows[0]["epoch"]}
         for field in CURVE_FIELDS:
             values = [r.get(field) for r in epoch_rows]
             row[field] = statistics.fmean(values) if None not in values else None
+            if row[field] is not None and len(values) > 1:
+                row[f"{field}_std"] = statistics.stdev(values)
         curve.append(row)
     return curve
 

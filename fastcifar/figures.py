@@ -32,7 +32,8 @@ def save(fig, path: Path) -> Path:
 def training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
     """Loss and accuracy against epoch for train/val/test (figures 3, 5, 7, 9); several
     runs overlay, one colour each (tab10, tab20 beyond ten runs), named once in the legend,
-    with the line style telling the split."""
+    with the line style telling the split. A curve pooled over seeds (rows with
+    `<metric>_std`) is drawn in a band of one standard deviation either side."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"train": "-", "val": "--", "test": ":"}
     palette = plt.cm.tab10.colors if len(runs) <= 10 else plt.cm.tab20.colors
@@ -45,8 +46,10 @@ def training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
             accs = [r.get(f"{split}_acc") for r in rows]
             if all(v is not None for v in losses):
                 loss_ax.plot(epochs, losses, style, color=color, label=label)
+                _band(loss_ax, epochs, rows, f"{split}_loss", color)
             if all(v is not None for v in accs):
                 acc_ax.plot(epochs, [100 * a for a in accs], style, color=color, label=label)
+                _band(acc_ax, epochs, rows, f"{split}_acc", color, scale=100)
                 named = True
     splits = "" if len(runs) == 1 else " (solid: train, dashed: val, dotted: test)"
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss",
@@ -57,6 +60,15 @@ def training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8 if len(runs) <= 10 else 6)
     return save(fig, path)
+
+
+def _band(ax, epochs, rows, field: str, color, scale: float = 1.0) -> None:
+    """Mean +- one standard deviation, where the rows carry `<field>_std`."""
+    if not all(f"{field}_std" in r for r in rows):
+        return
+    low = [scale * (r[field] - r[f"{field}_std"]) for r in rows]
+    high = [scale * (r[field] + r[f"{field}_std"]) for r in rows]
+    ax.fill_between(epochs, low, high, color=color, alpha=0.15, linewidth=0)
 
 
 def _matrix(ax, values, classes, title, fmt):

@@ -225,6 +225,19 @@ def test_against_best_is_welchs_t_test_worked_by_hand():
     assert against_best([[0.5, 0.5], [0.6, 0.6]])[0]["p_vs_best"] is None  # none on either
 
 
+def test_a_pooled_curve_carries_its_spread_for_the_band():
+    from fastcifar.compare import _mean_curve
+
+    runs = [[{"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.6}],
+            [{"epoch": 1, "test_acc": 0.7}]]  # fmt: skip
+    (row,) = _mean_curve(runs)  # as far as every run went
+    assert row["test_acc"] == pytest.approx(0.6) and row["test_acc_std"] == pytest.approx(
+        0.1414, abs=1e-4
+    )
+    assert row["val_acc"] is None and "val_acc_std" not in row
+    assert "test_acc_std" not in _mean_curve(runs[:1])[0]  # one run: no band
+
+
 def test_compare_of_a_file_is_one_line(tmp_path, capsys):
     log = tmp_path / "run.log"
     log.write_text("not a run")
