@@ -1,7 +1,7 @@
 """`fastcifar compare RUN...`: runs side by side (final metrics, overlaid curves), or
 pooled over seeds: one row per setting, with the mean, spread and 95% confidence
-interval of its runs' test accuracy, and how far it lies from the best setting (Welch's
-t-test)."""
+interval of its runs' test accuracy, how far it lies from the best setting (Welch's
+t-test), and what its seeds give as one ensemble."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fastcifar.errors import UserError
 from fastcifar.results import accuracy_stats, data_name
-from fastcifar.train.rundir import is_training, read_json, read_metrics, run_data
+from fastcifar.train.rundir import is_training, read_json, read_metrics, read_predictions, run_data
 
 # The columns of a compare row, as `compare --table` writes them.
 COMPARE_COLUMNS = ("run", "state", "epochs", "planned_epochs", "best_epoch", "val_acc", "test_acc",
                    "seconds")  # fmt: skip
 POOLED_COLUMNS = ("settings", "runs", "seeds", "test_acc_mean", "test_acc_std", "test_acc_ci95_low",
                   "test_acc_ci95_high", "vs_best", "vs_best_ci95_low", "vs_best_ci95_high",
-                  "p_vs_best", "val_acc_mean", "seconds_mean")  # fmt: skip
+                  "p_vs_best", "ensemble_test_acc", "val_acc_mean", "seconds_mean")  # fmt: skip
 
 # Config fields that leave a run's result where it was: runs differing only in these
 # (and in the seed) are one setting. The data counts by its file name.
@@ -65,6 +67,7 @@ def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
             "test_acc_std": round(stats["std"], 4) if len(members) > 1 else None,
             "test_acc_ci95_low": _rounded(low, 4),
             "test_acc_ci95_high": _rounded(high, 4),
+            "ensemble_test_acc": _rounded(ensemble_accuracy([m.path for m in members]), 4),
             "val_acc_mean": round(statistics.fmean(vals), 4) if vals else None,
             "seconds_mean": round(statistics.fmean(m.row["seconds"] for m in members), 1),
         })  # fmt: skip
@@ -74,6 +77,20 @@ def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
         row.update(against)
     _curves(curves, out)
     return rows
+
+
+def ensemble_accuracy(runs: list[Path]) -> float | None:
+    """Test accuracy of the runs' softmax outputs averaged (each run's best epoch, from
+    predictions.npz): what the seeds give as one ensemble. None for a single run, a run
+    without predictions, or runs tested on other images."""
+    if len(runs) < 2 or not all((run / "predictions.npz").exists() for run in runs):
+        return None
+    outputs = [read_predictions(run) for run in runs]
+    labels = outputs[0][1]
+    if any(not np.array_equal(y, labels) for _, y in outputs):
+        return None
+    mean = np.mean([probs.astype(np.float64) for probs, _ in outputs], axis=0)
+    return float((mean.argmax(axis=1) == labels).mean())
 
 
 def against_best(samples: list[list[float]]) -> list[dict]:
@@ -108,6 +125,7 @@ class _Run:
     best: dict  # the best-validation epoch's metrics, unrounded
     settings: dict  # what makes it the same experiment as another run
     seed: int | None
+    path: Path
 
 
 def _read_run(run: Path, label: str) -> _Run:
@@ -130,7 +148,7 @@ def _read_run(run: Path, label: str) -> _Run:
     settings = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
     data = run_data(run)
     settings["data"] = data_name(data) if data else None
-    return _Run(row, rows, best, settings, config.get("seed"))
+    return _Run(row, rows, best, settings, config.get("seed"), run)
 
 
 def expand_runs(paths: list[Path], log=print) -> list[Path]:

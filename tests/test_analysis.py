@@ -225,6 +225,29 @@ def test_against_best_is_welchs_t_test_worked_by_hand():
     assert against_best([[0.5, 0.5], [0.6, 0.6]])[0]["p_vs_best"] is None  # none on either
 
 
+def test_ensemble_accuracy_averages_the_seeds_softmax_outputs(tmp_path):
+    import torch
+
+    from fastcifar.compare import ensemble_accuracy
+    from fastcifar.train.rundir import write_predictions
+
+    labels = torch.tensor([0, 1, 2])
+    a = torch.tensor([[0.7, 0.3, 0.0], [0.6, 0.4, 0.0], [0.0, 0.4, 0.6]])  # says 0, 0, 2
+    b = torch.tensor([[0.4, 0.6, 0.0], [0.0, 0.9, 0.1], [0.7, 0.0, 0.3]])  # says 1, 1, 0
+    for name, probs in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        write_predictions(tmp_path / name, probs, labels, epoch=1)
+    assert (a.argmax(1) == labels).float().mean() == pytest.approx(2 / 3)
+    assert (b.argmax(1) == labels).float().mean() == pytest.approx(1 / 3)
+    # the mean, [0.55, 0.45, 0], [0.3, 0.65, 0.05], [0.35, 0.2, 0.45], says 0, 1, 2
+    assert ensemble_accuracy([tmp_path / "a", tmp_path / "b"]) == pytest.approx(1.0)
+    assert ensemble_accuracy([tmp_path / "a"]) is None  # one run is no ensemble
+    (tmp_path / "c").mkdir()
+    write_predictions(tmp_path / "c", a, torch.tensor([2, 1, 0]), epoch=1)
+    assert ensemble_accuracy([tmp_path / "a", tmp_path / "c"]) is None  # other images
+    assert ensemble_accuracy([tmp_path / "a", tmp_path / "missing"]) is None
+
+
 def test_a_pooled_curve_carries_its_spread_for_the_band():
     from fastcifar.compare import _mean_curve
 

@@ -60,7 +60,7 @@ def side_by_side(args) -> int:
     from fastcifar import compare
     from fastcifar.tables import write_table
 
-    console = Console(width=None if sys.stdout.isatty() else 120)  # run names fit a log
+    console = Console(width=None if sys.stdout.isatty() else 160)  # rows fit a log unwrapped
 
     def log(text):
         console.print(text, style="dim")
@@ -98,22 +98,22 @@ def _pooled_table(rows: list[dict]):
 
     table = Table(title="settings, pooled over seeds (test accuracy of each best-val epoch)")
     table.add_column("settings")
-    for column in ("runs", "test acc", "95% CI", "vs best (points)", "p (Welch)",
+    for column in ("runs", "test acc", "95% CI", "vs best (points)", "p (Welch)", "ensemble",
                    "val acc", "seconds"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in rows:
         spread = f" ± {_percent(r['test_acc_std'])}" if r["runs"] > 1 else ""
         low, high = r["test_acc_ci95_low"], r["test_acc_ci95_high"]
         table.add_row(r["settings"], str(r["runs"]), _percent(r["test_acc_mean"]) + spread,
-                      f"{_percent(low)} to {_percent(high)}" if low is not None else "-",
+                      f"{100 * low:.2f}-{100 * high:.2f}%" if low is not None else "-",
                       _against_best(r), f"{r['p_vs_best']:.3f}" if r["p_vs_best"] is not None else "-",
-                      _percent(r["val_acc_mean"]), f"{r['seconds_mean']:.0f}")  # fmt: skip
+                      _percent(r["ensemble_test_acc"]), _percent(r["val_acc_mean"]), f"{r['seconds_mean']:.0f}")  # fmt: skip
     return table
 
 
 def _against_best(row: dict) -> str:
     low, high = row["vs_best_ci95_low"], row["vs_best_ci95_high"]
-    interval = f" [{100 * low:+.2f}, {100 * high:+.2f}]" if low is not None else ""
+    interval = f" [{100 * low:+.2f},{100 * high:+.2f}]" if low is not None else ""
     return f"{100 * row['vs_best']:+.2f}{interval}"
 
 
