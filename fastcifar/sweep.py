@@ -39,6 +39,7 @@ RESULT_COLUMNS = (
     "epochs_needed",
     "state",
 )
+PAPER_AXES = ("arch", "lr", "optimizer")  # the axes the paper's columns already show
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
 
     def table_so_far(study, trial):  # a long sweep's table and log grow trial by trial
         rows = results(study, spec)
-        write_results(rows, out)
+        write_results(rows, result_columns(spec), out)
         for r in rows:
             if r["trial"] == trial.number:
                 print(f"trial {r['trial']} {r['state']}: {r['model']}, lr {r['lr']}, "
@@ -290,7 +291,7 @@ def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, ou
             log(f"[yellow]{sum(1 for c in codes if c)} worker(s) exited with an error[/yellow]")
         _recover_stale(study, heartbeat)
     rows = results(optuna.load_study(study_name=spec.name, storage=rdb), spec)
-    write_results(rows, out)
+    write_results(rows, result_columns(spec), out)
     if track and study.user_attrs.get("mlflow_parent_run_id"):
         from fastcifar.track import Tracker
 
@@ -376,7 +377,8 @@ def _gpu_count() -> int:
 
 
 def results(study, spec: SweepSpec) -> list[dict]:
-    """One row per grid point (the latest finished trial of each), the paper's columns."""
+    """One row per grid point (the latest finished trial of each): the paper's columns, and
+    after the optimiser one column per other axis (a seed axis, say), in file order."""
     latest: dict[str, object] = {}
     rank = {"PRUNED": 0, "COMPLETE": 1}  # a completed run of a point beats a pruned one
     for trial in study.trials:
@@ -400,6 +402,7 @@ def results(study, spec: SweepSpec) -> list[dict]:
             "duration": _minutes(duration) if duration is not None else "",
             "lr": trained.get("lr", ""),
             "optimizer": optimizer,
+            **{name: _shown(trial.params.get(name)) for name in _other_axes(spec)},
             "accuracy": f"{trial.user_attrs['test_acc']:.2%}" if "test_acc" in trial.user_attrs else "",
             "epochs_needed": trial.user_attrs.get("epochs_needed", ""),
             "state": trial.state.name.lower(),
@@ -408,12 +411,30 @@ def results(study, spec: SweepSpec) -> list[dict]:
     return rows
 
 
+def result_columns(spec: SweepSpec) -> list[str]:
+    """The result table's columns: the paper's, with the sweep's other axes."""
+    at = RESULT_COLUMNS.index("optimizer") + 1
+    return [*RESULT_COLUMNS[:at], *_other_axes(spec), *RESULT_COLUMNS[at:]]
+
+
+def _other_axes(spec: SweepSpec) -> list[str]:
+    return [name for name in spec.axes if name not in PAPER_AXES]
+
+
+def _shown(value) -> str:
+    """An axis value as the table shows it: a table of options as `key=value ...`."""
+    value = _decode(value) if value is not None else ""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def write_results(rows: list[dict], out: Path) -> None:
+def write_results(rows: list[dict], columns: list[str], out: Path) -> None:
     from fastcifar.tables import write_table
 
-    write_table(rows, [*RESULT_COLUMNS, "val_acc"], out / "results.csv")
-    write_table(rows, list(RESULT_COLUMNS), out / "results.md")
+    write_table(rows, [*columns, "val_acc"], out / "results.csv")
+    write_table(rows, columns, out / "results.md")

@@ -1,6 +1,7 @@
 """Sweeps on Optuna: the sweep file, grid and TPE runs, workers sharing a study, a killed
 worker, resume, and MLflow child runs."""
 
+import csv
 import json
 import os
 import signal
@@ -180,9 +181,9 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, mon
     tables = []
     real_write = sweep.write_results
 
-    def spy(rows, folder):
+    def spy(rows, columns, folder):
         tables.append(len(rows))
-        real_write(rows, folder)
+        real_write(rows, columns, folder)
 
     monkeypatch.setattr(sweep, "write_results", spy)
     sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
@@ -229,12 +230,18 @@ def test_cpu_workers_split_the_cores(monkeypatch):
     assert sweep._run_workers(exit_with_threads, {**env, "OMP_NUM_THREADS": "3"}, 2) == [3, 3]
 
 
-def test_a_seed_axis_repeats_each_point_and_compare_pools_them(tmp_path, data, capsys):
+def test_a_seed_axis_gets_a_column_and_compare_pools_its_repeats(tmp_path, data, capsys):
     from fastcifar.compare import compare_settings
 
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]\nseed = [0, 1]')
     out = tmp_path / "out"
     assert main(["sweep", str(path), "--out", str(out), "--data", data, "--no-track"]) == 0
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert header.startswith("| trial | model | duration | lr | optimizer | seed | accuracy |")
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["lr"], r["seed"]) for r in table) == [
+        ("0.01", "0"), ("0.01", "1"), ("0.05", "0"), ("0.05", "1"),
+    ]  # fmt: skip
     rows = compare_settings([out], tmp_path / "c.png", log=lambda _: None)
     assert sorted((r["settings"], r["runs"], r["seeds"]) for r in rows) == [
         ("lenet, lr=0.01", 2, "0 1"),

@@ -46,10 +46,11 @@ def run(args) -> int:
         data=args.data, track=args.track, tracking_uri=args.tracking_uri, heartbeat=args.heartbeat,
         log=console.print,
     )  # fmt: skip
+    columns = sweep.result_columns(sweep.read_sweep(args.file))
     table = Table(title=f"sweep {args.file.stem}")
-    for column in sweep.RESULT_COLUMNS:
+    for column in columns:
         table.add_column(column.replace("_", " "), justify="right")
     for row in rows:
-        table.add_row(*(str(row[c]) for c in sweep.RESULT_COLUMNS))
+        table.add_row(*(str(row[c]) for c in columns))
     console.print(table)
     return 0
