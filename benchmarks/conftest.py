@@ -111,7 +111,8 @@ def training_loader(kind: str, images, labels, batch: int, dtype, device):
     `fastcifar train` builds with the switches of the ablation `<kind>_loader` (crop and
     flip, no cutout). Kinds: tensor (the gather), native, dali; a `_prefetch` suffix adds
     the prefetch thread."""
-    from fastcifar.bench import ABLATIONS, loader_split
+    from fastcifar.ablations import ABLATIONS
+    from fastcifar.bench import loader_split
     from fastcifar.config import TrainConfig
     from fastcifar.errors import UserError
     from fastcifar.train.engine import make_loader

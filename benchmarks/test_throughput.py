@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+from fastcifar.ablations import VARIANTS
 from fastcifar.bench import (
-    VARIANTS,
     build_pipeline,
     time_eval,
     time_steps,

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from fastcifar.ablations import ABLATIONS, OWN_LOADER
 from fastcifar.baseline import tutorial_loader, tutorial_step
 from fastcifar.config import TrainConfig
 from fastcifar.data.dataset import Split
@@ -24,23 +25,6 @@ from fastcifar.recipes import recipe
 from fastcifar.train.device import autocast, device_name, input_dtype, resolve_device
 from fastcifar.train.engine import build_model, compiled, make_loader, train_step
 from fastcifar.train.optim import build_optimizer
-
-# The baseline, fastcifar's default, and the baseline with each optimisation alone.
-VARIANTS = ("baseline", "default", "amp", "channels_last", "compile", "tensor_loader",
-            "native_loader", "dali_loader", "fused")  # fmt: skip
-# The config values each optimisation switches on over the baseline's.
-ABLATIONS = {
-    "amp": {"amp": "bf16"},
-    "channels_last": {"channels_last": True},
-    "compile": {"compile": True},
-    "tensor_loader": {"loader": "tensor", "native": "off"},
-    "native_loader": {"loader": "tensor", "native": "on"},
-    "dali_loader": {"loader": "dali"},
-    "fused": {"fused": True},
-}
-# Variants that read batches through fastcifar's loaders (`engine.make_loader`); the
-# others read them through the tutorial's DataLoader.
-OWN_LOADER = ("default", "tensor_loader", "native_loader", "dali_loader")
 
 
 @dataclass

@@ -503,3 +503,12 @@ def test_fused_needs_cerberus_and_a_triton_backend(capsys, tmp_path, data, monke
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     code, _, err = run(capsys, *quick(data, tmp_path / "b"), "--arch", "cerberus", "--fused")
     assert_one_line_error(code, err, "needs CUDA, or TRITON_INTERPRET=1")
+
+
+def test_help_and_usage_errors_need_no_torch():
+    """The parser imports nothing heavy: `fastcifar --help` and a mistyped flag answer at
+    once, where torch alone takes seconds to import."""
+    code = ("import sys; from fastcifar.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'scipy') if m in sys.modules))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from fastcifar.errors import NothingToResume, UserError
 
 
 def register(commands) -> None:
-    from fastcifar.bench import VARIANTS
+    from fastcifar.ablations import VARIANTS
 
     bench = commands.add_parser("bench", help="measurements").add_subparsers(
         dest="measurement", required=True
