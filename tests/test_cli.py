@@ -329,10 +329,10 @@ def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path
         code, err, "not trained with the default recipe of lenet: epochs 1 (recipe: 20)"
     )
     assert not out.exists()
-    code, _, err = run(
-        capsys, "bench", "accuracy", "--arch", "wide4", "--recipe", "paper", "--out", str(out)
-    )
+    code, _, err = run(capsys, "bench", "accuracy", "--arch", "lenet", "wide4", "--recipe", "paper",
+                       "--runs", str(tmp_path / "runs"), "--out", str(out))  # fmt: skip
     assert_one_line_error(code, err, "no paper recipe for wide4 (there is one for: cerberus, conv3")
+    assert not (tmp_path / "runs").exists()  # said before lenet, whose recipe exists, trains
     collect = ["bench", "accuracy", "--out", str(out), "--collect"]
     code, _, err = run(capsys, *collect, str(tmp_path / "nothing"))
     assert_one_line_error(code, err, "run directory not found")

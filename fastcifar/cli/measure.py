@@ -143,9 +143,10 @@ def _train_recipes(args) -> list[Path]:
     from fastcifar.recipes import paper_config
     from fastcifar.train.engine import fit
 
+    # every arch's recipe file is found (or missing) before anything trains
+    configs = {arch: paper_config(arch) if args.recipe == "paper" else None for arch in args.arch}
     runs = []
-    for arch in args.arch:
-        config = paper_config(arch) if args.recipe == "paper" else None
+    for arch, config in configs.items():
         for seed in range(args.seeds):
             out = args.runs / f"{arch}-{args.recipe}-s{seed}"
             flags = ["--resume", str(out)] if (out / "last.pt").exists() else [
