@@ -101,9 +101,10 @@ def against_best(samples: list[list[float]]) -> list[dict]:
     from scipy import stats
 
     best = max(samples, key=statistics.fmean)
+    best_mean = statistics.fmean(best)
     rows = []
     for sample in samples:
-        row = {"vs_best": round(statistics.fmean(sample) - statistics.fmean(best), 4),
+        row = {"vs_best": round(statistics.fmean(sample) - best_mean, 4),
                "vs_best_ci95_low": None, "vs_best_ci95_high": None, "p_vs_best": None}  # fmt: skip
         paired = sample is not best and len(sample) > 1 and len(best) > 1
         if paired and max(statistics.stdev(sample), statistics.stdev(best)) > 0:

@@ -233,7 +233,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
 
     def table_so_far(study, trial):  # a long sweep's table and log grow trial by trial
         rows = results(study, spec)
-        write_results(rows, result_columns(spec), out)
+        write_results(rows, spec, out)
         for r in rows:
             if r["trial"] == trial.number:
                 print(f"trial {r['trial']} {r['state']}: {r['model']}, lr {r['lr']}, "
@@ -291,7 +291,7 @@ def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, ou
             log(f"[yellow]{sum(1 for c in codes if c)} worker(s) exited with an error[/yellow]")
         _recover_stale(study, heartbeat)
     rows = results(optuna.load_study(study_name=spec.name, storage=rdb), spec)
-    write_results(rows, result_columns(spec), out)
+    write_results(rows, spec, out)
     if track and study.user_attrs.get("mlflow_parent_run_id"):
         from fastcifar.track import Tracker
 
@@ -389,7 +389,8 @@ def results(study, spec: SweepSpec) -> list[dict]:
             latest[key] = trial
     rows = []
     for trial in sorted(latest.values(), key=lambda t: t.number):
-        options = spec.options({name: _decode(value) for name, value in trial.params.items()})
+        choice = {name: _decode(value) for name, value in trial.params.items()}
+        options = spec.options(choice)
         # studies from before the "trained" record show the sweep file's options only
         trained = trial.user_attrs.get("trained") or options
         optimizer = trained.get("optimizer", "")
@@ -402,7 +403,7 @@ def results(study, spec: SweepSpec) -> list[dict]:
             "duration": _minutes(duration) if duration is not None else "",
             "lr": trained.get("lr", ""),
             "optimizer": optimizer,
-            **{name: _shown(trial.params.get(name)) for name in _other_axes(spec)},
+            **{name: _shown(choice.get(name, "")) for name in _other_axes(spec)},
             "accuracy": f"{trial.user_attrs['test_acc']:.2%}" if "test_acc" in trial.user_attrs else "",
             "epochs_needed": trial.user_attrs.get("epochs_needed", ""),
             "state": trial.state.name.lower(),
@@ -423,7 +424,6 @@ def _other_axes(spec: SweepSpec) -> list[str]:
 
 def _shown(value) -> str:
     """An axis value as the table shows it: a table of options as `key=value ...`."""
-    value = _decode(value) if value is not None else ""
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items())
     return str(value)
@@ -433,8 +433,9 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def write_results(rows: list[dict], columns: list[str], out: Path) -> None:
+def write_results(rows: list[dict], spec: SweepSpec, out: Path) -> None:
     from fastcifar.tables import write_table
 
+    columns = result_columns(spec)
     write_table(rows, [*columns, "val_acc"], out / "results.csv")
     write_table(rows, columns, out / "results.md")

@@ -181,9 +181,9 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, mon
     tables = []
     real_write = sweep.write_results
 
-    def spy(rows, columns, folder):
+    def spy(rows, spec, folder):
         tables.append(len(rows))
-        real_write(rows, columns, folder)
+        real_write(rows, spec, folder)
 
     monkeypatch.setattr(sweep, "write_results", spy)
     sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
