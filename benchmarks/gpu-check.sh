@@ -35,10 +35,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run one stage under its own time lim
   timeout -k 5 "$limit" "$@"
   local rc=$?
   echo "=== $name: rc=$rc, $((SECONDS - start)) s"
+  rcs[$name]=$rc
   summary+=("$(printf '%-22s rc=%-4s %4d s' "$name" "$rc" $((SECONDS - start)))")
   tar czf "$out/results-cuda.tgz" -C "$results" --exclude='*.pt' --exclude='*.npz' . 2>/dev/null
 }
 summary=()
+declare -A rcs  # each stage's exit status
 
 nvidia-smi -L
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -48,9 +50,21 @@ fi
 stage build 180 $PY -m pip install --no-build-isolation --no-deps -e . \
   -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90
 stage doctor 60 $PY -m fastcifar doctor
-stage tests-fused 180 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py
+# which C++ runtime the extension carries: a copy of libstdc++'s stream code inside it
+# (defined std::basic_ostream... symbols) once crashed formatting numbers into messages
+stage native-link 30 bash -c 'so=$('"$PY"' -c "import importlib.util as u; print(u.find_spec(\"fastcifar._C\").origin)") &&
+  ls -l "$so" && c++ --version | head -1 && env | grep -E "^(CXX|LD|C)FLAGS=";
+  nm -D -C --defined-only "$so" | grep -E "^[0-9a-f]+ [A-Za-z] std::(basic_ostream|basic_ios|ios_base|locale|codecvt|num_put)" > /tmp/std-symbols;
+  echo "libstdc++ stream and locale functions defined in it: $(wc -l < /tmp/std-symbols)"; cut -c1-150 /tmp/std-symbols | head -5;
+  ldd "$so" | grep -E "stdc|cudart"'
+# every test with one tile per kernel (tuning each test shape took over 180 s), then a
+# layer-sized test and a whole CerberusNet step with the tiles autotuned
+stage tests-fused 180 env FASTCIFAR_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
+  tests/test_fused.py
+stage tests-fused-tuned 120 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py \
+  -k "cerberus_training_step or 3-16-33-4-act_bn"
 stage tests-native 120 $PY -m pytest -v -p no:cacheprovider tests/test_native.py tests/test_dali.py
-if [[ "${summary[-1]}" == *rc=13[49]* ]]; then  # crashed: alone too? where?
+if [[ "${rcs[tests-native]:-}" == 13[49] ]]; then  # crashed: alone too? where?
   stage native-bad-inputs-alone 60 $PY -m pytest -v -p no:cacheprovider tests/test_native.py \
     -k bad_inputs
   if command -v cuda-gdb >/dev/null; then

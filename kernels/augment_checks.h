@@ -1,10 +1,18 @@
 // Input checks shared by the CPU and CUDA implementations: every op input gets a clear
 // error.
 #pragma once
+#include <string>
+
 #include <ATen/ATen.h>
 #include "augment.h"
 
 namespace fastcifar {
+
+// Numbers reach the error messages as text made here, never through `stream << number`.
+// On the GPU image the extension's own copy of std::ostream::_M_insert<long> ran for that
+// and crashed (segfault in num_put lookup, cuda-gdb backtrace of the bad-input test), while
+// inserting text worked.
+inline std::string text(int64_t value) { return std::to_string(value); }
 
 inline AugmentArgs check_augment_inputs(const at::Tensor& images, const at::Tensor& index,
                                         const at::Tensor& dy, const at::Tensor& dx,
@@ -16,8 +24,8 @@ inline AugmentArgs check_augment_inputs(const at::Tensor& images, const at::Tens
   TORCH_CHECK(images.scalar_type() == at::kByte, "augment_batch: images must be uint8, got ",
               images.scalar_type());
   TORCH_CHECK(images.dim() == 4 && images.size(3) == 3,
-              "augment_batch: images must be (N, H, W, 3), got ", images.dim(),
-              " dimensions, the last of size ", images.dim() > 0 ? images.size(-1) : 0);
+              "augment_batch: images must be (N, H, W, 3), got ", text(images.dim()),
+              " dimensions, the last of size ", text(images.dim() > 0 ? images.size(-1) : 0));
   TORCH_CHECK(images.is_contiguous(), "augment_batch: images must be contiguous NHWC");
   const int64_t batch = index.numel();
   for (const auto* t : {&index, &dy, &dx}) {
@@ -65,10 +73,10 @@ inline AugmentArgs check_augment_inputs(const at::Tensor& images, const at::Tens
 // Range checks that need the values: only cheap on the CPU, so the CPU path runs them.
 inline void check_augment_ranges(const AugmentArgs& a, int64_t n_images) {
   for (int64_t b = 0; b < a.batch; ++b) {
-    TORCH_CHECK(a.index[b] >= 0 && a.index[b] < n_images, "augment_batch: index ", a.index[b],
-                " out of range for ", n_images, " images");
+    TORCH_CHECK(a.index[b] >= 0 && a.index[b] < n_images, "augment_batch: index ",
+                text(a.index[b]), " out of range for ", text(n_images), " images");
     TORCH_CHECK(a.dy[b] >= 0 && a.dy[b] <= 2 * a.pad && a.dx[b] >= 0 && a.dx[b] <= 2 * a.pad,
-                "augment_batch: crop offsets must be in 0..", 2 * a.pad);
+                "augment_batch: crop offsets must be in 0..", text(2 * a.pad));
   }
 }
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -371,6 +372,22 @@ def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch
     assert [(r["arch"], r["recipe"], r["epochs_run"]) for r in records] == [
         ("lenet", "default", 20)
     ]
+    # runs copied back from another machine are that machine's results, in a file of its own
+    run_dir = tmp_path / "runs" / "lenet-default-s0"
+    elsewhere = tmp_path / "from-gpu" / "lenet-default-s0"
+    shutil.copytree(run_dir, elsewhere)
+    env = json.loads((elsewhere / "env.json").read_text())
+    (elsewhere / "env.json").write_text(json.dumps({**env, "device_name": "NVIDIA H200"}))
+    collect = ["bench", "accuracy", "--collect", str(elsewhere), "--out"]
+    assert run(capsys, *collect, str(tmp_path / "gpu.json"))[0] == 0
+    assert json.loads((tmp_path / "gpu.json").read_text())["machine"] == "NVIDIA H200"
+    code, _, err = run(capsys, *collect, str(tmp_path / "accuracy.json"))
+    assert_one_line_error(code, err, "accuracy.json holds results of ")
+    code, _, err = run(capsys, *collect[:-1], str(run_dir), "--out", str(tmp_path / "both.json"))
+    assert_one_line_error(code, err, "these runs come from 2 machines")
+    (tmp_path / "gpu.json").write_text("[]")
+    code, _, err = run(capsys, *collect, str(tmp_path / "gpu.json"))
+    assert_one_line_error(code, err, "gpu.json is not an accuracy results file")
 
 
 def test_no_traceback_from_the_console_script(tmp_path):

@@ -150,6 +150,28 @@ def test_weight_gradient_split_over_pixels(splits):
     torch.testing.assert_close(got, weight.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_tile_candidates_fit_the_layer(monkeypatch):
+    """A GPU times every tile no wider than the layer needs (all of them unless
+    FASTCIFAR_AUTOTUNE=0, then the first); the interpreter runs the widest that fits."""
+    from fastcifar.ops import conv_bn_relu as ops
+
+    shapes = [(64, 64, 32, 4), (128, 128, 32, 8), (64, 128, 64, 4)]
+    configs = ops._tiles(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes, hook=None)
+
+    def tiles(c_in, c_out):
+        kept = ops._fits(configs, {"c_in": c_in, "c_out": c_out})
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    assert tiles(128, 128) == [(64, 64, 32), (128, 128, 32), (64, 128, 64)]
+    assert tiles(32, 64) == [(64, 64, 32)]  # 128 output channels and 64 input are too wide
+    assert tiles(5, 7) == [(64, 64, 32)]  # none fits: the first
+    monkeypatch.setattr(ops, "AUTOTUNE", False)
+    assert tiles(128, 128) == [(64, 64, 32)]
+    monkeypatch.setattr(ops, "INTERPRET", True)
+    assert tiles(128, 128) == [(64, 128, 64)]
+
+
 def test_atomic_sums_start_from_zero_whatever_the_buffer_held(monkeypatch):
     """The two GEMM kernels add into their outputs atomically (BatchNorm sums, split weight
     gradient); each launch zeroes them first, so buffers full of garbage give exact sums."""

@@ -124,11 +124,24 @@ def bench_accuracy(args) -> int:
     if not runs:
         runs = _train_recipes(args)
     records = [run_record(run, args.recipe) for run in runs]
+    machines = sorted({r["device_name"] for r in records})
+    if len(machines) > 1:
+        raise UserError(f"these runs come from {len(machines)} machines ({'; '.join(machines)}): "
+                        "record each machine's runs in a file of its own")  # fmt: skip
     previous = []
     if args.out.exists():
-        previous = [r for r in json.loads(args.out.read_text())["records"]
+        try:
+            held = json.loads(args.out.read_text())
+            held_records, held_machine = held["records"], held["machine"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{args.out} is not an accuracy results file") from None
+        if held_machine != machines[0]:
+            raise UserError(f"{args.out} holds results of {held_machine}; these runs come "
+                            f"from {machines[0]}: record them in a file of their own")  # fmt: skip
+        previous = [r for r in held_records
                     if (r["run"], r["recipe"]) not in {(x["run"], x["recipe"]) for x in records}]  # fmt: skip
-    _write_results(args.out, "accuracy", "updated", records=previous + records)
+    # the runs' machine, which need not be this one (runs copied back from a GPU machine)
+    _write_results(args.out, "accuracy", "updated", machine=machines[0], records=previous + records)
     for arch in sorted({r["arch"] for r in records}):
         stats = accuracy_stats([r["test_acc"] for r in records if r["arch"] == arch])
         print(f"{arch}: {100 * stats['mean']:.2f}% over {stats['runs']} run(s)")
@@ -164,8 +177,10 @@ def _train_recipes(args) -> list[Path]:
     return runs
 
 
-def _write_results(path: Path, kind: str, date_key: str, **payload) -> None:
-    """A results file names the machine, the day and the command that measured it."""
+def _write_results(path: Path, kind: str, date_key: str, machine: str | None = None,
+                   **payload) -> None:  # fmt: skip
+    """A results file names the machine (this one unless given), the day and the command
+    that measured it."""
     import shlex
     import time
 
@@ -174,7 +189,7 @@ def _write_results(path: Path, kind: str, date_key: str, **payload) -> None:
 
     write_json_atomic(path, {
         "kind": kind,
-        "machine": device_name(resolve_device("auto")),
+        "machine": machine or device_name(resolve_device("auto")),
         date_key: time.strftime("%Y-%m-%d"),
         "command": "fastcifar " + shlex.join(sys.argv[1:]),
         **payload,
