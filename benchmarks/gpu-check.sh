@@ -5,15 +5,16 @@
 #
 #   benchmarks/gpu-check.sh RESULTS_DIR [DATA]
 #   STAGES="build tests-fused fused-block" benchmarks/gpu-check.sh ...   # only these stages
+#   STAGES="build train-cerberus-b1024-*" ...                             # (glob patterns too)
 #   WHEELS=DIR benchmarks/gpu-check.sh ...   # first pip-install DIR/*.whl (e.g. DALI and its
 #                                            # dependencies, where the machine lacks them)
 #
 # Each stage has its own time limit so that one slow or failing stage leaves the rest
 # running; everything is logged to RESULTS_DIR/log.txt. The result files (accuracy-,
-# throughput-, throughput-others-, throughput-cudagraphs-, throughput-b1024-,
-# fused-block-, loaders-, loader-share- and benchmarks-cuda.json, and runs/ without
-# checkpoints) are packed into RESULTS_DIR/results-cuda.tgz after every stage, so a run
-# cut short keeps what it made.
+# throughput-, throughput-others-, throughput-cudagraphs-, throughput-b1024- and their
+# -vs-default twins, fused-block-, loaders-, loader-share- and benchmarks-cuda.json, and
+# runs/ without checkpoints) are packed into RESULTS_DIR/results-cuda.tgz after every
+# stage, so a run cut short keeps what it made.
 set -u
 out=$(realpath "${1:?usage: benchmarks/gpu-check.sh RESULTS_DIR [DATA]}")
 mkdir -p "$out"
@@ -26,10 +27,20 @@ runs=$results/runs
 mkdir -p "$runs"
 exec > >(tee -a "$out/log.txt") 2>&1
 
+selected() {  # whether STAGES (names or glob patterns, space-separated; empty: all) names $1
+  [ -z "${STAGES:-}" ] && return 0
+  local pattern patterns
+  read -ra patterns <<< "$STAGES"
+  for pattern in "${patterns[@]}"; do
+    [[ $1 == $pattern ]] && return 0
+  done
+  return 1
+}
+
 stage() {  # stage NAME SECONDS COMMAND...: run one stage under its own time limit
   local name=$1 limit=$2
   shift 2
-  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then return; fi
+  selected "$name" || return 0
   echo "=== $name (limit ${limit}s) $(date +%T)"
   local start=$SECONDS
   timeout -k 5 "$limit" "$@"
@@ -78,6 +89,15 @@ for seed in 1 2; do  # more seeds of the main job: cheap here, hours on the CPU
   stage "train-cerberus-s$seed" 180 $PY -m fastcifar train --arch cerberus --amp --no-track \
     --quiet --seed "$seed" --out "$runs/cerberus-cuda-s$seed"
 done
+# the recipe at batch 1024, where the step ran at 38% of the matmul peak against 8% at 256:
+# two peak learning rates, three seeds each (the rule for adopting it is in NOTES.md)
+for lr in 0.1 0.2; do
+  for seed in 0 1 2; do
+    stage "train-cerberus-b1024-lr$lr-s$seed" 120 $PY -m fastcifar train --arch cerberus --amp \
+      --batch-size 1024 --lr "$lr" --seed "$seed" --no-track --quiet \
+      --out "$runs/cerberus-b1024-lr$lr-s$seed"
+  done
+done
 if $PY -c "import nvidia.dali" 2>/dev/null; then
   stage train-cerberus-dali 150 $PY -m fastcifar train --arch cerberus --amp --loader dali \
     --no-track --out "$runs/cerberus-cuda-dali"
@@ -95,7 +115,7 @@ for arch in $others; do
 done
 stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect $finished \
   --out "$results/accuracy-cuda.json"
-stage fused-block 180 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
+stage fused-block 300 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
   --benchmark-only --benchmark-json "$results/fused-block-cuda.json" \
   --benchmark-columns=median,iqr,rounds
 for variant in eager fused; do
@@ -117,6 +137,12 @@ stage throughput-cudagraphs 240 $PY -m fastcifar bench throughput --arch lenet c
   --set compile_mode=reduce-overhead --json "$results/throughput-cudagraphs-cuda.json"
 stage throughput-b1024 180 $PY -m fastcifar bench throughput --arch cerberus --batch-size 1024 \
   --json "$results/throughput-b1024-cuda.json"  # more work per launch: the overhead-bound step
+# the same two levers against the default step (batch 256, compile mode default) in one run
+stage throughput-cudagraphs-vs-default 180 $PY -m fastcifar bench throughput --arch cerberus \
+  --set compile_mode=reduce-overhead --against default \
+  --json "$results/throughput-cudagraphs-vs-default-cuda.json"
+stage throughput-b1024-vs-default 180 $PY -m fastcifar bench throughput --arch cerberus \
+  --set batch_size=1024 --against default --json "$results/throughput-b1024-vs-default-cuda.json"
 stage profile 90 $PY -m fastcifar profile --arch cerberus --variant amp --trace /tmp/trace.json
 stage profile-default 90 $PY -m fastcifar profile --arch cerberus --variant default \
   --trace /tmp/trace-default.json
