@@ -27,7 +27,9 @@ def test_the_script_parses():
 def test_only_the_named_stages_run_and_each_reports_its_status(tmp_path):
     code, log = gpu_check(tmp_path, "doctor native-l*")  # a name and a glob pattern
     assert code == 0
-    ran = [line.split()[1] for line in log.splitlines() if line.startswith("=== ") and "(limit" in line]
+    ran = [
+        line.split()[1] for line in log.splitlines() if line.startswith("=== ") and "(limit" in line
+    ]
     assert ran == ["doctor", "native-link"]
     assert "=== doctor: rc=0" in log and "=== native-link: rc=0" in log
     assert "libstdc++ stream and locale functions defined in it: 0" in log
