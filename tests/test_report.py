@@ -138,7 +138,14 @@ def test_labels_of_nearby_points_are_moved_apart(height):
 
 def test_report_without_results_is_one_line(tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path)]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert capsys.readouterr().err.strip() == f"fastcifar: error: no results in {tmp_path}"
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["report", "--results", str(tmp_path / "results.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"fastcifar: error: --results {tmp_path / 'results.json'}: not a folder of results files"
+    )
 
 
 def test_side_by_side_records_whether_it_ran_the_recipe_unchanged():

@@ -199,6 +199,8 @@ def _write_results(path: Path, kind: str, date_key: str, machine: str | None = N
 def report(args) -> int:
     from fastcifar.report import load_results, markdown, scatter, table_rows, write_readme_section
 
+    if not args.results.is_dir():
+        raise UserError(f"--results {args.results}: not a folder of results files")
     throughput, accuracy = load_results(args.results)
     tables = table_rows(throughput, accuracy)
     if not tables:
