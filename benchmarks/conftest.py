@@ -61,8 +61,9 @@ def peak(device) -> dict:
 
 
 @pytest.fixture(scope="session")
-def baseline_rates() -> dict:
-    """Baseline images/s per (arch, batch size), filled as the baseline benchmarks run."""
+def baselines() -> dict:
+    """The baseline pipeline per (arch, batch size), warmed up, shared by the variants
+    that are timed against it."""
     return {}
 
 

@@ -96,11 +96,19 @@ def test_benchmark_summary_joins_this_sessions_throughput_with_recorded_accuracy
         ("lenet", "eval", "default"): {"images_per_sec": 25000.0},
         ("conv3", "train", "amp"): {"images_per_sec": 900.0},  # no default timed: no row
         ("cerberus", "train", "default"): {"images_per_sec": 40.0},  # no accuracy recorded
+        # the default's paired baseline rounds win over the baseline's own, earlier test
+        ("conv5", "train", "baseline"): {"images_per_sec": 500.0},
+        ("conv5", "train", "default"): {
+            "images_per_sec": 2600.0,
+            "speedup": 2.5,
+            "baseline_images_per_sec": 1000.0,
+        },  # fmt: skip
     }
     table = throughput_against_accuracy(measured, "Test CPU, 2 cores", results)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}  # fmt: skip
-    assert set(rows) == {"arch", "lenet", "cerberus"}
+    assert set(rows) == {"arch", "lenet", "cerberus", "conv5"}
+    assert rows["conv5"][3:6] == ["2,600", "1,000", "2.50x"]
     lenet = rows["lenet"]
     assert lenet[3:8] == ["8,000", "2,000", "4.00x", "20.0%", "25,000 (5.00x)"]
     assert lenet[8] == "69.00% ± 1.41 (2 runs)"  # from the results folder, not measured here
