@@ -138,8 +138,8 @@ def bench_accuracy(args) -> int:
         if held_machine != machines[0]:
             raise UserError(f"{args.out} holds results of {held_machine}; these runs come "
                             f"from {machines[0]}: record them in a file of their own")  # fmt: skip
-        previous = [r for r in held_records
-                    if (r["run"], r["recipe"]) not in {(x["run"], x["recipe"]) for x in records}]  # fmt: skip
+        replaced = {(r["run"], r["recipe"]) for r in records}
+        previous = [r for r in held_records if (r["run"], r["recipe"]) not in replaced]
     # the runs' machine, which need not be this one (runs copied back from a GPU machine)
     _write_results(args.out, "accuracy", "updated", machine=machines[0], records=previous + records)
     for arch in sorted({r["arch"] for r in records}):
