@@ -10,8 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from fastcifar.interrupts import interrupts_deferred
+
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Ctrl-C or SIGTERM during the write takes effect once the file is in place."""
+    with interrupts_deferred():
+        _write_atomic(path, write)
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as exc:  # name the target, not the temporary file

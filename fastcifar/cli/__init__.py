@@ -7,16 +7,14 @@ them. User mistakes end in one line on stderr and exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
 
 from fastcifar.cli import checkpoints, machine, measure, runs, sweep, train
 from fastcifar.cli.arguments import OneLineErrors, remember_parsers
 from fastcifar.cli.train import resolve_train_config
 from fastcifar.errors import NothingToResume, UserError
+from fastcifar.interrupts import stop_signals_as_interrupt
 
 __all__ = ["build_parser", "main", "resolve_train_config"]
 
@@ -32,27 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """A SIGTERM (a job scheduler, `kill`) ends a command as Ctrl-C does: a training run
-    keeps its last finished epoch's checkpoint and its MLflow run is marked KILLED."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
-        with sigterm_as_interrupt():
+        with stop_signals_as_interrupt():
             args = build_parser().parse_args(argv)
             return args.handler(args)
     except UserError as exc:

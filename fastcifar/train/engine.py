@@ -22,6 +22,7 @@ from fastcifar.data.loader import TensorLoader, epoch_seed
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.display import TrainingDisplay
 from fastcifar.errors import NothingToResume, UserError
+from fastcifar.interrupts import interrupts_deferred
 from fastcifar.models import create_model
 from fastcifar.track import Tracker
 from fastcifar.train import rundir
@@ -302,20 +303,21 @@ def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bo
             improved = monitored > state["best_acc"]
             state["history"].append(row)
             state["epoch"] = epoch
-            if improved:
-                state.update(best_acc=monitored, best_epoch=epoch, bad_epochs=0)
-                best = {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch}
-                save_checkpoint(best, run_dir / "best.pt")
-                rundir.write_predictions(run_dir, test.probs, test.labels, epoch)
-            else:
-                state["bad_epochs"] += 1
-            seconds["total"] = earlier_total + time.perf_counter() - wall_start
-            state["seconds"] = dict(seconds)
-            row["wall_seconds"] = seconds["total"]  # the run so far, every invocation
-            save_checkpoint(
-                resumable(model, optimizer, schedule, scaler, state, cfg), run_dir / "last.pt"
-            )
-            rundir.write_metrics(run_dir, state["history"])
+            with interrupts_deferred():  # the epoch's files are written all or none
+                if improved:
+                    state.update(best_acc=monitored, best_epoch=epoch, bad_epochs=0)
+                    best = {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch}
+                    save_checkpoint(best, run_dir / "best.pt")
+                    rundir.write_predictions(run_dir, test.probs, test.labels, epoch)
+                else:
+                    state["bad_epochs"] += 1
+                seconds["total"] = earlier_total + time.perf_counter() - wall_start
+                state["seconds"] = dict(seconds)
+                row["wall_seconds"] = seconds["total"]  # the run so far, every invocation
+                save_checkpoint(
+                    resumable(model, optimizer, schedule, scaler, state, cfg), run_dir / "last.pt"
+                )
+                rundir.write_metrics(run_dir, state["history"])
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             display.end_epoch(row, improved)
             if on_epoch is not None:
