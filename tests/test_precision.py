@@ -78,9 +78,12 @@ def test_the_matmul_peak_is_in_tflops_whatever_the_precision():
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     a @ b
-    start = time.perf_counter()
-    a @ b
-    direct = 2 * 512**3 / (time.perf_counter() - start) / 1e12
+    seconds = []
+    for _ in range(5):  # the quickest of five: one product can lose its core to another task
+        start = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - start)
+    direct = 2 * 512**3 / min(seconds) / 1e12
     assert 0.1 < matmul_peak_tflops(CPU, torch.float32, budget_s=0.2) / direct < 10
 
 
