@@ -116,7 +116,7 @@ def training_loader(kind: str, images, labels, batch: int, dtype, device):
     from fastcifar.bench import loader_split
     from fastcifar.config import TrainConfig
     from fastcifar.errors import UserError
-    from fastcifar.train.engine import make_loader
+    from fastcifar.train.build import make_loader
 
     name, _, prefetch = kind.partition("_")
     cfg = TrainConfig(batch_size=batch, cutout=0, track=False, prefetch="on" if prefetch else "off",

@@ -16,6 +16,6 @@ ABLATIONS = {
     "dali_loader": {"loader": "dali"},
     "fused": {"fused": True},
 }
-# Variants that read batches through fastcifar's loaders (`engine.make_loader`); the
+# Variants that read batches through fastcifar's loaders (`build.make_loader`); the
 # others read them through the tutorial's DataLoader.
 OWN_LOADER = ("default", "tensor_loader", "native_loader", "dali_loader")

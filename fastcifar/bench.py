@@ -22,8 +22,9 @@ from fastcifar.baseline import tutorial_loader, tutorial_step
 from fastcifar.config import TrainConfig
 from fastcifar.data.dataset import Split
 from fastcifar.recipes import recipe
+from fastcifar.train.build import build_model, compiled, make_loader
 from fastcifar.train.device import autocast, device_name, input_dtype, resolve_device
-from fastcifar.train.engine import build_model, compiled, make_loader, train_step
+from fastcifar.train.engine import train_step
 from fastcifar.train.optim import build_optimizer
 
 

@@ -13,9 +13,9 @@ from fastcifar.data.dataset import prepare_data
 from fastcifar.data.loader import TensorLoader
 from fastcifar.data.sources import CLASSES
 from fastcifar.errors import UserError
+from fastcifar.train.build import build_model
 from fastcifar.train.checkpoint import load_checkpoint, load_model_state
 from fastcifar.train.device import computes_in, fastest_amp, input_dtype, resolve_device
-from fastcifar.train.engine import build_model
 from fastcifar.train.evaluate import EvalResult, evaluate
 
 

@@ -97,8 +97,8 @@ def test_the_cpu_is_named_with_its_instruction_set(cpu_bf16):
 def test_a_bf16_checkpoint_is_evaluated_in_the_fastest_precision(cpu_bf16, tmp_path):
     from fastcifar.config import TrainConfig
     from fastcifar.inference import load_trained
+    from fastcifar.train.build import build_model
     from fastcifar.train.checkpoint import save_checkpoint
-    from fastcifar.train.engine import build_model
 
     cfg = TrainConfig(arch="lenet", amp="bf16", device="cpu")
     model = build_model(cfg, CPU)

@@ -234,12 +234,12 @@ def test_lenet_learns_on_real_cifar(tmp_path, real_data):
 
 def test_a_missing_extension_is_reported_once(monkeypatch, capsys):
     from fastcifar.ops import native
-    from fastcifar.train import engine
+    from fastcifar.train import build
 
     monkeypatch.setattr(native, "load", lambda: (False, "fastcifar._C did not load (test)"))
-    monkeypatch.setattr(engine, "_said", set())
+    monkeypatch.setattr(build, "_said", set())
     cpu = torch.device("cpu")
-    assert [engine.use_native("auto", cpu) for _ in range(2)] == [False, False]
-    assert engine.use_native("off", cpu) is False
+    assert [build.use_native("auto", cpu) for _ in range(2)] == [False, False]
+    assert build.use_native("off", cpu) is False
     err = capsys.readouterr().err
     assert err.count("fastcifar._C did not load (test)") == 1 and "torch ops instead" in err

@@ -17,15 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar.config import TrainConfig
-from fastcifar.data.dataset import DataBundle, Split, prepare_data, prepare_encoded
-from fastcifar.data.loader import TensorLoader, epoch_seed
-from fastcifar.data.prefetch import Prefetched
+from fastcifar.data.loader import epoch_seed
 from fastcifar.display import TrainingDisplay
 from fastcifar.errors import NothingToResume, UserError
 from fastcifar.interrupts import interrupts_deferred
-from fastcifar.models import create_model
 from fastcifar.track import Tracker
 from fastcifar.train import rundir
+from fastcifar.train.build import build_model, compiled, load_data, make_loaders
 from fastcifar.train.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -55,105 +53,6 @@ class EpochStats:
     acc: float
     seconds: float
     first_step_seconds: float
-
-
-def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """The model the training step calls: `torch.compile`d in the configured mode, or as is."""
-    if not cfg.compile:
-        return model
-    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-
-
-def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    if cfg.fused:
-        import os
-
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UserError(
-                "--fused runs Triton kernels: it needs CUDA, or TRITON_INTERPRET=1 (slow) on the CPU"
-            )
-        if cfg.arch != "cerberus":
-            raise UserError(f"--fused is for cerberus, not {cfg.arch!r}")
-    overrides = {"fused": True} if cfg.fused else {}
-    overrides |= {
-        k: v for k, v in (("dropout", cfg.dropout), ("activation", cfg.activation)) if v is not None
-    }
-    model = create_model(cfg.arch, **overrides).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def load_data(cfg: TrainConfig, device: torch.device, log) -> DataBundle:
-    """The splits the loaders read: uint8 arrays on the device for the tensor loader, on
-    the host for DALI's external source, or with `--dali-decode` the undecoded files."""
-    if cfg.dali_decode:
-        return prepare_encoded(cfg.data, val=cfg.val, split_seed=cfg.split_seed, subset=cfg.subset)
-    return prepare_data(
-        cfg.data, val=cfg.val, split_seed=cfg.split_seed, subset=cfg.subset,
-        device=torch.device("cpu") if cfg.loader == "dali" else device,
-        download=cfg.download, log=log,
-    )  # fmt: skip
-
-
-def make_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, dtype: torch.dtype):
-    """(train, val, test) loaders of the configured kind; val is None without a split."""
-    train = make_loader(cfg, data.train, device, dtype, train=True)
-    val = make_loader(cfg, data.val, device, dtype, train=False) if data.val else None
-    return train, val, make_loader(cfg, data.test, device, dtype, train=False)
-
-
-def make_loader(cfg: TrainConfig, split: Split, device: torch.device, dtype: torch.dtype, *,
-                train: bool):  # fmt: skip
-    """One loader of the configured kind over `split`: for training, shuffled, augmented
-    and behind a prefetch thread when configured; for evaluation, in order."""
-    if cfg.loader == "dali":
-        from fastcifar.data.dali_loader import DaliLoader as Loader
-
-        extra = {"device": device}
-    else:
-        Loader = TensorLoader
-        extra = {"native": use_native(cfg.native, device)}
-    if not train:
-        return Loader(split.images, split.labels, cfg.eval_batch_size, train=False, dtype=dtype,
-                      **extra)  # fmt: skip
-    loader = Loader(
-        split.images, split.labels, cfg.batch_size, train=True, seed=cfg.seed,
-        pad=cfg.crop_pad, flip=cfg.flip, cutout=cfg.cutout, dtype=dtype, **extra,
-    )  # fmt: skip
-    return Prefetched(loader) if use_prefetch(cfg.prefetch, cfg.loader) else loader
-
-
-def use_prefetch(switch: str, loader: str) -> bool:
-    """Whether a thread makes the tensor loader's training batches ahead. `auto` leaves it
-    off: on the 2-core CPU the tensor loader costs under the noise of a lenet step
-    (benchmarks/test_loader_share.py), and the thread competes with the step's own; on
-    CUDA the loader only enqueues kernels, and DALI prefetches itself."""
-    return switch == "on" and loader == "tensor"
-
-
-# Devices where `--native auto` uses fastcifar._C. On the CPU it measured faster than the
-# torch-op gather (benchmarks/test_loaders.py --full: 525,000 against 338,000 images/s,
-# bf16); on CUDA it is one kernel instead of a chain of ops, not yet timed against it.
-NATIVE_BY_DEFAULT = ("cpu", "cuda")
-_said: set[str] = set()
-
-
-def use_native(switch: str, device: torch.device) -> bool:
-    """Whether the tensor loader uses fastcifar._C. When `auto` would use it and it did not
-    load, fastcifar says so once (on stderr) and uses the torch-op path."""
-    if switch == "off":
-        return False
-    from fastcifar.ops import native
-
-    available, why = native.load()
-    if switch == "on" and not available:
-        raise UserError(f"--native on, but {why}; rebuild with pip install -e .")
-    wanted = switch == "on" or device.type in NATIVE_BY_DEFAULT
-    if wanted and not available and why not in _said:
-        _said.add(why)
-        print(f"fastcifar: {why}; the loader uses torch ops instead", file=sys.stderr)
-    return wanted and available
 
 
 def train_step(model, x, y, optimizer, schedule, cfg: TrainConfig, device, scaler=None):
