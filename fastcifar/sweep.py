@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -224,7 +225,12 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        summary = fit(cfg, TrainingDisplay(quiet=True), parent_run_id=parent, on_epoch=report)
+        try:
+            summary = fit(cfg, TrainingDisplay(quiet=True), parent_run_id=parent,
+                          on_epoch=report, resume_hint=False)  # fmt: skip
+        except KeyboardInterrupt:  # the sweep stops: the trial fails without Optuna's traceback
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            raise
         best = summary["best"]
         trial.set_user_attr("test_acc", best["test_acc"])
         trial.set_user_attr("epochs_needed", best["epoch"])
@@ -286,7 +292,15 @@ def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, ou
     for _ in range(3):  # a round of workers, then again for what a dead or racing worker left
         if _nothing_left(spec, study):
             break
-        codes = _run_workers(command, env, workers)
+        try:
+            codes = _run_workers(command, env, workers)
+        except KeyboardInterrupt:
+            again = f"fastcifar sweep {path} --resume --out {out}" + (
+                f" --storage {storage}" if storage else ""
+            )
+            print(f"fastcifar: sweep {spec.name} stopped; `{again}` goes on from there, training "
+                  "the interrupted trials again", file=sys.stderr)  # fmt: skip
+            raise
         if any(codes):
             log(f"[yellow]{sum(1 for c in codes if c)} worker(s) exited with an error[/yellow]")
         _recover_stale(study, heartbeat)
@@ -312,8 +326,18 @@ def _run_workers(command: list[str], env: dict, workers: int) -> list[int]:
             worker_env["CUDA_VISIBLE_DEVICES"] = str(worker % gpus)
         else:
             worker_env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_worker(workers)))
-        procs.append(subprocess.Popen(command, env=worker_env))
-    return [p.wait() for p in procs]
+        # Their own session: a stop reaches each worker once, from here, not from the
+        # terminal as well, so no worker is interrupted a second time while it stops.
+        procs.append(subprocess.Popen(command, env=worker_env, start_new_session=True))
+    try:
+        return [p.wait() for p in procs]
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers stop too, none outlives it
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()  # each finishes the file it is writing; its trial is marked failed
+        raise
 
 
 def cpu_threads_per_worker(workers: int) -> int:

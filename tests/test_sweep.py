@@ -133,6 +133,37 @@ def test_tpe_spends_exactly_its_budget(tmp_path, data):
     assert len(study.trials) == 3 and len(rows) <= 3
 
 
+def test_a_stopped_sweep_stops_its_workers(tmp_path, data):
+    from fastcifar.train.rundir import is_training
+
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]\nsubset = 250', name="t")
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 400"))
+    out, trial = tmp_path / "out", tmp_path / "out" / "trials" / "0000"
+    with (tmp_path / "stderr").open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "fastcifar", "sweep", str(path), "--out", str(out),
+                                 "--data", data, "--no-track"], stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (trial / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        assert not is_training(trial)  # its worker stopped with it (it used to train on)
+    finally:
+        subprocess.run(["pkill", "-f", "--", f"--out {out}"])  # a worker left over by a failure
+    hint, last = (tmp_path / "stderr").read_text().strip().splitlines()  # the workers say nothing
+    assert hint.startswith(
+        f"fastcifar: sweep t stopped; `fastcifar sweep {path} --resume --out {out}`"
+    )
+    assert last == "fastcifar: interrupted"
+    assert (trial / "last.pt").exists()
+    states = [
+        t.state.name
+        for t in optuna.load_study(study_name="t", storage=f"sqlite:///{out / 'study.db'}").trials
+    ]
+    assert states == ["FAIL"]  # and --resume trains that grid point again
+
+
 def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]\nsubset = 250', name="k")
     path.write_text(path.read_text().replace("epochs = 1", "epochs = 40"))

@@ -33,9 +33,12 @@ def run(args) -> int:
     if args.worker_of:  # one worker process, started by the sweep command
         spec = sweep.read_sweep(args.file)
         worker = int(os.environ.get("FASTCIFAR_SWEEP_WORKER", "0"))
-        sweep.run_worker(
-            spec, args.worker_of, args.out, args.data, args.track, worker, args.heartbeat
-        )
+        try:
+            sweep.run_worker(
+                spec, args.worker_of, args.out, args.data, args.track, worker, args.heartbeat
+            )
+        except KeyboardInterrupt:  # stopped by the sweep command, which tells the user
+            return 130
         return 0
     from rich.console import Console
     from rich.table import Table

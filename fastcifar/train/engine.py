@@ -103,11 +103,13 @@ def fit(
     resume: Path | None = None,
     parent_run_id: str | None = None,
     on_epoch=None,
+    resume_hint: bool = True,
 ) -> dict:
     """Train `cfg` (or resume the run in `resume`) and return the run's summary.
 
     `parent_run_id` nests the MLflow run under a sweep's; `on_epoch(row)` is called after
-    every epoch (sweeps use it to prune).
+    every epoch (sweeps use it to prune); `resume_hint` says on Ctrl-C or SIGTERM how to
+    go on (a sweep says it for the whole study instead).
     """
     run_dir = rundir.create_run_dir(
         resume or Path(cfg.out or rundir.default_run_dir(cfg.arch)), fresh=resume is None
@@ -116,7 +118,7 @@ def fit(
         try:
             return _fit(cfg, display, run_dir, resume is not None, parent_run_id, on_epoch)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on
-            if (run_dir / "last.pt").exists():
+            if resume_hint and (run_dir / "last.pt").exists():
                 print(f"fastcifar: {run_dir} keeps its last finished epoch; `fastcifar train "
                       f"--resume {run_dir}` goes on from there", file=sys.stderr)  # fmt: skip
             raise
