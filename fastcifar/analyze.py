@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from fastcifar.analysis import analyze_predictions, misclassified
+from fastcifar.atomic import replace_folder
 from fastcifar.data.sources import CLASSES
 from fastcifar.errors import UserError
 from fastcifar.train.rundir import read_json, read_metrics, read_predictions, run_data
@@ -50,9 +51,7 @@ def analyze_run(run: Path, data: str | None = None, top_pairs: int = 4, examples
         result = {"run": str(run), "best_epoch": _best_epoch(run), **a.to_dict(CLASSES)}
         (tmp / "analysis.json").write_text(json.dumps(result, indent=2))
         (tmp / "index.html").write_text(_html(run.name, result, pictures))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if track:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def replace_folder(built: Path, target: Path) -> None:
+    """Move the finished folder `built` to `target`, removing an older `target` first. A
+    stop signal waits until the new folder is in place, so neither is lost between."""
+    with interrupts_deferred():
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(built, target)
 
 
 def _umask() -> int:

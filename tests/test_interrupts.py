@@ -81,3 +81,25 @@ def test_the_previous_handlers_come_back():
     with stop_signals_as_interrupt():
         assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_stop_signal_while_a_folder_is_replaced_waits_for_the_new_one(tmp_path, monkeypatch):
+    import shutil
+
+    from fastcifar.atomic import replace_folder
+
+    old, new = tmp_path / "analysis", tmp_path / ".building"
+    old.mkdir()
+    (old / "index.html").write_text("old")
+    new.mkdir()
+    (new / "index.html").write_text("new")
+    rmtree = shutil.rmtree
+
+    def rmtree_then_signal(path, *args, **kwargs):
+        rmtree(path, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the old folder gone, the new one not yet in
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_then_signal)
+    with stop_signals_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        replace_folder(new, old)
+    assert (old / "index.html").read_text() == "new" and not new.exists()

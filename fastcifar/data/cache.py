@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastcifar.atomic import replace_folder
 from fastcifar.data.sources import CifarArrays, read_source, source_reader
 
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -126,8 +127,6 @@ def write_entry(entry: Path, arrays: CifarArrays, source: Path) -> None:
             files[name] = {"bytes": file.stat().st_size, "blake2b": _file_digest(file)}
         manifest = {"format": FORMAT, "source": str(source), "created": time.time(), "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
+        replace_folder(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
