@@ -360,7 +360,11 @@ def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch
 
     with monkeypatch.context() as patched:
         patched.setattr(display, "TrainingDisplay", StopAfterTwoEpochs)
-        assert run(capsys, *argv)[0] == 130
+        code, _, err = run(capsys, *argv)
+        assert code == 130
+        hint = err.strip().splitlines()[-2]  # what to run to go on: this command, not train
+        assert hint.startswith(f"fastcifar: {tmp_path / 'runs' / 'lenet-default-s0'} keeps its "
+                               "last finished epoch; the same command (`fastcifar ")  # fmt: skip
     code, _, err = run(capsys, *argv)
     assert code == 0 and f"resuming {tmp_path / 'runs' / 'lenet-default-s0'} after epoch 2" in err
     summary = tmp_path / "runs" / "lenet-default-s0" / "summary.json"

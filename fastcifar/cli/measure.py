@@ -170,9 +170,16 @@ def _train_recipes(args) -> list[Path]:
                 flags += ["--data", args.data]
             cfg, resume = train_config(flags)
             try:
-                fit(cfg, TrainingDisplay(), resume=resume)
+                fit(cfg, TrainingDisplay(), resume=resume, resume_hint=False)
             except NothingToResume as exc:
                 print(f"fastcifar: {exc}", file=sys.stderr)
+            except KeyboardInterrupt:
+                kept = "keeps its last finished epoch"
+                if not (out / "last.pt").exists():
+                    kept = "had not finished an epoch"
+                print(f"fastcifar: {out} {kept}; the same command (`{_command()}`) goes on "
+                      "from there and keeps the finished runs", file=sys.stderr)  # fmt: skip
+                raise
             runs.append(out)
     return runs
 
@@ -181,7 +188,6 @@ def _write_results(path: Path, kind: str, date_key: str, machine: str | None = N
                    **payload) -> None:  # fmt: skip
     """A results file names the machine (this one unless given), the day and the command
     that measured it."""
-    import shlex
     import time
 
     from fastcifar.atomic import write_json_atomic
@@ -191,9 +197,16 @@ def _write_results(path: Path, kind: str, date_key: str, machine: str | None = N
         "kind": kind,
         "machine": machine or device_name(resolve_device("auto")),
         date_key: time.strftime("%Y-%m-%d"),
-        "command": "fastcifar " + shlex.join(sys.argv[1:]),
+        "command": _command(),
         **payload,
     })  # fmt: skip
+
+
+def _command() -> str:
+    """The command line this process was started with, as a user would type it."""
+    import shlex
+
+    return "fastcifar " + shlex.join(sys.argv[1:])
 
 
 def report(args) -> int:
