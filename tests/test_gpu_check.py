@@ -4,6 +4,7 @@ stages that need no GPU, so that a mistake in the script costs no GPU time."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,59 @@ def test_only_the_named_stages_run_and_each_reports_its_status(tmp_path):
 def test_a_selection_without_the_native_tests_skips_their_crash_follow_up(tmp_path):
     code, log = gpu_check(tmp_path, "throughput-b1024-vs-nothing")  # matches no stage
     assert code == 0 and "=== " not in log
+
+
+WHEELS_SCRIPT = SCRIPT.parent / "gpu-wheels.sh"
+
+
+def gpu_wheels(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(WHEELS_SCRIPT), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})  # fmt: skip
+
+
+def test_wheels_travel_in_parts_and_come_back_whole(tmp_path):
+    """The path DALI's wheels take to a GPU machine: split here, each part moved out of the
+    tree there in a call of its own, joined and checked."""
+    wheels, here, there = tmp_path / "wheels", tmp_path / "here", tmp_path / "there"
+    for d in (wheels, here, there):
+        d.mkdir()
+    rng = random.Random(0)
+    sizes = {"a-1.0-py3-none-any.whl": 150_000, "b-2.0-py3-none-any.whl": 50_000}
+    for name, size in sizes.items():
+        (wheels / name).write_bytes(rng.randbytes(size))
+    env = {"PART_BYTES": "64000", "PARTS_DIR": str(tmp_path / "parts"),
+           "JOINED_DIR": str(tmp_path / "joined")}  # fmt: skip
+    packed = gpu_wheels(here, env, "pack", str(wheels))
+    assert packed.returncode == 0, packed.stderr
+    parts = sorted((here / ".gpuwheels").iterdir())
+    assert len(parts) == 4 and all(p.stat().st_size <= 64_000 for p in parts)  # 200 kB + tar
+    for part in parts:  # as the calls carry them: one part each, into the tree there
+        (there / ".gpuwheels").mkdir(exist_ok=True)
+        part.rename(there / ".gpuwheels" / part.name)
+        assert gpu_wheels(there, env, "stash", f".gpuwheels/{part.name}").returncode == 0
+    joined = gpu_wheels(there, env, "join")
+    assert joined.returncode == 0, joined.stderr
+    assert joined.stdout.strip().splitlines()[-1] == f"WHEELS={tmp_path / 'joined'}"
+    for name in sizes:
+        assert (tmp_path / "joined" / name).read_bytes() == (wheels / name).read_bytes()
+
+
+def test_a_damaged_part_fails_the_join(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "a-1.0-py3-none-any.whl").write_bytes(bytes(range(256)) * 400)
+    env = {"PART_BYTES": "64000", "PARTS_DIR": str(tmp_path / "parts"),
+           "JOINED_DIR": str(tmp_path / "joined")}  # fmt: skip
+    assert gpu_wheels(tmp_path, env, "pack", str(wheels)).returncode == 0
+    first = tmp_path / ".gpuwheels" / "part-00"
+    data = bytearray(first.read_bytes())
+    data[5000] ^= 0xFF  # a byte inside the wheel, past tar's header
+    first.write_bytes(bytes(data))
+    assert (
+        gpu_wheels(
+            tmp_path, env, "stash", *map(str, (tmp_path / ".gpuwheels").iterdir())
+        ).returncode
+        == 0
+    )
+    joined = gpu_wheels(tmp_path, env, "join")
+    assert joined.returncode != 0 and "WHEELS=" not in joined.stdout
