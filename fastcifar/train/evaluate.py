@@ -31,10 +31,10 @@ def evaluate(model, loader, amp: str, device: torch.device, tta: bool = False) -
                 logits = (logits + model(x.flip(-1))) / 2
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        probs.append(logits.softmax(1).cpu())
-        labels.append(y.cpu())
+        probs.append(logits.softmax(1))  # kept on the device: no sync per batch
+        labels.append(y)
     model.train(was_training)
-    probs_all, labels_all = torch.cat(probs), torch.cat(labels)
+    probs_all, labels_all = torch.cat(probs).cpu(), torch.cat(labels).cpu()  # host sync
     n = len(labels_all)
     acc = (probs_all.argmax(1) == labels_all).float().mean().item()
-    return EvalResult(loss_sum.item() / n, acc, probs_all, labels_all)  # host sync
+    return EvalResult(loss_sum.item() / n, acc, probs_all, labels_all)
