@@ -118,7 +118,7 @@ for arch in $others; do
 done
 stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect $finished \
   --out "$results/accuracy-cuda.json"
-stage fused-block 300 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
+stage fused-block 360 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
   --benchmark-only --benchmark-json "$results/fused-block-cuda.json" \
   --benchmark-columns=median,iqr,rounds
 for variant in eager fused; do

@@ -23,7 +23,7 @@ def _eager_unit(channels: int):
 
 
 def _unit(kind: str, channels: int):
-    if kind == "fused":
+    if kind.startswith("fused"):
         from fastcifar.models.fused import FusedConvBNReLU
 
         return FusedConvBNReLU(channels, channels)
@@ -46,17 +46,21 @@ def _graphed(step):
 
 @pytest.mark.parametrize("launch", ["stream", "graph"])
 @pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
-@pytest.mark.parametrize("kind", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("kind", ["eager", "compile", "fused", "fused_flat"])
 @pytest.mark.parametrize(("channels", "size"), SHAPES)
-def test_block(benchmark, kind, pass_, launch, channels, size, peak):
+def test_block(benchmark, monkeypatch, kind, pass_, launch, channels, size, peak):
     device = torch.device("cuda")
+    if kind == "fused_flat":  # the convolution's reduction as one loop (FASTCIFAR_CONV_LOOP)
+        from fastcifar.ops import conv_bn_relu
+
+        monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", "flat")
     unit = _unit(kind, channels).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(512, channels, size, size, device=device, dtype=torch.bfloat16)
     x = x.to(memory_format=torch.channels_last).requires_grad_(pass_ == "forward_backward")
     grad = torch.randn_like(x)
 
     def step():  # no autocast weight cache: a graph must recast what it captured
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kind != "fused",
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not kind.startswith("fused"),
                             cache_enabled=False):  # fmt: skip
             out = unit(x)
         if pass_ == "forward_backward":

@@ -119,6 +119,39 @@ def test_training_forward_backward_and_running_stats(dtype, order, batch, c_in, 
             )
 
 
+@pytest.mark.parametrize(
+    ("batch", "c_in", "c_out", "size"), [(2, 3, 16, 8), (1, 20, 7, 5), (2, 64, 64, 4)]
+)
+def test_the_flat_reduction_convolves_as_the_nested_one(monkeypatch, batch, c_in, c_out, size):
+    """FASTCIFAR_CONV_LOOP=flat: one loop over 9 x C_in, whose steps span two taps where
+    C_in is no multiple of the step (20 channels, steps of 16 in the interpreter)."""
+    from fastcifar.ops import conv_bn_relu
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, size, size, c_in, device=DEVICE)
+    weight = torch.randn(c_out, c_in, 3, 3, device=DEVICE)
+    bias = torch.randn(c_out, device=DEVICE)
+    want = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1)
+    w9 = conv_bn_relu.to_w9(weight, torch.float32)
+    got = {}
+    for loop in ("nested", "flat"):
+        monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", loop)
+        y, total, _ = conv_bn_relu.conv3x3(x, w9, bias, stats=True)
+        got[loop] = y.permute(0, 3, 1, 2)
+        torch.testing.assert_close(total, want.sum((0, 2, 3)).double(), atol=1e-2, rtol=1e-4)
+    for loop, y in got.items():
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4, msg=loop)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_with_the_flat_reduction(monkeypatch, dtype):
+    """The whole block, forward and backward (whose input gradient runs the same kernel)."""
+    from fastcifar.ops import conv_bn_relu
+
+    monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", "flat")
+    test_training_forward_backward_and_running_stats(dtype, "act_bn", 3, 16, 33, 4)
+
+
 @pytest.mark.parametrize("order", ["act_bn", "bn_act"])
 def test_float64_gradcheck(order):
     """Every input's gradient against finite differences, with fp64 kernels throughout."""

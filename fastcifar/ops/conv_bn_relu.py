@@ -31,6 +31,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTCIFAR_AUTOTUNE=0 keeps the first tile that fits instead of timing them all: the GPU
 # test run, where tuning each of its many small shapes takes minutes
 AUTOTUNE = os.environ.get("FASTCIFAR_AUTOTUNE", "1") != "0"
+# FASTCIFAR_CONV_LOOP=flat runs the convolution's reduction as one loop over 9 x C_in
+# instead of nine taps of C_in each (the default, "nested"): an experiment, untimed yet
+CONV_LOOP = os.environ.get("FASTCIFAR_CONV_LOOP", "nested")
 ORDERS = ("act_bn", "bn_act")
 
 
@@ -103,7 +106,7 @@ WGRAD_PIXEL_STEP = max(shape[0] for shape in WGRAD_TILES)
     configs=_tiles(
         ("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES, _zero("sum_ptr", "sumsq_ptr", when="STATS")
     ),
-    key=["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE"],
+    key=["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE", "FLAT_K"],
     prune_configs_by={"early_config_prune": _fits},
 )
 @triton.jit
@@ -112,10 +115,13 @@ def _conv3x3_kernel(
     batch, height, width, c_in, c_out,
     RELU_FIRST: tl.constexpr, AFFINE: tl.constexpr, RELU_LAST: tl.constexpr,
     STATS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, FLAT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[p, co] = epilogue(sum over taps and ci of x[p + tap, ci] * w[tap, ci, co]):
-    an implicit GEMM over M = pixels, N = output channels, K = 9 x input channels."""
+    an implicit GEMM over M = pixels, N = output channels, K = 9 x input channels. The
+    reduction runs as nine taps of `c_in / BLOCK_K` steps, or with FLAT_K as one loop over
+    all 9 x c_in (a step may span two taps), long enough for software pipelining."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,24 +131,41 @@ def _conv3x3_kernel(
     oh = (offs_m // width) % height
     ow = offs_m % width
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for tap in tl.static_range(9):
-        ih = oh + (tap // 3) - 1
-        iw = ow + (tap % 3) - 1
-        inside = m_mask & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-        row = ((image * height + ih) * width + iw) * c_in
-        for k0 in range(0, c_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < c_in
-            a = tl.load(
-                x_ptr + row[:, None] + offs_k[None, :],
-                mask=inside[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            b = tl.load(w_ptr + (tap * c_in + offs_k[:, None]) * c_out + offs_n[None, :],
+    if FLAT_K:
+        for k0 in range(0, 9 * c_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # (tap, input channel) of each step column
+            k_mask = offs_k < 9 * c_in
+            tap, ci = offs_k // c_in, offs_k % c_in
+            ih = oh[:, None] + (tap // 3)[None, :] - 1
+            iw = ow[:, None] + (tap % 3)[None, :] - 1
+            inside = (m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < height)
+                      & (iw >= 0) & (iw < width))  # fmt: skip
+            a = tl.load(x_ptr + ((image[:, None] * height + ih) * width + iw) * c_in + ci[None, :],
+                        mask=inside, other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + offs_k[:, None] * c_out + offs_n[None, :],
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # fmt: skip
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
+    else:
+        for tap in tl.static_range(9):
+            ih = oh + (tap // 3) - 1
+            iw = ow + (tap % 3) - 1
+            inside = m_mask & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+            row = ((image * height + ih) * width + iw) * c_in
+            for k0 in range(0, c_in, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < c_in
+                a = tl.load(
+                    x_ptr + row[:, None] + offs_k[None, :],
+                    mask=inside[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                b = tl.load(w_ptr + (tap * c_in + offs_k[:, None]) * c_out + offs_n[None, :],
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # fmt: skip
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
     if RELU_FIRST:
@@ -347,7 +370,7 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
         scale if scale is not None else dummy, shift if shift is not None else dummy, sums[0], sums[1],
         n, h, w, c_in, c_out, RELU_FIRST=relu_first, AFFINE=scale is not None, RELU_LAST=relu_last,
         STATS=stats, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-        ACC=_acc(x.dtype),
+        ACC=_acc(x.dtype), FLAT_K=CONV_LOOP == "flat",
     )  # fmt: skip
     return y, sums[0], sums[1]
 
