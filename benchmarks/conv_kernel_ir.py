@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -49,7 +52,8 @@ def compile_conv(flat: bool, block=(128, 64, 32), num_warps=4, num_stages=3):
 
 
 def pipeline_report(kernel) -> dict:
-    """Counts read from the kernel's TritonGPU IR and PTX."""
+    """Counts read from the kernel's TritonGPU IR and PTX, and its registers per thread
+    from the cubin (by the cuobjdump that Triton ships)."""
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     waits = [int(n) for n in re.findall(r"async_wait[^\n]*num = (\d+)", ttgir)]
     return {
@@ -58,7 +62,18 @@ def pipeline_report(kernel) -> dict:
         "drains (waits for every copy)": waits.count(0),
         "wgmma instructions": len(re.findall(r"\bwgmma\.mma_async", ptx)),
         "shared memory bytes": kernel.metadata.shared,
+        "registers per thread": _registers(kernel.asm["cubin"]),
     }
+
+
+def _registers(cubin: bytes) -> int:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+    return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def main() -> None:
