@@ -1,9 +1,11 @@
-"""The fused block's convolution kernel compiled for a Hopper GPU (sm_90) without one,
-through Triton's ahead-of-time path, and how its reduction is pipelined: its loops, the
-asynchronous global-to-shared copies, the waits that drain them and the tensor-core
-(wgmma) instructions. For kernel work where no GPU is at hand; timings still need one.
+"""The fused block's GEMM kernels compiled for a Hopper GPU (sm_90) without one, through
+Triton's ahead-of-time path, and how each reduction is pipelined: its loops, the
+asynchronous global-to-shared copies, the waits that drain them, the tensor-core (wgmma)
+instructions, shared memory and registers. For kernel work where no GPU is at hand;
+timings still need one.
 
     python benchmarks/conv_kernel_ir.py --loop flat   # or nested (the default kernel)
+    python benchmarks/conv_kernel_ir.py --kernel weight-grad
 
 Integer channel counts and pointers are marked divisible by 16, as Triton's JIT
 specialises them at launch for CerberusNet's layers; without that it emits no
@@ -25,30 +27,45 @@ from triton.compiler import ASTSource
 
 from fastcifar.ops import conv_bn_relu
 
-FP32_POINTERS = ("b_ptr", "scale_ptr", "shift_ptr")  # per-channel vectors
-FP64_POINTERS = ("sum_ptr", "sumsq_ptr")  # BatchNorm's sums
-SIZES = ("batch", "height", "width", "c_in", "c_out")
 
-
-def compile_conv(flat: bool, block=(128, 64, 32), num_warps=4, num_stages=3):
-    """The compiled kernel for bf16 activations, with the training forward's epilogue
-    (bias, ReLU first, BatchNorm statistics)."""
-    fn = conv_bn_relu._conv3x3_kernel.fn  # the JIT function under the autotuner
+def compile_for_hopper(kernel, constants: dict, pointer_types: dict, sizes: tuple,
+                       num_warps: int = 4, num_stages: int = 3):  # fmt: skip
+    """`kernel` (a jit function, or the autotuner around one) compiled for sm_90 with
+    `constants`; pointers are bf16 unless `pointer_types` says otherwise, `sizes` are the
+    int32 arguments, and channel counts and pointers are marked divisible by 16."""
+    fn = getattr(kernel, "fn", kernel)
     signature = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):
-            kind = "fp64" if name in FP64_POINTERS else "fp32" if name in FP32_POINTERS else "bf16"
-            signature[name] = f"*{kind}"
+            signature[name] = "*" + pointer_types.get(name, "bf16")
         else:
-            signature[name] = "i32" if name in SIZES else "constexpr"
-    constants = dict(RELU_FIRST=True, AFFINE=False, RELU_LAST=False, STATS=True, HAS_BIAS=True,
-                     UPCAST=False, PRECISION="tf32", ACC=tl.float32, FLAT_K=flat,
-                     BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2])  # fmt: skip
-    divisible = [n for n in fn.arg_names if n.endswith("_ptr")] + ["c_in", "c_out"]
+            signature[name] = "i32" if name in sizes else "constexpr"
+    divisible = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("c_in", "c_out")]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     source = ASTSource(fn, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+
+
+def compile_conv(flat: bool, block=(128, 64, 32)):
+    """The convolution with the training forward's epilogue (bias, ReLU first, BatchNorm
+    statistics), bf16 activations."""
+    constants = dict(RELU_FIRST=True, AFFINE=False, RELU_LAST=False, STATS=True, HAS_BIAS=True,
+                     UPCAST=False, PRECISION="tf32", ACC=tl.float32, FLAT_K=flat,
+                     BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2])  # fmt: skip
+    pointers = {"b_ptr": "fp32", "scale_ptr": "fp32", "shift_ptr": "fp32", "sum_ptr": "fp64",
+                "sumsq_ptr": "fp64"}  # fmt: skip
+    return compile_for_hopper(conv_bn_relu._conv3x3_kernel, constants, pointers,
+                              ("batch", "height", "width", "c_in", "c_out"))  # fmt: skip
+
+
+def compile_weight_grad(block=(128, 64, 64)):
+    """The weight gradient: a reduction over pixels into fp32 (9, C_in, C_out)."""
+    constants = dict(UPCAST=False, PRECISION="tf32", ACC=tl.float32, BLOCK_P=block[0],
+                     BLOCK_CI=block[1], BLOCK_CO=block[2])  # fmt: skip
+    sizes = ("batch", "height", "width", "c_in", "c_out", "pixels_per_split")
+    kernel = conv_bn_relu._conv3x3_wgrad_kernel
+    return compile_for_hopper(kernel, constants, {"dw_ptr": "fp32"}, sizes)
 
 
 def pipeline_report(kernel) -> dict:
@@ -78,9 +95,12 @@ def _registers(cubin: bytes) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loop", choices=["nested", "flat"], default="nested")
+    parser.add_argument("--kernel", choices=["conv", "weight-grad"], default="conv")
+    parser.add_argument("--loop", choices=["nested", "flat"], default="nested",
+                        help="the convolution's reduction loop")  # fmt: skip
     args = parser.parse_args()
-    for name, value in pipeline_report(compile_conv(args.loop == "flat")).items():
+    kernel = compile_conv(args.loop == "flat") if args.kernel == "conv" else compile_weight_grad()
+    for name, value in pipeline_report(kernel).items():
         print(f"{name:<32} {value}")
 
 
