@@ -45,6 +45,12 @@ def test_a_selection_without_the_native_tests_skips_their_crash_follow_up(tmp_pa
 WHEELS_SCRIPT = SCRIPT.parent / "gpu-wheels.sh"
 
 
+def wheels_env(tmp_path: Path) -> dict:
+    """Small parts, and the GPU machine's folders under tmp_path."""
+    return {"PART_BYTES": "64000", "PARTS_DIR": str(tmp_path / "parts"),
+            "JOINED_DIR": str(tmp_path / "joined")}  # fmt: skip
+
+
 def gpu_wheels(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(WHEELS_SCRIPT), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})  # fmt: skip
@@ -60,8 +66,7 @@ def test_wheels_travel_in_parts_and_come_back_whole(tmp_path):
     sizes = {"a-1.0-py3-none-any.whl": 150_000, "b-2.0-py3-none-any.whl": 50_000}
     for name, size in sizes.items():
         (wheels / name).write_bytes(rng.randbytes(size))
-    env = {"PART_BYTES": "64000", "PARTS_DIR": str(tmp_path / "parts"),
-           "JOINED_DIR": str(tmp_path / "joined")}  # fmt: skip
+    env = wheels_env(tmp_path)
     packed = gpu_wheels(here, env, "pack", str(wheels))
     assert packed.returncode == 0, packed.stderr
     parts = sorted((here / ".gpuwheels").iterdir())
@@ -81,18 +86,13 @@ def test_a_damaged_part_fails_the_join(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "a-1.0-py3-none-any.whl").write_bytes(bytes(range(256)) * 400)
-    env = {"PART_BYTES": "64000", "PARTS_DIR": str(tmp_path / "parts"),
-           "JOINED_DIR": str(tmp_path / "joined")}  # fmt: skip
+    env = wheels_env(tmp_path)
     assert gpu_wheels(tmp_path, env, "pack", str(wheels)).returncode == 0
     first = tmp_path / ".gpuwheels" / "part-00"
     data = bytearray(first.read_bytes())
     data[5000] ^= 0xFF  # a byte inside the wheel, past tar's header
     first.write_bytes(bytes(data))
-    assert (
-        gpu_wheels(
-            tmp_path, env, "stash", *map(str, (tmp_path / ".gpuwheels").iterdir())
-        ).returncode
-        == 0
-    )
+    parts = [str(p) for p in (tmp_path / ".gpuwheels").iterdir()]
+    assert gpu_wheels(tmp_path, env, "stash", *parts).returncode == 0
     joined = gpu_wheels(tmp_path, env, "join")
     assert joined.returncode != 0 and "WHEELS=" not in joined.stdout
