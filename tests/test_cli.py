@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastcifar
 from fastcifar.cli import main
 from fastcifar.inference import predict_images
 
@@ -533,3 +534,9 @@ def test_help_and_usage_errors_need_no_torch():
             "print(sorted(m for m in ('torch', 'matplotlib', 'scipy') if m in sys.modules))")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_version():
+    proc = subprocess.run([sys.executable, "-m", "fastcifar", "--version"], capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fastcifar {fastcifar.__version__}"

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import fastcifar
 from fastcifar.config import TrainConfig
 from fastcifar.display import TrainingDisplay
 from fastcifar.errors import UserError
@@ -69,6 +70,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, small_data, sched
     assert walls == sorted(walls) and walls[-1] < spent["total"]  # adds up over both invocations
     env = json.loads((tmp_path / "b" / "env.json").read_text())
     assert len(env["resumed"]) == 1 and env["resumed"][0]["started"] >= env["started"]
+    assert env["fastcifar"] == fastcifar.__version__
     for (name, a), b in zip(
         straight["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True
     ):

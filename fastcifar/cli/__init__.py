@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from fastcifar import __version__
 from fastcifar.cli import checkpoints, machine, measure, runs, sweep, train
 from fastcifar.cli.arguments import OneLineErrors, remember_parsers
 from fastcifar.cli.train import resolve_train_config
@@ -23,6 +24,7 @@ COMMAND_MODULES = (train, checkpoints, machine, measure, runs, sweep)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="fastcifar", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fastcifar {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.register(commands)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fastcifar
 from fastcifar.atomic import write_atomic, write_json_atomic, write_text_atomic
 from fastcifar.errors import UserError
 from fastcifar.train.device import device_name
@@ -158,6 +159,7 @@ def environment(device: torch.device) -> dict:
     env = {
         "device": device.type,
         "device_name": device_name(device),
+        "fastcifar": fastcifar.__version__,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
