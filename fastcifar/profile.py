@@ -1,56 +1,155 @@
 """`fastcifar profile --arch NAME`: a few training steps under torch.profiler, a Chrome
-trace, and the top kernels by time with their share, calls, time and achieved TFLOP/s
-where the profiler counts FLOPs."""
+trace, the top kernels by time with their share, calls, time and achieved TFLOP/s where
+known, and the achieved TFLOP/s of the convolutions and matmuls as a whole.
+
+On the CPU a "kernel" is an operator's own time; on a GPU it is a device kernel. FLOPs
+come from the profiler (matmuls) and, for convolutions, which it does not count, from
+`torch.utils.flop_counter` over one forward and backward pass of the same batch.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastcifar.atomic import write_atomic
 from fastcifar.bench import build_pipeline
 from fastcifar.errors import UserError
 
+# the operators that run (on the CPU) or launch (on a GPU) each family's kernels, not the
+# ones that only dispatch to them; the FLOP counter counts a family under its dispatching
+# operator (None: the profiler counts the family's FLOPs itself)
+FAMILIES = {
+    "convolution forward": (torch.ops.aten.convolution, (
+        "aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_slow_conv2d_forward",
+        "aten::miopen_convolution", "aten::_nnpack_spatial_convolution")),
+    "convolution backward": (torch.ops.aten.convolution_backward, (
+        "aten::convolution_backward", "aten::_slow_conv2d_backward")),
+    "matmul": (None, ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+}  # fmt: skip
+
+
+@dataclass
+class FamilyRate:
+    family: str
+    ms: float  # time of its kernels over the profiled steps
+    flops: float  # over the profiled steps; 0 where not counted (e.g. a Triton kernel's)
+
+    @property
+    def tflops(self) -> float | None:
+        return self.flops / self.ms / 1e9 if self.flops and self.ms > 0 else None
+
 
 def profile_training(arch: str, images, labels, *, steps: int, batch_size: int | None, variant: str,
-                     trace: Path, top: int = 15) -> list[dict]:  # fmt: skip
-    """Profile `steps` training steps (after two warm-up steps); write the Chrome trace."""
+                     trace: Path, top: int = 15, device: torch.device | None = None,
+                     ) -> tuple[list[dict], list[FamilyRate]]:  # fmt: skip
+    """Profile `steps` training steps (after two warm-up steps); write the Chrome trace.
+    Returns the top kernels and the convolution and matmul families' achieved rates."""
     trace.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(trace.parent, os.W_OK):
         raise UserError(f"cannot write the trace into {trace.parent}")
-    p = build_pipeline(arch, variant, images, labels, batch_size)
+    p = build_pipeline(arch, variant, images, labels, batch_size, device)
     for _ in range(2):
         p.step(*next(p.batches))
-    activities = [ProfilerActivity.CPU] + (
-        [ProfilerActivity.CUDA] if p.device.type == "cuda" else []
-    )
+    on_gpu = p.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities, with_flops=True, record_shapes=False) as prof:
         for _ in range(steps):
             p.step(*next(p.batches))
-        if p.device.type == "cuda":
+        if on_gpu:
             torch.cuda.synchronize()  # host sync: let the last kernels land in the trace
     export_trace(prof, trace)
-    on_gpu = p.device.type == "cuda"
-    events = [
+    averages = prof.key_averages()
+    counted = {name: steps * flops for name, flops in step_flops(p, *next(p.batches)).items()}
+    return top_kernels(averages, on_gpu, counted, top), family_rates(averages, on_gpu, counted)
+
+
+def step_flops(p, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """FLOPs of one training step's convolutions (forward, backward), counted on the
+    uncompiled model; the optimiser does not step."""
+    model = getattr(p.model, "_orig_mod", p.model)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x.float()), y).backward()
+    model.zero_grad(set_to_none=True)
+    by_op = counter.get_flop_counts()["Global"]
+    return {family: by_op.get(op, 0) for family, (op, _) in FAMILIES.items() if op is not None}
+
+
+def _time_us(event, on_gpu: bool) -> float:
+    return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+
+def kernel_events(averages, on_gpu: bool) -> list:
+    """The rows that hold time once each. On a GPU the device kernels alone: the CPU
+    operators that launch them carry the same time again, and user annotations span them."""
+    if not on_gpu:
+        return [e for e in averages if e.self_cpu_time_total > 0]
+    return [
         e
-        for e in prof.key_averages()
-        if (e.self_device_time_total if on_gpu else e.self_cpu_time_total) > 0
+        for e in averages
+        if e.device_type != DeviceType.CPU
+        and not getattr(e, "is_user_annotation", False)
+        and e.self_device_time_total > 0
     ]
-    time_of = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
-    total = sum(time_of(e) for e in events)
+
+
+def family_time_us(averages, on_gpu: bool) -> dict[str, dict[str, float]]:
+    """Each family's time by operator name: on a GPU the time of the kernels each
+    operator launched itself, on the CPU the operator's own time."""
+    times: dict[str, dict[str, float]] = {family: {} for family in FAMILIES}
+    for e in averages:
+        if e.device_type != DeviceType.CPU:
+            continue
+        for family, (_, names) in FAMILIES.items():
+            if e.key in names and _time_us(e, on_gpu) > 0:
+                times[family][e.key] = _time_us(e, on_gpu)
+    return times
+
+
+def family_rates(averages, on_gpu: bool, counted: dict[str, float]) -> list[FamilyRate]:
+    """Achieved TFLOP/s of each family that ran: counted FLOPs for the convolutions, the
+    profiler's own count for the matmuls."""
+    rates = []
+    for family, by_name in family_time_us(averages, on_gpu).items():
+        seconds = sum(by_name.values()) / 1e6
+        if seconds == 0:
+            continue
+        if family in counted:
+            flops = counted[family]
+        else:
+            names = FAMILIES[family][1]
+            flops = sum(e.flops or 0 for e in averages if e.key in names)
+        rates.append(FamilyRate(family, 1e3 * seconds, flops))
+    return rates
+
+
+def top_kernels(averages, on_gpu: bool, counted: dict[str, float], top: int) -> list[dict]:
+    """The `top` kernels by time. A kernel's TFLOP/s: the profiler's FLOPs for it, or on
+    the CPU, where one operator holds all of a convolution family's time, that family's."""
+    events = kernel_events(averages, on_gpu)
+    total = sum(_time_us(e, on_gpu) for e in events)
+    whole_family = {}  # operator name -> counted FLOPs, where it alone ran its family
+    if not on_gpu:
+        for family, by_name in family_time_us(averages, on_gpu).items():
+            if family in counted and len(by_name) == 1:
+                whole_family[next(iter(by_name))] = counted[family]
     rows = []
-    for e in sorted(events, key=time_of, reverse=True)[:top]:
-        seconds = time_of(e) / 1e6
+    for e in sorted(events, key=lambda e: _time_us(e, on_gpu), reverse=True)[:top]:
+        seconds = _time_us(e, on_gpu) / 1e6
+        flops = e.flops or whole_family.get(e.key, 0)
         rows.append({
             "name": e.key,
-            "share": time_of(e) / total,
+            "share": _time_us(e, on_gpu) / total,
             "calls": e.count,
             "ms": seconds * 1e3,
-            "tflops": (e.flops / seconds / 1e12) if e.flops and seconds > 0 else None,
+            "tflops": (flops / seconds / 1e12) if flops and seconds > 0 else None,
         })  # fmt: skip
     return rows
 

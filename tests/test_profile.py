@@ -1,0 +1,61 @@
+"""`fastcifar profile`'s accounting: each kernel's time counted once, and the achieved
+rates of the convolutions from counted FLOPs (hand counts for lenet)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.autograd import DeviceType
+
+from fastcifar.profile import family_rates, profile_training, top_kernels
+
+from .conftest import make_arrays
+
+
+def event(key, device_type, device_us=0.0, cpu_us=0.0, annotation=False, count=1, flops=0):
+    return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
+                           self_cpu_time_total=cpu_us, is_user_annotation=annotation, count=count,
+                           flops=flops)  # fmt: skip
+
+
+def test_on_a_gpu_each_kernel_counts_once():
+    """The operator that launched a kernel carries its time too, and a step annotation spans
+    both kernels: only the kernels are rows, and their shares add up to one."""
+    averages = [
+        event("aten::cudnn_convolution", DeviceType.CPU, device_us=300, cpu_us=20, count=2),
+        event("sm90_xmma_fprop_implicit_gemm", DeviceType.CUDA, device_us=300, count=2),
+        event("ProfilerStep#1", DeviceType.CUDA, device_us=400, annotation=True),
+        event("aten::relu", DeviceType.CPU, device_us=100, cpu_us=5),
+        event("elementwise_kernel", DeviceType.CUDA, device_us=100),
+    ]
+    rows = top_kernels(averages, on_gpu=True, counted={"convolution forward": 6e9}, top=10)
+    assert [(r["name"], r["share"]) for r in rows] == [
+        ("sm90_xmma_fprop_implicit_gemm", 0.75),
+        ("elementwise_kernel", 0.25),
+    ]
+    assert rows[0]["tflops"] is None  # a device kernel's FLOPs are not split from its operator's
+    (conv,) = family_rates(averages, on_gpu=True, counted={"convolution forward": 6e9})
+    assert conv.family == "convolution forward" and conv.ms == pytest.approx(0.3)
+    assert conv.tflops == pytest.approx(6e9 / 300e-6 / 1e12)
+
+
+def test_on_the_cpu_the_convolutions_rates_come_from_counted_flops(tmp_path):
+    """lenet, per image: conv1 6x28x28 outputs x 75 mult-adds, conv2 16x10x10 x 150. The
+    backward computes conv1's weight gradient and both gradients of conv2."""
+    train, labels, _, _ = make_arrays(n_train=64)
+    batch, steps = 16, 2
+    rows, families = profile_training("lenet", train, labels, steps=steps, batch_size=batch,
+                                      variant="default", trace=tmp_path / "t.json",
+                                      device=torch.device("cpu"))  # fmt: skip
+    conv1, conv2 = 6 * 28 * 28 * 75, 16 * 10 * 10 * 150
+    rates = {f.family: f for f in families}
+    images = batch * steps
+    assert rates["convolution forward"].flops == 2 * (conv1 + conv2) * images
+    assert rates["convolution backward"].flops == 2 * (conv1 + 2 * conv2) * images
+    assert rates["matmul"].flops > 0 and all(f.ms > 0 for f in families)
+    by_name = {r["name"]: r for r in rows}
+    forward = by_name["aten::mkldnn_convolution"]  # the one operator that runs them here
+    assert forward["tflops"] == pytest.approx(rates["convolution forward"].tflops)
+    assert sum(r["share"] for r in rows) <= 1 + 1e-9
