@@ -242,9 +242,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         write_results(rows, spec, out)
         for r in rows:
             if r["trial"] == trial.number:
-                print(f"trial {r['trial']} {r['state']}: {r['model']}, lr {r['lr']}, "
-                      f"{r['optimizer']}: {r['accuracy']} test at epoch "
-                      f"{r['epochs_needed']}, {r['duration']}", flush=True)  # fmt: skip
+                print(trial_line(r, spec), flush=True)
 
     if spec.sampler == "grid":  # the grid sampler stops the study once every point is taken
         study.optimize(objective, catch=(UserError,), callbacks=[table_so_far])
@@ -434,6 +432,14 @@ def results(study, spec: SweepSpec) -> list[dict]:
             "val_acc": trial.value,
         })  # fmt: skip
     return rows
+
+
+def trial_line(row: dict, spec: SweepSpec) -> str:
+    """A finished trial as the sweep's log shows it: the paper's columns and every other axis."""
+    axes = "".join(f", {name} {row[name]}" for name in _other_axes(spec))
+    return (f"trial {row['trial']} {row['state']}: {row['model']}, lr {row['lr']}, "
+            f"{row['optimizer']}{axes}: {row['accuracy']} test at epoch {row['epochs_needed']}, "
+            f"{row['duration']}")  # fmt: skip
 
 
 def result_columns(spec: SweepSpec) -> list[str]:
