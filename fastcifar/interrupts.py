@@ -9,7 +9,10 @@ when the block ends, so every file is written whole and a run stops between epoc
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 import threading
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -62,3 +65,14 @@ def interrupts_deferred():
     if _depth == 0 and _pending:
         _pending = False
         raise KeyboardInterrupt
+
+
+def stop_with_parent(parent: int) -> None:
+    """Send this process SIGTERM when `parent` exits, however it ends (Linux: even when
+    killed with SIGKILL, which it cannot pass on), and at once if it has already gone:
+    a worker never trains on, unseen, for a command that is no longer there."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)

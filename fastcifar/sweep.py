@@ -319,7 +319,8 @@ def _run_workers(command: list[str], env: dict, workers: int) -> list[int]:
     gpus = _gpu_count()
     procs = []
     for worker in range(workers):
-        worker_env = {**env, "FASTCIFAR_SWEEP_WORKER": str(worker)}
+        worker_env = {**env, "FASTCIFAR_SWEEP_WORKER": str(worker),
+                      "FASTCIFAR_SWEEP_PARENT": str(os.getpid())}  # fmt: skip
         if gpus:
             worker_env["CUDA_VISIBLE_DEVICES"] = str(worker % gpus)
         else:

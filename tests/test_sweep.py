@@ -166,6 +166,37 @@ def test_a_stopped_sweep_stops_its_workers(tmp_path, data):
     assert states == ["FAIL"]  # and --resume trains that grid point again
 
 
+def test_a_killed_sweep_stops_its_workers(tmp_path, data):
+    """SIGKILL gives the sweep command no chance to stop its workers: the kernel tells them."""
+    from fastcifar.train.rundir import is_training
+
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]\nsubset = 250', name="t")
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 2000"))
+    out, trial = tmp_path / "out", tmp_path / "out" / "trials" / "0000"
+    proc = subprocess.Popen([sys.executable, "-m", "fastcifar", "sweep", str(path), "--out", str(out),
+                             "--data", data, "--no-track"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (trial / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while is_training(trial) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not is_training(trial)  # it used to train on, orphaned, for all its epochs
+    finally:
+        if shutil.which("pkill"):  # a worker left over by a failure
+            subprocess.run(["pkill", "-f", "--", f"--out {out}"])
+    assert (trial / "last.pt").exists()
+    states = [
+        t.state.name
+        for t in optuna.load_study(study_name="t", storage=f"sqlite:///{out / 'study.db'}").trials
+    ]
+    assert states == ["FAIL"]  # and --resume trains that grid point again
+
+
 def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]\nsubset = 250', name="k")
     path.write_text(path.read_text().replace("epochs = 1", "epochs = 40"))

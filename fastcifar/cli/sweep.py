@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fastcifar.cli.arguments import positive_int
+from fastcifar.interrupts import stop_with_parent
 
 
 def register(commands) -> None:
@@ -34,6 +35,8 @@ def run(args) -> int:
         spec = sweep.read_sweep(args.file)
         worker = int(os.environ.get("FASTCIFAR_SWEEP_WORKER", "0"))
         try:
+            if "FASTCIFAR_SWEEP_PARENT" in os.environ:
+                stop_with_parent(int(os.environ["FASTCIFAR_SWEEP_PARENT"]))
             sweep.run_worker(
                 spec, args.worker_of, args.out, args.data, args.track, worker, args.heartbeat
             )
