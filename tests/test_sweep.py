@@ -302,12 +302,14 @@ def test_a_seed_axis_gets_a_column_and_compare_pools_its_repeats(tmp_path, data,
     assert main(["sweep", str(path), "--out", str(out), "--data", data, "--no-track"]) == 0
     header = (out / "results.md").read_text().splitlines()[0]
     assert header.startswith("| trial | model | duration | lr | optimizer | seed | accuracy |")
-    logged = [line for line in capfd.readouterr().out.splitlines() if line.startswith("trial ")]
-    assert sorted(
-        line.split(":")[1].strip() for line in logged
-    ) == [  # each trial's point, seed too
+    printed = capfd.readouterr().out
+    points = sorted(
+        line.split(":")[1].strip() for line in printed.splitlines() if line.startswith("trial ")
+    )
+    assert points == [  # each trial's log line names its point, the seed too
         f"lenet, lr {lr}, sgd m=0.9, seed {seed}" for lr in (0.01, 0.05) for seed in (0, 1)
     ]
+    assert f"`fastcifar compare {out} --pool-seeds` pools each point's seeds" in printed
     table = list(csv.DictReader((out / "results.csv").open()))
     assert sorted((r["lr"], r["seed"]) for r in table) == [
         ("0.01", "0"), ("0.01", "1"), ("0.05", "0"), ("0.05", "1"),

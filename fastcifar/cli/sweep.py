@@ -52,11 +52,16 @@ def run(args) -> int:
         data=args.data, track=args.track, tracking_uri=args.tracking_uri, heartbeat=args.heartbeat,
         log=console.print,
     )  # fmt: skip
-    columns = sweep.result_columns(sweep.read_sweep(args.file))
+    spec = sweep.read_sweep(args.file)
+    columns = sweep.result_columns(spec)
     table = Table(title=f"sweep {args.file.stem}")
     for column in columns:
         table.add_column(column.replace("_", " "), justify="right")
     for row in rows:
         table.add_row(*(str(row[c]) for c in columns))
     console.print(table)
+    if "seed" in spec.axes:
+        out = args.out or Path("sweeps") / spec.name
+        console.print(f"`fastcifar compare {out} --pool-seeds` pools each point's seeds",
+                      highlight=False, soft_wrap=True)  # a command to copy: never wrapped  # fmt: skip
     return 0
