@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from fastcifar.errors import UserError
 
 
@@ -49,16 +51,14 @@ def summary(args) -> int:
 
 
 def list_architectures(args) -> int:
-    from fastcifar.models import create_model, list_models
-    from fastcifar.summary import count_mult_adds
+    from fastcifar.catalog import catalog
 
-    names = list_models(args.pattern)
+    counts = catalog()
+    names = sorted(name for name in counts if fnmatch.fnmatch(name, args.pattern))
     if not names:
         raise UserError(f"no architecture matches {args.pattern!r}; see fastcifar list")
     for name in names:
-        model = create_model(name)
-        params = sum(p.numel() for p in model.parameters())
-        mult_adds = count_mult_adds(model) / 1e6
+        params, mult_adds = counts[name]["params"], counts[name]["mult_adds"] / 1e6
         print(f"{name:<22} {params:>12,} params {mult_adds:>9.2f} M mult-adds")
     return 0
 
