@@ -273,10 +273,9 @@ def _alternate(base: Pipeline, ours: Pipeline, timer, warmup: int, steps: int, w
 
 def training_flops_per_image(arch: str) -> float:
     """Counted FLOPs of one training image: forward plus a backward of twice its cost."""
-    from fastcifar.models import create_model
-    from fastcifar.summary import count_mult_adds
+    from fastcifar.catalog import catalog
 
-    return 3 * 2 * count_mult_adds(create_model(arch))
+    return 3 * 2 * catalog()[arch]["mult_adds"]
 
 
 def as_dict(result: ThroughputResult) -> dict:

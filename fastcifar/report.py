@@ -52,9 +52,9 @@ def ran_default_settings(result: dict) -> bool:
 
 def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[dict]]:
     """Rows per device: one per arch with a throughput or accuracy result."""
-    from fastcifar.models import create_model
-    from fastcifar.summary import count_mult_adds
+    from fastcifar.catalog import catalog
 
+    counts = catalog()
     by_device: dict[str, dict[str, dict]] = defaultdict(dict)
     for t in filter(ran_default_settings, throughput):
         by_device[t["machine"]].setdefault(t["arch"], {})["throughput"] = t
@@ -65,7 +65,6 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
     for machine, archs in by_device.items():
         rows = []
         for arch, entry in sorted(archs.items()):
-            model = create_model(arch)
             t, records = entry.get("throughput"), entry.get("default")
             stats = _test_accuracy_stats(records)
             paper = PAPER_ACCURACY.get(arch)
@@ -75,8 +74,8 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
                 reach = max(times, key=lambda t: t["epoch"])
             rows.append({
                 "arch": arch,
-                "params": sum(p.numel() for p in model.parameters()),
-                "mult_adds": count_mult_adds(model),
+                "params": counts[arch]["params"],
+                "mult_adds": counts[arch]["mult_adds"],
                 "train_ips": t["fastcifar_images_per_sec"] if t else None,
                 "baseline_ips": t["baseline_images_per_sec"] if t else None,
                 "speedup": t["speedup"] if t else None,
