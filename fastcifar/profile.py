@@ -24,14 +24,18 @@ from fastcifar.bench import build_pipeline
 from fastcifar.errors import UserError
 
 # the operators that run (on the CPU) or launch (on a GPU) each family's kernels, not the
-# ones that only dispatch to them; the FLOP counter counts a family under its dispatching
-# operator (None: the profiler counts the family's FLOPs itself)
+# ones that only dispatch to them, and the operator the FLOP counter counts the family
+# under (None: the profiler counts the family's FLOPs itself)
 FAMILIES = {
-    "convolution forward": (torch.ops.aten.convolution, (
+    "convolution forward": ("aten.convolution", (
         "aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_slow_conv2d_forward",
         "aten::miopen_convolution", "aten::_nnpack_spatial_convolution")),
-    "convolution backward": (torch.ops.aten.convolution_backward, (
+    "convolution backward": ("aten.convolution_backward", (
         "aten::convolution_backward", "aten::_slow_conv2d_backward")),
+    "fused conv-BN-ReLU forward": ("fastcifar.conv_bn_relu_train", (
+        "fastcifar::conv_bn_relu_train", "fastcifar::conv_bn_relu_eval")),
+    "fused conv-BN-ReLU backward": ("fastcifar.conv_bn_relu_backward", (
+        "fastcifar::conv_bn_relu_backward",)),
     "matmul": (None, ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
 }  # fmt: skip
 
@@ -72,13 +76,13 @@ def profile_training(arch: str, images, labels, *, steps: int, batch_size: int |
 
 
 def step_flops(p, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """FLOPs of one training step's convolutions (forward, backward), counted on the
-    uncompiled model; the optimiser does not step."""
+    """FLOPs of one training step's convolutions (forward, backward; eager or fused),
+    counted on the uncompiled model; the optimiser does not step."""
     model = getattr(p.model, "_orig_mod", p.model)
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.cross_entropy(model(x.float()), y).backward()
     model.zero_grad(set_to_none=True)
-    by_op = counter.get_flop_counts()["Global"]
+    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
     return {family: by_op.get(op, 0) for family, (op, _) in FAMILIES.items() if op is not None}
 
 

@@ -273,6 +273,13 @@ def test_opcheck():
     args = (x, fused.conv.weight, fused.conv.bias, fused.bn.weight, fused.bn.bias, 1e-5, "act_bn")
     torch.library.opcheck(torch.ops.fastcifar.conv_bn_relu_train.default, args,
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    with torch.no_grad():
+        out, v, mean, var = torch.ops.fastcifar.conv_bn_relu_train(*args)
+    dout = torch.randn_like(out)
+    for input_grad in (True, False):  # False: the first unit, whose input needs no gradient
+        torch.library.opcheck(torch.ops.fastcifar.conv_bn_relu_backward.default,
+                              (dout, x, *args[1:2], v, mean, var, *args[3:], input_grad),
+                              test_utils=("test_schema", "test_faketensor"))  # fmt: skip
 
 
 def test_compiles_without_graph_breaks():
@@ -324,3 +331,24 @@ def test_cerberus_training_step_with_and_without_fusion():
     for i, (a, b) in enumerate(pairs):
         error = relative_error(a.grad, b.grad)
         assert error < 1e-2, f"parameter {i}: relative error {error:.2e}"
+
+
+def test_the_flop_counter_counts_fused_units_as_the_eager_convolutions():
+    """On meta tensors (the ops' fake implementations: nothing runs), forward and backward in
+    training, and the forward in eval mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastcifar.models import create_model
+
+    counted = {}
+    for fused in (False, True):
+        with torch.device("meta"):
+            model = create_model("cerberus", fused=fused)
+            x = torch.empty(2, 3, 32, 32).to(memory_format=torch.channels_last)
+        with FlopCounterMode(display=False) as training:
+            model(x).sum().backward()
+        with torch.no_grad(), FlopCounterMode(display=False) as evaluation:
+            model.eval()(x)
+        counted[fused] = training.get_total_flops(), evaluation.get_total_flops()
+    assert counted[True] == counted[False]
+    assert counted[False][1] == 2 * 2 * 379_782_400  # two images, the paper's mult-adds

@@ -59,3 +59,19 @@ def test_on_the_cpu_the_convolutions_rates_come_from_counted_flops(tmp_path):
     forward = by_name["aten::mkldnn_convolution"]  # the one operator that runs them here
     assert forward["tflops"] == pytest.approx(rates["convolution forward"].tflops)
     assert sum(r["share"] for r in rows) <= 1 + 1e-9
+
+
+def test_the_fused_block_has_rates_of_its_own():
+    """The Triton kernels of the fused unit run under its custom op, which the FLOP counter
+    counts through the op's registered formula (tests/test_fused.py)."""
+    averages = [
+        event("fastcifar::conv_bn_relu_train", DeviceType.CPU, device_us=500, cpu_us=40),
+        event("_conv3x3_kernel", DeviceType.CUDA, device_us=400),
+        event("_affine_kernel", DeviceType.CUDA, device_us=100),
+        event("fastcifar::conv_bn_relu_backward", DeviceType.CPU, device_us=2000, cpu_us=90),
+    ]
+    counted = {"fused conv-BN-ReLU forward": 1e9, "fused conv-BN-ReLU backward": 2e9}
+    rates = {f.family: f for f in family_rates(averages, on_gpu=True, counted=counted)}
+    assert set(rates) == {"fused conv-BN-ReLU forward", "fused conv-BN-ReLU backward"}
+    assert rates["fused conv-BN-ReLU forward"].tflops == pytest.approx(1e9 / 500e-6 / 1e12)
+    assert rates["fused conv-BN-ReLU backward"].tflops == pytest.approx(2e9 / 2000e-6 / 1e12)

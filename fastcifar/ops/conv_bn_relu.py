@@ -26,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTCIFAR_AUTOTUNE=0 keeps the first tile that fits instead of timing them all: the GPU
@@ -477,8 +478,9 @@ def _(x, weight, bias, gamma, beta, eps, order):
 @torch.library.custom_op("fastcifar::conv_bn_relu_backward", mutates_args=())
 def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, v: torch.Tensor,
                           mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                          eps: float, order: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dx, dweight, dbias, dgamma, dbeta) of the training forward."""
+                          eps: float, order: str, input_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx, dweight, dbias, dgamma, dbeta) of the training forward; without `input_grad`
+    (the network's first unit: its input needs no gradient) dx is empty, not computed."""
     dz, vh, xh = _nhwc(dout).to(v.dtype), _nhwc(v), _nhwc(x)
     c = vh.shape[-1]
     pixels = vh.numel() // c
@@ -498,19 +500,23 @@ def conv_bn_relu_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
         pixels, c,
         RELU_FIRST=order == "act_bn", RELU_LAST=relu_last, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )  # fmt: skip
-    dx, _, _ = conv3x3(dconv, to_w9_transposed(weight, dconv.dtype), None)
+    if input_grad:
+        dx, _, _ = conv3x3(dconv, to_w9_transposed(weight, dconv.dtype), None)
+        dx = _nchw(dx)
+    else:
+        dx = x.new_empty(0)
     dw9 = conv3x3_weight_grad(xh, dconv)
     dweight = (
         dw9.reshape(3, 3, weight.shape[1], weight.shape[0]).permute(3, 2, 0, 1).to(weight.dtype)
     )
-    return (_nchw(dx), dweight.contiguous(), dbias.to(weight.dtype), dxhat_sum.to(gamma.dtype),
+    return (dx, dweight.contiguous(), dbias.to(weight.dtype), dxhat_sum.to(gamma.dtype),
             dsum.to(beta.dtype))  # fmt: skip
 
 
 @conv_bn_relu_backward.register_fake
-def _(dout, x, weight, v, mean, var, gamma, beta, eps, order):
+def _(dout, x, weight, v, mean, var, gamma, beta, eps, order, input_grad=True):
     n, c_in, h, w = x.shape
-    dx = x.new_empty((n, h, w, c_in)).permute(0, 3, 1, 2)
+    dx = x.new_empty((n, h, w, c_in)).permute(0, 3, 1, 2) if input_grad else x.new_empty(0)
     return (
         dx,
         torch.empty_like(weight),
@@ -529,9 +535,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dv, _dmean, _dvar):
     x, weight, v, mean, var, gamma, beta = ctx.saved_tensors
+    input_grad = ctx.needs_input_grad[0]
     dx, dw, db, dgamma, dbeta = conv_bn_relu_backward(dout.contiguous(memory_format=torch.channels_last),
-                                                      x, weight, v, mean, var, gamma, beta, ctx.eps, ctx.order)  # fmt: skip
-    return dx, dw, db, dgamma, dbeta, None, None
+                                                      x, weight, v, mean, var, gamma, beta, ctx.eps, ctx.order,
+                                                      input_grad)  # fmt: skip
+    return dx if input_grad else None, dw, db, dgamma, dbeta, None, None
 
 
 conv_bn_relu_train.register_autograd(_backward, setup_context=_setup_context)
@@ -558,6 +566,29 @@ def conv_bn_relu_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 def _(x, weight, bias, scale, shift, order):
     n, _, h, w = x.shape
     return x.new_empty((n, h, w, weight.shape[0])).permute(0, 3, 1, 2)
+
+
+# FLOPs for `torch.utils.flop_counter` (`fastcifar profile`, model summaries): the 3x3
+# convolution's multiply-adds, twice over for the backward's input and weight gradients;
+# the BatchNorm and ReLU work is not counted, as for the eager ops.
+
+
+def _conv_flops(x_shape, weight_shape) -> int:
+    n, c_in, h, w = x_shape
+    return 2 * n * h * w * c_in * weight_shape[0] * weight_shape[2] * weight_shape[3]
+
+
+@register_flop_formula(
+    [torch.ops.fastcifar.conv_bn_relu_train, torch.ops.fastcifar.conv_bn_relu_eval]
+)
+def _(x_shape, weight_shape, *_, **__) -> int:
+    return _conv_flops(x_shape, weight_shape)
+
+
+@register_flop_formula(torch.ops.fastcifar.conv_bn_relu_backward)
+def _(dout_shape, x_shape, weight_shape, *args, **kwargs) -> int:
+    input_grad = args[7] if len(args) > 7 else kwargs.get("input_grad", True)
+    return (2 if input_grad else 1) * _conv_flops(x_shape, weight_shape)
 
 
 # ---------------------------------------------------------------- eager reference
