@@ -3,6 +3,8 @@ the final summary. Everything prints through one rich Console."""
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -24,6 +26,12 @@ EPOCH_COLUMNS = [  # (metrics key, header, width, format)
     ("images_per_sec", "img/s", 8, ".0f"),
     ("seconds", "s", 7, ".1f"),
 ]
+
+
+def table_console() -> Console:
+    """A console for tables on standard output: the terminal's width, or where the output
+    goes to a file or a pipe (a log), wide enough that rows are not wrapped or cut."""
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 class TrainingDisplay:

@@ -310,6 +310,8 @@ def test_a_seed_axis_gets_a_column_and_compare_pools_its_repeats(tmp_path, data,
         f"lenet, lr {lr}, sgd m=0.9, seed {seed}" for lr in (0.01, 0.05) for seed in (0, 1)
     ]
     assert f"`fastcifar compare {out} --pool-seeds` pools each point's seeds" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("│")]
+    assert len(rows) == 4 and all("sgd m=0.9" in row for row in rows)  # not wrapped in a log
     table = list(csv.DictReader((out / "results.csv").open()))
     assert sorted((r["lr"], r["seed"]) for r in table) == [
         ("0.01", "0"), ("0.01", "1"), ("0.05", "0"), ("0.05", "1"),

@@ -82,15 +82,15 @@ def register(commands) -> None:
 
 
 def bench_throughput(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from fastcifar.bench import as_dict, compare_throughput
     from fastcifar.data.dataset import resolve_arrays
+    from fastcifar.display import table_console
 
     if any(key == "arch" for key, _ in args.set):
         raise UserError("--set arch=...: name the architectures with --arch")
-    console = Console(width=None if sys.stdout.isatty() else 120)  # ten columns fit a log
+    console = table_console()
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
     overrides = dict(args.set) or None
     against = {"tutorial": "baseline", "default": "default"}[args.against]  # bench variants
@@ -232,17 +232,18 @@ def profile(args) -> int:
     # kineto's own log lines (on a CPU: "gpuGetDeviceCount failed") are not the user's
     # business; a failed trace is still reported (`profile.export_trace`)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    from rich.console import Console
     from rich.table import Table
 
     from fastcifar.data.dataset import resolve_arrays
+    from fastcifar.display import table_console
     from fastcifar.profile import profile_training
 
-    console = Console()
+    console = table_console()
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
-    rows, families = profile_training(args.arch, arrays.train_images[:8192], arrays.train_labels[:8192],
-                            steps=args.steps, batch_size=args.batch_size, variant=args.variant,
-                            trace=args.trace)  # fmt: skip
+    rows, families = profile_training(
+        args.arch, arrays.train_images[:8192], arrays.train_labels[:8192], steps=args.steps,
+        batch_size=args.batch_size, variant=args.variant, trace=args.trace,
+    )  # fmt: skip
     table = Table(
         title=f"{args.arch}: top kernels over {args.steps} training steps ({args.variant})"
     )

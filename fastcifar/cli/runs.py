@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from fastcifar.cli.arguments import RUN_DATA_HELP
@@ -55,12 +54,11 @@ def analyze(args) -> int:
 
 
 def side_by_side(args) -> int:
-    from rich.console import Console
-
     from fastcifar import compare
+    from fastcifar.display import table_console
     from fastcifar.tables import write_table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)  # rows fit a log unwrapped
+    console = table_console()
 
     def log(text):
         console.print(text, style="dim")

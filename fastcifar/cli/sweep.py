@@ -43,10 +43,11 @@ def run(args) -> int:
         except KeyboardInterrupt:  # stopped by the sweep command, which tells the user
             return 130
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from fastcifar.display import table_console
+
+    console = table_console()
     rows = sweep.run_sweep(
         args.file, storage=args.storage, workers=args.workers, resume=args.resume, out=args.out,
         data=args.data, track=args.track, tracking_uri=args.tracking_uri, heartbeat=args.heartbeat,
