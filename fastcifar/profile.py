@@ -44,7 +44,7 @@ FAMILIES = {
 class FamilyRate:
     family: str
     ms: float  # time of its kernels over the profiled steps
-    flops: float  # over the profiled steps; 0 where not counted (e.g. a Triton kernel's)
+    flops: float  # over the profiled steps; 0 where nothing counts them
 
     @property
     def tflops(self) -> float | None:
