@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NVIDIA DALI and the packages it needs, carried to a GPU machine whose image lacks them
 # and which cannot download. One call there carries at most 64 MiB with the working tree,
-# so the wheels (about 260 MB) travel as numbered parts of one archive, a call each.
+# so the wheels (269 MB; 248 MB as one xz-compressed tar) travel as numbered parts of that
+# archive, a call each: four parts.
 #
 #   here:   benchmarks/gpu-wheels.sh pack [WHEEL_DIR]
 #             downloads DALI and its dependencies at this environment's versions, for
@@ -48,7 +49,8 @@ print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $PACKAGES)
   names=$(cd "$wheels" && ls -- *.whl)
   (cd "$wheels" && sha256sum -- *.whl) > "$sums/SHA256SUMS"
   # shellcheck disable=SC2086  # wheel names have no spaces
-  tar cf - -C "$wheels" $names -C "$sums" SHA256SUMS | split -b "$PART_BYTES" -d -a 2 - .gpuwheels/part-
+  tar cf - -C "$wheels" $names -C "$sums" SHA256SUMS | xz -6 -T0 |
+    split -b "$PART_BYTES" -d -a 2 - .gpuwheels/part-
   rm -rf "$sums"
   ls -l .gpuwheels
   echo "$(ls .gpuwheels | wc -l) part(s): carry each in a call of its own"
@@ -63,7 +65,7 @@ stash() {
 join() {
   rm -rf "$JOINED_DIR"
   mkdir -p "$JOINED_DIR"
-  cat "$PARTS_DIR"/part-* | tar xf - -C "$JOINED_DIR"
+  cat "$PARTS_DIR"/part-* | xz -d | tar xf - -C "$JOINED_DIR"
   (cd "$JOINED_DIR" && sha256sum --quiet -c SHA256SUMS)
   echo "WHEELS=$JOINED_DIR"
 }
