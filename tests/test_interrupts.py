@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,3 +105,13 @@ def test_a_stop_signal_while_a_folder_is_replaced_waits_for_the_new_one(tmp_path
     with stop_signals_as_interrupt(), pytest.raises(KeyboardInterrupt):
         replace_folder(new, old)
     assert (old / "index.html").read_text() == "new" and not new.exists()
+
+
+def test_a_worker_whose_parent_has_already_gone_stops_at_once():
+    """`stop_with_parent` from a process whose parent is not the one named (it died before
+    the worker got going) sends the stop signal at once; with its real parent it goes on."""
+    code = ("import os, sys, time; from fastcifar.interrupts import stop_with_parent; "
+            "stop_with_parent(os.getppid() + int(sys.argv[1])); time.sleep(0.5)")  # fmt: skip
+    for offset, returncode in ((0, 0), (1_000_000, -signal.SIGTERM)):
+        proc = subprocess.run([sys.executable, "-c", code, str(offset)], timeout=60)
+        assert proc.returncode == returncode
