@@ -182,19 +182,21 @@ def test_a_killed_sweep_stops_its_workers(tmp_path, data):
             time.sleep(0.1)
         proc.kill()
         proc.wait()
+
+        def states():
+            study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 'study.db'}")
+            return [t.state.name for t in study.trials]
+
+        # the worker lets go of the run's lock first, then tells the study the trial failed
         deadline = time.monotonic() + 60
-        while is_training(trial) and time.monotonic() < deadline:
+        while (is_training(trial) or states() == ["RUNNING"]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not is_training(trial)  # it used to train on, orphaned, for all its epochs
+        assert (trial / "last.pt").exists()
+        assert states() == ["FAIL"]  # and --resume trains that grid point again
     finally:
         if shutil.which("pkill"):  # a worker left over by a failure
             subprocess.run(["pkill", "-f", "--", f"--out {out}"])
-    assert (trial / "last.pt").exists()
-    states = [
-        t.state.name
-        for t in optuna.load_study(study_name="t", storage=f"sqlite:///{out / 'study.db'}").trials
-    ]
-    assert states == ["FAIL"]  # and --resume trains that grid point again
 
 
 def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
