@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcifar.errors import UserError
-from fastcifar.results import accuracy_stats, data_name
+from fastcifar.results import accuracy_stats, data_name, read_results
 from fastcifar.train.rundir import is_training, read_json, read_metrics, read_predictions, run_data
 
 # The columns of a compare row, as `compare --table` writes them.
@@ -76,6 +76,43 @@ def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
     for row, against in zip(rows, against_best(samples), strict=True):
         row.update(against)
     _curves(curves, out)
+    return rows
+
+
+def compare_records(paths: list[Path]) -> list[dict]:
+    """One row per arch and recipe of recorded accuracy results (`fastcifar bench accuracy`
+    files), pooled over their seeds: `compare_settings` for runs whose folders were not
+    kept, without curves or ensembles. Each row is set against the best recipe of its own
+    arch on its own machine."""
+    records = [r for path in paths for r in read_results(path)[1]]
+    if not records:
+        raise UserError(f"no accuracy records in {', '.join(map(str, paths))}")
+    several_machines = len({r["machine"] for r in records}) > 1
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in sorted(records, key=lambda r: (r["machine"], r["arch"], r["recipe"])):
+        groups.setdefault((r["machine"], r["arch"], r["recipe"]), []).append(r)
+    rows, samples = [], []
+    for (machine, arch, recipe), members in groups.items():
+        samples.append([m["test_acc"] for m in members])
+        stats = accuracy_stats(samples[-1])
+        low, high = stats["ci95"] or (None, None)
+        rows.append({
+            "settings": f"{arch}, recipe={recipe}" + (f" ({machine})" if several_machines else ""),
+            "runs": len(members),
+            "seeds": " ".join(str(s) for s in sorted(m["seed"] for m in members)),
+            "test_acc_mean": round(stats["mean"], 4),
+            "test_acc_std": round(stats["std"], 4) if len(members) > 1 else None,
+            "test_acc_ci95_low": _rounded(low, 4),
+            "test_acc_ci95_high": _rounded(high, 4),
+            "ensemble_test_acc": None,
+            "val_acc_mean": None,
+            "seconds_mean": round(statistics.fmean(m["seconds"]["total"] for m in members), 1),
+        })  # fmt: skip
+    keys = [key[:2] for key in groups]  # (machine, arch) of each row
+    for machine_arch in set(keys):
+        same = [i for i, key in enumerate(keys) if key == machine_arch]
+        for i, against in zip(same, against_best([samples[i] for i in same]), strict=True):
+            rows[i].update(against)
     return rows
 
 

@@ -4,12 +4,11 @@ section between its report markers. Everything comes from `benchmarks/results/`.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from fastcifar.errors import UserError
-from fastcifar.results import PAPER_ACCURACY, accuracy_stats
+from fastcifar.results import PAPER_ACCURACY, accuracy_stats, read_results
 
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 
@@ -18,15 +17,9 @@ def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
     """(throughput entries, accuracy records) from every JSON file in `folder`."""
     throughput, accuracy = [], []
     for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from None
-        kind = data.get("kind") if isinstance(data, dict) else None
-        if kind == "side_by_side":
-            throughput += [{**r, "machine": data["machine"]} for r in data["results"]]
-        elif kind == "accuracy":
-            accuracy += [{**r, "machine": data["machine"]} for r in data["records"]]
+        entries, records = read_results(path)
+        throughput += entries
+        accuracy += records
     return throughput, accuracy
 
 

@@ -93,6 +93,25 @@ def run_record(run: Path, recipe: str) -> dict:
     }
 
 
+def read_results(path: Path) -> tuple[list[dict], list[dict]]:
+    """(throughput entries, accuracy records) of one results file, each with its machine;
+    ([], []) for a JSON file of another kind."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} cannot be read: {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == "side_by_side":
+        return [{**r, "machine": data["machine"]} for r in data["results"]], []
+    if kind == "accuracy":
+        return [], [{**r, "machine": data["machine"]} for r in data["records"]]
+    return [], []
+
+
 def data_name(source: str) -> str:
     """A data source's file name; for a cache entry, that of the source it was decoded from."""
     path = Path(source)

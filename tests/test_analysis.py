@@ -9,6 +9,7 @@ from PIL import Image
 
 from fastcifar.analysis import analyze_predictions, misclassified, without_diagonal
 from fastcifar.cli import main
+from fastcifar.compare import compare_records
 from fastcifar.config import TrainConfig
 from fastcifar.data.cache import load_cached
 from fastcifar.display import TrainingDisplay
@@ -293,3 +294,55 @@ def test_analyze_finds_the_cached_data_a_run_trained_on(tmp_path, monkeypatch):
     assert main(["analyze", str(tmp_path / "run"), "--no-track"]) == 0
     result = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())
     assert sum(map(sum, result["confusion"])) == 100
+
+
+def test_compare_pools_recorded_results_per_arch_and_recipe(tmp_path, capsys):
+    import csv
+
+    def results_file(name, machine, records):
+        path = tmp_path / name
+        path.write_text(json.dumps({"kind": "accuracy", "machine": machine, "records": [
+            {"arch": arch, "recipe": recipe, "seed": seed, "test_acc": acc,
+             "seconds": {"total": 100.0 + seed}}
+            for arch, recipe, seed, acc in records]}))  # fmt: skip
+        return path
+
+    a = results_file("a.json", "cpu A", [("lenet", "default", 0, 0.61), ("lenet", "default", 1, 0.65),
+                                         ("lenet", "other", 0, 0.70), ("conv3", "default", 0, 0.50),
+                                         ("conv3", "default", 1, 0.52)])  # fmt: skip
+    rows = {r["settings"]: r for r in compare_records([a])}
+    assert sorted(rows) == ["conv3, recipe=default", "lenet, recipe=default", "lenet, recipe=other"]
+    pooled = rows["lenet, recipe=default"]
+    assert (pooled["runs"], pooled["seeds"], pooled["seconds_mean"]) == (2, "0 1", 100.5)
+    assert pooled["test_acc_mean"] == pytest.approx(0.63)
+    assert pooled["test_acc_std"] == pytest.approx(0.0283, abs=1e-4)
+    assert pooled["vs_best"] == pytest.approx(-0.07)  # against lenet's best recipe
+    assert rows["conv3, recipe=default"]["vs_best"] == 0.0  # not against lenet's
+    b = results_file("b.json", "cpu B", [("lenet", "default", 0, 0.60)])
+    both = {r["settings"]: r for r in compare_records([a, b])}
+    assert both["lenet, recipe=default (cpu B)"]["vs_best"] == 0.0  # its machine's own best
+    assert both["lenet, recipe=default (cpu A)"]["runs"] == 2
+
+    figure = tmp_path / "c.png"
+    assert main(["compare", str(a), "--out", str(figure), "--table", str(tmp_path / "t.csv")]) == 0
+    assert "63.00% ± 2.83%" in capsys.readouterr().out
+    assert not figure.exists()  # records have no curves
+    written = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert [r["settings"] for r in written] == list(rows)
+
+
+def test_compare_of_results_refuses_what_it_cannot_pool(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    other = tmp_path / "throughput.json"
+    other.write_text(json.dumps({"kind": "side_by_side", "machine": "m", "results": []}))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    for argv, message in (
+        ([str(other), str(tmp_path / "run")], "compare takes run directories or results files (.json), not both"),
+        ([str(other)], f"no accuracy records in {other}"),
+        ([str(broken)], f"{broken} is not valid JSON"),
+        ([str(tmp_path / "gone.json")], f"{tmp_path / 'gone.json'} does not exist"),
+    ):  # fmt: skip
+        assert main(["compare", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fastcifar: error: {message}")

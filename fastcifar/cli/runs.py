@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fastcifar.cli.arguments import RUN_DATA_HELP
+from fastcifar.errors import UserError
 
 
 def register(commands) -> None:
@@ -19,7 +20,9 @@ def register(commands) -> None:
     an.set_defaults(handler=analyze)
 
     co = commands.add_parser("compare", help="runs side by side: final metrics and overlaid curves")
-    co.add_argument("runs", type=Path, nargs="+")
+    co.add_argument("runs", type=Path, nargs="+",
+                    help="run directories or folders of runs; or accuracy results files "
+                         "(.json, from `fastcifar bench accuracy`), pooled per arch and recipe")  # fmt: skip
     co.add_argument("--out", type=Path, default=Path("compare.png"), help="curves figure (PNG)")
     co.add_argument("--table", type=table_path,  # a wrong suffix fails before the work
                     help="also write the table here (.csv or .md)")  # fmt: skip
@@ -63,13 +66,21 @@ def side_by_side(args) -> int:
     def log(text):
         console.print(text, style="dim")
 
-    if args.pool_seeds:
+    results_files = [path.suffix == ".json" for path in args.runs]
+    if any(results_files) and not all(results_files):
+        raise UserError("compare takes run directories or results files (.json), not both")
+    if any(results_files):  # records: the seeds are pooled whatever --pool-seeds says
+        rows, columns = compare.compare_records(args.runs), compare.POOLED_COLUMNS
+        console.print(_pooled_table(rows, "recorded results, pooled over seeds (vs best: the "
+                                          "best recipe of the same arch)"))  # fmt: skip
+    elif args.pool_seeds:
         rows, columns = compare.compare_settings(args.runs, args.out, log), compare.POOLED_COLUMNS
         console.print(_pooled_table(rows))
+        print(f"curves: {args.out}")
     else:
         rows, columns = compare.compare_runs(args.runs, args.out, log), compare.COMPARE_COLUMNS
         console.print(_runs_table(rows))
-    print(f"curves: {args.out}")
+        print(f"curves: {args.out}")
     if args.table:
         write_table(rows, list(columns), args.table)
         print(f"table: {args.table}")
@@ -91,10 +102,13 @@ def _runs_table(rows: list[dict]):
     return table
 
 
-def _pooled_table(rows: list[dict]):
+def _pooled_table(
+    rows: list[dict],
+    title: str = "settings, pooled over seeds (test accuracy of each best-val epoch)",
+):
     from rich.table import Table
 
-    table = Table(title="settings, pooled over seeds (test accuracy of each best-val epoch)")
+    table = Table(title=title)
     table.add_column("settings")
     for column in ("runs", "test acc", "95% CI", "vs best (points)", "p (Welch)", "ensemble",
                    "val acc", "seconds"):  # fmt: skip
