@@ -56,21 +56,13 @@ def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
     rows, curves, samples = [], {}, []
     for label, members in zip(labels, groups.values(), strict=True):
         samples.append([m.best["test_acc"] for m in members])
-        stats = accuracy_stats(samples[-1])
         vals = [m.best["val_acc"] for m in members if m.best.get("val_acc") is not None]
-        low, high = stats["ci95"] or (None, None)
-        rows.append({
-            "settings": label,
-            "runs": len(members),
-            "seeds": " ".join(str(s) for s in sorted(m.seed for m in members if m.seed is not None)),
-            "test_acc_mean": round(stats["mean"], 4),
-            "test_acc_std": round(stats["std"], 4) if len(members) > 1 else None,
-            "test_acc_ci95_low": _rounded(low, 4),
-            "test_acc_ci95_high": _rounded(high, 4),
-            "ensemble_test_acc": _rounded(ensemble_accuracy([m.path for m in members]), 4),
-            "val_acc_mean": round(statistics.fmean(vals), 4) if vals else None,
-            "seconds_mean": round(statistics.fmean(m.row["seconds"] for m in members), 1),
-        })  # fmt: skip
+        rows.append(_pooled_row(
+            label, samples[-1], [m.seed for m in members if m.seed is not None],
+            [m.row["seconds"] for m in members],
+            ensemble=ensemble_accuracy([m.path for m in members]),
+            val_acc_mean=statistics.fmean(vals) if vals else None,
+        ))  # fmt: skip
         runs = f"{len(members)} runs" if len(members) > 1 else "1 run"
         curves[f"{label} ({runs})"] = _mean_curve([m.rows for m in members])
     for row, against in zip(rows, against_best(samples), strict=True):
@@ -94,26 +86,40 @@ def compare_records(paths: list[Path]) -> list[dict]:
     rows, samples = [], []
     for (machine, arch, recipe), members in groups.items():
         samples.append([m["test_acc"] for m in members])
-        stats = accuracy_stats(samples[-1])
-        low, high = stats["ci95"] or (None, None)
-        rows.append({
-            "settings": f"{arch}, recipe={recipe}" + (f" ({machine})" if several_machines else ""),
-            "runs": len(members),
-            "seeds": " ".join(str(s) for s in sorted(m["seed"] for m in members)),
-            "test_acc_mean": round(stats["mean"], 4),
-            "test_acc_std": round(stats["std"], 4) if len(members) > 1 else None,
-            "test_acc_ci95_low": _rounded(low, 4),
-            "test_acc_ci95_high": _rounded(high, 4),
-            "ensemble_test_acc": None,
-            "val_acc_mean": None,
-            "seconds_mean": round(statistics.fmean(m["seconds"]["total"] for m in members), 1),
-        })  # fmt: skip
+        label = f"{arch}, recipe={recipe}" + (f" ({machine})" if several_machines else "")
+        rows.append(_pooled_row(label, samples[-1], [m["seed"] for m in members],
+                                [m["seconds"]["total"] for m in members]))  # fmt: skip
     keys = [key[:2] for key in groups]  # (machine, arch) of each row
     for machine_arch in set(keys):
         same = [i for i, key in enumerate(keys) if key == machine_arch]
         for i, against in zip(same, against_best([samples[i] for i in same]), strict=True):
             rows[i].update(against)
     return rows
+
+
+def _pooled_row(
+    label: str,
+    accuracies: list[float],
+    seeds: list[int],
+    seconds: list[float],
+    ensemble: float | None = None,
+    val_acc_mean: float | None = None,
+) -> dict:
+    """A pooled row (POOLED_COLUMNS but the vs-best ones) from its runs' test accuracies."""
+    stats = accuracy_stats(accuracies)
+    low, high = stats["ci95"] or (None, None)
+    return {
+        "settings": label,
+        "runs": len(accuracies),
+        "seeds": " ".join(str(s) for s in sorted(seeds)),
+        "test_acc_mean": round(stats["mean"], 4),
+        "test_acc_std": round(stats["std"], 4) if len(accuracies) > 1 else None,
+        "test_acc_ci95_low": _rounded(low, 4),
+        "test_acc_ci95_high": _rounded(high, 4),
+        "ensemble_test_acc": _rounded(ensemble, 4),
+        "val_acc_mean": _rounded(val_acc_mean, 4),
+        "seconds_mean": round(statistics.fmean(seconds), 1),
+    }
 
 
 def ensemble_accuracy(runs: list[Path]) -> float | None:

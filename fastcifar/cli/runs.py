@@ -76,10 +76,10 @@ def side_by_side(args) -> int:
     elif args.pool_seeds:
         rows, columns = compare.compare_settings(args.runs, args.out, log), compare.POOLED_COLUMNS
         console.print(_pooled_table(rows))
-        print(f"curves: {args.out}")
     else:
         rows, columns = compare.compare_runs(args.runs, args.out, log), compare.COMPARE_COLUMNS
         console.print(_runs_table(rows))
+    if not any(results_files):
         print(f"curves: {args.out}")
     if args.table:
         write_table(rows, list(columns), args.table)
