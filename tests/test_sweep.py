@@ -261,6 +261,20 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, mon
     assert (out / "results.md").read_text().count("| lenet |") == 2
 
 
+def test_the_table_keeps_the_columns_the_sweep_began_with(tmp_path, capsys, monkeypatch):
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="e")
+    columns = sweep.result_columns(read_sweep(path))
+
+    def sweep_while_the_file_is_edited(file, **options):
+        file.write_text("[search]\nlr = [0.1]\nseed = [0, 1]\n")  # the next sweep, drafted
+        return [{column: f"v-{column}" for column in columns}]
+
+    monkeypatch.setattr(sweep, "run_sweep", sweep_while_the_file_is_edited)
+    assert main(["sweep", str(path), "--no-track"]) == 0
+    out = capsys.readouterr().out
+    assert "v-accuracy" in out and "seed" not in out
+
+
 def test_no_pruning_unless_asked(tmp_path, data):
     """Five finished trials far better at epoch 1 would make Optuna's default pruner stop
     the next one there; with `prune = false` it runs to the end."""

@@ -48,12 +48,12 @@ def run(args) -> int:
     from fastcifar.display import table_console
 
     console = table_console()
+    spec = sweep.read_sweep(args.file)  # the table's columns: the file as the sweep began
     rows = sweep.run_sweep(
         args.file, storage=args.storage, workers=args.workers, resume=args.resume, out=args.out,
         data=args.data, track=args.track, tracking_uri=args.tracking_uri, heartbeat=args.heartbeat,
         log=console.print,
     )  # fmt: skip
-    spec = sweep.read_sweep(args.file)
     columns = sweep.result_columns(spec)
     table = Table(title=f"sweep {args.file.stem}")
     for column in columns:
