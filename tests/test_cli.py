@@ -346,6 +346,26 @@ def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path
     assert_one_line_error(code, err, "cannot read the run files of")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "accuracy", "--arch", "lenet", "cerberos", "--out", "acc.json"],
+        ["bench", "throughput", "--arch", "lenet", "cerberos"],
+        ["profile", "--arch", "cerberos"],
+        ["summary", "--arch", "cerberos"],
+    ],
+)
+def test_a_mistyped_arch_is_refused_before_anything_runs(capsys, tmp_path, monkeypatch, data,
+                                                         argv):  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("FASTCIFAR_DATA", data)
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "unknown arch 'cerberos'; did you mean 'cerberus'?")
+    assert out == "" and list(work.iterdir()) == []  # lenet neither trained nor measured
+
+
 def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's local store goes here
     data = write_batches_dir(tmp_path / "data", make_arrays(n_train=5200, n_test=100))

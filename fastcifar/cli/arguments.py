@@ -77,5 +77,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def arch_name(text: str) -> str:
+    """An `--arch` value, checked as the command line is read: a typo in the last of
+    several architectures is refused before the first one is measured or trained."""
+    from fastcifar.models import list_models
+
+    names = list_models()
+    if text not in names:
+        near = difflib.get_close_matches(text, names, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"choose one of: {', '.join(names)}"
+        raise argparse.ArgumentTypeError(f"unknown arch {text!r}; {hint}")
+    return text
+
+
 DATA_HELP = "CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)"
 RUN_DATA_HELP = "CIFAR-10 source (default: the one the run trained on)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 
+from fastcifar.cli.arguments import arch_name
 from fastcifar.errors import UserError
 
 
@@ -11,7 +12,7 @@ def register(commands) -> None:
     sm = commands.add_parser(
         "summary", help="per-layer table: output shapes, parameters, mult-adds"
     )
-    sm.add_argument("--arch", required=True, help="architecture (`fastcifar list`)")
+    sm.add_argument("--arch", required=True, type=arch_name, help="architecture (`fastcifar list`)")
     sm.set_defaults(handler=summary)
 
     dr = commands.add_parser(

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastcifar.cli.arguments import DATA_HELP, positive_int, setting
+from fastcifar.cli.arguments import DATA_HELP, arch_name, positive_int, setting
 from fastcifar.errors import NothingToResume, UserError
 
 
@@ -21,7 +21,7 @@ def register(commands) -> None:
     tp = bench.add_parser(
         "throughput", help="fastcifar against the tutorial pipeline, side by side"
     )
-    tp.add_argument("--arch", nargs="+", default=["lenet", "cerberus"],
+    tp.add_argument("--arch", nargs="+", type=arch_name, default=["lenet", "cerberus"],
                     help="architectures, one after another (default: lenet cerberus)")  # fmt: skip
     tp.add_argument("--data", help=DATA_HELP)
     tp.add_argument("--batch-size", type=positive_int, help="default: the arch's recipe")
@@ -44,7 +44,7 @@ def register(commands) -> None:
     tp.set_defaults(handler=bench_throughput)
 
     ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")
-    ac.add_argument("--arch", nargs="+", default=["lenet", "conv3", "conv5", "cerberus"],
+    ac.add_argument("--arch", nargs="+", type=arch_name, default=["lenet", "conv3", "conv5", "cerberus"],
                     help="architectures (default: lenet conv3 conv5 cerberus)")  # fmt: skip
     ac.add_argument("--recipe", choices=["default", "paper"], default="default",
                     help="the arch's default recipe, or the paper's own (configs/paper/)")  # fmt: skip
@@ -67,7 +67,7 @@ def register(commands) -> None:
     pf = commands.add_parser(
         "profile", help="training steps under torch.profiler: top kernels, Chrome trace"
     )
-    pf.add_argument("--arch", required=True, help="architecture (`fastcifar list`)")
+    pf.add_argument("--arch", required=True, type=arch_name, help="architecture (`fastcifar list`)")
     pf.add_argument("--steps", type=positive_int, default=5,
                     help="training steps profiled, after two warm-up steps (default: 5)")  # fmt: skip
     pf.add_argument("--batch-size", type=positive_int, help="default: the arch's recipe")
