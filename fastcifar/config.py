@@ -172,13 +172,21 @@ def parse_setting(text: str) -> tuple[str, object]:
     return key, _typed(key, value, fields[key])
 
 
-def load_toml(path: Path, what: str = "config") -> dict:
-    """A TOML file's contents, with a one-line error for a missing or malformed file."""
+def read_text(path: Path, what: str = "config") -> str:
+    """A text file's contents, with a one-line error for a missing or binary file."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def load_toml(path: Path, what: str = "config", text: str | None = None) -> dict:
+    """A TOML file's contents (or `text`, read from it earlier), with a one-line error for a
+    missing, binary or malformed file."""
+    try:
+        return tomllib.loads(read_text(path, what) if text is None else text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{what} {path} is not valid TOML: {exc}") from None
 

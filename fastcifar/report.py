@@ -254,7 +254,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def write_readme_section(readme: Path, text: str) -> None:
     from fastcifar.atomic import write_text_atomic
 
-    content = readme.read_text()
+    try:
+        content = readme.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{readme} is not a text file") from None
     if START not in content or END not in content:
         raise UserError(f"{readme} has no {START} ... {END} section")
     head, rest = content.split(START, 1)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
-from fastcifar.config import TrainConfig, load_toml
+from fastcifar.config import TrainConfig, load_toml, read_text
 from fastcifar.errors import UserError, first_line
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -40,6 +40,7 @@ RESULT_COLUMNS = (
     "epochs_needed",
     "state",
 )
+SPEC_TEXT_ENV = "FASTCIFAR_SWEEP_TEXT"  # the sweep file's text, handed to its workers
 PAPER_AXES = ("arch", "lr", "optimizer")  # the axes the paper's columns already show
 
 
@@ -52,6 +53,8 @@ class SweepSpec:
     trials: int | None  # tpe budget
     seed: int
     prune: bool
+    path: Path  # the sweep file
+    text: str  # its contents as read when the sweep began, which every worker parses
 
     def grid(self) -> list[dict]:
         """Every combination's options, in file order."""
@@ -73,8 +76,12 @@ class SweepSpec:
         return values
 
 
-def read_sweep(path: Path) -> SweepSpec:
-    raw = load_toml(path, "sweep file")
+def read_sweep(path: Path, text: str | None = None) -> SweepSpec:
+    """The sweep file at `path`, or `text` read from it earlier (a worker parses the text
+    its sweep read, so that an edit of the file during a sweep changes nothing in it)."""
+    text = read_text(path, "sweep file") if text is None else text
+    raw = load_toml(path, "sweep file", text)
+
     unknown_tables = set(raw) - {"search", "sampler"}
     if unknown_tables or "search" not in raw:
         raise UserError(
@@ -109,7 +116,7 @@ def read_sweep(path: Path) -> SweepSpec:
     if kind == "tpe" and (not isinstance(trials, int) or trials <= 0):
         raise UserError(f"{path}: a tpe sampler needs a positive 'trials' budget")
     spec = SweepSpec(path.stem, axes, fixed, kind, trials, int(sampler.get("seed", 0)),
-                     bool(sampler.get("prune", True)))  # fmt: skip
+                     bool(sampler.get("prune", True)), path, text)  # fmt: skip
     for options in spec.grid():  # every point must be a valid training config
         _check(options, path)
     return spec
@@ -256,13 +263,13 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                    catch=(UserError,))  # fmt: skip
 
 
-def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, out: Path | None,
+def run_sweep(spec: SweepSpec, *, storage: str | None, workers: int, resume: bool, out: Path | None,
               data: str | None, track: bool, tracking_uri: str | None = None, heartbeat: int = 10,
               log=print) -> list[dict]:  # fmt: skip
     """Create or resume the study, run `workers` worker processes, write the results table."""
     import optuna
 
-    spec = read_sweep(path)
+    path = spec.path
     out = out or Path("sweeps") / spec.name
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -286,7 +293,8 @@ def run_sweep(path: Path, *, storage: str | None, workers: int, resume: bool, ou
         f"{workers} worker(s), storage {url}")  # fmt: skip
     command = [sys.executable, "-m", "fastcifar", "sweep", str(path), "--worker-of", url, "--out", str(out),
                "--heartbeat", str(heartbeat)] + (["--data", data] if data else []) + ([] if track else ["--no-track"])  # fmt: skip
-    env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
+    env = {**os.environ, SPEC_TEXT_ENV: spec.text,
+           **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}  # fmt: skip
     for _ in range(3):  # a round of workers, then again for what a dead or racing worker left
         if _nothing_left(spec, study):
             break

@@ -148,6 +148,11 @@ def test_bad_config_file(capsys, tmp_path, data):
     cfg.write_text("lr = [")
     code, _, err = run(capsys, *quick(data, tmp_path / "r"), "--config", str(cfg))
     assert_one_line_error(code, err, "not valid TOML")
+    cfg.write_bytes(b"lr = 0.1\n\xf0\x28\x8c\x28\n")  # a binary file named by mistake
+    code, _, err = run(capsys, *quick(data, tmp_path / "r"), "--config", str(cfg))
+    assert_one_line_error(code, err, f"config {cfg} is not UTF-8 text (byte 9)")
+    code, _, err = run(capsys, "sweep", str(cfg), "--no-track")
+    assert_one_line_error(code, err, f"sweep file {cfg} is not UTF-8 text")
     for text, fragment in [('epochs = "ten"', "epochs must be an integer, not 'ten'"),
                            ("flip = 1", "flip must be true or false, not 1"),
                            ("lr = true", "lr must be a number, not True"),

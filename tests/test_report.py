@@ -86,6 +86,23 @@ def test_report_table_and_readme_section(tmp_path, results, capsys):
         assert img.format == "PNG" and img.width > 400
 
 
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"intro, no report section\n", "has no <!--"),
+        (b"\x89PNG\r\n\x1a\n\xff", "is not a text file"),
+    ],
+)
+def test_report_refuses_a_readme_it_cannot_rewrite(tmp_path, results, capsys, content, fragment):
+    readme = tmp_path / "README.md"
+    readme.write_bytes(content)
+    argv = ["report", "--results", str(results), "--figure", str(tmp_path / "f.png")]
+    assert main([*argv, "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert readme.read_bytes() == content
+
+
 def test_benchmark_summary_joins_this_sessions_throughput_with_recorded_accuracy(results):
     from fastcifar.report import throughput_against_accuracy
 

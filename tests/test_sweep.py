@@ -77,7 +77,7 @@ def test_grid_with_two_workers_and_mlflow_children(tmp_path, data):
         'arch = "lenet"\nlr = [0.01, 0.05]\noptimizer = [{optimizer = "adam"}, {optimizer = "sgd", momentum = 0.9}]',
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rows = run_sweep(path, storage=None, workers=2, resume=False, out=tmp_path / "out", data=data,
+    rows = run_sweep(read_sweep(path), storage=None, workers=2, resume=False, out=tmp_path / "out", data=data,
                      track=True, tracking_uri=uri, heartbeat=2, log=lambda _: None)  # fmt: skip
     assert len(rows) == 4 and all(r["state"] == "complete" for r in rows)
     assert {(r["lr"], r["optimizer"]) for r in rows} == {
@@ -125,10 +125,22 @@ def test_resume_redoes_nothing_and_is_required(tmp_path, data, capsys):
     assert len(study.trials) == 2
 
 
+def test_workers_train_the_file_as_the_sweep_read_it(tmp_path, data):
+    """The file edited once the sweep has begun (the next sweep drafted in it, here a
+    different axis): the workers still train the points the sweep planned."""
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="d")
+    spec = read_sweep(path)
+    path.write_text('[search]\narch = "conv3"\nseed = [7]\n')
+    rows = run_sweep(spec, storage=None, workers=1, resume=False, out=tmp_path / "out", data=data,
+                     track=False, heartbeat=2, log=lambda _: None)  # fmt: skip
+    assert sorted((r["model"], r["lr"], r["state"]) for r in rows) == [
+        ("lenet", 0.01, "complete"), ("lenet", 0.05, "complete")]  # fmt: skip
+
+
 def test_tpe_spends_exactly_its_budget(tmp_path, data):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.02, 0.05, 0.1]\nseed = [1, 2, 3]',
                       '[sampler]\ntype = "tpe"\ntrials = 3\nprune = false')  # fmt: skip
-    rows = run_sweep(path, storage=None, workers=1, resume=False, out=tmp_path / "out", data=data,
+    rows = run_sweep(read_sweep(path), storage=None, workers=1, resume=False, out=tmp_path / "out", data=data,
                      track=False, heartbeat=2, log=lambda _: None)  # fmt: skip
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert len(study.trials) == 3 and len(rows) <= 3
@@ -223,7 +235,7 @@ def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
         pytest.fail("the worker never got a trial running")
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    rows = run_sweep(path, storage=url, workers=1, resume=True, out=out, data=data, track=False,
+    rows = run_sweep(read_sweep(path), storage=url, workers=1, resume=True, out=out, data=data, track=False,
                      heartbeat=1, log=lambda _: None)  # fmt: skip
     study = optuna.load_study(study_name="k", storage=url)
     states = sorted(t.state.name for t in study.trials)
@@ -232,7 +244,7 @@ def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
     assert sorted(r["lr"] for r in rows) == [0.01, 0.05]
     assert json.loads((out / "trials" / "0000" / "config.json").read_text())["epochs"] == 40
     lines = []  # resumed again: the failed trial and its retry count as one point done
-    run_sweep(path, storage=url, workers=1, resume=True, out=out, data=data, track=False,
+    run_sweep(read_sweep(path), storage=url, workers=1, resume=True, out=out, data=data, track=False,
               heartbeat=1, log=lines.append)  # fmt: skip
     assert "2 trials planned, 2 done before" in lines[0]
     assert len(optuna.load_study(study_name="k", storage=url).trials) == 3
@@ -265,8 +277,8 @@ def test_the_table_keeps_the_columns_the_sweep_began_with(tmp_path, capsys, monk
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="e")
     columns = sweep.result_columns(read_sweep(path))
 
-    def sweep_while_the_file_is_edited(file, **options):
-        file.write_text("[search]\nlr = [0.1]\nseed = [0, 1]\n")  # the next sweep, drafted
+    def sweep_while_the_file_is_edited(spec, **options):
+        spec.path.write_text("[search]\nlr = [0.1]\nseed = [0, 1]\n")  # the next sweep, drafted
         return [{column: f"v-{column}" for column in columns}]
 
     monkeypatch.setattr(sweep, "run_sweep", sweep_while_the_file_is_edited)

@@ -32,7 +32,7 @@ def run(args) -> int:
     from fastcifar import sweep
 
     if args.worker_of:  # one worker process, started by the sweep command
-        spec = sweep.read_sweep(args.file)
+        spec = sweep.read_sweep(args.file, os.environ.get(sweep.SPEC_TEXT_ENV))
         worker = int(os.environ.get("FASTCIFAR_SWEEP_WORKER", "0"))
         try:
             if "FASTCIFAR_SWEEP_PARENT" in os.environ:
@@ -48,9 +48,9 @@ def run(args) -> int:
     from fastcifar.display import table_console
 
     console = table_console()
-    spec = sweep.read_sweep(args.file)  # the table's columns: the file as the sweep began
+    spec = sweep.read_sweep(args.file)  # read once: an edit during the sweep changes nothing
     rows = sweep.run_sweep(
-        args.file, storage=args.storage, workers=args.workers, resume=args.resume, out=args.out,
+        spec, storage=args.storage, workers=args.workers, resume=args.resume, out=args.out,
         data=args.data, track=args.track, tracking_uri=args.tracking_uri, heartbeat=args.heartbeat,
         log=console.print,
     )  # fmt: skip
