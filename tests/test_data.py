@@ -124,6 +124,15 @@ def test_bad_sources(tmp_path):
     assert notes == []
 
 
+def test_an_undecodable_image_is_named(png_folder):
+    broken = next((png_folder / "train").glob("*/*.png"))
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.raises(UserError) as caught:
+        read_source(png_folder)
+    name = broken.relative_to(png_folder).as_posix()
+    assert str(caught.value) == f"cannot decode image {name}: not an image format Pillow reads"
+
+
 def test_cache_roundtrip_is_memory_mapped(png_zip, arrays):
     first = load_cached(png_zip, log=lambda _: None)
     assert_same_arrays(first, folder_order(arrays))

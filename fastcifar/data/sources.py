@@ -239,7 +239,11 @@ def _decode_chunk(files, names: list[str]) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(read(name))) as img:
                 rgb = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
+        except UnidentifiedImageError:
+            raise UserError(
+                f"cannot decode image {name}: not an image format Pillow reads"
+            ) from None
+        except OSError as exc:
             raise UserError(f"cannot decode image {name}: {exc}") from None
         if rgb.size != (32, 32):
             raise UserError(
