@@ -14,16 +14,28 @@ import numpy as np  # noqa: E402
 
 from fastcifar.analysis import Analysis, row_normalized, without_diagonal  # noqa: E402
 from fastcifar.atomic import write_atomic  # noqa: E402
+from fastcifar.errors import UserError  # noqa: E402
 
 DPI = 110
 
 
+def figure_format(path: Path) -> str:
+    """The format a figure file's suffix names (PNG without one), checked before any work."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = Path(path).suffix[1:].lower() or "png"
+    if fmt not in FigureCanvasAgg.get_supported_filetypes():
+        raise UserError(f"{path}: matplotlib writes no .{fmt} figure; name it .png, .pdf or .svg")
+    return fmt
+
+
 def save(fig, path: Path) -> Path:
-    """Write the figure atomically, in the format its suffix names (PNG without one)."""
+    """Write the figure atomically, in the format its suffix names."""
     path = Path(path)
-    fig.tight_layout()
     try:
-        write_atomic(path, lambda f: fig.savefig(f, dpi=DPI, format=path.suffix[1:] or "png"))
+        fmt = figure_format(path)
+        fig.tight_layout()
+        write_atomic(path, lambda f: fig.savefig(f, dpi=DPI, format=fmt))
     finally:
         plt.close(fig)
     return path

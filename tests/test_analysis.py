@@ -163,6 +163,24 @@ def test_compare_writes_its_table_as_csv_or_markdown(tmp_path, capsys):
     assert out == "" and not (tmp_path / "t.txt").exists()  # refused before any work
 
 
+def test_compare_refuses_a_figure_it_cannot_write(tmp_path, capsys):
+    fake_run(tmp_path / "runs" / "a", 2, 2)
+    argv = ["compare", str(tmp_path / "runs"), "--table", str(tmp_path / "t.csv"), "--out"]
+    assert main([*argv, str(tmp_path / "c.txt")]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == (f"fastcifar: error: {tmp_path / 'c.txt'}: matplotlib writes no .txt "
+                           "figure; name it .png, .pdf or .svg")  # fmt: skip
+    assert out == "" and not (tmp_path / "t.csv").exists()  # refused before any work
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    assert main([*argv, str(folder)]) == 2  # a folder where the figure would go
+    err = capsys.readouterr().err
+    assert err.strip() == f"fastcifar: error: cannot write {folder}: Is a directory"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert main([*argv, str(tmp_path / "c.svg")]) == 0
+    assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+
+
 def test_compare_pools_runs_that_differ_only_in_their_seed(tmp_path, capsys):
     import csv
 

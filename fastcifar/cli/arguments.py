@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+from pathlib import Path
 
 from fastcifar.config import parse_setting
 from fastcifar.errors import UserError
@@ -88,6 +89,15 @@ def arch_name(text: str) -> str:
         hint = f"did you mean {near[0]!r}?" if near else f"choose one of: {', '.join(names)}"
         raise argparse.ArgumentTypeError(f"unknown arch {text!r}; {hint}")
     return text
+
+
+def figure_path(text: str) -> Path:
+    """A figure file's path, checked as the command line is read: its suffix names a
+    format matplotlib writes."""
+    from fastcifar.figures import figure_format
+
+    figure_format(Path(text))
+    return Path(text)
 
 
 DATA_HELP = "CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)"

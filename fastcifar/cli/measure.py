@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastcifar.cli.arguments import DATA_HELP, arch_name, positive_int, setting
+from fastcifar.cli.arguments import DATA_HELP, arch_name, figure_path, positive_int, setting
 from fastcifar.errors import NothingToResume, UserError
 
 
@@ -58,7 +58,7 @@ def register(commands) -> None:
     rp = commands.add_parser("report", help="Markdown table and figure from benchmarks/results")
     rp.add_argument("--results", type=Path, default=Path("benchmarks/results"),
                     help="folder of result JSON files (default: benchmarks/results)")  # fmt: skip
-    rp.add_argument("--figure", type=Path,
+    rp.add_argument("--figure", type=figure_path,
                     default=Path("benchmarks/results/throughput-vs-accuracy.png"),
                     help="throughput-against-accuracy scatter (PNG)")  # fmt: skip
     rp.add_argument("--readme", type=Path, help="rewrite this file's report section")

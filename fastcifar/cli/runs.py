@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastcifar.cli.arguments import RUN_DATA_HELP
+from fastcifar.cli.arguments import RUN_DATA_HELP, figure_path
 from fastcifar.errors import UserError
 
 
@@ -23,7 +23,9 @@ def register(commands) -> None:
     co.add_argument("runs", type=Path, nargs="+",
                     help="run directories or folders of runs; or accuracy results files "
                          "(.json, from `fastcifar bench accuracy`), pooled per arch and recipe")  # fmt: skip
-    co.add_argument("--out", type=Path, default=Path("compare.png"), help="curves figure (PNG)")
+    co.add_argument(
+        "--out", type=figure_path, default=Path("compare.png"), help="curves figure (PNG)"
+    )
     co.add_argument("--table", type=table_path,  # a wrong suffix fails before the work
                     help="also write the table here (.csv or .md)")  # fmt: skip
     co.add_argument("--pool-seeds", action="store_true",
