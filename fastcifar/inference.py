@@ -17,6 +17,7 @@ from fastcifar.train.build import build_model
 from fastcifar.train.checkpoint import load_checkpoint, load_model_state
 from fastcifar.train.device import computes_in, fastest_amp, input_dtype, resolve_device
 from fastcifar.train.evaluate import EvalResult, evaluate
+from fastcifar.train.rundir import run_data
 
 
 def load_trained(path: Path, device_name: str = "auto") -> tuple[torch.nn.Module, TrainConfig]:
@@ -37,6 +38,9 @@ def eval_checkpoint(
 ) -> EvalResult:
     model, cfg = load_trained(path, device_name)
     device = next(model.parameters()).device
+    run = path if path.is_dir() else path.parent
+    if not data and (run / "config.json").is_file():  # the checkpoint's run: its data, found
+        data = run_data(run)  # from any working directory
     bundle = prepare_data(
         data or cfg.data, val=0, split_seed=0, subset=None, device=device, log=log
     )

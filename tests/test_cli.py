@@ -254,6 +254,22 @@ def test_paper_recipes_override_the_default_augmentation(arch):
     assert (cfg.crop_pad, cfg.flip, cfg.cutout, cfg.label_smoothing) == (0, False, 0, 0.0)
 
 
+def test_a_run_finds_its_data_from_another_working_directory(capsys, tmp_path, monkeypatch,
+                                                             data):  # fmt: skip
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(project)
+    assert run(capsys, *quick(os.path.relpath(data), project / "run"))[0] == 0
+    summary = json.loads((project / "run" / "summary.json").read_text())
+    assert summary["data_source"] == str(Path(data).resolve())
+    monkeypatch.chdir(elsewhere)  # where ../data is no data at all
+    code, out, err = run(capsys, "eval", str(project / "run"))
+    assert code == 0, err
+    assert f"test accuracy: {100 * summary['best']['test_acc']:.2f}%" in out
+    assert run(capsys, "analyze", str(project / "run"), "--no-track")[0] == 0
+
+
 def test_train_eval_predict_and_foreign_checkpoint(capsys, tmp_path, data):
     code, _, err = run(capsys, *quick(data, tmp_path / "run"))
     assert code == 0, err

@@ -125,7 +125,12 @@ def write_entry(entry: Path, arrays: CifarArrays, source: Path) -> None:
             file = tmp / f"{name}.npy"
             np.save(file, np.ascontiguousarray(getattr(arrays, name)))
             files[name] = {"bytes": file.stat().st_size, "blake2b": _file_digest(file)}
-        manifest = {"format": FORMAT, "source": str(source), "created": time.time(), "files": files}
+        manifest = {
+            "format": FORMAT,
+            "source": str(source.resolve()),
+            "created": time.time(),
+            "files": files,
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         replace_folder(tmp, entry)
     finally:

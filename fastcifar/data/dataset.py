@@ -60,7 +60,7 @@ def resolve_arrays(data: str | None, download: bool, log=print) -> tuple[CifarAr
         if download and (not given.exists() or _empty_folder(given)):  # as torchvision's root
             download_official(given, log)
         arrays = _read_entry(given) if is_entry(given) else load_cached(given, log)
-        return arrays, str(path)
+        return arrays, str(given.resolve())  # found again from any working directory
     if download:
         tarball = download_official(cache_root(), log)
         return load_cached(tarball, log), str(tarball)
@@ -140,7 +140,8 @@ def prepare_encoded(
         return Split([enc.train_files[i] for i in idx], enc.train_labels[idx])
 
     return DataBundle(train=rows(train_idx), val=rows(val_idx) if val else None,
-                      test=Split(enc.test_files, enc.test_labels), source=str(path))  # fmt: skip
+                      test=Split(enc.test_files, enc.test_labels),
+                      source=str(Path(path).expanduser().resolve()))  # fmt: skip
 
 
 def prepare_data(
