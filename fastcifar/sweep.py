@@ -281,6 +281,7 @@ def run_sweep(spec: SweepSpec, *, storage: str | None, workers: int, resume: boo
     study = optuna.create_study(
         study_name=spec.name, storage=rdb, direction="maximize", load_if_exists=True
     )
+    _keep_search_space(spec, study)
     if track and "mlflow_parent_run_id" not in study.user_attrs:
         from fastcifar.track import Tracker
 
@@ -320,6 +321,26 @@ def run_sweep(spec: SweepSpec, *, storage: str | None, workers: int, resume: boo
         parent.log_artifacts(out, names=["results.csv", "results.md"])
         parent.end("FINISHED")
     return rows
+
+
+def _keep_search_space(spec: SweepSpec, study) -> None:
+    """A study's trials hold to the search space it began with: a resumed sweep whose file
+    changed an axis, a fixed value or the sampler is refused (Optuna cannot widen an axis,
+    and a changed fixed value would mix two experiments in one table)."""
+    space = json.loads(
+        json.dumps({"axes": spec.axes, "fixed": spec.fixed, "sampler": spec.sampler})
+    )
+    began = study.user_attrs.get("search_space")
+    if began is None:  # a new study (or one begun before the space was kept)
+        study.set_user_attr("search_space", space)
+        return
+    changed = [name for part in ("axes", "fixed") for name in sorted({*began[part], *space[part]})
+               if began[part].get(name) != space[part].get(name)]  # fmt: skip
+    if began["sampler"] != space["sampler"]:
+        changed.append("the sampler")
+    if changed:
+        raise UserError(f"{spec.path} changed {', '.join(changed)} since study {spec.name!r} began; "
+                        "restore it, or sweep it as a new study (another file name or --out)")  # fmt: skip
 
 
 def _run_workers(command: list[str], env: dict, workers: int) -> list[int]:

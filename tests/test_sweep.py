@@ -123,6 +123,18 @@ def test_resume_redoes_nothing_and_is_required(tmp_path, data, capsys):
     assert main([*args, "--resume"]) == 0
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert len(study.trials) == 2
+    for edit, changed in [
+        ("lr = [0.01, 0.05, 0.1]", "lr"),
+        ("lr = [0.01, 0.05]\nseed = 3", "seed"),
+    ]:
+        path.write_text(path.read_text().replace("lr = [0.01, 0.05]", edit))
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2  # Optuna cannot widen an axis: no worker starts
+        err = capsys.readouterr().err.strip()
+        assert err == (f"fastcifar: error: {path} changed {changed} since study 's' began; restore "
+                       "it, or sweep it as a new study (another file name or --out)")  # fmt: skip
+        assert len(optuna.load_study(study_name="s", storage=study._storage).trials) == 2
+        path.write_text(path.read_text().replace(edit, "lr = [0.01, 0.05]"))
 
 
 def test_workers_train_the_file_as_the_sweep_read_it(tmp_path, data):
