@@ -81,7 +81,6 @@ def read_sweep(path: Path, text: str | None = None) -> SweepSpec:
     its sweep read, so that an edit of the file during a sweep changes nothing in it)."""
     text = read_text(path, "sweep file") if text is None else text
     raw = load_toml(path, "sweep file", text)
-
     unknown_tables = set(raw) - {"search", "sampler"}
     if unknown_tables or "search" not in raw:
         raise UserError(

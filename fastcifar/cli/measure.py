@@ -44,7 +44,8 @@ def register(commands) -> None:
     tp.set_defaults(handler=bench_throughput)
 
     ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")
-    ac.add_argument("--arch", nargs="+", type=arch_name, default=["lenet", "conv3", "conv5", "cerberus"],
+    ac.add_argument("--arch", nargs="+", type=arch_name,
+                    default=["lenet", "conv3", "conv5", "cerberus"],
                     help="architectures (default: lenet conv3 conv5 cerberus)")  # fmt: skip
     ac.add_argument("--recipe", choices=["default", "paper"], default="default",
                     help="the arch's default recipe, or the paper's own (configs/paper/)")  # fmt: skip
