@@ -66,6 +66,7 @@ def assert_one_line_error(code, err, fragment):
 def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):
     code, _, err = run(capsys, *quick(data, tmp_path / "run"), *extra)
     assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()  # a refused run leaves no empty run folder
 
 
 @pytest.mark.parametrize(
@@ -115,6 +116,7 @@ def test_usage_mistakes_are_one_line_too(capsys, argv, fragment):
 def test_cuda_options_without_cuda(capsys, tmp_path, data, extra, fragment):
     code, _, err = run(capsys, *quick(data, tmp_path / "run"), *extra)
     assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_and_corrupt_data(capsys, tmp_path):

@@ -141,6 +141,16 @@ def test_cache_roundtrip_is_memory_mapped(png_zip, arrays):
     assert_same_arrays(second, folder_order(arrays))
 
 
+def test_an_uncreatable_cache_folder_is_refused_before_decoding(png_zip, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(blocker / "cache"))
+    messages = []
+    with pytest.raises(UserError, match="cannot create the cache folder .*FASTCIFAR_CACHE"):
+        load_cached(png_zip, log=messages.append)
+    assert messages == []  # nothing decoded first
+
+
 @pytest.mark.parametrize("damage", ["truncate", "tamper", "manifest"])
 def test_damaged_cache_is_rebuilt(png_zip, arrays, damage):
     load_cached(png_zip, log=lambda _: None)

@@ -21,6 +21,7 @@ import numpy as np
 
 from fastcifar.atomic import replace_folder
 from fastcifar.data.sources import CifarArrays, read_source, source_reader
+from fastcifar.errors import UserError
 
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 FORMAT = 1
@@ -28,6 +29,19 @@ FORMAT = 1
 
 def cache_root() -> Path:
     return Path(os.environ.get("FASTCIFAR_CACHE", Path.home() / ".cache" / "fastcifar"))
+
+
+def _make_cache_root() -> Path:
+    """The cache folder, created if needed; a clear error before any decoding if it cannot be."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the cache folder {root} ({exc.strerror or exc}); "
+            "set FASTCIFAR_CACHE to a writable folder"
+        ) from None
+    return root
 
 
 def content_hash(path: Path) -> str:
@@ -54,7 +68,7 @@ def _file_digest(path: Path) -> str:
 def load_cached(source: Path, log=print) -> CifarArrays:
     """Arrays for `source`, from the cache when a valid entry exists, else decoded and cached."""
     source_reader(source)  # no source (or none at all): say so before hashing or decoding
-    entry = cache_root() / content_hash(source)
+    entry = _make_cache_root() / content_hash(source)
     arrays = read_entry(entry)
     if arrays is not None:
         return arrays

@@ -111,17 +111,22 @@ def fit(
     every epoch (sweeps use it to prune); `resume_hint` says on Ctrl-C or SIGTERM how to
     go on (a sweep says it for the whole study instead).
     """
-    run_dir = rundir.create_run_dir(
-        resume or Path(cfg.out or rundir.default_run_dir(cfg.arch)), fresh=resume is None
-    )
-    with rundir.claimed(run_dir):
-        try:
-            return _fit(cfg, display, run_dir, resume is not None, parent_run_id, on_epoch)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on
-            if resume_hint and (run_dir / "last.pt").exists():
-                print(f"fastcifar: {run_dir} keeps its last finished epoch; `fastcifar train "
-                      f"--resume {run_dir}` goes on from there", file=sys.stderr)  # fmt: skip
-            raise
+    path = resume or Path(cfg.out or rundir.default_run_dir(cfg.arch))
+    created = not path.exists()
+    run_dir = rundir.create_run_dir(path, fresh=resume is None)
+    try:
+        with rundir.claimed(run_dir):
+            try:
+                return _fit(cfg, display, run_dir, resume is not None, parent_run_id, on_epoch)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on
+                if resume_hint and (run_dir / "last.pt").exists():
+                    print(f"fastcifar: {run_dir} keeps its last finished epoch; `fastcifar "
+                          f"train --resume {run_dir}` goes on from there", file=sys.stderr)  # fmt: skip
+                raise
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty folder
+            rundir.remove_if_empty(run_dir)
+        raise
 
 
 def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bool,

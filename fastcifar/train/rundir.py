@@ -61,6 +61,16 @@ def claimed(path: Path):
         yield path
 
 
+def remove_if_empty(path: Path) -> None:
+    """Remove a run directory that holds nothing but its lock file."""
+    try:
+        if all(entry.name == LOCK for entry in path.iterdir()):
+            (path / LOCK).unlink(missing_ok=True)
+            path.rmdir()
+    except OSError:  # gone already, or not ours to remove: leave it
+        pass
+
+
 def is_training(path: Path) -> bool:
     """Whether a process holds the run directory's lock now."""
     try:
