@@ -34,7 +34,7 @@ CURVE_FIELDS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "
 def compare_runs(paths: list[Path], out: Path, log=print) -> list[dict]:
     """Final metrics of each run, and their curves overlaid in `out` (PNG). A path that is
     a folder of runs (a sweep's, `runs/`) stands for every run in it."""
-    runs = [_read_run(run, label) for run, label in _named(expand_runs(paths, log))]
+    runs = _read_runs(paths, log)
     _curves({r.row["run"]: r.rows for r in runs}, out)
     return [r.row for r in runs]
 
@@ -44,10 +44,9 @@ def compare_settings(paths: list[Path], out: Path, log=print) -> list[dict]:
     in their seed and in fields that do not change results, pooled; their mean curves
     overlaid in `out` (PNG)."""
     groups: dict[str, list[_Run]] = {}
-    for run, label in _named(expand_runs(paths, log)):
-        r = _read_run(run, label)
+    for r in _read_runs(paths, log):
         if r.row["state"] not in ("finished", "early stop"):
-            log(f"{run}: {r.row['state']}, left out of the pooled rows")
+            log(f"{r.path}: {r.row['state']}, left out of the pooled rows")
             continue
         groups.setdefault(json.dumps(r.settings, sort_keys=True), []).append(r)
     if not groups:
@@ -170,6 +169,22 @@ class _Run:
     settings: dict  # what makes it the same experiment as another run
     seed: int | None
     path: Path
+
+
+def _read_runs(paths: list[Path], log) -> list[_Run]:
+    """Each run `paths` name. A run named itself that cannot be read stops the comparison;
+    one found in a folder of runs is left out, with a note, and the others compared."""
+    runs = []
+    for run, label in _named(expand_runs(paths, log)):
+        try:
+            runs.append(_read_run(run, label))
+        except UserError as exc:
+            if run in paths:
+                raise
+            log(f"{exc}; left out")
+    if not runs:
+        raise UserError(f"no run to compare in {', '.join(map(str, paths))}")
+    return runs
 
 
 def _read_run(run: Path, label: str) -> _Run:

@@ -13,6 +13,7 @@ from fastcifar.compare import compare_records
 from fastcifar.config import TrainConfig
 from fastcifar.data.cache import load_cached
 from fastcifar.display import TrainingDisplay
+from fastcifar.errors import UserError
 from fastcifar.train.engine import fit
 
 from .conftest import make_arrays, write_batches_dir
@@ -133,6 +134,29 @@ def test_compare_takes_folders_of_runs_and_says_how_each_ended(tmp_path):
     assert notes == [f"{sweep / 'd'}: no finished epoch yet, left out"]
     with Image.open(tmp_path / "c.png") as img:
         assert img.format == "PNG"
+
+
+def test_compare_leaves_out_a_damaged_run_found_in_a_folder(tmp_path, capsys):
+    from fastcifar.compare import compare_runs, compare_settings
+
+    runs = tmp_path / "runs"
+    fake_run(runs / "a", 2, 2, {"stopped": None})
+    fake_run(runs / "b", 2, 2, {"stopped": None})
+    (runs / "b" / "config.json").write_text('{"arch": "lenet", "epo')  # cut short
+    notes = []
+    rows = compare_runs([runs], tmp_path / "c.png", log=notes.append)
+    assert [r["run"] for r in rows] == ["a"]
+    assert len(notes) == 1 and notes[0].startswith(f"cannot read {runs / 'b' / 'config.json'}")
+    assert notes[0].endswith("; left out")
+    assert [r["runs"] for r in compare_settings([runs], tmp_path / "p.png", log=notes.append)] == [
+        1
+    ]
+    # named itself, the damaged run stops the comparison with its one-line error
+    assert main(["compare", str(runs / "b"), "--out", str(tmp_path / "d.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    (runs / "a" / "metrics.jsonl").write_text("{not json")
+    with pytest.raises(UserError, match="no run to compare in"):
+        compare_runs([runs], tmp_path / "e.png", log=notes.append)
 
 
 def test_compare_writes_its_table_as_csv_or_markdown(tmp_path, capsys):
