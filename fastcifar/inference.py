@@ -85,19 +85,40 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 
 def predict_images(
-    path: Path, images: list[Path], device_name: str = "auto", batch_size: int = 500
-) -> list[tuple[str, float]]:
-    """(class name, probability) for each image, classified batch_size at a time."""
+    path: Path,
+    images: list[Path],
+    device_name: str = "auto",
+    batch_size: int = 500,
+    named: tuple[Path, ...] = (),
+    log=print,
+) -> list[tuple[Path, str, float]]:
+    """(image, class name, probability) for each image, classified batch_size at a time.
+
+    An image that cannot be read stops the command when the user named it (or `named` is
+    empty); one found in a folder is left out, with a note, and the others classified.
+    """
     model, cfg = load_trained(path, device_name)
     device = next(model.parameters()).device
     predictions = []
     for start in range(0, len(images), batch_size):
-        chunk = [read_image(p) for p in images[start : start + batch_size]]
-        batch = torch.from_numpy(np.stack(chunk)).to(device)
+        chunk = []
+        for image in images[start : start + batch_size]:
+            try:
+                chunk.append((image, read_image(image)))
+            except UserError as exc:
+                if not named or image in named:
+                    raise
+                log(f"{exc}; left out")
+        if not chunk:
+            continue
+        batch = torch.from_numpy(np.stack([pixels for _, pixels in chunk])).to(device)
         with torch.inference_mode():
             logits = model(to_nchw(prepare_images(batch, 0, torch.float32))).float()
         probs, classes = logits.softmax(1).max(1)
         predictions += [
-            (CLASSES[c], p) for c, p in zip(classes.tolist(), probs.tolist(), strict=True)
+            (image, CLASSES[c], p)
+            for (image, _), c, p in zip(chunk, classes.tolist(), probs.tolist(), strict=True)
         ]
+    if not predictions:
+        raise UserError("none of the images could be read")
     return predictions

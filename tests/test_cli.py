@@ -298,8 +298,19 @@ def test_train_eval_predict_and_foreign_checkpoint(capsys, tmp_path, data):
     assert listed == [str(folder / "more" / "frog.JPG"), str(folder / "red.png"), str(image)]
     one_at_a_time = predict_images(tmp_path / "run", [Path(p) for p in listed], batch_size=1)
     together = predict_images(tmp_path / "run", [Path(p) for p in listed])
-    assert [c for c, _ in one_at_a_time] == [c for c, _ in together]
-    assert [p for _, p in one_at_a_time] == pytest.approx([p for _, p in together], rel=1e-4)
+    assert [c for _, c, _ in one_at_a_time] == [c for _, c, _ in together]
+    assert [p for *_, p in one_at_a_time] == pytest.approx([p for *_, p in together], rel=1e-4)
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")  # found in a folder: left out
+    code, out, err = run(capsys, "predict", str(tmp_path / "run"), str(folder))
+    assert code == 0 and "broken.png" not in out and len(out.strip().splitlines()) == 2
+    assert err.startswith(f"cannot read image {folder / 'broken.png'}: ")
+    assert err.strip().endswith("; left out") and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "predict", str(tmp_path / "run"), str(folder / "broken.png"))
+    assert_one_line_error(code, err, "cannot read image")  # named itself: stops
+    (folder / "only").mkdir()
+    (folder / "broken.png").rename(folder / "only" / "broken.png")
+    code, _, err = run(capsys, "predict", str(tmp_path / "run"), str(folder / "only"))
+    assert code == 2 and err.strip().endswith("fastcifar: error: none of the images could be read")
     code, _, err = run(capsys, "predict", str(tmp_path / "run"), str(folder / "more" / "none"))
     assert_one_line_error(code, err, "image not found")
     (folder / "empty").mkdir()

@@ -3,6 +3,8 @@ image files."""
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 
 from fastcifar.cli.arguments import RUN_DATA_HELP
@@ -47,8 +49,10 @@ def predict(args) -> int:
     from fastcifar.inference import image_files, predict_images
 
     images = image_files(args.images)
-    for image, (name, prob) in zip(
-        images, predict_images(args.checkpoint, images, args.device), strict=True
+    named = tuple(args.images)
+    note = functools.partial(print, file=sys.stderr)
+    for image, name, prob in predict_images(
+        args.checkpoint, images, args.device, named=named, log=note
     ):
         print(f"{image}\t{name}\t{prob:.4f}")
     return 0
