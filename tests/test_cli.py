@@ -258,11 +258,11 @@ def test_paper_recipes_override_the_default_augmentation(arch):
 
 def test_a_run_finds_its_data_from_another_working_directory(capsys, tmp_path, monkeypatch,
                                                              data):  # fmt: skip
-    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere" / "deeper"
     project.mkdir()
-    elsewhere.mkdir()
+    elsewhere.mkdir(parents=True)
     monkeypatch.chdir(project)
-    assert run(capsys, *quick(os.path.relpath(data), project / "run"))[0] == 0
+    assert run(capsys, *quick(os.path.relpath(data), project / "run", "--schedule", "step"))[0] == 0
     summary = json.loads((project / "run" / "summary.json").read_text())
     assert summary["data_source"] == str(Path(data).resolve())
     monkeypatch.chdir(elsewhere)  # where ../data is no data at all
@@ -270,6 +270,17 @@ def test_a_run_finds_its_data_from_another_working_directory(capsys, tmp_path, m
     assert code == 0, err
     assert f"test accuracy: {100 * summary['best']['test_acc']:.2f}%" in out
     assert run(capsys, "analyze", str(project / "run"), "--no-track")[0] == 0
+    code, _, err = run(capsys, "train", "--config", str(project / "run"), "--out", "again",
+                       "--no-track", "--quiet")  # fmt: skip
+    assert code == 0, err
+    (project / "run" / "summary.json").unlink()  # as an interrupted run has none: env.json
+    assert json.loads((project / "run" / "env.json").read_text())["data_source"] == str(
+        Path(data).resolve()
+    )
+    code, _, err = run(capsys, "train", "--resume", str(project / "run"), "--epochs", "2",
+                       "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert len((project / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_train_eval_predict_and_foreign_checkpoint(capsys, tmp_path, data):

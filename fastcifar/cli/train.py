@@ -108,8 +108,12 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
         saved = resume / "config.json"
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} not found")
-        return TrainConfig.from_dict({**read_run_config(saved), **flags}), resume
-    file_values = read_config(args.config) if getattr(args, "config", None) else {}
+        values = _found_data(read_run_config(saved), resume)
+        return TrainConfig.from_dict({**values, **flags}), resume
+    config = getattr(args, "config", None)
+    file_values = read_config(config) if config else {}
+    if config and (config.is_dir() or config.name == "config.json"):  # a run's settings
+        file_values = _found_data(file_values, config if config.is_dir() else config.parent)
     arch = flags.get("arch") or file_values.get("arch") or TrainConfig.arch
     if arch not in list_models():
         raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(list_models())}")
@@ -120,3 +124,10 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
             print(f"fastcifar: {SLOW_BF16}; --amp trains in fp32", file=sys.stderr)
     values = {**recipe(arch, device.type), **file_values, **flags, "arch": arch}
     return TrainConfig.from_dict(values), None
+
+
+def _found_data(values: dict, run: Path) -> dict:
+    """A run's saved values, with its --data found from any working directory."""
+    from fastcifar.train.rundir import run_data
+
+    return {**values, "data": run_data(run)} if values.get("data") else values

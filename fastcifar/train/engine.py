@@ -169,7 +169,7 @@ def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bo
         display.log(f"resuming {run_dir} after epoch {state['epoch']}")
     state["train_samples"] = train_loader.num_samples
     rundir.write_json(run_dir, "config.json", cfg.to_dict())  # a resume may change --epochs
-    env = rundir.environment(device)
+    env = {**rundir.environment(device), "data_source": data.source}
     rundir.write_environment(run_dir, env, resumed=ckpt is not None)
     tracker = start_tracking(cfg, env, run_dir, display, parent_run_id, resumed=ckpt is not None)
     display.log(run_header(cfg, model, env["device_name"], len(train_loader), run_dir))

@@ -94,10 +94,13 @@ def read_json(path: Path) -> dict:
 
 
 def run_data(run: Path) -> str | None:
-    """The data a run trained on: its --data, else the source its summary recorded (an
-    absolute path, so a --data given relative to another working directory is found)."""
+    """The data a run trained on: its --data, else the source its summary (or, before it
+    finished, its env.json) recorded: an absolute path, so a --data given relative to
+    another working directory is found."""
     given = read_json(run / "config.json").get("data")
-    recorded = read_json(run / "summary.json").get("data_source")
+    recorded = read_json(run / "summary.json").get("data_source") or read_json(
+        run / "env.json"
+    ).get("data_source")
     if given and not Path(given).expanduser().exists() and recorded and Path(recorded).exists():
         return recorded
     return given or recorded
