@@ -186,12 +186,16 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                worker: int, heartbeat: int) -> None:  # fmt: skip
     """Run trials until the grid is exhausted or the budget is spent."""
     import optuna
+    import torch
 
     from fastcifar.display import TrainingDisplay
     from fastcifar.train.device import resolve_device
     from fastcifar.train.engine import fit
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The worker prints its own line per trial, a failed one's error included: Optuna's
+    # warnings (a failed trial's traceback among them) would repeat it at length.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    trial_errors = (UserError, torch.OutOfMemoryError)  # the point's own settings fail
     storage = open_storage(storage_url, heartbeat)
     # No pruner would mean Optuna's default, a MedianPruner: `prune = false` needs NopPruner.
     pruner = (
@@ -235,7 +239,11 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
             summary = fit(cfg, TrainingDisplay(quiet=True), parent_run_id=parent,
                           on_epoch=report, resume_hint=False)  # fmt: skip
         except KeyboardInterrupt:  # the sweep stops: the trial fails without Optuna's traceback
-            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            raise
+        except trial_errors as exc:  # kept for the table; this sweep does not retry the point
+            trial.set_user_attr("error", first_line(exc))
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
             raise
         best = summary["best"]
         trial.set_user_attr("test_acc", best["test_acc"])
@@ -251,7 +259,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                 print(trial_line(r, spec), flush=True)
 
     if spec.sampler == "grid":  # the grid sampler stops the study once every point is taken
-        study.optimize(objective, catch=(UserError,), callbacks=[table_so_far])
+        study.optimize(objective, catch=trial_errors, callbacks=[table_so_far])
         return
     from optuna.trial import TrialState
 
@@ -259,7 +267,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         spec.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)
     )
     study.optimize(objective, n_trials=spec.trials, callbacks=[budget, table_so_far],
-                   catch=(UserError,))  # fmt: skip
+                   catch=trial_errors)  # fmt: skip
 
 
 def run_sweep(spec: SweepSpec, *, storage: str | None, workers: int, resume: bool, out: Path | None,
@@ -281,6 +289,9 @@ def run_sweep(spec: SweepSpec, *, storage: str | None, workers: int, resume: boo
         study_name=spec.name, storage=rdb, direction="maximize", load_if_exists=True
     )
     _keep_search_space(spec, study)
+    first_new = len(study.trials)  # a point that fails from here on is not retried by this sweep
+    if resume:
+        _retry_failed_points(study)
     if track and "mlflow_parent_run_id" not in study.user_attrs:
         from fastcifar.track import Tracker
 
@@ -296,7 +307,7 @@ def run_sweep(spec: SweepSpec, *, storage: str | None, workers: int, resume: boo
     env = {**os.environ, SPEC_TEXT_ENV: spec.text,
            **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}  # fmt: skip
     for _ in range(3):  # a round of workers, then again for what a dead or racing worker left
-        if _nothing_left(spec, study):
+        if _nothing_left(spec, study, first_new):
             break
         try:
             codes = _run_workers(command, env, workers)
@@ -375,6 +386,21 @@ def cpu_threads_per_worker(workers: int) -> int:
     return max(1, (cores or 1) // workers)
 
 
+def _retry_failed_points(study) -> None:
+    """Queue once more each point whose trials all failed with an error of their own: a
+    resume trains it again (the sweep that saw it fail did not)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    settled = {json.dumps(t.params, sort_keys=True) for t in trials
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)}  # fmt: skip
+    for trial in trials:
+        key = json.dumps(trial.params, sort_keys=True)
+        if trial.state == TrialState.FAIL and "error" in trial.user_attrs and key not in settled:
+            study.enqueue_trial(trial.params)
+            settled.add(key)
+
+
 def _recover_stale(study, heartbeat: int) -> None:
     """After the workers exit, a trial still RUNNING belongs to a dead worker or to one on
     another machine. Wait out the grace period and fail the stale ones, which enqueues
@@ -387,22 +413,27 @@ def _recover_stale(study, heartbeat: int) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def _nothing_left(spec: SweepSpec, study) -> bool:
-    """Every grid point (or the whole TPE budget) is finished, and no trial waits or runs."""
+def _nothing_left(spec: SweepSpec, study, first_new: int) -> bool:
+    """Every grid point (or the whole TPE budget) is finished, or failed with an error of
+    its own in a trial from `first_new` on, and no trial waits or runs."""
     from optuna.trial import TrialState
 
     if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         return False
-    return _trials_done(spec, study) >= spec.planned()
+    return _trials_done(spec, study, errors_since=first_new) >= spec.planned()
 
 
-def _trials_done(spec: SweepSpec, study) -> int:
+def _trials_done(spec: SweepSpec, study, errors_since: int | None = None) -> int:
     """Trials that count: completed or pruned, not duplicates; on a grid, distinct points
-    (a failed trial and its retry count once, a failure not at all)."""
+    (a failed trial and its retry count once, a failure not at all, except one that failed
+    with an error of its own from trial `errors_since` on)."""
     from optuna.trial import TrialState
 
     finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                 if not t.user_attrs.get("duplicate")]  # fmt: skip
+    if errors_since is not None:
+        finished += [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                     if t.number >= errors_since and "error" in t.user_attrs]  # fmt: skip
     if spec.sampler == "tpe":
         return len(finished)
     return len({json.dumps(t.params, sort_keys=True) for t in finished})
@@ -431,10 +462,12 @@ def results(study, spec: SweepSpec) -> list[dict]:
     """One row per grid point (the latest finished trial of each): the paper's columns, and
     after the optimiser one column per other axis (a seed axis, say), in file order."""
     latest: dict[str, object] = {}
-    rank = {"PRUNED": 0, "COMPLETE": 1}  # a completed run of a point beats a pruned one
+    rank = {"FAIL": -1, "PRUNED": 0, "COMPLETE": 1}  # completed beats pruned beats failed
     for trial in study.trials:
         if trial.state.name not in rank or trial.user_attrs.get("duplicate"):
             continue
+        if trial.state.name == "FAIL" and "error" not in trial.user_attrs:
+            continue  # a dead worker's trial: retried, not a result
         key = json.dumps(trial.params, sort_keys=True)
         if key not in latest or rank[trial.state.name] >= rank[latest[key].state.name]:
             latest[key] = trial
@@ -457,8 +490,9 @@ def results(study, spec: SweepSpec) -> list[dict]:
             **{name: _shown(choice.get(name, "")) for name in _other_axes(spec)},
             "accuracy": f"{trial.user_attrs['test_acc']:.2%}" if "test_acc" in trial.user_attrs else "",
             "epochs_needed": trial.user_attrs.get("epochs_needed", ""),
-            "state": trial.state.name.lower(),
+            "state": "failed" if trial.state.name == "FAIL" else trial.state.name.lower(),
             "val_acc": trial.value,
+            "error": trial.user_attrs.get("error", ""),
         })  # fmt: skip
     return rows
 
@@ -466,6 +500,9 @@ def results(study, spec: SweepSpec) -> list[dict]:
 def trial_line(row: dict, spec: SweepSpec) -> str:
     """A finished trial as the sweep's log shows it: the paper's columns and every other axis."""
     axes = "".join(f", {name} {row[name]}" for name in _other_axes(spec))
+    if row["state"] == "failed":
+        return (f"trial {row['trial']} failed: {row['model']}, lr {row['lr']}, "
+                f"{row['optimizer']}{axes}: {row['error']}")  # fmt: skip
     return (f"trial {row['trial']} {row['state']}: {row['model']}, lr {row['lr']}, "
             f"{row['optimizer']}{axes}: {row['accuracy']} test at epoch {row['epochs_needed']}, "
             f"{row['duration']}")  # fmt: skip

@@ -363,3 +363,33 @@ def test_a_seed_axis_gets_a_column_and_compare_pools_its_repeats(tmp_path, data,
     ]
     worse = min(rows, key=lambda r: r["test_acc_mean"])
     assert worse["vs_best"] <= 0 and (worse["p_vs_best"] is None or 0 <= worse["p_vs_best"] <= 1)
+
+
+def test_a_point_that_fails_on_its_own_settings_is_a_failed_row_not_a_traceback(
+    tmp_path, data, capfd
+):
+    path = tmp_path / "s.toml"  # 250 training images: a batch of 5000 cannot be drawn
+    path.write_text('[search]\narch = "lenet"\nbatch_size = [50, 5000]\nepochs = 1\nval = 50\n'
+                    'amp = "none"\nthreads = 1\n')  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["sweep", str(path), "--out", str(out), "--data", data, "--no-track", "--workers", "1"]
+    assert main(argv) == 1
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err
+    failure = (
+        "failed: lenet, lr 0.05, sgd m=0.9, batch_size 5000: "
+        "--batch-size 5000 is larger than the 250 training images"
+    )
+    lines = [line for line in printed.out.splitlines() if line.startswith("trial ")]
+    assert len(lines) == 2 and sum(line.endswith(failure) for line in lines) == 1
+    assert printed.err.startswith("fastcifar: error: trial ")
+    assert printed.err.strip().endswith(failure) and len(printed.err.strip().splitlines()) == 1
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["batch_size"], r["state"]) for r in table) == [
+        ("50", "complete"), ("5000", "failed"),
+    ]  # fmt: skip
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 2  # the failed point is not retried by the sweep that saw it fail
+    assert main([*argv, "--resume"]) == 1  # a resume trains it once more
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.params["batch_size"] for t in study.trials[2:]] == [5000]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from fastcifar.cli.arguments import positive_int
@@ -65,4 +66,7 @@ def run(args) -> int:
         out = args.out or Path("sweeps") / spec.name
         console.print(f"`fastcifar compare {out} --pool-seeds` pools each point's seeds",
                       highlight=False, soft_wrap=True)  # a command to copy: never wrapped  # fmt: skip
-    return 0
+    failed = [row for row in rows if row["state"] == "failed"]
+    for row in failed:
+        print(f"fastcifar: error: {sweep.trial_line(row, spec)}", file=sys.stderr)
+    return 1 if failed else 0
