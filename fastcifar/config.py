@@ -100,10 +100,20 @@ class TrainConfig:
             # momentum 1 or more makes SGD's steps grow without bound
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), not {self.momentum}"),
             (self.threads >= 0, f"--threads must be >= 0, not {self.threads}"),
+            (self.gamma > 0, f"--gamma must be positive, not {self.gamma}"),
+            (self.seed >= 0, f"--seed must be >= 0, not {self.seed}"),
+            (self.split_seed >= 0, f"--split-seed must be >= 0, not {self.split_seed}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.activation is not None:
+            from fastcifar.models.layers import ACTIVATIONS  # torch: only when one is named
+
+            if self.activation not in ACTIVATIONS:
+                raise UserError(
+                    f"--activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -61,6 +61,10 @@ def assert_one_line_error(code, err, fragment):
         (["--momentum", "1.5"], "--momentum must be in [0, 1), not 1.5"),
         (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, not -0.1"),
         (["--cutout", "-1"], "--cutout must be >= 0, not -1"),
+        (["--seed", "-1"], "--seed must be >= 0, not -1"),
+        (["--split-seed", "-1"], "--split-seed must be >= 0, not -1"),
+        (["--gamma", "0"], "--gamma must be positive, not 0.0"),
+        (["--activation", "swish"], "--activation must be one of relu, leaky_relu, gelu, not"),
     ],
 )
 def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):
