@@ -245,3 +245,17 @@ def test_a_missing_extension_is_reported_once(monkeypatch, capsys):
     assert build.use_native("off", cpu) is False
     err = capsys.readouterr().err
     assert err.count("fastcifar._C did not load (test)") == 1 and "torch ops instead" in err
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
+def test_every_schedule_runs_through_a_run_of_a_few_steps(schedule):
+    from fastcifar.train.optim import Schedule
+
+    for steps in range(1, 9):  # a small --subset gives a handful of steps (onecycle: 4 failed)
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        plan = Schedule(optimizer, TrainConfig(schedule=schedule, epochs=1, lr=0.1), steps)
+        for _ in range(steps):
+            optimizer.step()
+            plan.step()
+        assert 0 <= optimizer.param_groups[0]["lr"] <= 0.1

@@ -38,8 +38,11 @@ class Schedule:
             )
             main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
         elif cfg.schedule == "onecycle":
+            # OneCycleLR divides by its rising phase's length, pct_start * total - 1 steps:
+            # zero for a 4-step run (a small --subset), which then rises a little longer.
+            rise = 0.25 if total != 4 else 0.3
             main = lr_scheduler.OneCycleLR(
-                optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25,
+                optimizer, max_lr=cfg.lr, total_steps=total, pct_start=rise,
                 cycle_momentum=False, div_factor=10, final_div_factor=100,
             )  # fmt: skip
         elif cfg.schedule == "cosine":
