@@ -126,10 +126,12 @@ def _check(options: dict, path: Path) -> None:
         TrainConfig.from_dict({"arch": "lenet", **options})
     except UserError as exc:
         raise UserError(f"{path}: {exc} (in {json.dumps(options)})") from None
-    from fastcifar.models import list_models
+    from fastcifar.models import check_arch
 
-    if options.get("arch", "lenet") not in list_models():
-        raise UserError(f"{path}: unknown arch {options['arch']!r}")
+    try:
+        check_arch(options.get("arch", "lenet"))
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 def _encode(value) -> str | int | float | bool:

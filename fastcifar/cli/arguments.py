@@ -81,14 +81,12 @@ def positive_int(text: str) -> int:
 def arch_name(text: str) -> str:
     """An `--arch` value, checked as the command line is read: a typo in the last of
     several architectures is refused before the first one is measured or trained."""
-    from fastcifar.models import list_models
+    from fastcifar.models import check_arch
 
-    names = list_models()
-    if text not in names:
-        near = difflib.get_close_matches(text, names, n=1)
-        hint = f"did you mean {near[0]!r}?" if near else f"choose one of: {', '.join(names)}"
-        raise argparse.ArgumentTypeError(f"unknown arch {text!r}; {hint}")
-    return text
+    try:
+        return check_arch(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def figure_path(text: str) -> Path:

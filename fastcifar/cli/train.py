@@ -94,7 +94,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     """Layer defaults, the arch's device recipe, --config, then flags (later wins)."""
-    from fastcifar.models import list_models
+    from fastcifar.models import check_arch
     from fastcifar.recipes import recipe
     from fastcifar.train.device import SLOW_BF16, fastest_amp, resolve_device
 
@@ -114,9 +114,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     file_values = read_config(config) if config else {}
     if config and (config.is_dir() or config.name == "config.json"):  # a run's settings
         file_values = _found_data(file_values, config if config.is_dir() else config.parent)
-    arch = flags.get("arch") or file_values.get("arch") or TrainConfig.arch
-    if arch not in list_models():
-        raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(list_models())}")
+    arch = check_arch(flags.get("arch") or file_values.get("arch") or TrainConfig.arch)
     device = resolve_device(flags.get("device") or file_values.get("device") or "auto")
     if flags.get("amp") == "auto":
         flags["amp"] = fastest_amp(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable
 
@@ -25,10 +26,19 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
 
 
+def check_arch(name: str) -> str:
+    """`name` if it is registered, else a one-line error naming the nearest one."""
+    if name not in _MODELS:
+        names = list_models()
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"choose one of: {', '.join(names)}"
+        raise UserError(f"unknown arch {name!r}; {hint}")
+    return name
+
+
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model; `overrides` go to its factory (activation, dropout, ...)."""
-    if name not in _MODELS:
-        raise UserError(f"unknown arch {name!r}; choose one of: {', '.join(list_models())}")
+    check_arch(name)
     try:
         return _MODELS[name](**overrides)
     except TypeError as exc:
