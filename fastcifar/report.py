@@ -67,8 +67,8 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
                 reach = max(times, key=lambda t: t["epoch"])
             rows.append({
                 "arch": arch,
-                "params": counts[arch]["params"],
-                "mult_adds": counts[arch]["mult_adds"],
+                "params": counts.get(arch, {}).get("params"),  # None: an arch since removed
+                "mult_adds": counts.get(arch, {}).get("mult_adds"),
                 "train_ips": t["fastcifar_images_per_sec"] if t else None,
                 "baseline_ips": t["baseline_images_per_sec"] if t else None,
                 "speedup": t["speedup"] if t else None,
@@ -132,8 +132,8 @@ def markdown(tables: dict[str, list[dict]]) -> str:
         for r in rows:
             cells = [
                 r["arch"],
-                f"{r['params']:,}",
-                f"{r['mult_adds'] / 1e6:.2f} M",
+                f"{r['params']:,}" if r["params"] else "-",
+                f"{r['mult_adds'] / 1e6:.2f} M" if r["mult_adds"] else "-",
                 _num(r["train_ips"]),
                 _num(r["baseline_ips"]),
                 f"{r['speedup']:.2f}x" if r["speedup"] else "-",

@@ -105,11 +105,31 @@ def read_results(path: Path) -> tuple[list[dict], list[dict]]:
     except ValueError as exc:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind == "side_by_side":
-        return [{**r, "machine": data["machine"]} for r in data["results"]], []
-    if kind == "accuracy":
-        return [], [{**r, "machine": data["machine"]} for r in data["records"]]
-    return [], []
+    if kind not in RESULT_FIELDS:
+        return [], []
+    key, fields = RESULT_FIELDS[kind]
+    items = data.get(key)
+    if not isinstance(data.get("machine"), str) or not isinstance(items, list):
+        raise UserError(f"{path} is not a fastcifar {kind} results file: no machine or {key}")
+    for item in items:
+        missing = [f for f in fields if f not in item] if isinstance(item, dict) else fields
+        if missing:
+            raise UserError(f"{path}: a {key[:-1]} without {', '.join(missing)}")
+    tagged = [{**item, "machine": data["machine"]} for item in items]
+    return (tagged, []) if kind == "side_by_side" else ([], tagged)
+
+
+# What each kind of results file holds: its list, and the fields every entry of it needs.
+RESULT_FIELDS = {
+    "side_by_side": (
+        "results",
+        ("arch", "fastcifar_images_per_sec", "baseline_images_per_sec", "speedup"),
+    ),
+    "accuracy": (
+        "records",
+        ("arch", "recipe", "seed", "test_acc", "epochs_run", "seconds", "reached"),
+    ),
+}
 
 
 def data_name(source: str) -> str:

@@ -173,6 +173,34 @@ def test_report_without_results_is_one_line(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ({"kind": "accuracy", "records": []}, "is not a fastcifar accuracy results file"),
+        ({"kind": "side_by_side", "machine": "m", "results": {}}, "no machine or results"),
+        ({"kind": "accuracy", "machine": "m", "records": [{"arch": "lenet", "recipe": "default"}]},
+         ": a record without seed, test_acc, epochs_run, seconds, reached"),
+        ({"kind": "side_by_side", "machine": "m", "results": ["lenet"]}, ": a result without arch"),
+    ],
+)  # fmt: skip
+def test_a_damaged_results_file_is_one_line(tmp_path, results, capsys, content, fragment):
+    (results / "accuracy-z.json").write_text(json.dumps(content))
+    assert main(["report", "--results", str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and "accuracy-z.json" in err[0]
+
+
+def test_report_keeps_a_result_of_an_arch_no_longer_registered(results, capsys):
+    (results / "accuracy-z.json").write_text(json.dumps({
+        "kind": "accuracy", "machine": "Test CPU, 2 cores",
+        "records": [record("resnet_gone", 0.9, 0, {})],
+    }))  # fmt: skip
+    assert main(["report", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet_gone | - | - |" in out
+    assert (results / "throughput-vs-accuracy.png").is_file()  # the figure's default folder
+
+
 def test_side_by_side_records_whether_it_ran_the_recipe_unchanged():
     train, labels, _, _ = make_arrays(n_train=256)
     kwargs = dict(steps=1, windows=1, warmup=1)

@@ -60,8 +60,8 @@ def register(commands) -> None:
     rp.add_argument("--results", type=Path, default=Path("benchmarks/results"),
                     help="folder of result JSON files (default: benchmarks/results)")  # fmt: skip
     rp.add_argument("--figure", type=figure_path,
-                    default=Path("benchmarks/results/throughput-vs-accuracy.png"),
-                    help="throughput-against-accuracy scatter (PNG)")  # fmt: skip
+                    help="throughput-against-accuracy scatter (default: "
+                         "throughput-vs-accuracy.png in the --results folder)")  # fmt: skip
     rp.add_argument("--readme", type=Path, help="rewrite this file's report section")
     rp.set_defaults(handler=report)
 
@@ -221,7 +221,7 @@ def report(args) -> int:
     if not tables:
         raise UserError(f"no results in {args.results}")
     text = markdown(tables)
-    figure = scatter(tables, args.figure)
+    figure = scatter(tables, args.figure or args.results / "throughput-vs-accuracy.png")
     text += f"\n![throughput against accuracy]({figure.as_posix()})\n"
     if args.readme:
         write_readme_section(args.readme, text)
