@@ -319,6 +319,10 @@ def test_analyze_without_predictions_is_one_line(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "predictions.npz" in err[0]
+    (tmp_path / "run" / "predictions.npz").write_bytes(b"PK\x03\x04 cut short")  # truncated
+    assert main(["analyze", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read" in err[0] and "predictions.npz" in err[0]
 
 
 def test_analyze_finds_the_cached_data_a_run_trained_on(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import json
 import platform
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,7 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(
             f"{path} has no predictions.npz; is it a fastcifar run directory?"
         ) from None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # truncated, not ours
         raise UserError(f"cannot read {path / 'predictions.npz'}: {exc}") from None
 
 
