@@ -62,7 +62,7 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
             stats = _test_accuracy_stats(records)
             paper = PAPER_ACCURACY.get(arch)
             reach = None  # every run had reached the paper's accuracy by then
-            times = [r["reached"].get("paper") for r in records or []]
+            times = [r.get("reached", {}).get("paper") for r in records or []]
             if times and all(times):
                 reach = max(times, key=lambda t: t["epoch"])
             rows.append({
@@ -76,7 +76,7 @@ def table_rows(throughput: list[dict], accuracy: list[dict]) -> dict[str, list[d
                 "eval_speedup": t.get("eval_speedup") if t else None,
                 "percent_of_peak": t.get("percent_of_peak") if t else None,
                 "stats": stats,
-                "epochs": records[0]["epochs_run"] if records else None,
+                "epochs": records[0].get("epochs_run") if records else None,
                 "wall": stats and sum(r["seconds"]["total"] for r in records) / len(records),
                 "reach": reach,
                 "paper_recipe": _test_accuracy_stats(entry.get("paper")),

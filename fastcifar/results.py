@@ -127,7 +127,7 @@ RESULT_FIELDS = {
     ),
     "accuracy": (
         "records",
-        ("arch", "recipe", "seed", "test_acc", "epochs_run", "seconds", "reached"),
+        ("arch", "recipe", "seed", "test_acc", "seconds"),
     ),
 }
 
