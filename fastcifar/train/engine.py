@@ -114,19 +114,14 @@ def fit(
     path = resume or Path(cfg.out or rundir.default_run_dir(cfg.arch))
     created = not path.exists()
     run_dir = rundir.create_run_dir(path, fresh=resume is None)
-    try:
-        with rundir.claimed(run_dir):
-            try:
-                return _fit(cfg, display, run_dir, resume is not None, parent_run_id, on_epoch)
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on
-                if resume_hint and (run_dir / "last.pt").exists():
-                    print(f"fastcifar: {run_dir} keeps its last finished epoch; `fastcifar "
-                          f"train --resume {run_dir}` goes on from there", file=sys.stderr)  # fmt: skip
-                raise
-    except BaseException:
-        if created:  # a run that failed before writing anything leaves no empty folder
-            rundir.remove_if_empty(run_dir)
-        raise
+    with rundir.claimed(run_dir, made_for_it=created):  # a run that fails at once leaves none
+        try:
+            return _fit(cfg, display, run_dir, resume is not None, parent_run_id, on_epoch)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on
+            if resume_hint and (run_dir / "last.pt").exists():
+                print(f"fastcifar: {run_dir} keeps its last finished epoch; `fastcifar train "
+                      f"--resume {run_dir}` goes on from there", file=sys.stderr)  # fmt: skip
+            raise
 
 
 def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bool,

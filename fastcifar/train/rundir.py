@@ -48,21 +48,27 @@ IN_USE = "{path} is in use: another fastcifar process is training there"
 
 
 @contextlib.contextmanager
-def claimed(path: Path):
+def claimed(path: Path, made_for_it: bool = False):
     """Hold the run directory for one training process: a second one (a `--resume` of a
     run still training, or the same `--out` twice) stops with a one-line error. The
-    operating system drops the lock when the process ends, however it ends."""
-    with (path / LOCK).open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(IN_USE.format(path=path)) from None
-        except OSError:  # a file system without locks: train unguarded rather than not at all
-            pass
-        yield path
+    operating system drops the lock when the process ends, however it ends. A directory
+    `made_for_it` that holds nothing but the lock at the end (the run failed before
+    writing a file) is removed."""
+    try:
+        with (path / LOCK).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(IN_USE.format(path=path)) from None
+            except OSError:  # a file system without locks: train unguarded, not not at all
+                pass
+            yield path
+    finally:
+        if made_for_it:
+            _remove_if_empty(path)
 
 
-def remove_if_empty(path: Path) -> None:
+def _remove_if_empty(path: Path) -> None:
     """Remove a run directory that holds nothing but its lock file."""
     try:
         if all(entry.name == LOCK for entry in path.iterdir()):
