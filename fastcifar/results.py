@@ -93,6 +93,19 @@ def run_record(run: Path, recipe: str) -> dict:
     }
 
 
+# What each kind of results file holds: its list, and the fields every entry of it needs.
+RESULT_FIELDS = {
+    "side_by_side": (
+        "results",
+        ("arch", "fastcifar_images_per_sec", "baseline_images_per_sec", "speedup"),
+    ),
+    "accuracy": (
+        "records",
+        ("arch", "recipe", "seed", "test_acc", "seconds"),
+    ),
+}
+
+
 def read_results(path: Path) -> tuple[list[dict], list[dict]]:
     """(throughput entries, accuracy records) of one results file, each with its machine;
     ([], []) for a JSON file of another kind."""
@@ -117,19 +130,6 @@ def read_results(path: Path) -> tuple[list[dict], list[dict]]:
             raise UserError(f"{path}: a {key[:-1]} without {', '.join(missing)}")
     tagged = [{**item, "machine": data["machine"]} for item in items]
     return (tagged, []) if kind == "side_by_side" else ([], tagged)
-
-
-# What each kind of results file holds: its list, and the fields every entry of it needs.
-RESULT_FIELDS = {
-    "side_by_side": (
-        "results",
-        ("arch", "fastcifar_images_per_sec", "baseline_images_per_sec", "speedup"),
-    ),
-    "accuracy": (
-        "records",
-        ("arch", "recipe", "seed", "test_acc", "seconds"),
-    ),
-}
 
 
 def data_name(source: str) -> str:
