@@ -55,6 +55,7 @@ def assert_one_line_error(code, err, fragment):
         (["--arch", "vgg"], "unknown arch 'vgg'; choose one of: cerberus, conv3"),
         (["--optimizer", "lion"], "--optimizer must be one of"),
         (["--val", "999999"], "--val must be"),
+        (["--subset", "999999"], "--subset 999999 is more than the "),
         (["--compile-mode", "fastest"], "--compile-mode must be one of"),
         (["--prefetch", "maybe"], "--prefetch must be one of"),
         (["--dali-decode"], "--dali-decode needs --loader dali"),

@@ -119,6 +119,11 @@ def split_rows(train_labels: np.ndarray, val: int, split_seed: int,
     """(train rows, validation rows) of the training set."""
     train_idx, val_idx = validation_split(train_labels, val, split_seed)
     if subset is not None:
+        if subset > len(train_idx):
+            raise UserError(
+                f"--subset {subset} is more than the {len(train_idx):,} training images "
+                f"left after --val {val}"
+            )
         # Image folders come sorted by class: take the first N of a fixed shuffle instead.
         shuffled = np.random.default_rng(split_seed).permutation(train_idx)
         train_idx = np.sort(shuffled[:subset])
