@@ -535,5 +535,5 @@ def write_results(rows: list[dict], spec: SweepSpec, out: Path) -> None:
     from fastcifar.tables import write_table
 
     columns = result_columns(spec)
-    write_table(rows, [*columns, "val_acc"], out / "results.csv")
+    write_table(rows, [*columns, "val_acc", "error"], out / "results.csv")
     write_table(rows, columns, out / "results.md")

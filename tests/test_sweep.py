@@ -385,8 +385,9 @@ def test_a_point_that_fails_on_its_own_settings_is_a_failed_row_not_a_traceback(
     assert printed.err.startswith("fastcifar: error: trial ")
     assert printed.err.strip().endswith(failure) and len(printed.err.strip().splitlines()) == 1
     table = list(csv.DictReader((out / "results.csv").open()))
-    assert sorted((r["batch_size"], r["state"]) for r in table) == [
-        ("50", "complete"), ("5000", "failed"),
+    assert sorted((r["batch_size"], r["state"], r["error"]) for r in table) == [
+        ("50", "complete", ""),
+        ("5000", "failed", "--batch-size 5000 is larger than the 250 training images"),
     ]  # fmt: skip
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 2  # the failed point is not retried by the sweep that saw it fail
