@@ -101,7 +101,7 @@ RESULT_FIELDS = {
     ),
     "accuracy": (
         "records",
-        ("arch", "recipe", "seed", "test_acc", "seconds"),
+        ("arch", "recipe", "seed", "test_acc", "seconds", "run"),
     ),
 }
 
@@ -109,6 +109,22 @@ RESULT_FIELDS = {
 def read_results(path: Path) -> tuple[list[dict], list[dict]]:
     """(throughput entries, accuracy records) of one results file, each with its machine;
     ([], []) for a JSON file of another kind."""
+    kind, items = _read_kind(path)
+    return (items, []) if kind == "side_by_side" else ([], items)
+
+
+def read_accuracy_file(path: Path) -> list[dict]:
+    """The records of an accuracy results file, each with its machine; any other file is
+    refused."""
+    kind, items = _read_kind(path)
+    if kind != "accuracy":
+        raise UserError(f"{path} is not an accuracy results file")
+    return items
+
+
+def _read_kind(path: Path) -> tuple[str | None, list[dict]]:
+    """(kind, entries each tagged with the file's machine) of a results file; (None, [])
+    for a JSON file of no kind fastcifar writes."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -119,7 +135,7 @@ def read_results(path: Path) -> tuple[list[dict], list[dict]]:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in RESULT_FIELDS:
-        return [], []
+        return None, []
     key, fields = RESULT_FIELDS[kind]
     items = data.get(key)
     if not isinstance(data.get("machine"), str) or not isinstance(items, list):
@@ -128,8 +144,7 @@ def read_results(path: Path) -> tuple[list[dict], list[dict]]:
         missing = [f for f in fields if f not in item] if isinstance(item, dict) else fields
         if missing:
             raise UserError(f"{path}: a {key[:-1]} without {', '.join(missing)}")
-    tagged = [{**item, "machine": data["machine"]} for item in items]
-    return (tagged, []) if kind == "side_by_side" else ([], tagged)
+    return kind, [{**item, "machine": data["machine"]} for item in items]
 
 
 def data_name(source: str) -> str:

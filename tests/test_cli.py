@@ -457,6 +457,12 @@ def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch
     collect = ["bench", "accuracy", "--collect", str(elsewhere), "--out"]
     assert run(capsys, *collect, str(tmp_path / "gpu.json"))[0] == 0
     assert json.loads((tmp_path / "gpu.json").read_text())["machine"] == "NVIDIA H200"
+    shutil.copytree(elsewhere, elsewhere.with_name("lenet-again"))  # a second run joins the file
+    assert run(capsys, *collect[:-2], str(elsewhere.with_name("lenet-again")), "--out",
+               str(tmp_path / "gpu.json"))[0] == 0  # fmt: skip
+    held = json.loads((tmp_path / "gpu.json").read_text())["records"]
+    assert [r["run"] for r in held] == ["lenet-default-s0", "lenet-again"]
+    assert not any("machine" in r for r in held)  # the file names its machine once
     code, _, err = run(capsys, *collect, str(tmp_path / "accuracy.json"))
     assert_one_line_error(code, err, "accuracy.json holds results of ")
     code, _, err = run(capsys, *collect[:-1], str(run_dir), "--out", str(tmp_path / "both.json"))
@@ -464,6 +470,14 @@ def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch
     (tmp_path / "gpu.json").write_text("[]")
     code, _, err = run(capsys, *collect, str(tmp_path / "gpu.json"))
     assert_one_line_error(code, err, "gpu.json is not an accuracy results file")
+    for held, fragment in [
+        ({"kind": "side_by_side", "machine": "NVIDIA H200", "results": []}, "is not an accuracy"),
+        ({"kind": "accuracy", "machine": "NVIDIA H200", "records": [{"arch": "lenet", "recipe":
+          "default", "seed": 0, "test_acc": 0.5, "seconds": {}}]}, "a record without run"),
+    ]:  # fmt: skip
+        (tmp_path / "gpu.json").write_text(json.dumps(held))
+        code, _, err = run(capsys, *collect, str(tmp_path / "gpu.json"))
+        assert_one_line_error(code, err, fragment)
 
 
 def test_no_traceback_from_the_console_script(tmp_path):

@@ -120,7 +120,7 @@ def bench_throughput(args) -> int:
 
 
 def bench_accuracy(args) -> int:
-    from fastcifar.results import accuracy_stats, run_record
+    from fastcifar.results import accuracy_stats, read_accuracy_file, run_record
 
     runs = list(args.collect or [])
     if not runs:
@@ -132,16 +132,14 @@ def bench_accuracy(args) -> int:
                         "record each machine's runs in a file of its own")  # fmt: skip
     previous = []
     if args.out.exists():
-        try:
-            held = json.loads(args.out.read_text())
-            held_records, held_machine = held["records"], held["machine"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{args.out} is not an accuracy results file") from None
+        held = read_accuracy_file(args.out)
+        held_machine = held[0]["machine"] if held else machines[0]
         if held_machine != machines[0]:
             raise UserError(f"{args.out} holds results of {held_machine}; these runs come "
                             f"from {machines[0]}: record them in a file of their own")  # fmt: skip
         replaced = {(r["run"], r["recipe"]) for r in records}
-        previous = [r for r in held_records if (r["run"], r["recipe"]) not in replaced]
+        previous = [{k: v for k, v in r.items() if k != "machine"} for r in held
+                    if (r["run"], r["recipe"]) not in replaced]  # fmt: skip
     # the runs' machine, which need not be this one (runs copied back from a GPU machine)
     _write_results(args.out, "accuracy", "updated", machine=machines[0], records=previous + records)
     for arch in sorted({r["arch"] for r in records}):
