@@ -146,6 +146,9 @@ def test_unwritable_run_directory(capsys, tmp_path, data):
     blocker.write_text("")
     code, _, err = run(capsys, *quick(data, blocker / "run"))
     assert_one_line_error(code, err, "not writable")
+    code, _, err = run(capsys, *quick(data, blocker))
+    assert_one_line_error(code, err, "a-file is a file, not a directory")
+    assert blocker.read_text() == ""
 
 
 def test_bad_config_file(capsys, tmp_path, data):

@@ -27,6 +27,8 @@ def default_run_dir(arch: str) -> Path:
 
 def create_run_dir(path: Path, fresh: bool) -> Path:
     """Make (or, when resuming, check) a run directory, with a one-line error if unusable."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run directory {path} is a file, not a directory")
     if is_training(path):
         raise UserError(IN_USE.format(path=path))
     if fresh and (path / "last.pt").exists():
