@@ -389,6 +389,19 @@ def test_bench_accuracy_records_a_run_only_under_its_own_recipe(capsys, tmp_path
                        "--runs", str(tmp_path / "runs"), "--out", str(out))  # fmt: skip
     assert_one_line_error(code, err, "no paper recipe for wide4 (there is one for: cerberus, conv3")
     assert not (tmp_path / "runs").exists()  # said before lenet, whose recipe exists, trains
+    train = ["bench", "accuracy", "--arch", "lenet", "--data", data, "--runs",
+             str(tmp_path / "runs"), "--out", str(out)]  # fmt: skip
+    for held, fragment in [
+        ("", "accuracy.json is not valid JSON"),
+        (json.dumps({"kind": "accuracy", "machine": "NVIDIA H200", "records": [
+            {"arch": "lenet", "recipe": "default", "seed": 0, "test_acc": 0.6, "seconds": {},
+             "run": "lenet-default-s0"}]}), "accuracy.json holds results of NVIDIA H200"),
+    ]:  # fmt: skip
+        out.write_text(held)
+        code, _, err = run(capsys, *train)
+        assert_one_line_error(code, err, fragment)
+        assert not (tmp_path / "runs").exists()  # said before hours of training, not after
+    out.unlink()
     collect = ["bench", "accuracy", "--out", str(out), "--collect"]
     code, _, err = run(capsys, *collect, str(tmp_path / "nothing"))
     assert_one_line_error(code, err, "run directory not found")

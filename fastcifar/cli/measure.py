@@ -121,25 +121,29 @@ def bench_throughput(args) -> int:
 
 def bench_accuracy(args) -> int:
     from fastcifar.results import accuracy_stats, read_accuracy_file, run_record
+    from fastcifar.train.device import device_name, resolve_device
+
+    # the file added to is read, and its machine checked, before anything trains
+    held = read_accuracy_file(args.out) if args.out.exists() else []
+
+    def refuse_other_machine(machine: str) -> None:
+        if held and held[0]["machine"] != machine:
+            raise UserError(f"{args.out} holds results of {held[0]['machine']}; these runs come "
+                            f"from {machine}: record them in a file of their own")  # fmt: skip
 
     runs = list(args.collect or [])
     if not runs:
+        refuse_other_machine(device_name(resolve_device("auto")))
         runs = _train_recipes(args)
     records = [run_record(run, args.recipe) for run in runs]
     machines = sorted({r["device_name"] for r in records})
     if len(machines) > 1:
         raise UserError(f"these runs come from {len(machines)} machines ({'; '.join(machines)}): "
                         "record each machine's runs in a file of its own")  # fmt: skip
-    previous = []
-    if args.out.exists():
-        held = read_accuracy_file(args.out)
-        held_machine = held[0]["machine"] if held else machines[0]
-        if held_machine != machines[0]:
-            raise UserError(f"{args.out} holds results of {held_machine}; these runs come "
-                            f"from {machines[0]}: record them in a file of their own")  # fmt: skip
-        replaced = {(r["run"], r["recipe"]) for r in records}
-        previous = [{k: v for k, v in r.items() if k != "machine"} for r in held
-                    if (r["run"], r["recipe"]) not in replaced]  # fmt: skip
+    refuse_other_machine(machines[0])
+    replaced = {(r["run"], r["recipe"]) for r in records}
+    previous = [{k: v for k, v in r.items() if k != "machine"} for r in held
+                if (r["run"], r["recipe"]) not in replaced]  # fmt: skip
     # the runs' machine, which need not be this one (runs copied back from a GPU machine)
     _write_results(args.out, "accuracy", "updated", machine=machines[0], records=previous + records)
     for arch in sorted({r["arch"] for r in records}):
