@@ -280,6 +280,8 @@ def run_sweep(spec: SweepSpec, *, storage: str | None, workers: int, resume: boo
 
     path = spec.path
     out = out or Path("sweeps") / spec.name
+    if out.exists() and not out.is_dir():
+        raise UserError(f"sweep directory {out} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)

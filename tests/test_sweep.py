@@ -57,6 +57,15 @@ def test_bad_sweep_files(tmp_path, capsys, search, sampler, fragment):
     assert not (tmp_path / "o" / "results.csv").exists()
 
 
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "o").write_text("keep")
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.1]')
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--no-track"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("o is a file, not a directory"), err
+    assert (tmp_path / "o").read_text() == "keep"
+
+
 def test_paper_grid_has_24_points():
     spec = read_sweep(
         __import__("pathlib").Path(__file__).parents[1] / "configs" / "sweeps" / "paper-table1.toml"
