@@ -14,6 +14,7 @@ parameters. Every trial is an MLflow child run under one parent run for the swee
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -209,8 +210,17 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                               pruner=pruner)  # fmt: skip
     parent = study.user_attrs.get("mlflow_parent_run_id")
     device = resolve_device("auto").type
+    failed_here = []  # trials of this worker that failed on their own settings
 
     def objective(trial):
+        if failed_here:
+            # A failed trial's exception holds its frames, and with them its model, optimiser
+            # and batches, in a reference cycle that only the collector breaks (Optuna keeps
+            # the exception in a frame of its traceback): break it before this trial
+            # allocates, and give the freed CUDA blocks back, or one OOM starts a run of them.
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         choice = {name: _decode(trial.suggest_categorical(name, [_encode(v) for v in values]))
                   for name, values in spec.axes.items()}  # fmt: skip
         if spec.sampler == "grid" and _taken_by_another(study, trial):
@@ -244,8 +254,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
             raise
         except trial_errors as exc:  # kept for the table; this sweep does not retry the point
             trial.set_user_attr("error", first_line(exc))
-            if isinstance(exc, torch.OutOfMemoryError):
-                torch.cuda.empty_cache()
+            failed_here.append(trial.number)
             raise
         best = summary["best"]
         trial.set_user_attr("test_acc", best["test_acc"])

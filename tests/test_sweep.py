@@ -294,6 +294,44 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, mon
     assert (out / "results.md").read_text().count("| lenet |") == 2
 
 
+def test_a_failed_trials_memory_is_freed_before_the_next_trial(tmp_path, data, monkeypatch):
+    """An out-of-memory trial's model and batches live on in its exception's frames; the
+    next trial on that worker must not start while they still hold memory."""
+    import gc
+    import weakref
+
+    import torch
+
+    from fastcifar.train import engine
+
+    class Activations:  # stands for the failed trial's tensors
+        pass
+
+    held, alive_at_next_trial = [], []
+
+    def fit(cfg, *args, **kwargs):
+        if not held:
+            activations = Activations()  # in the frame the traceback keeps
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        alive_at_next_trial.append(held[0]() is not None)
+        return {"best": {"val_acc": 0.5, "test_acc": 0.5, "epoch": 1}, "seconds": {"total": 1.0}}
+
+    monkeypatch.setattr(engine, "fit", fit)
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="m")
+    out = tmp_path / "out"
+    out.mkdir()
+    url = f"sqlite:///{out / 'study.db'}"
+    optuna.create_study(study_name="m", storage=url, direction="maximize")
+    gc.disable()  # only an explicit collection frees the cycle, as between two quick trials
+    try:
+        sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
+    finally:
+        gc.enable()
+    states = [t.state.name for t in optuna.load_study(study_name="m", storage=url).trials]
+    assert states == ["FAIL", "COMPLETE"] and alive_at_next_trial == [False]
+
+
 def test_the_table_keeps_the_columns_the_sweep_began_with(tmp_path, capsys, monkeypatch):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="e")
     columns = sweep.result_columns(read_sweep(path))
