@@ -27,7 +27,7 @@ from itertools import product
 from pathlib import Path
 
 from fastcifar.config import TrainConfig, load_toml, read_text
-from fastcifar.errors import UserError, first_line
+from fastcifar.errors import UserError, first_line, is_out_of_memory, out_of_memory_line
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 SWEEP_ONLY = {"out", "resume"}  # per-trial values the sweep owns
@@ -253,7 +253,8 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         except KeyboardInterrupt:  # the sweep stops: the trial fails without Optuna's traceback
             raise
         except trial_errors as exc:  # kept for the table; this sweep does not retry the point
-            trial.set_user_attr("error", first_line(exc))
+            trial.set_user_attr("error", out_of_memory_line(exc) if is_out_of_memory(exc)
+                                else first_line(exc))  # fmt: skip
             failed_here.append(trial.number)
             raise
         best = summary["best"]

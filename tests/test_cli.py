@@ -135,6 +135,26 @@ def test_missing_and_corrupt_data(capsys, tmp_path):
     assert_one_line_error(code, err, "corrupt.zip")
 
 
+def test_out_of_device_memory_is_one_line(capsys, tmp_path, data, monkeypatch):
+    import torch
+
+    from fastcifar.train import engine
+
+    def step(*args, **kwargs):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "139.80 GiB of which 1.06 GiB is free. Of the allocated memory 130.1 GiB is "
+            "allocated by PyTorch. See documentation for Memory Management"
+        )
+
+    monkeypatch.setattr(engine, "train_step", step)
+    code, _, err = run(capsys, *quick(data, tmp_path / "run"))
+    assert_one_line_error(
+        code, err, "CUDA out of memory. Tried to allocate 2.00 GiB: a smaller --batch-size needs"
+    )
+    assert not (tmp_path / "run" / "last.pt").exists()  # the same --out trains once fixed
+
+
 def test_no_data_at_all_says_how_to_get_it(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "empty-cache"))
     code, _, err = run(capsys, "train", "--arch", "lenet", "--out", str(tmp_path / "r"), "--quiet")

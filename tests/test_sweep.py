@@ -313,7 +313,9 @@ def test_a_failed_trials_memory_is_freed_before_the_next_trial(tmp_path, data, m
         if not held:
             activations = Activations()  # in the frame the traceback keeps
             held.append(weakref.ref(activations))
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."
+            )
         alive_at_next_trial.append(held[0]() is not None)
         return {"best": {"val_acc": 0.5, "test_acc": 0.5, "epoch": 1}, "seconds": {"total": 1.0}}
 
@@ -328,8 +330,11 @@ def test_a_failed_trials_memory_is_freed_before_the_next_trial(tmp_path, data, m
         sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
     finally:
         gc.enable()
-    states = [t.state.name for t in optuna.load_study(study_name="m", storage=url).trials]
-    assert states == ["FAIL", "COMPLETE"] and alive_at_next_trial == [False]
+    trials = optuna.load_study(study_name="m", storage=url).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and alive_at_next_trial == [False]
+    assert trials[0].user_attrs["error"] == (
+        "CUDA out of memory. Tried to allocate 2.00 GiB: a smaller --batch-size needs less memory"
+    )
 
 
 def test_the_table_keeps_the_columns_the_sweep_began_with(tmp_path, capsys, monkeypatch):

@@ -14,7 +14,7 @@ from fastcifar import __version__
 from fastcifar.cli import checkpoints, machine, measure, runs, sweep, train
 from fastcifar.cli.arguments import OneLineErrors, remember_parsers
 from fastcifar.cli.train import resolve_train_config
-from fastcifar.errors import NothingToResume, UserError
+from fastcifar.errors import NothingToResume, UserError, is_out_of_memory, out_of_memory_line
 from fastcifar.interrupts import stop_signals_as_interrupt
 
 __all__ = ["build_parser", "main", "resolve_train_config"]
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastcifar: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(f"fastcifar: error: {out_of_memory_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
