@@ -75,6 +75,7 @@ stage tests-fused 180 env FASTCIFAR_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovi
 stage tests-fused-tuned 120 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py \
   -k "cerberus_training_step or 3-16-33-4-act_bn"
 stage tests-native 120 $PY -m pytest -v -p no:cacheprovider tests/test_native.py tests/test_dali.py
+stage tests-cli-gpu 120 $PY -m pytest -v -p no:cacheprovider tests/test_cli.py -m gpu
 if [[ "${rcs[tests-native]:-}" == 13[49] ]]; then  # crashed: alone too? where?
   stage native-bad-inputs-alone 60 $PY -m pytest -v -p no:cacheprovider tests/test_native.py \
     -k bad_inputs

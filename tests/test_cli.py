@@ -155,6 +155,25 @@ def test_out_of_device_memory_is_one_line(capsys, tmp_path, data, monkeypatch):
     assert not (tmp_path / "run" / "last.pt").exists()  # the same --out trains once fixed
 
 
+@pytest.mark.gpu
+def test_out_of_gpu_memory_frees_what_the_run_held(capsys, tmp_path, data):
+    """With the process held to 256 MiB of the GPU, CerberusNet at batch 150 runs out of
+    memory (one line), and what it held is free again: lenet then trains in the same
+    process, as the next trial of a sweep worker would."""
+    import torch
+
+    eager = ("--no-compile", "--amp", "bf16")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(256 * 2**20 / total)
+    try:
+        big = quick(data, tmp_path / "big", "--arch", "cerberus", "--batch-size", "150", *eager)
+        code, _, err = run(capsys, *big)
+        assert_one_line_error(code, err, "CUDA out of memory. Tried to allocate ")
+        assert run(capsys, *quick(data, tmp_path / "small", *eager))[0] == 0
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 def test_no_data_at_all_says_how_to_get_it(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "empty-cache"))
     code, _, err = run(capsys, "train", "--arch", "lenet", "--out", str(tmp_path / "r"), "--quiet")
