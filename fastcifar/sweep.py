@@ -210,17 +210,20 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                               pruner=pruner)  # fmt: skip
     parent = study.user_attrs.get("mlflow_parent_run_id")
     device = resolve_device("auto").type
-    failed_here = []  # trials of this worker that failed on their own settings
+    trials_here = []  # the trials this worker has begun
 
     def objective(trial):
-        if failed_here:
-            # A failed trial's exception holds its frames, and with them its model, optimiser
-            # and batches, in a reference cycle that only the collector breaks (Optuna keeps
-            # the exception in a frame of its traceback): break it before this trial
-            # allocates, and give the freed CUDA blocks back, or one OOM starts a run of them.
+        if trials_here:
+            # The last trial's frames, and with them its model, optimiser and data, can live on
+            # in reference cycles that only the collector breaks: a failed trial's exception
+            # (Optuna keeps it in a frame of its traceback), and, after the first trial, the
+            # frames torch's lazy imports hold when the first optimiser is built. Break them
+            # before this trial allocates, and give the freed CUDA blocks back, or one OOM
+            # starts a run of them.
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+        trials_here.append(trial.number)
         choice = {name: _decode(trial.suggest_categorical(name, [_encode(v) for v in values]))
                   for name, values in spec.axes.items()}  # fmt: skip
         if spec.sampler == "grid" and _taken_by_another(study, trial):
@@ -255,7 +258,6 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         except trial_errors as exc:  # kept for the table; this sweep does not retry the point
             trial.set_user_attr("error", out_of_memory_line(exc) if is_out_of_memory(exc)
                                 else first_line(exc))  # fmt: skip
-            failed_here.append(trial.number)
             raise
         best = summary["best"]
         trial.set_user_attr("test_acc", best["test_acc"])

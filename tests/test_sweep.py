@@ -294,9 +294,10 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, mon
     assert (out / "results.md").read_text().count("| lenet |") == 2
 
 
-def test_a_failed_trials_memory_is_freed_before_the_next_trial(tmp_path, data, monkeypatch):
-    """An out-of-memory trial's model and batches live on in its exception's frames; the
-    next trial on that worker must not start while they still hold memory."""
+def test_a_trials_memory_is_freed_before_the_next_trial(tmp_path, data, monkeypatch):
+    """An out-of-memory trial's model and batches live on in its exception's frames, and a
+    finished trial's can live on in a reference cycle; the next trial on that worker must
+    not start while they still hold memory."""
     import gc
     import weakref
 
@@ -304,23 +305,24 @@ def test_a_failed_trials_memory_is_freed_before_the_next_trial(tmp_path, data, m
 
     from fastcifar.train import engine
 
-    class Activations:  # stands for the failed trial's tensors
+    class Tensors:  # stands for a trial's model, optimiser state and batches
         pass
 
     held, alive_at_next_trial = [], []
 
     def fit(cfg, *args, **kwargs):
-        if not held:
-            activations = Activations()  # in the frame the traceback keeps
-            held.append(weakref.ref(activations))
+        alive_at_next_trial.extend(ref() is not None for ref in held[-1:])
+        tensors = Tensors()
+        held.append(weakref.ref(tensors))
+        if len(held) == 2:  # the second trial runs out of memory; they stay in its frame
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."
             )
-        alive_at_next_trial.append(held[0]() is not None)
+        tensors.cycle = tensors  # the others finish, their tensors held in a cycle
         return {"best": {"val_acc": 0.5, "test_acc": 0.5, "epoch": 1}, "seconds": {"total": 1.0}}
 
     monkeypatch.setattr(engine, "fit", fit)
-    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="m")
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05, 0.1]', name="m")
     out = tmp_path / "out"
     out.mkdir()
     url = f"sqlite:///{out / 'study.db'}"
@@ -331,8 +333,9 @@ def test_a_failed_trials_memory_is_freed_before_the_next_trial(tmp_path, data, m
     finally:
         gc.enable()
     trials = optuna.load_study(study_name="m", storage=url).trials
-    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and alive_at_next_trial == [False]
-    assert trials[0].user_attrs["error"] == (
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert alive_at_next_trial == [False, False]
+    assert trials[1].user_attrs["error"] == (
         "CUDA out of memory. Tried to allocate 2.00 GiB: a smaller --batch-size needs less memory"
     )
 
