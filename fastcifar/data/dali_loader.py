@@ -185,6 +185,6 @@ class DaliLoader(EpochBatches):
             images, labels = out[0]["images"], out[0]["labels"]
             if images.dtype != self.dtype:
                 images = images.to(self.dtype)
-            if images.device != self.device:
-                images, labels = images.to(self.device), labels.to(self.device)
+            # a GPU pipeline's labels come out on the host: each moves on its own
+            images, labels = images.to(self.device), labels.to(self.device)
             yield images.permute(0, 3, 1, 2), labels.view(-1)
