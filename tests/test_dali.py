@@ -142,13 +142,18 @@ def test_training_with_the_dali_loader(tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_pipeline_delivers_cuda_tensors_in_tensor_loader_order():
-    images = np.random.default_rng(3).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    dali = DaliLoader(images, np.arange(64), 16, train=True, seed=2, device="cuda")
-    tensor = TensorLoader(torch.from_numpy(images), torch.arange(64), 16, train=True, seed=2)
-    for (a, ya), (_, yb) in zip(dali, tensor, strict=True):
-        assert a.is_cuda and ya.is_cuda
+@pytest.mark.parametrize(("device", "dtype"), [("cuda", torch.float32), ("cuda:0", torch.bfloat16)])
+def test_gpu_pipeline_gives_the_tensor_loader_batches_as_cuda_tensors(device, dtype):
+    images = np.random.default_rng(3).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    args = dict(train=True, seed=2, cutout=6, dtype=dtype)
+    dali = DaliLoader(images, np.arange(70), 16, device=device, **args)
+    tensor = TensorLoader(torch.from_numpy(images), torch.arange(70), 16, **args)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for (a, ya), (b, yb) in zip(dali, tensor, strict=True):
+        assert a.is_cuda and ya.is_cuda and a.dtype == dtype
+        assert a.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(ya.cpu(), yb)
+        torch.testing.assert_close(a.float().cpu(), b.float(), rtol=tol, atol=tol)
 
 
 def png_files(images: np.ndarray) -> list[np.ndarray]:
