@@ -27,7 +27,7 @@ from itertools import product
 from pathlib import Path
 
 from fastcifar.config import TrainConfig, load_toml, read_text
-from fastcifar.errors import UserError, first_line, is_out_of_memory, out_of_memory_line
+from fastcifar.errors import UserError, first_line, is_out_of_memory, settings_error_line
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 SWEEP_ONLY = {"out", "resume"}  # per-trial values the sweep owns
@@ -198,7 +198,6 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
     # The worker prints its own line per trial, a failed one's error included: Optuna's
     # warnings (a failed trial's traceback among them) would repeat it at length.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    trial_errors = (UserError, torch.OutOfMemoryError)  # the point's own settings fail
     storage = open_storage(storage_url, heartbeat)
     # No pruner would mean Optuna's default, a MedianPruner: `prune = false` needs NopPruner.
     pruner = (
@@ -255,10 +254,12 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                           on_epoch=report, resume_hint=False)  # fmt: skip
         except KeyboardInterrupt:  # the sweep stops: the trial fails without Optuna's traceback
             raise
-        except trial_errors as exc:  # kept for the table; this sweep does not retry the point
-            trial.set_user_attr("error", out_of_memory_line(exc) if is_out_of_memory(exc)
-                                else first_line(exc))  # fmt: skip
-            raise
+        except Exception as exc:
+            if not (isinstance(exc, UserError) or is_out_of_memory(exc)):
+                raise  # a bug, not the point's own settings: the worker stops, loudly
+            # kept for the table; this sweep does not retry the point
+            trial.set_user_attr("error", settings_error_line(exc))
+            raise UserError(settings_error_line(exc)) from None  # failed; Optuna goes on
         best = summary["best"]
         trial.set_user_attr("test_acc", best["test_acc"])
         trial.set_user_attr("epochs_needed", best["epoch"])
@@ -273,7 +274,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                 print(trial_line(r, spec), flush=True)
 
     if spec.sampler == "grid":  # the grid sampler stops the study once every point is taken
-        study.optimize(objective, catch=trial_errors, callbacks=[table_so_far])
+        study.optimize(objective, catch=(UserError,), callbacks=[table_so_far])
         return
     from optuna.trial import TrialState
 
@@ -281,7 +282,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         spec.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)
     )
     study.optimize(objective, n_trials=spec.trials, callbacks=[budget, table_so_far],
-                   catch=trial_errors)  # fmt: skip
+                   catch=(UserError,))  # fmt: skip
 
 
 def run_sweep(spec: SweepSpec, *, storage: str | None, workers: int, resume: bool, out: Path | None,

@@ -135,23 +135,36 @@ def test_missing_and_corrupt_data(capsys, tmp_path):
     assert_one_line_error(code, err, "corrupt.zip")
 
 
-def test_out_of_device_memory_is_one_line(capsys, tmp_path, data, monkeypatch):
+def cuda_out_of_memory():  # torch's message, as an H200 words it
     import torch
 
+    raise torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+        "139.80 GiB of which 1.06 GiB is free. Of the allocated memory 130.1 GiB is "
+        "allocated by PyTorch. See documentation for Memory Management"
+    )
+
+
+def cpu_out_of_memory():  # the CPU allocator's own error, for real
+    import torch
+
+    torch.empty(10**15, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("fail", "fragment"),
+    [
+        (cuda_out_of_memory, "CUDA out of memory. Tried to allocate 2.00 GiB: a smaller"),
+        (cpu_out_of_memory, "DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                            "1000000000000000 bytes: a smaller --batch-size needs less memory"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_is_one_line(capsys, tmp_path, data, monkeypatch, fail, fragment):
     from fastcifar.train import engine
 
-    def step(*args, **kwargs):
-        raise torch.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-            "139.80 GiB of which 1.06 GiB is free. Of the allocated memory 130.1 GiB is "
-            "allocated by PyTorch. See documentation for Memory Management"
-        )
-
-    monkeypatch.setattr(engine, "train_step", step)
+    monkeypatch.setattr(engine, "train_step", lambda *args, **kwargs: fail())
     code, _, err = run(capsys, *quick(data, tmp_path / "run"))
-    assert_one_line_error(
-        code, err, "CUDA out of memory. Tried to allocate 2.00 GiB: a smaller --batch-size needs"
-    )
+    assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "run" / "last.pt").exists()  # the same --out trains once fixed
 
 

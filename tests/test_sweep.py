@@ -340,6 +340,23 @@ def test_a_trials_memory_is_freed_before_the_next_trial(tmp_path, data, monkeypa
     )
 
 
+def test_a_bug_in_a_trial_stops_its_worker_loudly(tmp_path, data, monkeypatch):
+    from fastcifar.train import engine
+
+    def fit(cfg, *args, **kwargs):
+        raise RuntimeError("index out of range in the loader")  # not the point's settings
+
+    monkeypatch.setattr(engine, "fit", fit)
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="b")
+    out = tmp_path / "out"
+    out.mkdir()
+    url = f"sqlite:///{out / 'study.db'}"
+    optuna.create_study(study_name="b", storage=url, direction="maximize")
+    with pytest.raises(RuntimeError, match="index out of range"):
+        sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
+    assert len(optuna.load_study(study_name="b", storage=url).trials) == 1  # no second trial
+
+
 def test_the_table_keeps_the_columns_the_sweep_began_with(tmp_path, capsys, monkeypatch):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="e")
     columns = sweep.result_columns(read_sweep(path))
