@@ -36,6 +36,16 @@ def sweep_file(tmp_path, search: str, sampler: str = "", name: str = "s") -> "os
     return path
 
 
+def worker_study(tmp_path, search: str, name: str):
+    """What a worker is given: a sweep, its output folder and a fresh study in it."""
+    path = sweep_file(tmp_path, search, name=name)
+    out = tmp_path / "out"
+    out.mkdir()
+    url = f"sqlite:///{out / 'study.db'}"
+    optuna.create_study(study_name=name, storage=url, direction="maximize")
+    return read_sweep(path), out, url
+
+
 @pytest.mark.parametrize(
     ("search", "sampler", "fragment"),
     [
@@ -272,11 +282,7 @@ def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
 
 
 def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, monkeypatch):
-    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="w")
-    out = tmp_path / "out"
-    out.mkdir()
-    url = f"sqlite:///{out / 'study.db'}"
-    optuna.create_study(study_name="w", storage=url, direction="maximize")
+    spec, out, url = worker_study(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', "w")
     tables = []
     real_write = sweep.write_results
 
@@ -285,7 +291,7 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, mon
         real_write(rows, spec, folder)
 
     monkeypatch.setattr(sweep, "write_results", spy)
-    sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
+    sweep.run_worker(spec, url, out, data, track=False, worker=0, heartbeat=2)
     assert tables == [1, 2]
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert len(logged) == 2 and all("complete: lenet, lr 0.0" in line for line in logged)
@@ -322,14 +328,10 @@ def test_a_trials_memory_is_freed_before_the_next_trial(tmp_path, data, monkeypa
         return {"best": {"val_acc": 0.5, "test_acc": 0.5, "epoch": 1}, "seconds": {"total": 1.0}}
 
     monkeypatch.setattr(engine, "fit", fit)
-    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05, 0.1]', name="m")
-    out = tmp_path / "out"
-    out.mkdir()
-    url = f"sqlite:///{out / 'study.db'}"
-    optuna.create_study(study_name="m", storage=url, direction="maximize")
+    spec, out, url = worker_study(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05, 0.1]', "m")
     gc.disable()  # only an explicit collection frees the cycle, as between two quick trials
     try:
-        sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
+        sweep.run_worker(spec, url, out, data, track=False, worker=0, heartbeat=2)
     finally:
         gc.enable()
     trials = optuna.load_study(study_name="m", storage=url).trials
@@ -347,13 +349,9 @@ def test_a_bug_in_a_trial_stops_its_worker_loudly(tmp_path, data, monkeypatch):
         raise RuntimeError("index out of range in the loader")  # not the point's settings
 
     monkeypatch.setattr(engine, "fit", fit)
-    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="b")
-    out = tmp_path / "out"
-    out.mkdir()
-    url = f"sqlite:///{out / 'study.db'}"
-    optuna.create_study(study_name="b", storage=url, direction="maximize")
+    spec, out, url = worker_study(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', "b")
     with pytest.raises(RuntimeError, match="index out of range"):
-        sweep.run_worker(read_sweep(path), url, out, data, track=False, worker=0, heartbeat=2)
+        sweep.run_worker(spec, url, out, data, track=False, worker=0, heartbeat=2)
     assert len(optuna.load_study(study_name="b", storage=url).trials) == 1  # no second trial
 
 
