@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,11 @@ class TrainConfig:
     tracking_uri: str | None = None  # MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else local
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # inf or nan: every float setting is finite
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = "--" + field.name.replace("_", "-")
+                raise UserError(f"{flag} must be a finite number, not {value}")
         checks = [
             (self.epochs > 0, f"--epochs must be positive, not {self.epochs}"),
             (self.batch_size > 0, f"--batch-size must be positive, not {self.batch_size}"),

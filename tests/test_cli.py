@@ -66,6 +66,9 @@ def assert_one_line_error(code, err, fragment):
         (["--seed", "-1"], "--seed must be >= 0, not -1"),
         (["--split-seed", "-1"], "--split-seed must be >= 0, not -1"),
         (["--gamma", "0"], "--gamma must be positive, not 0.0"),
+        (["--lr", "inf"], "--lr must be a finite number, not inf"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number, not nan"),
+        (["--gamma", "inf"], "--gamma must be a finite number, not inf"),
         (["--activation", "swish"], "--activation must be one of relu, leaky_relu, gelu, not"),
     ],
 )
