@@ -98,7 +98,8 @@ class TrainConfig:
             (self.patience >= 0, "--patience must be >= 0"),
             (self.val >= 0, f"--val must be >= 0, not {self.val}"),
             (self.subset is None or self.subset > 0, "--subset must be positive"),
-            (self.crop_pad >= 0, f"--crop-pad must be >= 0, not {self.crop_pad}"),
+            # a pad wider than the image crops mostly padding, and pads the data in memory
+            (0 <= self.crop_pad <= 32, f"--crop-pad must be in 0..32, not {self.crop_pad}"),
             (self.cutout >= 0, f"--cutout must be >= 0, not {self.cutout}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
             (self.step_epochs > 0, f"--step-epochs must be positive, not {self.step_epochs}"),

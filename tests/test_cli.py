@@ -67,6 +67,7 @@ def assert_one_line_error(code, err, fragment):
         (["--split-seed", "-1"], "--split-seed must be >= 0, not -1"),
         (["--gamma", "0"], "--gamma must be positive, not 0.0"),
         (["--lr", "inf"], "--lr must be a finite number, not inf"),
+        (["--crop-pad", "1000"], "--crop-pad must be in 0..32, not 1000"),
         (["--weight-decay", "nan"], "--weight-decay must be a finite number, not nan"),
         (["--gamma", "inf"], "--gamma must be a finite number, not inf"),
         (["--activation", "swish"], "--activation must be one of relu, leaky_relu, gelu, not"),
