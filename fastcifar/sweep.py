@@ -14,7 +14,6 @@ parameters. Every trial is an MLflow child run under one parent run for the swee
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import signal
@@ -189,10 +188,9 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                worker: int, heartbeat: int) -> None:  # fmt: skip
     """Run trials until the grid is exhausted or the budget is spent."""
     import optuna
-    import torch
 
     from fastcifar.display import TrainingDisplay
-    from fastcifar.train.device import resolve_device
+    from fastcifar.train.device import free_earlier_runs, resolve_device
     from fastcifar.train.engine import fit
 
     # The worker prints its own line per trial, a failed one's error included: Optuna's
@@ -212,16 +210,8 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
     trials_here = []  # the trials this worker has begun
 
     def objective(trial):
-        if trials_here:
-            # The last trial's frames, and with them its model, optimiser and data, can live on
-            # in reference cycles that only the collector breaks: a failed trial's exception
-            # (Optuna keeps it in a frame of its traceback), and, after the first trial, the
-            # frames torch's lazy imports hold when the first optimiser is built. Break them
-            # before this trial allocates, and give the freed CUDA blocks back, or one OOM
-            # starts a run of them.
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        if trials_here:  # an earlier trial's model and data, or a failed one's, let go
+            free_earlier_runs(device)
         trials_here.append(trial.number)
         choice = {name: _decode(trial.suggest_categorical(name, [_encode(v) for v in values]))
                   for name, values in spec.axes.items()}  # fmt: skip

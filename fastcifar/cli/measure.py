@@ -158,6 +158,7 @@ def _train_recipes(args) -> list[Path]:
     from fastcifar.cli.train import train_config
     from fastcifar.display import TrainingDisplay
     from fastcifar.recipes import paper_config
+    from fastcifar.train.device import free_earlier_runs, resolve_device
     from fastcifar.train.engine import fit
 
     # every arch's recipe file is found (or missing) before anything trains
@@ -173,6 +174,8 @@ def _train_recipes(args) -> list[Path]:
             if args.data:
                 flags += ["--data", args.data]
             cfg, resume = train_config(flags)
+            if runs:
+                free_earlier_runs(resolve_device(cfg.device).type)
             try:
                 fit(cfg, TrainingDisplay(), resume=resume, resume_hint=False)
             except NothingToResume as exc:
