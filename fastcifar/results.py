@@ -101,7 +101,7 @@ RESULT_FIELDS = {
     ),
     "accuracy": (
         "records",
-        ("arch", "recipe", "seed", "test_acc", "seconds", "run"),
+        ("arch", "recipe", "seed", "test_acc", "seconds"),
     ),
 }
 
@@ -119,6 +119,8 @@ def read_accuracy_file(path: Path) -> list[dict]:
     kind, items = _read_kind(path)
     if kind != "accuracy":
         raise UserError(f"{path} is not an accuracy results file")
+    if not all("run" in item for item in items):  # a new record replaces its run's old one
+        raise UserError(f"{path}: a record without run")
     return items
 
 
