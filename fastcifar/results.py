@@ -109,24 +109,25 @@ RESULT_FIELDS = {
 def read_results(path: Path) -> tuple[list[dict], list[dict]]:
     """(throughput entries, accuracy records) of one results file, each with its machine;
     ([], []) for a JSON file of another kind."""
-    kind, items = _read_kind(path)
-    return (items, []) if kind == "side_by_side" else ([], items)
+    kind, machine, items = _read_kind(path)
+    tagged = [{**item, "machine": machine} for item in items]
+    return (tagged, []) if kind == "side_by_side" else ([], tagged)
 
 
-def read_accuracy_file(path: Path) -> list[dict]:
-    """The records of an accuracy results file, each with its machine; any other file is
-    refused."""
-    kind, items = _read_kind(path)
+def read_accuracy_file(path: Path) -> tuple[str, list[dict]]:
+    """(machine, records) of an accuracy results file, the records as written; any other
+    file is refused."""
+    kind, machine, items = _read_kind(path)
     if kind != "accuracy":
         raise UserError(f"{path} is not an accuracy results file")
     if not all("run" in item for item in items):  # a new record replaces its run's old one
         raise UserError(f"{path}: a record without run")
-    return items
+    return machine, items
 
 
-def _read_kind(path: Path) -> tuple[str | None, list[dict]]:
-    """(kind, entries each tagged with the file's machine) of a results file; (None, [])
-    for a JSON file of no kind fastcifar writes."""
+def _read_kind(path: Path) -> tuple[str | None, str | None, list[dict]]:
+    """(kind, machine, entries) of a results file; (None, None, []) for a JSON file of no
+    kind fastcifar writes."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -137,7 +138,7 @@ def _read_kind(path: Path) -> tuple[str | None, list[dict]]:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in RESULT_FIELDS:
-        return None, []
+        return None, None, []
     key, fields = RESULT_FIELDS[kind]
     items = data.get(key)
     if not isinstance(data.get("machine"), str) or not isinstance(items, list):
@@ -146,7 +147,7 @@ def _read_kind(path: Path) -> tuple[str | None, list[dict]]:
         missing = [f for f in fields if f not in item] if isinstance(item, dict) else fields
         if missing:
             raise UserError(f"{path}: a {key[:-1]} without {', '.join(missing)}")
-    return kind, [{**item, "machine": data["machine"]} for item in items]
+    return kind, data["machine"], items
 
 
 def data_name(source: str) -> str:

@@ -247,9 +247,9 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         except Exception as exc:
             if not (isinstance(exc, UserError) or is_out_of_memory(exc)):
                 raise  # a bug, not the point's own settings: the worker stops, loudly
-            # kept for the table; this sweep does not retry the point
-            trial.set_user_attr("error", settings_error_line(exc))
-            raise UserError(settings_error_line(exc)) from None  # failed; Optuna goes on
+            error = settings_error_line(exc)  # kept for the table; this sweep does not retry it
+            trial.set_user_attr("error", error)
+            raise UserError(error) from None  # failed; Optuna goes on
         best = summary["best"]
         trial.set_user_attr("test_acc", best["test_acc"])
         trial.set_user_attr("epochs_needed", best["epoch"])

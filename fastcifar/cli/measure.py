@@ -124,11 +124,11 @@ def bench_accuracy(args) -> int:
     from fastcifar.train.device import device_name, resolve_device
 
     # the file added to is read, and its machine checked, before anything trains
-    held = read_accuracy_file(args.out) if args.out.exists() else []
+    held_machine, held = read_accuracy_file(args.out) if args.out.exists() else (None, [])
 
     def refuse_other_machine(machine: str) -> None:
-        if held and held[0]["machine"] != machine:
-            raise UserError(f"{args.out} holds results of {held[0]['machine']}; these runs come "
+        if held and held_machine != machine:
+            raise UserError(f"{args.out} holds results of {held_machine}; these runs come "
                             f"from {machine}: record them in a file of their own")  # fmt: skip
 
     runs = list(args.collect or [])
@@ -142,8 +142,7 @@ def bench_accuracy(args) -> int:
                         "record each machine's runs in a file of its own")  # fmt: skip
     refuse_other_machine(machines[0])
     replaced = {(r["run"], r["recipe"]) for r in records}
-    previous = [{k: v for k, v in r.items() if k != "machine"} for r in held
-                if (r["run"], r["recipe"]) not in replaced]  # fmt: skip
+    previous = [r for r in held if (r["run"], r["recipe"]) not in replaced]
     # the runs' machine, which need not be this one (runs copied back from a GPU machine)
     _write_results(args.out, "accuracy", "updated", machine=machines[0], records=previous + records)
     for arch in sorted({r["arch"] for r in records}):

@@ -183,8 +183,6 @@ class DaliLoader(EpochBatches):
         self._next_epoch = self.epoch + 1
         for out in self._iterator:
             images, labels = out[0]["images"], out[0]["labels"]
-            if images.dtype != self.dtype:
-                images = images.to(self.dtype)
             # a GPU pipeline's labels come out on the host: each moves on its own
-            images, labels = images.to(self.device), labels.to(self.device)
+            images, labels = images.to(self.device, self.dtype), labels.to(self.device)
             yield images.permute(0, 3, 1, 2), labels.view(-1)
