@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("tensor", "dali")
 SWITCHES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -100,16 +101,22 @@ class TrainConfig:
             (self.subset is None or self.subset > 0, "--subset must be positive"),
             # a pad wider than the image crops mostly padding, and pads the data in memory
             (0 <= self.crop_pad <= 32, f"--crop-pad must be in 0..32, not {self.crop_pad}"),
-            (self.cutout >= 0, f"--cutout must be >= 0, not {self.cutout}"),
+            # a square wider than the image blanks most of it; from 64 on, all of it, always
+            (0 <= self.cutout <= 32, f"--cutout must be in 0..32, not {self.cutout}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
             (self.step_epochs > 0, f"--step-epochs must be positive, not {self.step_epochs}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, not {self.weight_decay}"),
             # momentum 1 or more makes SGD's steps grow without bound
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), not {self.momentum}"),
-            (self.threads >= 0, f"--threads must be >= 0, not {self.threads}"),
+            # more threads than any CPU has cores; tens of thousands crash OpenMP
+            (0 <= self.threads <= 1024, f"--threads must be in 0..1024, not {self.threads}"),
             (self.gamma > 0, f"--gamma must be positive, not {self.gamma}"),
-            (self.seed >= 0, f"--seed must be >= 0, not {self.seed}"),
-            (self.split_seed >= 0, f"--split-seed must be >= 0, not {self.split_seed}"),
+            # torch's seeds are 64-bit; 32 bits is every seed a run needs
+            (0 <= self.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, not {self.seed}"),
+            (
+                0 <= self.split_seed <= MAX_SEED,
+                f"--split-seed must be in 0..{MAX_SEED}, not {self.split_seed}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
-from fastcifar.config import TrainConfig, load_toml, read_text
+from fastcifar.config import MAX_SEED, TrainConfig, load_toml, read_text
 from fastcifar.errors import UserError, first_line, is_out_of_memory, settings_error_line
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -114,8 +114,14 @@ def read_sweep(path: Path, text: str | None = None) -> SweepSpec:
     trials = sampler.get("trials")
     if kind == "tpe" and (not isinstance(trials, int) or trials <= 0):
         raise UserError(f"{path}: a tpe sampler needs a positive 'trials' budget")
-    spec = SweepSpec(path.stem, axes, fixed, kind, trials, int(sampler.get("seed", 0)),
-                     bool(sampler.get("prune", True)), path, text)  # fmt: skip
+    seed, prune = sampler.get("seed", 0), sampler.get("prune", True)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise UserError(
+            f"{path}: the sampler's seed must be an integer in 0..{MAX_SEED}, not {seed!r}"
+        )
+    if not isinstance(prune, bool):
+        raise UserError(f"{path}: the sampler's prune must be true or false, not {prune!r}")
+    spec = SweepSpec(path.stem, axes, fixed, kind, trials, seed, prune, path, text)
     for options in spec.grid():  # every point must be a valid training config
         _check(options, path)
     return spec
@@ -153,7 +159,7 @@ def make_sampler(spec: SweepSpec, worker: int):
         # One seed for every worker: the seed also orders the grid, whose point ids the
         # workers share through the study.
         return optuna.samplers.GridSampler(space, seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed + worker)
+    return optuna.samplers.TPESampler(seed=(spec.seed + worker) % (MAX_SEED + 1))
 
 
 def open_storage(url: str, heartbeat: int):
@@ -242,9 +248,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
         try:
             summary = fit(cfg, TrainingDisplay(quiet=True), parent_run_id=parent,
                           on_epoch=report, resume_hint=False)  # fmt: skip
-        except KeyboardInterrupt:  # the sweep stops: the trial fails without Optuna's traceback
-            raise
-        except Exception as exc:
+        except Exception as exc:  # not KeyboardInterrupt: a stop passes through, the trial fails
             if not (isinstance(exc, UserError) or is_out_of_memory(exc)):
                 raise  # a bug, not the point's own settings: the worker stops, loudly
             error = settings_error_line(exc)  # kept for the table; this sweep does not retry it

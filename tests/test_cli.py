@@ -62,12 +62,15 @@ def assert_one_line_error(code, err, fragment):
         (["--device", "tpu"], "--device must be one of auto, cpu, cuda, not 'tpu'"),
         (["--momentum", "1.5"], "--momentum must be in [0, 1), not 1.5"),
         (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, not -0.1"),
-        (["--cutout", "-1"], "--cutout must be >= 0, not -1"),
-        (["--seed", "-1"], "--seed must be >= 0, not -1"),
-        (["--split-seed", "-1"], "--split-seed must be >= 0, not -1"),
+        (["--cutout", "-1"], "--cutout must be in 0..32, not -1"),
+        (["--seed", "-1"], "--seed must be in 0..4294967295, not -1"),
+        (["--seed", str(2**80)], f"--seed must be in 0..4294967295, not {2**80}"),
+        (["--split-seed", "-1"], "--split-seed must be in 0..4294967295, not -1"),
+        (["--threads", "100000"], "--threads must be in 0..1024, not 100000"),
         (["--gamma", "0"], "--gamma must be positive, not 0.0"),
         (["--lr", "inf"], "--lr must be a finite number, not inf"),
         (["--crop-pad", "1000"], "--crop-pad must be in 0..32, not 1000"),
+        (["--cutout", "64"], "--cutout must be in 0..32, not 64"),
         (["--weight-decay", "nan"], "--weight-decay must be a finite number, not nan"),
         (["--gamma", "inf"], "--gamma must be a finite number, not inf"),
         (["--activation", "swish"], "--activation must be one of relu, leaky_relu, gelu, not"),
@@ -578,7 +581,7 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path, data):
     argv[argv.index("--epochs") + 1] = "10000"
     proc = subprocess.Popen([sys.executable, "-m", "fastcifar", *argv], env=env,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)

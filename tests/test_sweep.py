@@ -4,6 +4,7 @@ worker, resume, and MLflow child runs."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,9 @@ def worker_study(tmp_path, search: str, name: str):
         ('arch = ["lenet", "vgg"]', "", "unknown arch 'vgg'"),
         ('arch = "lenet"\nlr = [0.1]', '[sampler]\ntype = "tpe"', "needs a positive 'trials'"),
         ('arch = "lenet"\nlr = [0.1]', '[sampler]\ntype = "random"', "must be 'grid' or 'tpe'"),
+        ('arch = "lenet"\nlr = [0.1]', '[sampler]\nseed = "one"', "seed must be an integer in 0.."),
+        ('arch = "lenet"\nlr = [0.1]', "[sampler]\nseed = 4294967296", "not 4294967296"),
+        ('arch = "lenet"\nlr = [0.1]', '[sampler]\nprune = "no"', "prune must be true or false"),
     ],
 )
 def test_bad_sweep_files(tmp_path, capsys, search, sampler, fragment):
@@ -97,7 +101,7 @@ def test_grid_with_two_workers_and_mlflow_children(tmp_path, data):
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rows = run_sweep(read_sweep(path), storage=None, workers=2, resume=False, out=tmp_path / "out", data=data,
-                     track=True, tracking_uri=uri, heartbeat=2, log=lambda _: None)  # fmt: skip
+                     track=True, tracking_uri=uri, log=lambda _: None)  # fmt: skip
     assert len(rows) == 4 and all(r["state"] == "complete" for r in rows)
     assert {(r["lr"], r["optimizer"]) for r in rows} == {
         (lr, o) for lr in (0.01, 0.05) for o in ("adam", "sgd m=0.9")
@@ -187,11 +191,11 @@ def test_a_stopped_sweep_stops_its_workers(tmp_path, data):
         proc = subprocess.Popen([sys.executable, "-m", "fastcifar", "sweep", str(path), "--out", str(out),
                                  "--data", data, "--no-track"], stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while not (trial / "metrics.jsonl").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=300) == 130
         assert not is_training(trial)  # its worker stopped with it (it used to train on)
     finally:
         if shutil.which("pkill"):  # a worker left over by a failure
@@ -220,7 +224,7 @@ def test_a_killed_sweep_stops_its_workers(tmp_path, data):
                              "--data", data, "--no-track"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while not (trial / "metrics.jsonl").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         proc.kill()
@@ -231,7 +235,7 @@ def test_a_killed_sweep_stops_its_workers(tmp_path, data):
             return [t.state.name for t in study.trials]
 
         # the worker lets go of the run's lock first, then tells the study the trial failed
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while (is_training(trial) or states() == ["RUNNING"]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not is_training(trial)  # it used to train on, orphaned, for all its epochs
@@ -252,7 +256,7 @@ def test_killed_worker_trial_is_failed_and_run_again(tmp_path, data):
     optuna.create_study(study_name="k", storage=storage, direction="maximize")
     worker = subprocess.Popen([sys.executable, "-m", "fastcifar", "sweep", str(path), "--worker-of", url,
                                "--out", str(out), "--data", data, "--no-track", "--heartbeat", "1"])  # fmt: skip
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline:
         trials = optuna.load_study(study_name="k", storage=url).trials
         if (
@@ -296,7 +300,8 @@ def test_a_worker_writes_the_table_after_every_trial(tmp_path, data, capsys, mon
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert len(logged) == 2 and all("complete: lenet, lr 0.0" in line for line in logged)
     # the optimiser the recipe chose, though the sweep file leaves it out; seconds, not 0.0 min
-    assert all(", sgd m=0.9: " in line and line.endswith(" s") for line in logged), logged
+    duration = re.compile(r", sgd m=0\.9: .*, (\d+ s|[1-9][\d.]* min)$")
+    assert all(duration.search(line) for line in logged), logged
     assert (out / "results.md").read_text().count("| lenet |") == 2
 
 

@@ -59,7 +59,7 @@ def test_two_workers_share_a_postgres_study(tmp_path, postgres_url):
     path.write_text('[search]\narch = "lenet"\nlr = [0.01, 0.02, 0.05]\nepochs = 1\nbatch_size = 50\n'
                     'val = 50\namp = "none"\nthreads = 1\n')  # fmt: skip
     rows = run_sweep(read_sweep(path), storage=postgres_url, workers=2, resume=False, out=tmp_path / "out",
-                     data=data, track=False, heartbeat=2, log=lambda _: None)  # fmt: skip
+                     data=data, track=False, log=lambda _: None)  # fmt: skip
     assert sorted(r["lr"] for r in rows) == [0.01, 0.02, 0.05]
     study = optuna.load_study(study_name="pg", storage=postgres_url)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
