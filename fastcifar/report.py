@@ -4,6 +4,7 @@ section between its report markers. Everything comes from `benchmarks/results/`.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -116,6 +117,62 @@ def throughput_against_accuracy(measured: dict, machine: str, results: Path) -> 
     rows = table_rows(throughput, accuracy).get(machine, [])
     archs = {t["arch"] for t in throughput}
     return markdown({machine: [r for r in rows if r["arch"] in archs]})
+
+
+# The benchmark suite's variants (`fastcifar.ablations.VARIANTS`) as the switches table
+# names them, in its column order.
+SWITCHES = {"default": "default", "amp": "AMP alone", "channels_last": "channels-last alone",
+            "compile": "compile alone", "tensor_loader": "tensor loader alone",
+            "native_loader": "native op alone", "dali_loader": "DALI loader alone",
+            "fused": "fused block alone"}  # fmt: skip
+
+
+def load_switches(folder: Path) -> dict[str, dict[str, dict[str, dict]]]:
+    """machine -> arch -> variant -> training extra_info, from the full, paired runs of
+    `benchmarks/test_throughput.py` saved in `folder` (pytest-benchmark's JSON); for an
+    arch timed in several files, the newest file's. Unpaired runs, whose variants were
+    not each timed beside baseline rounds of their own, are left out."""
+    newest: dict[tuple[str, str], tuple[str, dict[str, dict]]] = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue  # not a benchmark file; `load_results` names files it cannot read
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            continue
+        found: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+        for bench in data["benchmarks"]:
+            info = bench.get("extra_info", {}) if isinstance(bench, dict) else {}
+            paired = info.get("baseline_images_per_sec") is not None
+            if info.get("kind") == "train" and info.get("mode") == "full" and paired:
+                found[(info["device_name"], info["arch"])][info["variant"]] = info
+        when = str(data.get("datetime", ""))
+        for key, variants in found.items():
+            if key not in newest or when >= newest[key][0]:
+                newest[key] = (when, variants)
+    tables: dict[str, dict[str, dict[str, dict]]] = defaultdict(dict)
+    for (machine, arch), (_, variants) in sorted(newest.items()):
+        tables[machine][arch] = variants
+    return dict(tables)
+
+
+def switches_markdown(tables: dict[str, dict[str, dict[str, dict]]]) -> str:
+    """Per machine, each arch's training speedup over the tutorial pipeline with
+    fastcifar's default and with each switch alone, and the range of the baseline rounds
+    paired with them."""
+    out = []
+    for machine, archs in tables.items():
+        columns = [v for v in SWITCHES if any(v in variants for variants in archs.values())]
+        out += [f"**{machine}: each switch alone, training speedup over the tutorial**", "",
+                "| arch | " + " | ".join(SWITCHES[v] for v in columns) + " | paired baseline img/s |",
+                "| --- |" + " ---: |" * (len(columns) + 1)]  # fmt: skip
+        for arch, variants in archs.items():
+            cells = [f"{variants[v]['speedup']:.2f}x" if v in variants else "-" for v in columns]
+            rates = [i["baseline_images_per_sec"] for v, i in variants.items() if v != "baseline"]
+            span = f"{min(rates):,.0f} to {max(rates):,.0f}" if rates else "-"
+            out.append(f"| {arch} | " + " | ".join(cells) + f" | {span} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _test_accuracy_stats(records: list[dict] | None) -> dict | None:

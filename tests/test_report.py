@@ -86,6 +86,49 @@ def test_report_table_and_readme_section(tmp_path, results, capsys):
         assert img.format == "PNG" and img.width > 400
 
 
+def bench_file(folder, name, when, entries):
+    """A pytest-benchmark JSON file of `benchmarks/test_throughput.py` runs."""
+    benchmarks = [{"name": f"test_train_throughput[{e['arch']}-{e['variant']}]",
+                   "extra_info": {"kind": "train", "mode": "full", "device_name": "Test CPU, 2 cores",
+                                  **e}} for e in entries]  # fmt: skip
+    (folder / name).write_text(json.dumps({"datetime": when, "benchmarks": benchmarks}))
+
+
+def test_report_tables_each_switch_alone_from_the_newest_paired_run(results, tmp_path, capsys):
+    def paired(arch, variant, speedup, base):
+        return {
+            "arch": arch,
+            "variant": variant,
+            "speedup": speedup,
+            "baseline_images_per_sec": base,
+        }
+
+    bench_file(results, "benchmarks-old.json", "2026-12-01T10:00:00", [
+        paired("lenet", "baseline", 1.0, 4000.0), paired("lenet", "default", 9.9, 4000.0),
+        paired("conv3", "baseline", 1.0, 800.0), paired("conv3", "default", 2.5, 900.0),
+        paired("conv3", "compile", 0.7, 700.0),
+    ])  # fmt: skip
+    bench_file(results, "benchmarks-new.json", "2026-12-02T10:00:00", [
+        paired("lenet", "baseline", 1.0, 4100.0), paired("lenet", "default", 4.2, 4400.0),
+        paired("lenet", "amp", 0.9, 3900.0),
+        {**paired("lenet", "native_loader", 8.0, 1.0), "mode": "quick"},  # a smoke test
+        {"arch": "lenet", "variant": "default", "kind": "eval", "images_per_sec": 9.0},
+    ])  # fmt: skip
+    bench_file(results, "benchmarks-unpaired.json", "2026-12-03T10:00:00", [
+        {"arch": "lenet", "variant": "default", "speedup": 7.0, "baseline_images_per_sec": None},
+        {"arch": "cerberus", "variant": "default", "speedup": 3.0},
+    ])  # fmt: skip
+    argv = ["report", "--results", str(results), "--figure", str(tmp_path / "f.png")]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    _, table = text.split("**Test CPU, 2 cores: each switch alone")
+    assert "| cerberus |" not in table  # only in an unpaired run
+    lines = table.splitlines()
+    assert lines[2] == "| arch | default | AMP alone | compile alone | paired baseline img/s |"
+    assert "| lenet | 4.20x | 0.90x | - | 3,900 to 4,400 |" in lines  # the newer run's
+    assert "| conv3 | 2.50x | - | 0.70x | 700 to 900 |" in lines  # only in the older run
+
+
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [

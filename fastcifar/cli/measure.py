@@ -216,7 +216,15 @@ def _command() -> str:
 
 
 def report(args) -> int:
-    from fastcifar.report import load_results, markdown, scatter, table_rows, write_readme_section
+    from fastcifar.report import (
+        load_results,
+        load_switches,
+        markdown,
+        scatter,
+        switches_markdown,
+        table_rows,
+        write_readme_section,
+    )
 
     if not args.results.is_dir():
         raise UserError(f"--results {args.results}: not a folder of results files")
@@ -227,6 +235,9 @@ def report(args) -> int:
     text = markdown(tables)
     figure = scatter(tables, args.figure or args.results / "throughput-vs-accuracy.png")
     text += f"\n![throughput against accuracy]({figure.as_posix()})\n"
+    switches = switches_markdown(load_switches(args.results))
+    if switches:
+        text += f"\n{switches}"
     if args.readme:
         write_readme_section(args.readme, text)
     print(text)
