@@ -82,10 +82,11 @@ def pytest_terminal_summary(terminalreporter, config):
     """Throughput against accuracy: this session's images/s of each architecture beside
     the test accuracy recorded for this machine in benchmarks/results (README's columns)."""
     measured = config.stash.get(MEASURED, {})
-    from fastcifar.report import throughput_against_accuracy
+    from fastcifar.report import switches_markdown, throughput_against_accuracy
 
     results = Path(__file__).resolve().parent / "results"
-    table = throughput_against_accuracy(measured, device_name(resolve_device("auto")), results)
+    machine = device_name(resolve_device("auto"))
+    table = throughput_against_accuracy(measured, machine, results)
     if not table:
         return
     mode = ("full windows" if config.getoption("--full") else
@@ -94,6 +95,15 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.write_line(f"images/s from this session ({mode}); test accuracy of the "
                                 "default recipe as recorded for this machine")  # fmt: skip
     for line in table.splitlines():
+        terminalreporter.write_line(line)
+    switches: dict[str, dict[str, dict]] = {}
+    for (arch, kind, variant), info in sorted(measured.items()):
+        if kind == "train":
+            switches.setdefault(arch, {})[variant] = info
+    terminalreporter.write_line("")
+    terminalreporter.write_line(f"speedups from this session ({mode}), each against its own "
+                                "baseline rounds")  # fmt: skip
+    for line in switches_markdown({machine: switches}).splitlines():
         terminalreporter.write_line(line)
 
 
