@@ -220,6 +220,7 @@ def test_tile_candidates_fit_the_layer(monkeypatch):
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
 
     monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(ops, "AUTOTUNE", True)  # whatever FASTCIFAR_AUTOTUNE says
     assert tiles(128, 128) == [(64, 64, 32), (128, 128, 32), (64, 128, 64)]
     assert tiles(32, 64) == [(64, 64, 32)]  # 128 output channels and 64 input are too wide
     assert tiles(5, 7) == [(64, 64, 32)]  # none fits: the first

@@ -103,26 +103,26 @@ class DaliLoader(EpochBatches):
 
     def _source(self, info):
         """One batch for DALI: a pure function of (epoch, iteration), because DALI
-        prefetches ahead, across the epoch boundary too."""
+        prefetches ahead, across the epoch boundary too. Each output is one dense array
+        (a single copy into DALI, and to the GPU) except the encoded files, which differ
+        in length."""
         epoch = self._first_epoch + info.epoch_idx
         plan = self._plan(epoch)
         if info.iteration >= len(plan.batches):
             raise StopIteration
         index = plan.batches[info.iteration].numpy()
-        images = [self.images[i] for i in index]
+        images = [self.images[i] for i in index] if self.encoded else self.images[index]
         labels = self.labels[index]
         if plan.draws is None:
-            return (
-                images,
-                labels,
-                [np.zeros(2, np.int32)] * len(index),
-                np.zeros(len(index), np.int32),
-            )
+            return images, labels, np.zeros(len(index), np.int32)
         d = plan.draws[info.iteration]
-        start = np.stack([d.dy.numpy() - self.pad, d.dx.numpy() - self.pad], 1).astype(np.int32)
         flips = d.flip.numpy().astype(np.int32)
-        boxes = self._erase_boxes(d, flips) if self.cutout else ()
-        return images, labels, list(start), flips, *boxes
+        extra = []
+        if self.pad:  # crop offsets, relative to the unpadded image
+            extra.append(np.stack([d.dy.numpy(), d.dx.numpy()], 1).astype(np.int32) - self.pad)
+        if self.cutout:
+            extra += self._erase_boxes(d, flips)
+        return images, labels, flips, *extra
 
     def _erase_boxes(self, d, flips: np.ndarray):
         """Cutout boxes, clipped to the image, in pre-mirror coordinates (erase runs
@@ -133,8 +133,8 @@ class DaliLoader(EpochBatches):
         lo_x = np.where(flips == 1, self.size - (lo_x + c), lo_x)
         y0, x0 = np.clip(lo_y, 0, self.size), np.clip(lo_x, 0, self.size)
         y1, x1 = np.clip(lo_y + c, 0, self.size), np.clip(lo_x + c, 0, self.size)
-        anchors = list(np.stack([y0, x0], 1).astype(np.float32))
-        shapes = list(np.stack([y1 - y0, x1 - x0], 1).astype(np.float32))
+        anchors = np.stack([y0, x0], 1).astype(np.float32)
+        shapes = np.stack([y1 - y0, x1 - x0], 1).astype(np.float32)
         return anchors, shapes
 
     def _build(self, first_epoch: int):
@@ -147,13 +147,19 @@ class DaliLoader(EpochBatches):
             device_id=(self.device.index or 0) if on_gpu else None,
         )  # fmt: skip
         def pipeline():
-            outputs = 6 if self.cutout else 4
-            dtypes = [types.UINT8, types.INT64, types.INT32, types.INT32, types.FLOAT, types.FLOAT]
-            images, labels, start, flips, *box = fn.external_source(
-                source=self._source, num_outputs=outputs, batch=True, batch_info=True,
-                layout=[None if self.encoded else "HWC"] + [None] * (outputs - 1),
-                dtype=dtypes[:outputs],
+            # only the outputs the pipeline uses: crop offsets when padding, boxes when
+            # cutting out (an unused output costs a copy and draws a DALI warning)
+            dtypes = [types.UINT8, types.INT64, types.INT32]  # images, labels, flips
+            if self.pad:
+                dtypes.append(types.INT32)  # crop offsets
+            if self.cutout:
+                dtypes += [types.FLOAT, types.FLOAT]  # cutout anchors and shapes
+            images, labels, flips, *rest = fn.external_source(
+                source=self._source, num_outputs=len(dtypes), batch=True, batch_info=True,
+                layout=[None if self.encoded else "HWC"] + [None] * (len(dtypes) - 1),
+                dtype=dtypes,
             )  # fmt: skip
+            start = rest.pop(0) if self.pad else None
             if self.encoded:  # "mixed": decoded on the GPU, delivered there
                 images = fn.decoders.image(images, device="mixed" if on_gpu else "cpu",
                                            output_type=types.RGB)  # fmt: skip
@@ -164,7 +170,7 @@ class DaliLoader(EpochBatches):
                 images = fn.slice(images, start, size, axes=[0, 1], out_of_bounds_policy="pad",
                                   fill_values=0)  # fmt: skip
             if self.cutout:
-                images = fn.erase(images, anchor=box[0], shape=box[1], axes=[0, 1], fill_value=0)
+                images = fn.erase(images, anchor=rest[0], shape=rest[1], axes=[0, 1], fill_value=0)
             images = fn.crop_mirror_normalize(
                 images, mirror=flips, mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
                 dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC",
