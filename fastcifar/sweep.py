@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fastcifar.config import MAX_SEED, TrainConfig, load_toml, read_text
 from fastcifar.errors import UserError, first_line, is_out_of_memory, settings_error_line
+from fastcifar.interrupts import interrupts_deferred
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 SWEEP_ONLY = {"out", "resume"}  # per-trial values the sweep owns
@@ -239,10 +240,14 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
             shutil.rmtree(run_dir)
 
         def report(row):
-            trial.report(
-                row["val_acc"] if row["val_acc"] is not None else row["train_acc"], row["epoch"]
-            )
-            if trial.should_prune():
+            # A stop signal waits for the study's SQL to finish: raised inside it, it once
+            # broke Optuna's own bookkeeping, and the trial stayed RUNNING for good.
+            with interrupts_deferred():
+                trial.report(
+                    row["val_acc"] if row["val_acc"] is not None else row["train_acc"], row["epoch"]
+                )
+                prune = trial.should_prune()
+            if prune:
                 raise optuna.TrialPruned()
 
         try:

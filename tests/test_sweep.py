@@ -469,3 +469,29 @@ def test_a_point_that_fails_on_its_own_settings_is_a_failed_row_not_a_traceback(
     assert main([*argv, "--resume"]) == 1  # a resume trains it once more
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}")
     assert [t.params["batch_size"] for t in study.trials[2:]] == [5000]
+
+
+def test_a_stop_waits_for_the_write_to_the_study(tmp_path, data, monkeypatch):
+    """SIGTERM arriving while a worker reports an epoch to the study takes effect after the
+    write: raised inside Optuna's SQL, it once left the trial RUNNING for good."""
+    from optuna.storages import RDBStorage
+
+    from fastcifar.interrupts import stop_signals_as_interrupt
+
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01]\nsubset = 250', name="w")
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 4"))
+    write = RDBStorage.set_trial_intermediate_value
+
+    def interrupted_write(self, trial_id, step, value):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a stop while the write is under way
+        write(self, trial_id, step, value)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_intermediate_value", interrupted_write)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="w", storage=url, direction="maximize")
+    with pytest.raises(KeyboardInterrupt), stop_signals_as_interrupt():
+        sweep.run_worker(read_sweep(path), url, tmp_path / "out", data, False, 0, 10)
+    (trial,) = optuna.load_study(study_name="w", storage=url).trials
+    assert sorted(trial.intermediate_values) == [1, 2]  # epoch 2's report was written whole
+    assert trial.state.name == "FAIL"
