@@ -4,12 +4,11 @@ section between its report markers. Everything comes from `benchmarks/results/`.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from fastcifar.errors import UserError
-from fastcifar.results import PAPER_ACCURACY, accuracy_stats, read_results
+from fastcifar.results import PAPER_ACCURACY, accuracy_stats, read_json, read_results
 
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 
@@ -134,10 +133,7 @@ def load_switches(folder: Path) -> dict[str, dict[str, dict[str, dict]]]:
     not each timed beside baseline rounds of their own, are left out."""
     newest: dict[tuple[str, str], tuple[str, dict[str, dict]]] = {}
     for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue  # not a benchmark file; `load_results` names files it cannot read
+        data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
             continue
         found: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)

@@ -125,17 +125,22 @@ def read_accuracy_file(path: Path) -> tuple[str, list[dict]]:
     return machine, items
 
 
-def _read_kind(path: Path) -> tuple[str | None, str | None, list[dict]]:
-    """(kind, machine, entries) of a results file; (None, None, []) for a JSON file of no
-    kind fastcifar writes."""
+def read_json(path: Path):
+    """A JSON file's contents; a missing, unreadable or invalid file is a one-line error."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} cannot be read: {exc}") from None
     except ValueError as exc:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _read_kind(path: Path) -> tuple[str | None, str | None, list[dict]]:
+    """(kind, machine, entries) of a results file; (None, None, []) for a JSON file of no
+    kind fastcifar writes."""
+    data = read_json(path)
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in RESULT_FIELDS:
         return None, None, []
