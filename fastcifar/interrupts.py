@@ -67,6 +67,24 @@ def interrupts_deferred():
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def interrupts_allowed():
+    """Inside `interrupts_deferred`, let stop signals through again for this block (a stop
+    held until now is raised as it begins); the outer block defers again after it."""
+    global _depth, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer, _depth = _depth, 0
+    try:
+        if _pending:
+            _pending = False
+            raise KeyboardInterrupt
+        yield
+    finally:
+        _depth = outer
+
+
 def stop_with_parent(parent: int) -> None:
     """Send this process SIGTERM when `parent` exits, however it ends (Linux: even when
     killed with SIGKILL, which it cannot pass on), and at once if it has already gone:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fastcifar.config import MAX_SEED, TrainConfig, load_toml, read_text
 from fastcifar.errors import UserError, first_line, is_out_of_memory, settings_error_line
-from fastcifar.interrupts import interrupts_deferred
+from fastcifar.interrupts import interrupts_allowed, interrupts_deferred
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 SWEEP_ONLY = {"out", "resume"}  # per-trial values the sweep owns
@@ -193,7 +193,16 @@ def trial_config(spec: SweepSpec, options: dict, out: Path, number: int, data: s
 
 def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, track: bool,
                worker: int, heartbeat: int) -> None:  # fmt: skip
-    """Run trials until the grid is exhausted or the budget is spent."""
+    """Run trials until the grid is exhausted or the budget is spent. A stop signal (the
+    sweep command's, or the kernel's when it dies) takes effect while a trial trains, never
+    inside Optuna's writes to the study: raised inside its SQL, one once broke Optuna's own
+    bookkeeping, and the trial stayed RUNNING for good."""
+    with interrupts_deferred():
+        _run_trials(spec, storage_url, out, data, track, worker, heartbeat)
+
+
+def _run_trials(spec: SweepSpec, storage_url: str, out: Path, data: str | None, track: bool,
+                worker: int, heartbeat: int) -> None:  # fmt: skip
     import optuna
 
     from fastcifar.display import TrainingDisplay
@@ -240,9 +249,7 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
             shutil.rmtree(run_dir)
 
         def report(row):
-            # A stop signal waits for the study's SQL to finish: raised inside it, it once
-            # broke Optuna's own bookkeeping, and the trial stayed RUNNING for good.
-            with interrupts_deferred():
+            with interrupts_deferred():  # called inside fit, where stops are let through
                 trial.report(
                     row["val_acc"] if row["val_acc"] is not None else row["train_acc"], row["epoch"]
                 )
@@ -251,8 +258,9 @@ def run_worker(spec: SweepSpec, storage_url: str, out: Path, data: str | None, t
                 raise optuna.TrialPruned()
 
         try:
-            summary = fit(cfg, TrainingDisplay(quiet=True), parent_run_id=parent,
-                          on_epoch=report, resume_hint=False)  # fmt: skip
+            with interrupts_allowed():
+                summary = fit(cfg, TrainingDisplay(quiet=True), parent_run_id=parent,
+                              on_epoch=report, resume_hint=False)  # fmt: skip
         except Exception as exc:  # not KeyboardInterrupt: a stop passes through, the trial fails
             if not (isinstance(exc, UserError) or is_out_of_memory(exc)):
                 raise  # a bug, not the point's own settings: the worker stops, loudly

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from fastcifar.atomic import write_atomic
-from fastcifar.interrupts import interrupts_deferred, stop_signals_as_interrupt
+from fastcifar.interrupts import (
+    interrupts_allowed,
+    interrupts_deferred,
+    stop_signals_as_interrupt,
+)
 from fastcifar.train.checkpoint import load_checkpoint
 
 
@@ -76,6 +80,41 @@ def test_an_error_inside_the_block_wins_and_the_held_signal_is_spent():
             raise ValueError("the block's own failure")
         with interrupts_deferred():  # a later block is not interrupted by the spent signal
             pass
+
+
+def test_an_allowed_block_inside_a_deferred_one_is_interrupted_at_once():
+    reached = []
+    with (
+        stop_signals_as_interrupt(),
+        pytest.raises(KeyboardInterrupt),
+        interrupts_deferred(),
+        interrupts_allowed(),
+    ):
+        with interrupts_deferred():  # deferring inside the allowed block still holds it
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append("write")
+        reached.append("after the write")
+    assert reached == ["write"]
+
+
+def test_a_signal_held_before_an_allowed_block_is_raised_as_it_begins():
+    reached = []
+    with stop_signals_as_interrupt(), pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        reached.append("held")
+        with interrupts_allowed():
+            reached.append("allowed")
+    assert reached == ["held"]
+
+
+def test_after_an_allowed_block_the_outer_block_defers_again():
+    reached = []
+    with stop_signals_as_interrupt(), pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        with interrupts_allowed():
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        reached.append("held")
+    assert reached == ["held"]
 
 
 def test_the_previous_handlers_come_back():

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -494,4 +495,30 @@ def test_a_stop_waits_for_the_write_to_the_study(tmp_path, data, monkeypatch):
         sweep.run_worker(read_sweep(path), url, tmp_path / "out", data, False, 0, 10)
     (trial,) = optuna.load_study(study_name="w", storage=url).trials
     assert sorted(trial.intermediate_values) == [1, 2]  # epoch 2's report was written whole
+    assert trial.state.name == "FAIL"
+
+
+def test_a_stop_between_trials_waits_for_the_study_and_trains_nothing(tmp_path, data, monkeypatch):
+    """SIGTERM while the worker writes a trial's settings to the study, before training:
+    the write ends, the stop takes effect as training would begin, and the trial fails."""
+    from optuna.storages import RDBStorage
+
+    from fastcifar.interrupts import stop_signals_as_interrupt
+
+    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01]\nsubset = 250', name="b")
+    write = RDBStorage.set_trial_user_attr
+
+    def interrupted_write(self, trial_id, key, value):
+        if key == "run_dir":
+            os.kill(os.getpid(), signal.SIGTERM)  # a stop while the write is under way
+        write(self, trial_id, key, value)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_user_attr", interrupted_write)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="b", storage=url, direction="maximize")
+    with pytest.raises(KeyboardInterrupt), stop_signals_as_interrupt():
+        sweep.run_worker(read_sweep(path), url, tmp_path / "out", data, False, 0, 10)
+    (trial,) = optuna.load_study(study_name="b", storage=url).trials
+    assert "run_dir" in trial.user_attrs and "trained" in trial.user_attrs  # writes ended
+    assert not (Path(trial.user_attrs["run_dir"]) / "metrics.jsonl").exists()  # no epoch ran
     assert trial.state.name == "FAIL"
