@@ -2,6 +2,7 @@
 worker, resume, and MLflow child runs."""
 
 import csv
+import inspect
 import json
 import os
 import re
@@ -472,28 +473,36 @@ def test_a_point_that_fails_on_its_own_settings_is_a_failed_row_not_a_traceback(
     assert [t.params["batch_size"] for t in study.trials[2:]] == [5000]
 
 
-def test_a_stop_waits_for_the_write_to_the_study(tmp_path, data, monkeypatch):
-    """SIGTERM arriving while a worker reports an epoch to the study takes effect after the
-    write: raised inside Optuna's SQL, it once left the trial RUNNING for good."""
+def stopped_mid_write(tmp_path, data, monkeypatch, method: str, when, epochs: int = 1):
+    """The trial of a one-point sweep whose worker gets SIGTERM in the middle of the study
+    write `method` (an RDBStorage method) when `when(its arguments by name)`."""
     from optuna.storages import RDBStorage
 
     from fastcifar.interrupts import stop_signals_as_interrupt
 
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01]\nsubset = 250', name="w")
-    path.write_text(path.read_text().replace("epochs = 1", "epochs = 4"))
-    write = RDBStorage.set_trial_intermediate_value
+    path.write_text(path.read_text().replace("epochs = 1", f"epochs = {epochs}"))
+    write = getattr(RDBStorage, method)
 
-    def interrupted_write(self, trial_id, step, value):
-        if step == 2:
+    def interrupted_write(*args, **kwargs):
+        if when(inspect.signature(write).bind(*args, **kwargs).arguments):
             os.kill(os.getpid(), signal.SIGTERM)  # a stop while the write is under way
-        write(self, trial_id, step, value)
+        write(*args, **kwargs)
 
-    monkeypatch.setattr(RDBStorage, "set_trial_intermediate_value", interrupted_write)
+    monkeypatch.setattr(RDBStorage, method, interrupted_write)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     optuna.create_study(study_name="w", storage=url, direction="maximize")
     with pytest.raises(KeyboardInterrupt), stop_signals_as_interrupt():
         sweep.run_worker(read_sweep(path), url, tmp_path / "out", data, False, 0, 10)
     (trial,) = optuna.load_study(study_name="w", storage=url).trials
+    return trial
+
+
+def test_a_stop_waits_for_the_write_to_the_study(tmp_path, data, monkeypatch):
+    """SIGTERM arriving while a worker reports an epoch to the study takes effect after the
+    write: raised inside Optuna's SQL, it once left the trial RUNNING for good."""
+    trial = stopped_mid_write(tmp_path, data, monkeypatch, "set_trial_intermediate_value",
+                              lambda call: call["step"] == 2, epochs=4)  # fmt: skip
     assert sorted(trial.intermediate_values) == [1, 2]  # epoch 2's report was written whole
     assert trial.state.name == "FAIL"
 
@@ -501,24 +510,8 @@ def test_a_stop_waits_for_the_write_to_the_study(tmp_path, data, monkeypatch):
 def test_a_stop_between_trials_waits_for_the_study_and_trains_nothing(tmp_path, data, monkeypatch):
     """SIGTERM while the worker writes a trial's settings to the study, before training:
     the write ends, the stop takes effect as training would begin, and the trial fails."""
-    from optuna.storages import RDBStorage
-
-    from fastcifar.interrupts import stop_signals_as_interrupt
-
-    path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01]\nsubset = 250', name="b")
-    write = RDBStorage.set_trial_user_attr
-
-    def interrupted_write(self, trial_id, key, value):
-        if key == "run_dir":
-            os.kill(os.getpid(), signal.SIGTERM)  # a stop while the write is under way
-        write(self, trial_id, key, value)
-
-    monkeypatch.setattr(RDBStorage, "set_trial_user_attr", interrupted_write)
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    optuna.create_study(study_name="b", storage=url, direction="maximize")
-    with pytest.raises(KeyboardInterrupt), stop_signals_as_interrupt():
-        sweep.run_worker(read_sweep(path), url, tmp_path / "out", data, False, 0, 10)
-    (trial,) = optuna.load_study(study_name="b", storage=url).trials
+    trial = stopped_mid_write(tmp_path, data, monkeypatch, "set_trial_user_attr",
+                              lambda call: call["key"] == "run_dir")  # fmt: skip
     assert "run_dir" in trial.user_attrs and "trained" in trial.user_attrs  # writes ended
     assert not (Path(trial.user_attrs["run_dir"]) / "metrics.jsonl").exists()  # no epoch ran
     assert trial.state.name == "FAIL"
