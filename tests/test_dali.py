@@ -158,6 +158,23 @@ def test_gpu_pipeline_gives_the_tensor_loader_batches_as_cuda_tensors(device, dt
         torch.testing.assert_close(a.float().cpu(), b.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.gpu
+def test_gpu_batches_arrive_without_a_host_sync():
+    """A synchronising copy per batch (labels from pageable host memory, say) would make
+    the host wait for the queued training step every iteration."""
+    images = np.random.default_rng(4).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    dali = DaliLoader(images, np.arange(70), 16, train=True, cutout=6, device="cuda",
+                      dtype=torch.bfloat16)  # fmt: skip
+    batches = iter(dali)
+    next(batches)  # builds the pipeline
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = [y for _, y in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(rest) == len(dali) - 1 and all(y.is_cuda for y in rest)
+
+
 def png_files(images: np.ndarray) -> list[np.ndarray]:
     import io
 

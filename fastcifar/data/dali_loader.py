@@ -5,9 +5,10 @@ the undecoded image files, which DALI decodes: on the GPU with CUDA) together wi
 batch's random choices, drawn exactly as `TensorLoader` draws them (same sample order, crop
 offsets, flips and cutout boxes for the same seed and epoch). The pipeline does the rest
 in as few operators as it can: `slice` crops with zero padding, `erase` cuts out (only
-when on), and `crop_mirror_normalize` flips, normalises and casts. On CUDA the images go
-to the GPU right after the source and batches arrive as CUDA tensors, prefetched; without
-CUDA the same pipeline runs on the CPU (`device_id=None`).
+when on), and `crop_mirror_normalize` flips, normalises and casts. On CUDA the images and
+labels go to the GPU right after the source and batches arrive as CUDA tensors, prefetched,
+with no host synchronisation; without CUDA the same pipeline runs on the CPU
+(`device_id=None`).
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class DaliLoader(EpochBatches):
                                            output_type=types.RGB)  # fmt: skip
             elif on_gpu:
                 images = images.gpu()
+            if on_gpu:  # labels too: a pageable host-to-GPU copy per batch would wait
+                labels = labels.gpu()  # for the queued training step (a stream sync)
             if self.pad:
                 size = types.Constant(np.array([self.size, self.size], np.int32))
                 images = fn.slice(images, start, size, axes=[0, 1], out_of_bounds_policy="pad",
@@ -189,6 +192,6 @@ class DaliLoader(EpochBatches):
         self._next_epoch = self.epoch + 1
         for out in self._iterator:
             images, labels = out[0]["images"], out[0]["labels"]
-            # a GPU pipeline's labels come out on the host: each moves on its own
+            # both already on the loader's device; only the dtype may change (bf16)
             images, labels = images.to(self.device, self.dtype), labels.to(self.device)
             yield images.permute(0, 3, 1, 2), labels.view(-1)
