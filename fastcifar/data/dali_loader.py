@@ -192,6 +192,5 @@ class DaliLoader(EpochBatches):
         self._next_epoch = self.epoch + 1
         for out in self._iterator:
             images, labels = out[0]["images"], out[0]["labels"]
-            # both already on the loader's device; only the dtype may change (bf16)
-            images, labels = images.to(self.device, self.dtype), labels.to(self.device)
-            yield images.permute(0, 3, 1, 2), labels.view(-1)
+            # both come out on the loader's device; only the dtype may change (bf16)
+            yield images.to(self.dtype).permute(0, 3, 1, 2), labels.view(-1)
