@@ -8,6 +8,8 @@
 #   STAGES="build train-cerberus-b1024-*" ...                             # (glob patterns too)
 #   WHEELS=DIR benchmarks/gpu-check.sh ...   # first pip-install DIR/*.whl (e.g. DALI and its
 #                                            # dependencies, where the machine lacks them)
+#   TESTS_FUSED_K="opcheck or compiles" ...  # pytest -k for the tests-fused stage; likewise
+#                                            # TESTS_NATIVE_K and FUSED_BLOCK_K
 #
 # Each stage has its own time limit so that one slow or failing stage leaves the rest
 # running; everything is logged to RESULTS_DIR/log.txt. The result files (accuracy-,
@@ -74,10 +76,11 @@ stage native-link 30 bash -c 'so=$('"$PY"' -c "import importlib.util as u; print
 # tile, 31 of the 36 tests took 180 s on an H200: compiling each shape), then a
 # layer-sized test and a whole CerberusNet step with the tiles autotuned
 stage tests-fused 300 env FASTCIFAR_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
-  tests/test_fused.py
+  tests/test_fused.py ${TESTS_FUSED_K:+-k "$TESTS_FUSED_K"}
 stage tests-fused-tuned 120 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py \
   -k "cerberus_training_step or 3-16-33-4-act_bn"
-stage tests-native 120 $PY -m pytest -v -p no:cacheprovider tests/test_native.py tests/test_dali.py
+stage tests-native 120 $PY -m pytest -v -p no:cacheprovider tests/test_native.py tests/test_dali.py \
+  ${TESTS_NATIVE_K:+-k "$TESTS_NATIVE_K"}
 stage tests-cli-gpu 120 $PY -m pytest -v -p no:cacheprovider tests/test_cli.py -m gpu
 if [[ "${rcs[tests-native]:-}" == 13[49] ]]; then  # crashed: alone too? where?
   stage native-bad-inputs-alone 60 $PY -m pytest -v -p no:cacheprovider tests/test_native.py \
@@ -124,7 +127,7 @@ stage record-accuracy 30 $PY -m fastcifar bench accuracy --collect $finished \
   --out "$results/accuracy-cuda.json"
 stage fused-block 360 $PY -m pytest -q -p no:cacheprovider benchmarks/test_fused_block.py \
   --benchmark-only --benchmark-json "$results/fused-block-cuda.json" \
-  --benchmark-columns=median,iqr,rounds
+  --benchmark-columns=median,iqr,rounds ${FUSED_BLOCK_K:+-k "$FUSED_BLOCK_K"}
 for variant in eager fused; do
   flag=--no-fused
   [ "$variant" = fused ] && flag=--fused
