@@ -17,10 +17,15 @@ from fastcifar.models import create_model
 
 
 def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """The model the training step calls: `torch.compile`d in the configured mode, or as is."""
+    """The model the training step calls: `torch.compile`d in the configured mode, or as is.
+    Shapes stay static (a graph per batch size): a run's batch sizes are fixed, and
+    automatic dynamic shapes, keyed on code every compiled module shares, would give a
+    second model in the process (a benchmark's other side, a sweep's next trial) a
+    symbolic batch dimension."""
     if not cfg.compile:
         return model
-    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
