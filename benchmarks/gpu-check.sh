@@ -156,6 +156,16 @@ stage throughput-b1024-vs-default 180 $PY -m fastcifar bench throughput --arch c
 stage profile 90 $PY -m fastcifar profile --arch cerberus --variant amp --trace /tmp/trace.json
 stage profile-default 90 $PY -m fastcifar profile --arch cerberus --variant default \
   --trace /tmp/trace-default.json
+# the fused CerberusNet step's kernels one by one (which of them lose to cuDNN's), and
+# where the host's time goes in the default step, fed by the tensor loader or by DALI
+stage profile-fused 120 $PY -m fastcifar profile --arch cerberus --set fused=true \
+  --trace /tmp/trace-fused.json
+stage profile-host-default 90 $PY -m fastcifar profile --arch cerberus --steps 20 --host 25 \
+  --trace /tmp/trace-host.json
+if $PY -c "import nvidia.dali" 2>/dev/null; then
+  stage profile-host-dali 90 $PY -m fastcifar profile --arch cerberus --steps 20 --host 25 \
+    --set loader=dali --trace /tmp/trace-host-dali.json
+fi
 if command -v compute-sanitizer >/dev/null; then
   stage sanitizer-native 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -p no:cacheprovider tests/test_native.py -m gpu

@@ -1,6 +1,8 @@
 """`fastcifar profile --arch NAME`: a few training steps under torch.profiler, a Chrome
 trace, the top kernels by time with their share, calls, time and achieved TFLOP/s where
-known, and the achieved TFLOP/s of the convolutions and matmuls as a whole.
+known, and the achieved TFLOP/s of the convolutions and matmuls as a whole. With
+`--host N`, the same number of steps again under cProfile: the host's side (the loader,
+the launches), which bounds a small model's step on a GPU.
 
 On the CPU a "kernel" is an operator's own time; on a GPU it is a device kernel. FLOPs
 come from the profiler (matmuls) and, for convolutions, which it does not count, from
@@ -9,8 +11,11 @@ come from the profiler (matmuls) and, for convolutions, which it does not count,
 
 from __future__ import annotations
 
+import cProfile
 import os
+import pstats
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +56,24 @@ class FamilyRate:
         return self.flops / self.ms / 1e9 if self.flops and self.ms > 0 else None
 
 
+@dataclass
+class HostProfile:
+    cpu_ms_per_step: float  # the main thread's CPU time a step, measured without cProfile
+    functions: list[dict]  # the top functions by own time: name, calls, own and total ms
+
+
 def profile_training(arch: str, images, labels, *, steps: int, batch_size: int | None, variant: str,
                      trace: Path, top: int = 15, device: torch.device | None = None,
-                     ) -> tuple[list[dict], list[FamilyRate]]:  # fmt: skip
+                     overrides: dict | None = None, host_top: int = 0,
+                     ) -> tuple[list[dict], list[FamilyRate], HostProfile | None]:  # fmt: skip
     """Profile `steps` training steps (after two warm-up steps); write the Chrome trace.
-    Returns the top kernels and the convolution and matmul families' achieved rates."""
+    Returns the top kernels, the convolution and matmul families' achieved rates and,
+    with `host_top`, the host's side of as many steps again. `overrides`: config values
+    on top of the variant's (`--set`)."""
     trace.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(trace.parent, os.W_OK):
         raise UserError(f"cannot write the trace into {trace.parent}")
-    p = build_pipeline(arch, variant, images, labels, batch_size, device)
+    p = build_pipeline(arch, variant, images, labels, batch_size, device, overrides)
     for _ in range(2):
         p.step(*next(p.batches))
     on_gpu = p.device.type == "cuda"
@@ -71,8 +85,44 @@ def profile_training(arch: str, images, labels, *, steps: int, batch_size: int |
             torch.cuda.synchronize()  # host sync: let the last kernels land in the trace
     export_trace(prof, trace)
     averages = prof.key_averages()
+    host = profile_host(p, steps, host_top) if host_top else None
     counted = {name: steps * flops for name, flops in step_flops(p, *next(p.batches)).items()}
-    return top_kernels(averages, on_gpu, counted, top), family_rates(averages, on_gpu, counted)
+    kernels = top_kernels(averages, on_gpu, counted, top)
+    return kernels, family_rates(averages, on_gpu, counted), host
+
+
+def profile_host(p, steps: int, top: int) -> HostProfile:
+    """The main thread's CPU time a step over `steps` steps, then the `top` Python
+    functions and builtins by own time over as many more under cProfile. cProfile's
+    times are wall time, so a wait (for a loader's batch, for the GPU) shows in the
+    function that waits, which the CPU time leaves out; and it slows the Python it
+    times, so its times are for comparing, the CPU time a step for rates."""
+    sync = torch.cuda.synchronize if p.device.type == "cuda" else lambda: None
+    sync()
+    start = time.thread_time()
+    for _ in range(steps):
+        p.step(*next(p.batches))
+    cpu_ms = 1e3 * (time.thread_time() - start) / steps
+    sync()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        p.step(*next(p.batches))
+    profiler.disable()
+    sync()
+    rows = [
+        {"name": _function_name(*key), "calls": calls, "own_ms": 1e3 * own, "total_ms": 1e3 * total}
+        for key, (_, calls, own, total, _) in pstats.Stats(profiler).stats.items()
+    ]
+    rows.sort(key=lambda r: r["own_ms"], reverse=True)
+    return HostProfile(cpu_ms, rows[:top])
+
+
+def _function_name(path: str, line: int, name: str) -> str:
+    """`package/module.py:LINE(function)`, or a builtin's own description."""
+    if path == "~":
+        return name
+    return f"{'/'.join(Path(path).parts[-2:])}:{line}({name})"
 
 
 def step_flops(p, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

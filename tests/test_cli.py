@@ -115,6 +115,8 @@ def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):
         (["bench", "accuracy", "--seeds", "-1"], "--seeds: must be a positive integer"),
         (["sweep", "s.toml", "--workers", "0"], "--workers: must be a positive integer"),
         (["profile", "--arch", "lenet", "--steps", "0"], "--steps: must be a positive integer"),
+        (["profile", "--arch", "lenet", "--host", "0"], "--host: must be a positive integer"),
+        (["profile", "--arch", "lenet", "--set", "speed=11"], "--set: unknown config key 'speed'"),
     ],
 )
 def test_usage_mistakes_are_one_line_too(capsys, argv, fragment):
@@ -657,8 +659,18 @@ def test_profile_writes_a_chrome_trace(capsys, tmp_path, data):
                  "--trace", str(trace)]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "top kernels" in out and "convolution" in out
+    assert "host:" not in out  # only with --host
     events = json.loads(trace.read_text())["traceEvents"]
     assert any("convolution" in e.get("name", "") for e in events)
+
+
+def test_profile_with_settings_and_the_host_side(capsys, tmp_path, data):
+    assert main(["profile", "--arch", "lenet", "--steps", "2", "--batch-size", "32", "--data", data,
+                 "--set", "channels_last=false", "--host", "5",
+                 "--trace", str(tmp_path / "trace.json")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "(default channels_last=False)" in out
+    assert "host: the main thread's CPU time" in out and "own ms" in out
 
 
 def test_outputs_that_cannot_be_written_are_one_line(capsys, tmp_path, data):

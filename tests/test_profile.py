@@ -46,7 +46,7 @@ def test_on_the_cpu_the_convolutions_rates_come_from_counted_flops(tmp_path):
     backward computes conv1's weight gradient and both gradients of conv2."""
     train, labels, _, _ = make_arrays(n_train=64)
     batch, steps = 16, 2
-    rows, families = profile_training("lenet", train, labels, steps=steps, batch_size=batch,
+    rows, families, _ = profile_training("lenet", train, labels, steps=steps, batch_size=batch,
                                       variant="default", trace=tmp_path / "t.json",
                                       device=torch.device("cpu"))  # fmt: skip
     conv1, conv2 = 6 * 28 * 28 * 75, 16 * 10 * 10 * 150
@@ -75,3 +75,24 @@ def test_the_fused_block_has_rates_of_its_own():
     assert set(rates) == {"fused conv-BN-ReLU forward", "fused conv-BN-ReLU backward"}
     assert rates["fused conv-BN-ReLU forward"].tflops == pytest.approx(1e9 / 500e-6 / 1e12)
     assert rates["fused conv-BN-ReLU backward"].tflops == pytest.approx(2e9 / 2000e-6 / 1e12)
+
+
+def test_the_host_profile_sees_the_loader_and_the_step(tmp_path):
+    """`--host`: the Python side of the same training steps, the loader's batches and the
+    step's launches among its functions, and the main thread's CPU time a step."""
+    train, labels, _, _ = make_arrays(n_train=64)
+    _, _, host = profile_training("lenet", train, labels, steps=2, batch_size=16,
+                                  variant="default", trace=tmp_path / "t.json",
+                                  device=torch.device("cpu"), host_top=10_000,
+                                  overrides={"native": "off"})  # fmt: skip
+    names = [f["name"] for f in host.functions]
+    assert any(n.startswith("data/loader.py:") for n in names), names
+    (step,) = [f for f in host.functions if n_is(f, "train/engine.py", "train_step")]
+    assert step["calls"] == 2 and 0 < step["own_ms"] <= step["total_ms"]
+    assert host.cpu_ms_per_step > 0
+    own = [f["own_ms"] for f in host.functions]
+    assert own == sorted(own, reverse=True)
+
+
+def n_is(row: dict, path: str, function: str) -> bool:
+    return row["name"].startswith(path + ":") and row["name"].endswith(f"({function})")

@@ -75,6 +75,12 @@ def register(commands) -> None:
     pf.add_argument("--variant", default="default", choices=list(VARIANTS),
                     help="the pipeline: fastcifar's default, the tutorial baseline, or one "
                          "optimisation alone (default: default)")  # fmt: skip
+    pf.add_argument("--set", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="a config value on top of the variant's, e.g. loader=dali or "
+                    "fused=true (repeatable)")  # fmt: skip
+    pf.add_argument("--host", type=positive_int, metavar="N",
+                    help="also run as many steps under cProfile and show the N Python "
+                    "functions with the most own time: where the host's time goes")  # fmt: skip
     pf.add_argument("--data", help=DATA_HELP)
     pf.add_argument("--trace", type=Path, default=Path("profile-trace.json"),
                     help="Chrome trace file, for chrome://tracing or Perfetto "
@@ -254,15 +260,17 @@ def profile(args) -> int:
     from fastcifar.display import table_console
     from fastcifar.profile import profile_training
 
+    if any(key == "arch" for key, _ in args.set):
+        raise UserError("--set arch=...: name the architecture with --arch")
     console = table_console()
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
-    rows, families = profile_training(
+    rows, families, host = profile_training(
         args.arch, arrays.train_images[:8192], arrays.train_labels[:8192], steps=args.steps,
         batch_size=args.batch_size, variant=args.variant, trace=args.trace,
+        overrides=dict(args.set) or None, host_top=args.host or 0,
     )  # fmt: skip
-    table = Table(
-        title=f"{args.arch}: top kernels over {args.steps} training steps ({args.variant})"
-    )
+    pipeline = " ".join([args.variant] + [f"{k}={v}" for k, v in args.set])
+    table = Table(title=f"{args.arch}: top kernels over {args.steps} training steps ({pipeline})")
     for column in ("kernel", "share", "calls", "time (ms)", "TFLOP/s"):
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for r in rows:
@@ -277,4 +285,18 @@ def profile(args) -> int:
     console.print(
         f"Chrome trace: {args.trace} (open in chrome://tracing or ui.perfetto.dev)", highlight=False
     )
+    if host:
+        console.print(host_table(host, args.steps))
     return 0
+
+
+def host_table(host, steps: int):
+    from rich.table import Table
+
+    table = Table(title=f"host: the main thread's CPU time {host.cpu_ms_per_step:.2f} ms a step; "
+                        f"cProfile over {steps} more steps (wall time, waits included)")  # fmt: skip
+    for column in ("function", "calls", "own ms", "total ms"):
+        table.add_column(column, justify="left" if column == "function" else "right")
+    for f in host.functions:
+        table.add_row(f["name"][:80], str(f["calls"]), f"{f['own_ms']:.2f}", f"{f['total_ms']:.2f}")
+    return table
