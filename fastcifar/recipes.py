@@ -38,8 +38,8 @@ CONV4_RECIPE = {"epochs": 20, "batch_size": 256, "lr": 0.05, "label_smoothing": 
 # Speed settings per device kind; per-arch entries override the device's defaults. On a
 # CPU without bf16 instructions the CPU's bf16 becomes fp32 (`device.fastest_amp`). On
 # CUDA the compiled step replays as a CUDA graph: CerberusNet's step at batch 256 is
-# bound by kernel launches, and graphs ran it 2.28x faster on an H200 at the same
-# accuracy (benchmarks/NOTES.md, "NVIDIA H200, fourth run").
+# bound by kernel launches, and graphs ran it 2.28x faster on an H200 and trained the
+# recipe to 88.63% (benchmarks/NOTES.md, "NVIDIA H200, fourth run").
 DEVICE_RECIPES: dict[str, dict[str, dict]] = {
     "cpu": {"*": {"amp": "bf16", "channels_last": True, "compile": False}},
     "cuda": {

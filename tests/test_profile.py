@@ -77,16 +77,22 @@ def test_the_fused_block_has_rates_of_its_own():
     assert rates["fused conv-BN-ReLU backward"].tflops == pytest.approx(2e9 / 2000e-6 / 1e12)
 
 
-def test_the_host_profile_sees_the_loader_and_the_step(tmp_path):
-    """`--host`: the Python side of the same training steps, the loader's batches and the
-    step's launches among its functions, and the main thread's CPU time a step."""
+@pytest.mark.parametrize("loader", ["tensor", "dali"])
+def test_the_host_profile_sees_the_loader_and_the_step(tmp_path, loader):
+    """`--host`: the Python side of the same training steps, the batches of the loader
+    that `--set` chose and the step's launches among its functions, and the main
+    thread's CPU time a step."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
     train, labels, _, _ = make_arrays(n_train=64)
     _, _, host = profile_training("lenet", train, labels, steps=2, batch_size=16,
                                   variant="default", trace=tmp_path / "t.json",
                                   device=torch.device("cpu"), host_top=10_000,
-                                  overrides={"native": "off"})  # fmt: skip
-    names = [f["name"] for f in host.functions]
-    assert any(n.startswith("data/loader.py:") for n in names), names
+                                  overrides={"loader": loader})  # fmt: skip
+    iterators = {
+        f["name"].split(":")[0] for f in host.functions if f["name"].endswith("(__iter__)")
+    }
+    assert {"tensor": "data/loader.py", "dali": "data/dali_loader.py"}[loader] in iterators
     (step,) = [f for f in host.functions if n_is(f, "train/engine.py", "train_step")]
     assert step["calls"] == 2 and 0 < step["own_ms"] <= step["total_ms"]
     assert host.cpu_ms_per_step > 0
