@@ -87,12 +87,16 @@ def _fits(configs, named_args, **_):
     return (kept if AUTOTUNE else kept[:1]) or configs[:1]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): pixels x output channels x input channels
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): pixels x output channels x input channels. The
+# last, and the weight gradient's last, are large tiles for the compute-bound 128- and
+# 256-channel layers, where these kernels lose most to cuDNN; compiled for sm_90 here
+# (`benchmarks/conv_kernel_ir.py`) they take 167 and 127 registers a thread and 96 KiB
+# and 192 KiB of shared memory, where 128 x 256 x 64 reaches the 255-register limit.
 CONV_TILES = [(64, 64, 32, 4), (128, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32, 8),
-              (128, 64, 64, 4), (256, 64, 32, 8)]  # fmt: skip
+              (128, 64, 64, 4), (256, 64, 32, 8), (128, 128, 64, 8)]  # fmt: skip
 # (BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps): pixels summed x input x output channels
 WGRAD_TILES = [(64, 64, 64, 4), (128, 64, 64, 4), (128, 64, 64, 8), (64, 128, 128, 8),
-               (128, 32, 64, 4)]  # fmt: skip
+               (128, 32, 64, 4), (128, 128, 128, 8)]  # fmt: skip
 if INTERPRET:  # programs run one by one: few, large tiles (the larger from 64 channels)
     CONV_TILES = [(32, 32, 16, 1), (64, 64, 32, 1)]
     WGRAD_TILES = [(32, 32, 32, 1), (64, 64, 64, 1)]
