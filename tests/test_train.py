@@ -262,19 +262,22 @@ def test_every_schedule_runs_through_a_run_of_a_few_steps(schedule):
 
 
 def test_compiled_models_keep_static_shapes_across_batch_sizes(monkeypatch):
-    """Two compiled models in one process at different batch sizes (a side-by-side
-    benchmark, a sweep's trials) each get graphs of their own concrete shapes: without
+    """Compiled models in one process at different batch sizes (a side-by-side benchmark,
+    a sweep's trials) each get graphs of their own concrete shapes: without
     `dynamic=False`, torch.compile's automatic dynamic shapes, keyed on code that every
-    compiled module shares, gives the second one a symbolic batch dimension."""
+    compiled module shares, gives the second one a symbolic batch dimension. And every
+    one is compiled: past torch's limit of 8 graphs for that code, the rest ran eager."""
     from fastcifar.models import create_model
     from fastcifar.train.build import compiled
 
-    shapes = []  # the graphs' input shapes as traced: ints, or SymInts where dynamic
+    graphs = []  # each graph's input shapes as traced: ints, or SymInts where dynamic
 
     def recording_backend(gm, example_inputs):
+        shapes = []
         for node in gm.graph.find_nodes(op="placeholder"):
             value = node.meta.get("example_value")
             shapes.append(tuple(value.shape) if isinstance(value, torch.Tensor) else (value,))
+        graphs.append(shapes)
         return gm.forward
 
     real_compile = torch.compile
@@ -283,10 +286,13 @@ def test_compiled_models_keep_static_shapes_across_batch_sizes(monkeypatch):
         return real_compile(model, backend=recording_backend, **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_on_recording_backend)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default
     torch._dynamo.reset()
     cfg = TrainConfig(arch="lenet", compile=True)
-    for batch in (8, 16):
+    batches = [8, 16, 4, 12, 20, 24, 28, 32, 36, 40]
+    for batch in batches:
         compiled(create_model("lenet"), cfg)(torch.randn(batch, 3, 32, 32))
-    images = [s for s in shapes if len(s) == 4 and s[1:] == (3, 32, 32)]
-    assert [s[0] for s in images] == [8, 16]
-    assert all(isinstance(d, int) for s in shapes for d in s), shapes
+    torch._dynamo.reset()
+    images = [s[0] for shapes in graphs for s in shapes if len(s) == 4 and s[1:] == (3, 32, 32)]
+    assert images == batches  # one graph each, none left to run eager
+    assert all(isinstance(d, int) for shapes in graphs for s in shapes for d in s), graphs

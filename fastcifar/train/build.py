@@ -15,15 +15,22 @@ from fastcifar.data.prefetch import Prefetched
 from fastcifar.errors import UserError
 from fastcifar.models import create_model
 
+# Graphs one process may compile for the code every compiled module shares (torch's
+# default, 8, would leave a sweep's later trials running eager)
+RECOMPILE_LIMIT = 64
+
 
 def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """The model the training step calls: `torch.compile`d in the configured mode, or as is.
     Shapes stay static (a graph per batch size): a run's batch sizes are fixed, and
     automatic dynamic shapes, keyed on code every compiled module shares, would give a
     second model in the process (a benchmark's other side, a sweep's next trial) a
-    symbolic batch dimension."""
+    symbolic batch dimension. Each model and batch size is then a graph of its own, so the
+    limit on them is raised."""
     if not cfg.compile:
         return model
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     return torch.compile(model, mode=mode, dynamic=False)
 
