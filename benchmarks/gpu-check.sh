@@ -9,7 +9,7 @@
 #   WHEELS=DIR benchmarks/gpu-check.sh ...   # first pip-install DIR/*.whl (e.g. DALI and its
 #                                            # dependencies, where the machine lacks them)
 #   TESTS_FUSED_K="opcheck or compiles" ...  # pytest -k for the tests-fused stage; likewise
-#                                            # TESTS_NATIVE_K and FUSED_BLOCK_K
+#                                            # TESTS_NATIVE_K, FUSED_BLOCK_K, LOADER_SHARE_K
 #
 # Each stage has its own time limit so that one slow or failing stage leaves the rest
 # running; everything is logged to RESULTS_DIR/log.txt. The result files (accuracy-,
@@ -138,7 +138,7 @@ stage loaders 120 $PY -m pytest -q -p no:cacheprovider benchmarks/test_loaders.p
   --full --benchmark-json "$results/loaders-cuda.json" --benchmark-columns=median,rounds
 stage loader-share 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_loader_share.py \
   --benchmark-only --full --benchmark-json "$results/loader-share-cuda.json" \
-  --benchmark-columns=median,rounds
+  --benchmark-columns=median,rounds ${LOADER_SHARE_K:+-k "$LOADER_SHARE_K"}
 stage throughput 240 $PY -m fastcifar bench throughput --arch lenet conv3 conv5 cerberus \
   --json "$results/throughput-cuda.json"
 stage throughput-others 300 $PY -m fastcifar bench throughput --arch wide4 sinha14 conv4_relu \

@@ -104,6 +104,22 @@ def test_resume_jumps_to_the_same_epoch():
         torch.testing.assert_close(a, b)
 
 
+def test_an_unfinished_epoch_leaves_nothing_for_the_next():
+    """A consumer that stops early (a benchmark's few steps) and moves to the next epoch
+    gets that epoch's batches, not the rest of the one it left."""
+    images = np.random.default_rng(3).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    whole = DaliLoader(images, np.arange(64), 16, train=True, seed=1)
+    whole.set_epoch(2)
+    expected = [y.clone() for _, y in whole]
+    loader = DaliLoader(images, np.arange(64), 16, train=True, seed=1)
+    loader.set_epoch(1)
+    next(iter(loader))
+    loader.set_epoch(2)
+    got = [y for _, y in loader]
+    assert len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_eval_loader_keeps_order_and_last_partial_batch():
     images = coded_images(45)
     loader = DaliLoader(images, np.arange(45), 20, train=False)
@@ -173,6 +189,37 @@ def test_gpu_batches_arrive_without_a_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(rest) == len(dali) - 1 and all(y.is_cuda for y in rest)
+
+
+@pytest.mark.gpu
+def test_gpu_batches_come_on_the_consumers_stream(monkeypatch):
+    """DALI's outputs are bound to the stream the training step runs on, whichever that
+    is, and read there give the tensor loader's batches. DALI's default instead hands
+    them over only once the GPU has made them: a host wait every batch that
+    `set_sync_debug_mode` cannot see, as torch does not make it."""
+    from nvidia.dali.pipeline import Pipeline
+
+    streams = []
+    real_run = Pipeline.run
+
+    def run(self, cuda_stream=None, /, **inputs):
+        streams.append(cuda_stream)
+        return real_run(self, cuda_stream, **inputs)
+
+    monkeypatch.setattr(Pipeline, "run", run)
+    images = np.random.default_rng(5).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    args = dict(train=True, seed=3, cutout=6, dtype=torch.float32)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        dali = DaliLoader(images, np.arange(70), 16, device="cuda", **args)
+        got = [(x.float() * 1, y * 1) for x, y in dali]  # computed on the side stream
+    side.synchronize()
+    assert len(streams) == len(dali) + 1  # the last run finds the epoch's end
+    assert all(s == side for s in streams)
+    tensor = TensorLoader(torch.from_numpy(images), torch.arange(70), 16, **args)
+    for (a, ya), (b, yb) in zip(got, tensor, strict=True):
+        assert torch.equal(ya.cpu(), yb)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
 
 
 def png_files(images: np.ndarray) -> list[np.ndarray]:

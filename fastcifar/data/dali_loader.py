@@ -7,11 +7,13 @@ offsets, flips and cutout boxes for the same seed and epoch). The pipeline does 
 in as few operators as it can: `slice` crops with zero padding, `erase` cuts out (only
 when on), and `crop_mirror_normalize` flips, normalises and casts. On CUDA the images and
 labels go to the GPU right after the source and batches arrive as CUDA tensors, prefetched,
-with no host synchronisation; without CUDA the same pipeline runs on the CPU
-(`device_id=None`).
+bound to torch's current stream, with no host synchronisation; without CUDA the same
+pipeline runs on the CPU (`device_id=None`).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -27,10 +29,9 @@ def import_dali():
     """The DALI modules, or a one-line UserError naming the install command."""
     try:
         from nvidia.dali import fn, pipeline_def, types
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    return fn, pipeline_def, types, DALIGenericIterator
+    return fn, pipeline_def, types
 
 
 class _EpochPlan:
@@ -73,7 +74,7 @@ class DaliLoader(EpochBatches):
     ):
         """`images`: uint8 (N, H, W, 3) on the host (numpy or a CPU tensor), or a list of N
         image files' bytes (1-D uint8 arrays) that the pipeline decodes to `size` x `size` RGB."""
-        self.fn, self.pipeline_def, self.types, self.iterator_class = import_dali()
+        self.fn, self.pipeline_def, self.types = import_dali()
         self.encoded = isinstance(images, list | tuple)
         if self.encoded:
             if not all(isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 1
@@ -94,7 +95,8 @@ class DaliLoader(EpochBatches):
         self.epoch = 0
         self._plans: dict[int, _EpochPlan] = {}
         self._first_epoch: int | None = None  # the epoch the built pipeline's epoch 0 is
-        self._iterator = None
+        self._pipe = None
+        self._next_epoch: int | None = None  # the epoch the pipeline gives next, if whole
 
     def _plan(self, epoch: int) -> _EpochPlan:
         if epoch not in self._plans:
@@ -181,16 +183,27 @@ class DaliLoader(EpochBatches):
             return images, labels
 
         self._first_epoch = first_epoch
-        pipe = pipeline()
-        pipe.build()
-        self._iterator = self.iterator_class([pipe], ["images", "labels"], auto_reset=True)
+        self._pipe = pipeline()
+        self._pipe.build()
         self._next_epoch = first_epoch
 
     def __iter__(self):
-        if self._iterator is None or self.epoch != self._next_epoch:
-            self._build(self.epoch)  # first use, or a jump (resume): start the pipeline there
-        self._next_epoch = self.epoch + 1
-        for out in self._iterator:
-            images, labels = out[0]["images"], out[0]["labels"]
+        if self._pipe is None or self.epoch != self._next_epoch:
+            # first use, a jump (resume), or an epoch left unfinished: start there
+            self._build(self.epoch)
+        self._next_epoch = None  # until this epoch's last batch is out
+        on_gpu = self.device.type == "cuda"
+        # outputs bound to torch's stream, which waits for them on the GPU; by default
+        # DALI hands them over only once made, a host wait for the GPU every batch
+        stream = torch.cuda.current_stream(self.device) if on_gpu else None
+        while True:
+            try:
+                images, labels = self._pipe.run(stream)
+            except StopIteration:  # the epoch's batches are all out
+                self._pipe.reset()
+                self._next_epoch = self.epoch + 1
+                return
+            with torch.cuda.device(self.device) if on_gpu else nullcontext():
+                images, labels = (torch.from_dlpack(t.as_tensor()) for t in (images, labels))
             # both come out on the loader's device; only the dtype may change (bf16)
             yield images.to(self.dtype).permute(0, 3, 1, 2), labels.view(-1)
