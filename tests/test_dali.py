@@ -200,13 +200,13 @@ def test_gpu_batches_come_on_the_consumers_stream(monkeypatch):
     from nvidia.dali.pipeline import Pipeline
 
     streams = []
-    real_run = Pipeline.run
+    real_share = Pipeline.share_outputs
 
-    def run(self, cuda_stream=None, /, **inputs):
+    def share_outputs(self, cuda_stream=None):
         streams.append(cuda_stream)
-        return real_run(self, cuda_stream, **inputs)
+        return real_share(self, cuda_stream)
 
-    monkeypatch.setattr(Pipeline, "run", run)
+    monkeypatch.setattr(Pipeline, "share_outputs", share_outputs)
     images = np.random.default_rng(5).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
     args = dict(train=True, seed=3, cutout=6, dtype=torch.float32)
     side = torch.cuda.Stream()
@@ -214,7 +214,7 @@ def test_gpu_batches_come_on_the_consumers_stream(monkeypatch):
         dali = DaliLoader(images, np.arange(70), 16, device="cuda", **args)
         got = [(x.float() * 1, y * 1) for x, y in dali]  # computed on the side stream
     side.synchronize()
-    assert len(streams) == len(dali) + 1  # the last run finds the epoch's end
+    assert len(streams) == len(dali) + 1  # the last call finds the epoch's end
     assert all(s == side for s in streams)
     tensor = TensorLoader(torch.from_numpy(images), torch.arange(70), 16, **args)
     for (a, ya), (b, yb) in zip(got, tensor, strict=True):

@@ -185,6 +185,7 @@ class DaliLoader(EpochBatches):
         self._first_epoch = first_epoch
         self._pipe = pipeline()
         self._pipe.build()
+        self._pipe.schedule_run()  # fills the prefetch queue
         self._next_epoch = first_epoch
 
     def __iter__(self):
@@ -192,18 +193,22 @@ class DaliLoader(EpochBatches):
             # first use, a jump (resume), or an epoch left unfinished: start there
             self._build(self.epoch)
         self._next_epoch = None  # until this epoch's last batch is out
-        on_gpu = self.device.type == "cuda"
+        pipe, on_gpu = self._pipe, self.device.type == "cuda"
         # outputs bound to torch's stream, which waits for them on the GPU; by default
         # DALI hands them over only once made, a host wait for the GPU every batch
         stream = torch.cuda.current_stream(self.device) if on_gpu else None
         while True:
             try:
-                images, labels = self._pipe.run(stream)
-            except StopIteration:  # the epoch's batches are all out
-                self._pipe.reset()
+                images, labels = pipe.share_outputs(stream)
+            except StopIteration:  # the epoch's batches are all out: start the next
+                pipe.reset()
+                pipe.schedule_run()
                 self._next_epoch = self.epoch + 1
                 return
             with torch.cuda.device(self.device) if on_gpu else nullcontext():
                 images, labels = (torch.from_dlpack(t.as_tensor()) for t in (images, labels))
+            # the tensors keep their memory; the freed slot lets DALI make the next batch
+            pipe.release_outputs()
+            pipe.schedule_run()
             # both come out on the loader's device; only the dtype may change (bf16)
             yield images.to(self.dtype).permute(0, 3, 1, 2), labels.view(-1)
