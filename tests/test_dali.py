@@ -133,6 +133,21 @@ def test_eval_loader_keeps_order_and_last_partial_batch():
     )
 
 
+def test_an_evaluation_loader_builds_its_pipeline_once(monkeypatch):
+    """Evaluation passes, never given an epoch, reuse the pipeline instead of building
+    one each pass, and give the same batches each time."""
+    images = coded_images(45)
+    loader = DaliLoader(images, np.arange(45), 20, train=False)
+    builds = []
+    real_build = loader._build
+    monkeypatch.setattr(loader, "_build", lambda epoch: builds.append(epoch) or real_build(epoch))
+    passes = [[(x.clone(), y.clone()) for x, y in loader] for _ in range(3)]
+    assert len(builds) == 1
+    for other in passes[1:]:
+        assert all(torch.equal(a, c) and torch.equal(b, d)
+                   for (a, b), (c, d) in zip(passes[0], other, strict=True))  # fmt: skip
+
+
 def test_missing_dali_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(UserError, match=r"pip install 'fastcifar\[dali\]'"):

@@ -189,8 +189,10 @@ class DaliLoader(EpochBatches):
         self._next_epoch = first_epoch
 
     def __iter__(self):
-        if self._pipe is None or self.epoch != self._next_epoch:
-            # first use, a jump (resume), or an epoch left unfinished: start there
+        # an evaluation loader's passes are all alike: its pipeline serves every one
+        jumped = self.train and self.epoch != self._next_epoch
+        if self._pipe is None or self._next_epoch is None or jumped:
+            # first use, an epoch left unfinished, or a jump (resume): start there
             self._build(self.epoch)
         self._next_epoch = None  # until this epoch's last batch is out
         pipe, on_gpu = self._pipe, self.device.type == "cuda"
