@@ -64,7 +64,7 @@ class TrainConfig:
     native: str = "auto"  # auto | on | off: the tensor loader's fused native op (fastcifar._C)
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays CUDA graphs
+    compile_mode: str = "default"  # torch.compile mode (on CUDA reduce-overhead: CUDA graphs)
     fused: bool = False  # Triton-fused conv-BN-ReLU units (cerberus); CUDA, or TRITON_INTERPRET=1
     deterministic: bool = False  # PyTorch deterministic algorithms (CUDA too)
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
