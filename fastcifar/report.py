@@ -24,10 +24,11 @@ def load_results(folder: Path) -> tuple[list[dict], list[dict]]:
 
 
 def ran_default_settings(result: dict) -> bool:
-    """Whether a side-by-side result timed the arch's default settings. Results with
-    another batch size or torch.compile mode (CUDA graphs) are ablations: the table
+    """Whether a side-by-side result timed the arch's default settings as they were when
+    it ran. Results with another batch size or torch.compile mode are ablations: the table
     leaves them out, whatever order their files sort in. Results saved before they
-    recorded it are judged by their compile mode and the CPU recipe's batch size. Results
+    recorded it (all before CUDA graphs became the CUDA default) are judged by their
+    compile mode and the CPU recipe's batch size. Results
     measured against fastcifar's default instead of the tutorial are ablations too."""
     if result.get("against", "baseline") != "baseline":
         return False
