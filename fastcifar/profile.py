@@ -59,6 +59,7 @@ class FamilyRate:
 @dataclass
 class HostProfile:
     cpu_ms_per_step: float  # the main thread's CPU time a step, measured without cProfile
+    wall_ms_per_step: float  # the same steps' wall time, the device's work included
     functions: list[dict]  # the top functions by own time: name, calls, own and total ms
 
 
@@ -92,18 +93,20 @@ def profile_training(arch: str, images, labels, *, steps: int, batch_size: int |
 
 
 def profile_host(p, steps: int, top: int) -> HostProfile:
-    """The main thread's CPU time a step over `steps` steps, then the `top` Python
+    """The main thread's CPU time and the wall time a step over `steps` steps (the
+    nearer the two, the more the host bounds the step), then the `top` Python
     functions and builtins by own time over as many more under cProfile. cProfile's
     times are wall time, so a wait (for a loader's batch, for the GPU) shows in the
     function that waits, which the CPU time leaves out; and it slows the Python it
     times, so its times are for comparing, the CPU time a step for rates."""
     sync = torch.cuda.synchronize if p.device.type == "cuda" else lambda: None
     sync()
-    start = time.thread_time()
+    start, wall_start = time.thread_time(), time.perf_counter()
     for _ in range(steps):
         p.step(*next(p.batches))
     cpu_ms = 1e3 * (time.thread_time() - start) / steps
     sync()
+    wall_ms = 1e3 * (time.perf_counter() - wall_start) / steps
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
@@ -115,7 +118,7 @@ def profile_host(p, steps: int, top: int) -> HostProfile:
         for key, (_, calls, own, total, _) in pstats.Stats(profiler).stats.items()
     ]
     rows.sort(key=lambda r: r["own_ms"], reverse=True)
-    return HostProfile(cpu_ms, rows[:top])
+    return HostProfile(cpu_ms, wall_ms, rows[:top])
 
 
 def _function_name(path: str, line: int, name: str) -> str:

@@ -95,7 +95,7 @@ def test_the_host_profile_sees_the_loader_and_the_step(tmp_path, loader):
     assert {"tensor": "data/loader.py", "dali": "data/dali_loader.py"}[loader] in iterators
     (step,) = [f for f in host.functions if n_is(f, "train/engine.py", "train_step")]
     assert step["calls"] == 2 and 0 < step["own_ms"] <= step["total_ms"]
-    assert host.cpu_ms_per_step > 0
+    assert host.cpu_ms_per_step > 0 and host.wall_ms_per_step > 0
     own = [f["own_ms"] for f in host.functions]
     assert own == sorted(own, reverse=True)
 

@@ -293,8 +293,9 @@ def profile(args) -> int:
 def host_table(host, steps: int):
     from rich.table import Table
 
-    table = Table(title=f"host: the main thread's CPU time {host.cpu_ms_per_step:.2f} ms a step; "
-                        f"cProfile over {steps} more steps (wall time, waits included)")  # fmt: skip
+    table = Table(title=f"host: the main thread's CPU time {host.cpu_ms_per_step:.2f} ms a step of "
+                        f"{host.wall_ms_per_step:.2f} ms; cProfile over {steps} more steps "
+                        "(wall time, waits included)")  # fmt: skip
     for column in ("function", "calls", "own ms", "total ms"):
         table.add_column(column, justify="left" if column == "function" else "right")
     for f in host.functions:
