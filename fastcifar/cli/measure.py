@@ -88,6 +88,13 @@ def register(commands) -> None:
     pf.set_defaults(handler=profile)
 
 
+def set_overrides(settings: list[tuple[str, object]]) -> dict | None:
+    """`--set` values as config overrides (None for none); the architecture is --arch's."""
+    if any(key == "arch" for key, _ in settings):
+        raise UserError("--set arch=...: name the architectures with --arch")
+    return dict(settings) or None
+
+
 def bench_throughput(args) -> int:
     from rich.table import Table
 
@@ -95,11 +102,9 @@ def bench_throughput(args) -> int:
     from fastcifar.data.dataset import resolve_arrays
     from fastcifar.display import table_console
 
-    if any(key == "arch" for key, _ in args.set):
-        raise UserError("--set arch=...: name the architectures with --arch")
+    overrides = set_overrides(args.set)
     console = table_console()
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
-    overrides = dict(args.set) or None
     against = {"tutorial": "baseline", "default": "default"}[args.against]  # bench variants
     base = "fastcifar default" if against == "default" else "tutorial baseline"
     ours = "with " + " ".join(f"{k}={v}" for k, v in args.set) if overrides else "fastcifar"
@@ -260,14 +265,13 @@ def profile(args) -> int:
     from fastcifar.display import table_console
     from fastcifar.profile import profile_training
 
-    if any(key == "arch" for key, _ in args.set):
-        raise UserError("--set arch=...: name the architecture with --arch")
+    overrides = set_overrides(args.set)
     console = table_console()
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
     rows, families, host = profile_training(
         args.arch, arrays.train_images[:8192], arrays.train_labels[:8192], steps=args.steps,
         batch_size=args.batch_size, variant=args.variant, trace=args.trace,
-        overrides=dict(args.set) or None, host_top=args.host or 0,
+        overrides=overrides, host_top=args.host or 0,
     )  # fmt: skip
     pipeline = " ".join([args.variant] + [f"{k}={v}" for k, v in args.set])
     table = Table(title=f"{args.arch}: top kernels over {args.steps} training steps ({pipeline})")
