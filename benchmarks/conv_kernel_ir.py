@@ -6,6 +6,7 @@ timings still need one.
 
     python benchmarks/conv_kernel_ir.py --loop flat   # or nested (the default kernel)
     python benchmarks/conv_kernel_ir.py --kernel weight-grad
+    python benchmarks/conv_kernel_ir.py --tiles --loop flat   # every candidate tile
 
 Integer channel counts and pointers are marked divisible by 16, as Triton's JIT
 specialises them at launch for CerberusNet's layers; without that it emits no
@@ -33,7 +34,9 @@ def compile_for_hopper(kernel, constants: dict, pointer_types: dict, sizes: tupl
     """`kernel` (a jit function, or the autotuner around one) compiled for sm_90 with
     `constants`; pointers are bf16 unless `pointer_types` says otherwise, `sizes` are the
     int32 arguments, and channel counts and pointers are marked divisible by 16."""
-    fn = getattr(kernel, "fn", kernel)
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):  # inside autotuner, heuristics
+        fn = fn.fn
     signature = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):
@@ -47,50 +50,81 @@ def compile_for_hopper(kernel, constants: dict, pointer_types: dict, sizes: tupl
                           options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
 
 
-def compile_conv(flat: bool, block=(128, 64, 32)):
+def compile_conv(flat: bool, block=(128, 64, 32), num_warps: int = 4, tap_aligned: bool = True):
     """The convolution with the training forward's epilogue (bias, ReLU first, BatchNorm
-    statistics), bf16 activations."""
+    statistics), bf16 activations; `tap_aligned`: BLOCK_K divides the input channels."""
     constants = dict(RELU_FIRST=True, AFFINE=False, RELU_LAST=False, STATS=True, HAS_BIAS=True,
                      UPCAST=False, PRECISION="tf32", ACC=tl.float32, FLAT_K=flat,
+                     TAP_ALIGNED=tap_aligned,
                      BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2])  # fmt: skip
     pointers = {"b_ptr": "fp32", "scale_ptr": "fp32", "shift_ptr": "fp32", "sum_ptr": "fp64",
                 "sumsq_ptr": "fp64"}  # fmt: skip
     return compile_for_hopper(conv_bn_relu._conv3x3_kernel, constants, pointers,
-                              ("batch", "height", "width", "c_in", "c_out"))  # fmt: skip
+                              ("batch", "height", "width", "c_in", "c_out"), num_warps)  # fmt: skip
 
 
-def compile_weight_grad(block=(128, 64, 64)):
-    """The weight gradient: a reduction over pixels into fp32 (9, C_in, C_out)."""
-    constants = dict(UPCAST=False, PRECISION="tf32", ACC=tl.float32, BLOCK_P=block[0],
-                     BLOCK_CI=block[1], BLOCK_CO=block[2])  # fmt: skip
-    sizes = ("batch", "height", "width", "c_in", "c_out", "pixels_per_split")
+def compile_weight_grad(block=(128, 64, 64), num_warps: int = 4, size: int = 32):
+    """The weight gradient: a reduction over pixels into fp32 (9, C_in, C_out), for
+    `size` x `size` images (a compile-time constant of the kernel)."""
+    constants = dict(height=size, width=size, UPCAST=False, PRECISION="tf32", ACC=tl.float32,
+                     BLOCK_P=block[0], BLOCK_CI=block[1], BLOCK_CO=block[2])  # fmt: skip
+    sizes = ("batch", "c_in", "c_out", "pixels_per_split")
     kernel = conv_bn_relu._conv3x3_wgrad_kernel
-    return compile_for_hopper(kernel, constants, {"dw_ptr": "fp32"}, sizes)
+    return compile_for_hopper(kernel, constants, {"dw_ptr": "fp32"}, sizes, num_warps)
 
 
 def pipeline_report(kernel) -> dict:
-    """Counts read from the kernel's TritonGPU IR and PTX, and its registers per thread
-    from the cubin (by the cuobjdump that Triton ships)."""
+    """Counts read from the kernel's TritonGPU IR and PTX, and from its machine code (SASS,
+    disassembled by the cuobjdump that Triton ships): registers per thread, and the
+    instructions a step of its longest loop issues, which the reduction's index arithmetic
+    adds to beside the copies and the tensor-core work."""
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     waits = [int(n) for n in re.findall(r"async_wait[^\n]*num = (\d+)", ttgir)]
+    registers = re.search(r"REG:(\d+)", _cuobjdump(kernel, "-res-usage")).group(1)
     return {
         "loops": len(re.findall(r"\bscf\.for\b", ttgir)),
         "async copies": len(re.findall(r"async_copy_global_to_local", ttgir)),
         "drains (waits for every copy)": waits.count(0),
         "wgmma instructions": len(re.findall(r"\bwgmma\.mma_async", ptx)),
         "shared memory bytes": kernel.metadata.shared,
-        "registers per thread": _registers(kernel.asm["cubin"]),
+        "registers per thread": int(registers),
+        "instructions a loop step": max(_loop_lengths(_cuobjdump(kernel, "-sass")), default=0),
     }
 
 
-def _registers(cubin: bytes) -> int:
+def _cuobjdump(kernel, flag: str) -> str:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+        f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout  # fmt: skip
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+
+
+def _loop_lengths(sass: str) -> list[int]:
+    """Instructions from each backward branch's target to the branch (SASS instructions
+    are 16 bytes apart, each line starting with its address)."""
+    lengths = []
+    for here, target in re.findall(r"/\*([0-9a-f]+)\*/[^;]*?\bBRA\s+(0x[0-9a-f]+)", sass):
+        if int(target, 16) < int(here, 16):
+            lengths.append((int(here, 16) - int(target, 16)) // 16 + 1)
+    return lengths
+
+
+def tile_table(kernel: str, loop: str) -> list[str]:
+    """Every candidate tile the autotuner may pick on a GPU, as a Markdown table."""
+    rows = ["| tile | warps | instructions a loop step | registers | shared memory |",
+            "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    tiles = conv_bn_relu.CONV_TILES if kernel == "conv" else conv_bn_relu.WGRAD_TILES
+    for *block, warps in tiles:
+        if kernel == "conv":
+            compiled = compile_conv(loop == "flat", tuple(block), warps)
+        else:
+            compiled = compile_weight_grad(tuple(block), warps)
+        r = pipeline_report(compiled)
+        rows.append(f"| {' x '.join(map(str, block))} | {warps} | {r['instructions a loop step']} "
+                    f"| {r['registers per thread']} | {r['shared memory bytes'] // 1024} KiB |")  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -98,7 +132,12 @@ def main() -> None:
     parser.add_argument("--kernel", choices=["conv", "weight-grad"], default="conv")
     parser.add_argument("--loop", choices=["nested", "flat"], default="nested",
                         help="the convolution's reduction loop")  # fmt: skip
+    parser.add_argument("--tiles", action="store_true",
+                        help="a table of every candidate tile instead of one tile's report")  # fmt: skip
     args = parser.parse_args()
+    if args.tiles:
+        print("\n".join(tile_table(args.kernel, args.loop)))
+        return
     kernel = compile_conv(args.loop == "flat") if args.kernel == "conv" else compile_weight_grad()
     for name, value in pipeline_report(kernel).items():
         print(f"{name:<32} {value}")

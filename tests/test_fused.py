@@ -158,7 +158,10 @@ def test_training_with_the_flat_reduction(monkeypatch, dtype):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU times the kernels themselves")
 def test_the_flat_loop_compiles_to_one_pipelined_loop():
     """Compiled for sm_90 without a GPU (benchmarks/conv_kernel_ir.py): the nested
-    reduction drains its copy pipeline once per tap, nine times; the flat one once."""
+    reduction drains its copy pipeline once per tap, nine times; the flat one once, and a
+    step of it issues about as many instructions as a step of the nested one (its tap is a
+    scalar, not one per column). The weight gradient finds its pixels' rows and columns
+    without dividing: 757 instructions a step when it divided by the image size."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "conv_kernel_ir.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
 
@@ -169,11 +172,13 @@ def test_the_flat_loop_compiles_to_one_pipelined_loop():
 
     nested, flat = report("--loop", "nested"), report("--loop", "flat")
     weight_grad = report("--kernel", "weight-grad")  # a long loop over pixels already
-    drains = "drains (waits for every copy)"
+    drains, step = "drains (waits for every copy)", "instructions a loop step"
     assert (nested["loops"], nested[drains]) == (9, 9)
     for kernel in (flat, weight_grad):
         assert (kernel["loops"], kernel[drains]) == (1, 1)
         assert kernel["async copies"] > 0 and kernel["wgmma instructions"] > 0
+    assert nested[step] > 0 and flat[step] <= 1.15 * nested[step], (flat[step], nested[step])
+    assert 0 < weight_grad[step] <= 400, weight_grad[step]
 
 
 @pytest.mark.parametrize("order", ["act_bn", "bn_act"])

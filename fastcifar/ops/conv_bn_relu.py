@@ -90,8 +90,8 @@ def _fits(configs, named_args, **_):
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): pixels x output channels x input channels. The
 # last, and the weight gradient's last, are large tiles for the compute-bound 128- and
 # 256-channel layers, where these kernels lose most to cuDNN; compiled for sm_90 here
-# (`benchmarks/conv_kernel_ir.py`) they take 167 and 127 registers a thread and 96 KiB
-# and 192 KiB of shared memory, where 128 x 256 x 64 reaches the 255-register limit.
+# (`benchmarks/conv_kernel_ir.py --tiles`) they take 165 and 141 registers a thread and
+# 96 KiB and 192 KiB of shared memory, where 128 x 256 x 64 reaches the 255-register limit.
 CONV_TILES = [(64, 64, 32, 4), (128, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32, 8),
               (128, 64, 64, 4), (256, 64, 32, 8), (128, 128, 64, 8)]  # fmt: skip
 # (BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps): pixels summed x input x output channels
@@ -114,38 +114,63 @@ WGRAD_PIXEL_STEP = max(shape[0] for shape in WGRAD_TILES)
     key=["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE", "FLAT_K"],
     prune_configs_by={"early_config_prune": _fits},
 )
+@triton.heuristics({"TAP_ALIGNED": lambda args: args["c_in"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _conv3x3_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr,
     batch, height, width, c_in, c_out,
     RELU_FIRST: tl.constexpr, AFFINE: tl.constexpr, RELU_LAST: tl.constexpr,
     STATS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, FLAT_K: tl.constexpr,
+    ACC: tl.constexpr, FLAT_K: tl.constexpr, TAP_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[p, co] = epilogue(sum over taps and ci of x[p + tap, ci] * w[tap, ci, co]):
     an implicit GEMM over M = pixels, N = output channels, K = 9 x input channels. The
     reduction runs as nine taps of `c_in / BLOCK_K` steps, or with FLAT_K as one loop over
-    all 9 x c_in (a step may span two taps), long enough for software pipelining."""
+    all 9 x c_in, long enough for software pipelining; its steps span two taps only where
+    BLOCK_K does not divide c_in (TAP_ALIGNED, set from the tile: CerberusNet's first
+    layer's 3 channels), which costs a tap per column instead of one a step."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pixels = batch * height * width
     m_mask, n_mask = offs_m < pixels, offs_n < c_out
-    image = offs_m // (height * width)
     oh = (offs_m // width) % height
     ow = offs_m % width
+    # A tap's input pixel lies a fixed distance from the output pixel's own offset (NHWC,
+    # stride 1, same size): one scalar a tap; only the borders' mask is per pixel.
+    own = offs_m * c_in
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    if FLAT_K:
+    if FLAT_K and TAP_ALIGNED:  # one loop, each step inside one tap: the tap is a scalar
+        taps = tl.zeros((BLOCK_M,), dtype=tl.int32)  # bit t: tap t lies inside the image
+        for t in tl.static_range(9):
+            inside = (m_mask & (oh + t // 3 - 1 >= 0) & (oh + t // 3 - 1 < height)
+                      & (ow + t % 3 - 1 >= 0) & (ow + t % 3 - 1 < width))  # fmt: skip
+            taps |= inside.to(tl.int32) << t
+        a_ptrs = x_ptr + own[:, None] + tl.arange(0, BLOCK_K)[None, :]
+        b_ptrs = w_ptr + tl.arange(0, BLOCK_K)[:, None] * c_out + offs_n[None, :]
+        tap, ci0 = 0, 0  # of this step, carried from step to step (no division)
+        for _ in range(0, 9 * c_in, BLOCK_K):
+            shift = ((tap // 3 - 1) * width + tap % 3 - 1) * c_in + ci0
+            a = tl.load(a_ptrs + shift, mask=((taps >> tap) & 1 != 0)[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+            b_ptrs += BLOCK_K * c_out
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+            ci0 += BLOCK_K
+            tap = tl.where(ci0 == c_in, tap + 1, tap)
+            ci0 = tl.where(ci0 == c_in, 0, ci0)
+    elif FLAT_K:  # a step may span two taps (C_in no multiple of BLOCK_K): per column
         for k0 in range(0, 9 * c_in, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)  # (tap, input channel) of each step column
             k_mask = offs_k < 9 * c_in
             tap, ci = offs_k // c_in, offs_k % c_in
-            ih = oh[:, None] + (tap // 3)[None, :] - 1
-            iw = ow[:, None] + (tap % 3)[None, :] - 1
-            inside = (m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < height)
-                      & (iw >= 0) & (iw < width))  # fmt: skip
-            a = tl.load(x_ptr + ((image[:, None] * height + ih) * width + iw) * c_in + ci[None, :],
+            dh, dw = (tap // 3 - 1)[None, :], (tap % 3 - 1)[None, :]
+            inside = (m_mask[:, None] & k_mask[None, :] & (oh[:, None] + dh >= 0)
+                      & (oh[:, None] + dh < height) & (ow[:, None] + dw >= 0)
+                      & (ow[:, None] + dw < width))  # fmt: skip
+            a = tl.load(x_ptr + own[:, None] + (dh * width + dw) * c_in + ci[None, :],
                         mask=inside, other=0.0)  # fmt: skip
             b = tl.load(w_ptr + offs_k[:, None] * c_out + offs_n[None, :],
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # fmt: skip
@@ -154,10 +179,10 @@ def _conv3x3_kernel(
             acc += tl.dot(a, b, input_precision=PRECISION)
     else:
         for tap in tl.static_range(9):
-            ih = oh + (tap // 3) - 1
-            iw = ow + (tap % 3) - 1
-            inside = m_mask & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-            row = ((image * height + ih) * width + iw) * c_in
+            dh, dw = tap // 3 - 1, tap % 3 - 1
+            inside = (m_mask & (oh + dh >= 0) & (oh + dh < height) & (ow + dw >= 0)
+                      & (ow + dw < width))  # fmt: skip
+            row = own + (dh * width + dw) * c_in
             for k0 in range(0, c_in, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < c_in
@@ -284,15 +309,19 @@ def _bn_backward_apply_kernel(
 )
 @triton.jit
 def _conv3x3_wgrad_kernel(
-    x_ptr, dy_ptr, dw_ptr, batch, height, width, c_in, c_out, pixels_per_split,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, dy_ptr, dw_ptr, batch, height: tl.constexpr, width: tl.constexpr, c_in, c_out,
+    pixels_per_split, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):  # fmt: skip
     """dw[tap, ci, co] += sum over this program's pixels p of x[p + tap, ci] * dy[p, co].
     The pixel sum is split across programs (split-K): with 64 channels there are only nine
-    (ci, co, tap) tiles, far too few to fill a GPU; each split adds its part atomically."""
+    (ci, co, tap) tiles, far too few to fill a GPU; each split adds its part atomically.
+    The image size is a compile-time constant (the autotuner keys on it anyway), so each
+    step finds its pixels' rows and columns by shifts (CerberusNet's sizes are powers of
+    two) instead of divisions."""
     pid_ci, pid_co, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tap, split = pid_z % 9, pid_z // 9
+    dh, dw = tap // 3 - 1, tap % 3 - 1
     offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci_mask, co_mask = offs_ci < c_in, offs_co < c_out
@@ -300,21 +329,19 @@ def _conv3x3_wgrad_kernel(
     first = split * pixels_per_split
     last = tl.minimum(first + pixels_per_split, pixels)
     acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=ACC)
+    rows = first + tl.arange(0, BLOCK_P)  # the first step's pixels
+    a_ptrs = x_ptr + ((rows + dh * width + dw) * c_in)[:, None] + offs_ci[None, :]
+    g_ptrs = dy_ptr + rows[:, None] * c_out + offs_co[None, :]
     for p0 in range(first, last, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < last
-        image = offs_p // (height * width)
-        ih = (offs_p // width) % height + (tap // 3) - 1
-        iw = offs_p % width + (tap % 3) - 1
+        ih = (offs_p // width) % height + dh
+        iw = offs_p % width + dw
         inside = p_mask & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-        row = ((image * height + ih) * width + iw) * c_in
-        a = tl.load(
-            x_ptr + row[:, None] + offs_ci[None, :],
-            mask=inside[:, None] & ci_mask[None, :],
-            other=0.0,
-        )
-        g = tl.load(dy_ptr + offs_p[:, None] * c_out + offs_co[None, :], mask=p_mask[:, None] & co_mask[None, :],
-                    other=0.0)  # fmt: skip
+        a = tl.load(a_ptrs, mask=inside[:, None] & ci_mask[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=p_mask[:, None] & co_mask[None, :], other=0.0)
+        a_ptrs += BLOCK_P * c_in
+        g_ptrs += BLOCK_P * c_out
         if UPCAST:
             a, g = a.to(tl.float32), g.to(tl.float32)
         acc += tl.dot(tl.trans(a), g, input_precision=PRECISION)
