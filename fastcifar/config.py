@@ -61,7 +61,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format for activations and weights
     loader: str = "tensor"  # tensor | dali: where batches are augmented
     dali_decode: bool = False  # --loader dali: DALI decodes the image files (on the GPU with CUDA)
-    native: str = "auto"  # auto | on | off: the tensor loader's fused native op (fastcifar._C)
+    native: str = "auto"  # auto | on | off: fastcifar._C (the loader's op; AVX-512 bf16 pooling)
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode (on CUDA reduce-overhead: CUDA graphs)

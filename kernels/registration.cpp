@@ -8,6 +8,10 @@ TORCH_LIBRARY(fastcifar, m) {
       "augment_batch(Tensor images, Tensor index, Tensor dy, Tensor dx, Tensor flip, "
       "Tensor? cut_y, Tensor? cut_x, int pad, int cutout, float[] mean, float[] std, "
       "ScalarType dtype) -> Tensor");
+  // 2x2 max pooling, stride 2, channels-last, CPU with AVX-512: (output, each window's
+  // winner 0..3 as uint8), and the input gradient from them
+  m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
+  m.def("max_pool2x2_backward(Tensor grad, Tensor where, int height, int width) -> Tensor");
 }
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -3,7 +3,9 @@ once, with the fake implementation `torch.compile` needs to trace its operators.
 
 `augment_batch` is the fused crop + flip + cutout + normalise + cast of one training
 batch, from uint8 NHWC images straight to the model's input; its reference is
-`fastcifar.data.augment.reference_augment`.
+`fastcifar.data.augment.reference_augment`. `max_pool2x2` is `F.max_pool2d(x, 2)` for
+channels-last activations on a CPU with AVX-512 (`fastcifar.models.pooling`), with its
+backward from the window positions the forward keeps.
 """
 
 from __future__ import annotations
@@ -37,6 +39,27 @@ def _register_fake() -> None:
         height, width = images.shape[1], images.shape[2]
         nhwc = images.new_empty((index.shape[0], height, width, 3), dtype=dtype)
         return nhwc.permute(0, 3, 1, 2)
+
+    @torch.library.register_fake("fastcifar::max_pool2x2")
+    def _(x):
+        n, c, h, w = x.shape
+        out = x.new_empty((n, h // 2, w // 2, c)).permute(0, 3, 1, 2)
+        return out, torch.empty_like(out, dtype=torch.uint8)
+
+    @torch.library.register_fake("fastcifar::max_pool2x2_backward")
+    def _(grad, where, height, width):
+        n, c = grad.shape[:2]
+        return grad.new_empty((n, height, width, c)).permute(0, 3, 1, 2)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.size = inputs[0].shape[2:]
+
+    def backward(ctx, grad, _):
+        (where,) = ctx.saved_tensors
+        return torch.ops.fastcifar.max_pool2x2_backward(grad, where, *ctx.size)
+
+    torch.library.register_autograd("fastcifar::max_pool2x2", backward, setup_context=setup_context)
 
 
 def augment_batch(images: torch.Tensor, index: torch.Tensor, d: AugmentDraw, *, pad: int,

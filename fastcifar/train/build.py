@@ -1,5 +1,6 @@
 """What a run is built from: its data splits, their loaders (tensor or DALI, native op,
-prefetch thread) and its model (fused block, channels-last, torch.compile)."""
+prefetch thread) and its model (fused block, channels-last, native CPU pooling,
+torch.compile)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastcifar.data.loader import TensorLoader
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.errors import UserError
 from fastcifar.models import create_model
+from fastcifar.models.pooling import native_pooling_available, use_native_pooling
 
 # Graphs one process may compile for the code every compiled module shares (torch's
 # default, 8, would leave a sweep's later trials running eager)
@@ -50,6 +52,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     model = create_model(cfg.arch, **overrides).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if device.type == "cpu" and use_native(cfg.native, device) and native_pooling_available():
+            use_native_pooling(model)  # bf16 max pooling (fp32 stays with ATen at run time)
     return model
 
 
