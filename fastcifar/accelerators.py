@@ -41,6 +41,14 @@ def report() -> list[tuple[str, bool, str]]:
         why += "; CPU kernels" + (
             " and CUDA kernels" if has_cuda else ", no CUDA kernels (built without)"
         )
+    if ok:
+        from fastcifar.models.pooling import native_pooling_available
+
+        why += (
+            "; bf16 max pooling (AVX-512)"
+            if native_pooling_available()
+            else "; max pooling stays with ATen (no AVX-512)"
+        )
     rows.append(("native", ok, why))
     ok, detail = _module("nvidia.dali")
     rows.append(("dali", ok, detail + ("" if ok else "; pip install 'fastcifar[dali]'")))

@@ -1,9 +1,9 @@
 """`nn.MaxPool2d(2)` through the native CPU kernel where it is faster: bf16 channels-last
 activations on a CPU with AVX-512 (`fastcifar._C`'s `max_pool2x2`, the same values and
-gradients as `F.max_pool2d`). ATen's channels-last pooling vectorises over channels, so
-lenet's 6-channel pool ran 10x slower than the native one; timed side by side on every
-pooling shape of the architectures here, bf16 forward and backward together ran 1.3x to
-6.2x faster natively, fp32 0.7x to 3.5x, so fp32 stays with ATen (benchmarks/NOTES.md)."""
+gradients as `F.max_pool2d`). ATen's channels-last pooling vectorises over channels and
+is slow when they are few; side by side on the pooling shapes of the architectures here
+(`benchmarks/test_pooling.py`), bf16 forward and backward ran 1.15x to 4.5x faster
+natively (lenet's 6-channel pool 4.5x), fp32 0.5x to 1.4x, so fp32 stays with ATen."""
 
 from __future__ import annotations
 
