@@ -1,5 +1,5 @@
 """The native extension `fastcifar._C` (built from kernels/ by CMakeLists.txt): loaded
-once, with the fake implementation `torch.compile` needs to trace its operators.
+once, with the fake implementations `torch.compile` needs to trace its operators.
 
 `augment_batch` is the fused crop + flip + cutout + normalise + cast of one training
 batch, from uint8 NHWC images straight to the model's input; its reference is
@@ -29,11 +29,13 @@ def load() -> tuple[bool, str]:
             False,
             f"fastcifar._C did not load ({first_line(exc)})",
         )
-    _register_fake()
+    _register()
     return True, "fastcifar._C loaded"
 
 
-def _register_fake() -> None:
+def _register() -> None:
+    """The operators' fake implementations (for torch.compile) and the pooling op's autograd."""
+
     @torch.library.register_fake("fastcifar::augment_batch")
     def _(images, index, dy, dx, flip, cut_y, cut_x, pad, cutout, mean, std, dtype):
         height, width = images.shape[1], images.shape[2]
