@@ -23,10 +23,11 @@ pytestmark = pytest.mark.skipif(
 # (arch, batch, channels, size) of every pool in the registered architectures at their
 # CPU recipes' batch sizes (lenet and conv3 128, the others 256), first pools first
 SHAPES = [("lenet", 128, 6, 28), ("lenet", 128, 16, 10), ("conv3", 128, 32, 30),
-          ("conv3", 128, 64, 13), ("conv4", 256, 32, 32), ("conv4", 256, 64, 16),
-          ("conv4", 256, 128, 8), ("cerberus", 256, 64, 32), ("cerberus", 256, 128, 16),
-          ("cerberus", 256, 256, 8), ("sinha14", 256, 28, 32), ("wide4", 256, 96, 32),
-          ("wide4", 256, 256, 16)]  # fmt: skip
+          ("conv3", 128, 64, 13), ("conv3", 128, 64, 4), ("conv4", 256, 32, 32),
+          ("conv4", 256, 64, 16), ("conv4", 256, 128, 8), ("conv4", 256, 256, 4),
+          ("cerberus", 256, 64, 32), ("cerberus", 256, 128, 16), ("cerberus", 256, 256, 8),
+          ("sinha14", 256, 28, 32), ("sinha14", 256, 28, 16), ("sinha14", 256, 28, 8),
+          ("wide4", 256, 96, 32), ("wide4", 256, 256, 16)]  # fmt: skip
 
 
 def _paired(sides: dict, window, rounds: int) -> dict:
