@@ -8,6 +8,7 @@
 // Without AVX-512 they refuse to run, and fastcifar keeps ATen's pooling. Windows holding a NaN give NaN, but their gradient
 // may go to another element than ATen's.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <cstring>
 #include <immintrin.h>
@@ -18,6 +19,9 @@ namespace fastcifar {
 namespace {
 
 #define FASTCIFAR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+// The two dtypes the kernels take, as cases of ATen's AT_DISPATCH_SWITCH
+#define FASTCIFAR_FLOAT_AND_BF16(...) \
+  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
 
 // 16 elements as floats, and back; bf16 is the upper half of a float, so converting a
 // value that came from bf16 back is exact.
@@ -123,10 +127,13 @@ FASTCIFAR_AVX512 void max_pool_backward_rows(const T* grad, const uint8_t* where
   }
 }
 
-bool fast() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
+bool fast() {  // the CPU's features, read once
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return supported;
 }
 
 void check_channels_last(const at::Tensor& x, const char* what) {
@@ -136,17 +143,6 @@ void check_channels_last(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), what, " must be channels-last");
 }
 
-template <typename F>
-void dispatch(at::ScalarType type, F&& run) {
-  if (type == at::kFloat) {
-    run(float{});
-  } else if (type == at::kBFloat16) {
-    run(at::BFloat16{});
-  } else {
-    TORCH_CHECK(false, "max_pool2x2 takes float32 or bfloat16, not ", type);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x) {
   check_channels_last(x, "max_pool2x2's input");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
@@ -154,15 +150,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x) {
   auto options = x.options().memory_format(at::MemoryFormat::ChannelsLast);
   auto out = at::empty({n, c, h / 2, w / 2}, options);
   auto where = at::empty({n, c, h / 2, w / 2}, options.dtype(at::kByte));
-  dispatch(x.scalar_type(), [&](auto zero) {
-    using T = decltype(zero);
-    const T* in = static_cast<const T*>(x.const_data_ptr());
-    T* o = static_cast<T*>(out.mutable_data_ptr());
+  AT_DISPATCH_SWITCH(x.scalar_type(), "max_pool2x2", FASTCIFAR_FLOAT_AND_BF16([&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
     uint8_t* k = where.mutable_data_ptr<uint8_t>();
     at::parallel_for(0, n * (h / 2), 1, [&](int64_t begin, int64_t end) {
-      max_pool_rows<T>(in, o, k, h, w, c, begin, end);
+      max_pool_rows<scalar_t>(in, o, k, h, w, c, begin, end);
     });
-  });
+  }));
   return {out, where};
 }
 
@@ -177,15 +172,14 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad, const at::Tensor& wh
   const int64_t n = g.size(0), c = g.size(1);
   auto out = at::empty({n, c, height, width},
                        g.options().memory_format(at::MemoryFormat::ChannelsLast));
-  dispatch(g.scalar_type(), [&](auto zero) {
-    using T = decltype(zero);
-    const T* gp = static_cast<const T*>(g.const_data_ptr());
+  AT_DISPATCH_SWITCH(g.scalar_type(), "max_pool2x2_backward", FASTCIFAR_FLOAT_AND_BF16([&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const uint8_t* k = where.const_data_ptr<uint8_t>();
-    T* o = static_cast<T*>(out.mutable_data_ptr());
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n * (height / 2), 1, [&](int64_t begin, int64_t end) {
-      max_pool_backward_rows<T>(gp, k, o, height, width, c, begin, end);
+      max_pool_backward_rows<scalar_t>(gp, k, o, height, width, c, begin, end);
     });
-  });
+  }));
   return out;
 }
 
