@@ -80,7 +80,8 @@ def pipeline_report(kernel) -> dict:
     adds to beside the copies and the tensor-core work."""
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     waits = [int(n) for n in re.findall(r"async_wait[^\n]*num = (\d+)", ttgir)]
-    registers = re.search(r"REG:(\d+)", _cuobjdump(kernel, "-res-usage")).group(1)
+    dump = _cuobjdump(kernel, "-res-usage", "-sass")  # resource usage, then the code
+    registers = re.search(r"REG:(\d+)", dump).group(1)
     return {
         "loops": len(re.findall(r"\bscf\.for\b", ttgir)),
         "async copies": len(re.findall(r"async_copy_global_to_local", ttgir)),
@@ -88,16 +89,16 @@ def pipeline_report(kernel) -> dict:
         "wgmma instructions": len(re.findall(r"\bwgmma\.mma_async", ptx)),
         "shared memory bytes": kernel.metadata.shared,
         "registers per thread": int(registers),
-        "instructions a loop step": max(_loop_lengths(_cuobjdump(kernel, "-sass")), default=0),
+        "instructions a loop step": max(_loop_lengths(dump), default=0),
     }
 
 
-def _cuobjdump(kernel, flag: str) -> str:
+def _cuobjdump(kernel, *flags: str) -> str:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
+        return subprocess.run([str(tool), *flags, f.name], capture_output=True, text=True,
                               check=True).stdout  # fmt: skip
 
 
