@@ -121,15 +121,18 @@ def training_loader(kind: str, images, labels, batch: int, dtype, device):
     """(loader, None), or (None, why) when `kind` cannot run here: the training loader
     `fastcifar train` builds with the switches of the ablation `<kind>_loader` (crop and
     flip, no cutout). Kinds: tensor (the gather), native, dali; a `_prefetch` suffix adds
-    the prefetch thread."""
+    the prefetch thread, and on dali a number, `dali_4096`, has each pipeline run make that
+    many images."""
     from fastcifar.ablations import ABLATIONS
     from fastcifar.bench import loader_split
     from fastcifar.config import TrainConfig
     from fastcifar.errors import UserError
     from fastcifar.train.build import make_loader
 
-    name, _, prefetch = kind.partition("_")
-    cfg = TrainConfig(batch_size=batch, cutout=0, track=False, prefetch="on" if prefetch else "off",
+    name, _, suffix = kind.partition("_")
+    cfg = TrainConfig(batch_size=batch, cutout=0, track=False,
+                      prefetch="on" if suffix == "prefetch" else "off",
+                      dali_images_per_run=int(suffix) if suffix.isdigit() else 0,
                       **ABLATIONS[f"{name}_loader"])  # fmt: skip
     try:
         return make_loader(cfg, loader_split(images, labels, cfg, device), device, dtype,

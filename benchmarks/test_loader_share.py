@@ -21,7 +21,8 @@ from fastcifar.train.device import input_dtype
 
 from .conftest import environment, training_loader
 
-LOADERS = ("tensor", "tensor_prefetch", "native", "native_prefetch", "dali")
+# dali_4096: the DALI pipeline making 16 batches of 256 a run, its host cost a run shared
+LOADERS = ("tensor", "tensor_prefetch", "native", "native_prefetch", "dali", "dali_4096")
 
 
 @pytest.mark.parametrize("arch", ["lenet", "cerberus"])

@@ -34,6 +34,8 @@ def _rate(batches, count: int, batch_size: int, device) -> float:
         "native_bf16",
         "dali_fp32",
         "dali_bf16",
+        "dali_4096_fp32",
+        "dali_4096_bf16",
     ],
 )
 def test_loader_throughput(benchmark, loader, full, device, train_arrays):

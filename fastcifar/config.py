@@ -61,6 +61,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format for activations and weights
     loader: str = "tensor"  # tensor | dali: where batches are augmented
     dali_decode: bool = False  # --loader dali: DALI decodes the image files (on the GPU with CUDA)
+    dali_images_per_run: int = 0  # --loader dali: images a pipeline run makes; 0 = one batch
     native: str = "auto"  # auto | on | off: fastcifar._C (the loader's op; AVX-512 bf16 pooling)
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
@@ -90,6 +91,10 @@ class TrainConfig:
             (self.native in SWITCHES, f"--native must be one of {', '.join(SWITCHES)}"),
             (self.prefetch in SWITCHES, f"--prefetch must be one of {', '.join(SWITCHES)}"),
             (not self.dali_decode or self.loader == "dali", "--dali-decode needs --loader dali"),
+            (
+                self.dali_images_per_run >= 0,
+                f"--dali-images-per-run must be >= 0, not {self.dali_images_per_run}",
+            ),
             (
                 self.compile_mode in COMPILE_MODES,
                 f"--compile-mode must be one of {', '.join(COMPILE_MODES)}",

@@ -59,6 +59,7 @@ def assert_one_line_error(code, err, fragment):
         (["--compile-mode", "fastest"], "--compile-mode must be one of"),
         (["--prefetch", "maybe"], "--prefetch must be one of"),
         (["--dali-decode"], "--dali-decode needs --loader dali"),
+        (["--dali-images-per-run", "-1"], "--dali-images-per-run must be >= 0, not -1"),
         (["--device", "tpu"], "--device must be one of auto, cpu, cuda, not 'tpu'"),
         (["--momentum", "1.5"], "--momentum must be in [0, 1), not 1.5"),
         (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, not -0.1"),

@@ -17,6 +17,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:nvidia.dali")
 
 from fastcifar.data.dali_loader import DaliLoader  # noqa: E402
 
+# Batches a pipeline run makes: the default's one (None), three (the epoch's last run
+# short), or more than an epoch holds
+BATCHES_PER_RUN = pytest.mark.parametrize("batches_per_run", [None, 3, 100])
+
+
+def per_run(batches_per_run: int | None, batch_size: int) -> dict:
+    return {} if batches_per_run is None else {"images_per_run": batches_per_run * batch_size}
+
 
 def coded_images(n: int) -> np.ndarray:
     """Channel 0: the image index; channel 1: 8 x row; channel 2: 8 x col + 1."""
@@ -26,13 +34,17 @@ def coded_images(n: int) -> np.ndarray:
     return np.stack([i, r, c], -1).astype(np.uint8)
 
 
+@BATCHES_PER_RUN
 @pytest.mark.parametrize("cutout", [0, 8])
-def test_matches_reference_for_the_same_draws(cutout):
+def test_matches_reference_for_the_same_draws(cutout, batches_per_run):
     images = np.random.default_rng(0).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
-    loader = DaliLoader(images, np.arange(70), 16, train=True, seed=5, cutout=cutout)
+    loader = DaliLoader(images, np.arange(70), 16, train=True, seed=5, cutout=cutout,
+                        **per_run(batches_per_run, 16))  # fmt: skip
     loader.set_epoch(2)
     plan = loader._plan(2)
-    for b, (x, y) in enumerate(loader):
+    batches = list(loader)
+    assert len(batches) == len(plan.batches) == 4
+    for b, (x, y) in enumerate(batches):
         want = reference_augment(
             torch.from_numpy(images), plan.batches[b], plan.draws[b], pad=4, cutout=cutout
         )
@@ -57,9 +69,11 @@ def test_equal_to_tensor_loader_on_the_same_seed(dtype):
                                        atol=1e-2 if dtype == torch.bfloat16 else 1e-5)  # fmt: skip
 
 
-def test_every_image_once_per_epoch_with_its_label():
+@BATCHES_PER_RUN
+def test_every_image_once_per_epoch_with_its_label(batches_per_run):
     n = 101
-    loader = DaliLoader(coded_images(n), np.arange(n), 10, train=True, seed=0, drop_last=False)
+    loader = DaliLoader(coded_images(n), np.arange(n), 10, train=True, seed=0, drop_last=False,
+                        **per_run(batches_per_run, 10))  # fmt: skip
     seen = []
     for x, y in loader:
         # undo the normalisation of channel 0 at the centre pixel: the image's own index
@@ -91,27 +105,33 @@ def test_applied_offsets_uniform_and_flips_half():
     assert abs(torch.cat(flips).float().mean().item() - 0.5) < 0.05
 
 
-def test_resume_jumps_to_the_same_epoch():
+@BATCHES_PER_RUN
+def test_resume_jumps_to_the_same_epoch(batches_per_run):
     images = np.random.default_rng(2).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    straight = DaliLoader(images, np.arange(64), 16, train=True, seed=1)
+    straight = DaliLoader(images, np.arange(64), 16, train=True, seed=1,
+                          **per_run(batches_per_run, 16))  # fmt: skip
     batches = {}
     for epoch in (1, 2, 3):
         straight.set_epoch(epoch)
         batches[epoch] = [x.clone() for x, _ in straight]
-    fresh = DaliLoader(images, np.arange(64), 16, train=True, seed=1)
+    fresh = DaliLoader(images, np.arange(64), 16, train=True, seed=1,
+                       **per_run(batches_per_run, 16))  # fmt: skip
     fresh.set_epoch(3)
     for a, (b, _) in zip(batches[3], fresh, strict=True):
         torch.testing.assert_close(a, b)
 
 
-def test_an_unfinished_epoch_leaves_nothing_for_the_next():
-    """A consumer that stops early (a benchmark's few steps) and moves to the next epoch
-    gets that epoch's batches, not the rest of the one it left."""
+@BATCHES_PER_RUN
+def test_an_unfinished_epoch_leaves_nothing_for_the_next(batches_per_run):
+    """A consumer that stops early (a benchmark's few steps, here within a run's
+    batches) and moves to the next epoch gets that epoch's batches, not the rest of the
+    one it left."""
     images = np.random.default_rng(3).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     whole = DaliLoader(images, np.arange(64), 16, train=True, seed=1)
     whole.set_epoch(2)
     expected = [y.clone() for _, y in whole]
-    loader = DaliLoader(images, np.arange(64), 16, train=True, seed=1)
+    loader = DaliLoader(images, np.arange(64), 16, train=True, seed=1,
+                        **per_run(batches_per_run, 16))  # fmt: skip
     loader.set_epoch(1)
     next(iter(loader))
     loader.set_epoch(2)
@@ -120,9 +140,10 @@ def test_an_unfinished_epoch_leaves_nothing_for_the_next():
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
-def test_eval_loader_keeps_order_and_last_partial_batch():
+@pytest.mark.parametrize("batches_per_run", [None, 2, 100])
+def test_eval_loader_keeps_order_and_last_partial_batch(batches_per_run):
     images = coded_images(45)
-    loader = DaliLoader(images, np.arange(45), 20, train=False)
+    loader = DaliLoader(images, np.arange(45), 20, train=False, **per_run(batches_per_run, 20))
     xs, ys = zip(*loader, strict=True)
     assert [len(y) for y in ys] == [20, 20, 5]
     assert torch.equal(torch.cat(ys), torch.arange(45))
@@ -154,7 +175,8 @@ def test_missing_dali_is_a_one_line_error(monkeypatch):
         DaliLoader(coded_images(4), np.arange(4), 2, train=True)
 
 
-def test_training_with_the_dali_loader(tmp_path):
+@pytest.mark.parametrize("images_per_run", [0, 100])
+def test_training_with_the_dali_loader(tmp_path, images_per_run):
     from fastcifar.config import TrainConfig
     from fastcifar.display import TrainingDisplay
     from fastcifar.train.engine import fit
@@ -166,8 +188,10 @@ def test_training_with_the_dali_loader(tmp_path):
     common = dict(arch="lenet", data=data, epochs=1, batch_size=50, val=50, amp="none",
                   track=False, device="cpu")  # fmt: skip
     a = fit(
-        TrainConfig(**common, out=str(tmp_path / "a"), loader="dali"), TrainingDisplay(quiet=True)
-    )
+        TrainConfig(**common, out=str(tmp_path / "a"), loader="dali",
+                    dali_images_per_run=images_per_run),
+        TrainingDisplay(quiet=True),
+    )  # fmt: skip
     b = fit(
         TrainConfig(**common, out=str(tmp_path / "b"), loader="tensor"), TrainingDisplay(quiet=True)
     )
@@ -175,11 +199,15 @@ def test_training_with_the_dali_loader(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batches_per_run", [None, 3])
 @pytest.mark.parametrize(("device", "dtype"), [("cuda", torch.float32), ("cuda:0", torch.bfloat16)])
-def test_gpu_pipeline_gives_the_tensor_loader_batches_as_cuda_tensors(device, dtype):
+def test_gpu_pipeline_gives_the_tensor_loader_batches_as_cuda_tensors(
+    device, dtype, batches_per_run
+):
     images = np.random.default_rng(3).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
     args = dict(train=True, seed=2, cutout=6, dtype=dtype)
-    dali = DaliLoader(images, np.arange(70), 16, device=device, **args)
+    dali = DaliLoader(images, np.arange(70), 16, device=device, **args,
+                      **per_run(batches_per_run, 16))  # fmt: skip
     tensor = TensorLoader(torch.from_numpy(images), torch.arange(70), 16, **args)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     for (a, ya), (b, yb) in zip(dali, tensor, strict=True):

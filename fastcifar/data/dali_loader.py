@@ -8,7 +8,9 @@ in as few operators as it can: `slice` crops with zero padding, `erase` cuts out
 when on), and `crop_mirror_normalize` flips, normalises and casts. On CUDA the images and
 labels go to the GPU right after the source and batches arrive as CUDA tensors, prefetched,
 bound to torch's current stream, with no host synchronisation; without CUDA the same
-pipeline runs on the CPU (`device_id=None`).
+pipeline runs on the CPU (`device_id=None`). A pipeline run makes one batch, or with
+`images_per_run` several at once, handed out as slices of its output, so that DALI's
+cost a run on the host (`Run`, `ShareOutputs`, DLPack) is paid once for all of them.
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ class DaliLoader(EpochBatches):
         drop_last: bool | None = None,
         threads: int = 2,
         size: int = 32,
+        images_per_run: int | None = None,
     ):
         """`images`: uint8 (N, H, W, 3) on the host (numpy or a CPU tensor), or a list of N
-        image files' bytes (1-D uint8 arrays) that the pipeline decodes to `size` x `size` RGB."""
+        image files' bytes (1-D uint8 arrays) that the pipeline decodes to `size` x `size` RGB.
+        Each pipeline run makes `images_per_run // batch_size` batches (one at least; one
+        when None: on the CPU, larger runs measured slower, benchmarks/NOTES.md)."""
         self.fn, self.pipeline_def, self.types = import_dali()
         self.encoded = isinstance(images, list | tuple)
         if self.encoded:
@@ -92,6 +97,7 @@ class DaliLoader(EpochBatches):
         self.dtype, self.device = dtype, torch.device(device)
         self.drop_last = train if drop_last is None else drop_last
         self.threads = threads
+        self.run_batches = max(1, (images_per_run or batch_size) // batch_size)
         self.epoch = 0
         self._plans: dict[int, _EpochPlan] = {}
         self._first_epoch: int | None = None  # the epoch the built pipeline's epoch 0 is
@@ -105,27 +111,34 @@ class DaliLoader(EpochBatches):
         return self._plans[epoch]
 
     def _source(self, info):
-        """One batch for DALI: a pure function of (epoch, iteration), because DALI
-        prefetches ahead, across the epoch boundary too. Each output is one dense array
-        (a single copy into DALI, and to the GPU) except the encoded files, which differ
-        in length."""
+        """One run's batches for DALI, as one: a pure function of (epoch, run), because
+        DALI prefetches ahead, across the epoch boundary too. Each output is one dense
+        array (a single copy into DALI, and to the GPU) except the encoded files, which
+        differ in length."""
         epoch = self._first_epoch + info.epoch_idx
         plan = self._plan(epoch)
-        if info.iteration >= len(plan.batches):
+        first = info.iteration * self.run_batches
+        if first >= len(plan.batches):
             raise StopIteration
-        index = plan.batches[info.iteration].numpy()
+        runs = range(first, min(first + self.run_batches, len(plan.batches)))
+        index = torch.cat([plan.batches[b] for b in runs]).numpy()
         images = [self.images[i] for i in index] if self.encoded else self.images[index]
         labels = self.labels[index]
         if plan.draws is None:
             return images, labels, np.zeros(len(index), np.int32)
-        d = plan.draws[info.iteration]
+        choices = zip(*(self._choices(plan.draws[b]) for b in runs), strict=True)
+        return images, labels, *(np.concatenate(c) for c in choices)
+
+    def _choices(self, d) -> list[np.ndarray]:
+        """One batch's random choices as the pipeline takes them: flips, then crop offsets
+        relative to the unpadded image (when padding), then cutout boxes (when cutting out)."""
         flips = d.flip.numpy().astype(np.int32)
-        extra = []
-        if self.pad:  # crop offsets, relative to the unpadded image
-            extra.append(np.stack([d.dy.numpy(), d.dx.numpy()], 1).astype(np.int32) - self.pad)
+        choices = [flips]
+        if self.pad:
+            choices.append(np.stack([d.dy.numpy(), d.dx.numpy()], 1).astype(np.int32) - self.pad)
         if self.cutout:
-            extra += self._erase_boxes(d, flips)
-        return images, labels, flips, *extra
+            choices += self._erase_boxes(d, flips)
+        return choices
 
     def _erase_boxes(self, d, flips: np.ndarray):
         """Cutout boxes, clipped to the image, in pre-mirror coordinates (erase runs
@@ -146,7 +159,8 @@ class DaliLoader(EpochBatches):
         fp16 = self.dtype == torch.float16
 
         @self.pipeline_def(
-            batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=2,
+            batch_size=self.run_batches * self.batch_size, num_threads=self.threads,
+            prefetch_queue_depth=2,
             device_id=(self.device.index or 0) if on_gpu else None,
         )  # fmt: skip
         def pipeline():
@@ -209,8 +223,11 @@ class DaliLoader(EpochBatches):
                 return
             with torch.cuda.device(self.device) if on_gpu else nullcontext():
                 images, labels = (torch.from_dlpack(t.as_tensor()) for t in (images, labels))
-            # the tensors keep their memory; the freed slot lets DALI make the next batch
+            # the tensors keep their memory; the freed slot lets DALI make the next run
             pipe.release_outputs()
             pipe.schedule_run()
-            # both come out on the loader's device; only the dtype may change (bf16)
-            yield images.to(self.dtype).permute(0, 3, 1, 2), labels.view(-1)
+            # both come out on the loader's device; only the dtype may change (bf16). The
+            # run's batches are whole but for an epoch's last, which ends the last run.
+            images = images.to(self.dtype).permute(0, 3, 1, 2)
+            yield from zip(images.split(self.batch_size), labels.view(-1).split(self.batch_size),
+                           strict=True)  # fmt: skip

@@ -83,7 +83,7 @@ def make_loader(cfg: TrainConfig, split: Split, device: torch.device, dtype: tor
     if cfg.loader == "dali":
         from fastcifar.data.dali_loader import DaliLoader as Loader
 
-        extra = {"device": device}
+        extra = {"device": device, "images_per_run": cfg.dali_images_per_run or None}
     else:
         Loader = TensorLoader
         extra = {"native": use_native(cfg.native, device)}
