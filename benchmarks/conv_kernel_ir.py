@@ -4,7 +4,7 @@ asynchronous global-to-shared copies, the waits that drain them, the tensor-core
 instructions, shared memory and registers. For kernel work where no GPU is at hand;
 timings still need one.
 
-    python benchmarks/conv_kernel_ir.py --loop flat   # or nested (the default kernel)
+    python benchmarks/conv_kernel_ir.py --loop flat   # or nested (the default kernel), or tma
     python benchmarks/conv_kernel_ir.py --kernel weight-grad
     python benchmarks/conv_kernel_ir.py --tiles --loop flat   # every candidate tile
 
@@ -32,14 +32,17 @@ from fastcifar.ops import conv_bn_relu
 def compile_for_hopper(kernel, constants: dict, pointer_types: dict, sizes: tuple,
                        num_warps: int = 4, num_stages: int = 3):  # fmt: skip
     """`kernel` (a jit function, or the autotuner around one) compiled for sm_90 with
-    `constants`; pointers are bf16 unless `pointer_types` says otherwise, `sizes` are the
-    int32 arguments, and channel counts and pointers are marked divisible by 16."""
+    `constants`; pointers are bf16 unless `pointer_types` says otherwise, tensor
+    descriptors (`*_desc`) take their type from it, `sizes` are the int32 arguments, and
+    channel counts and pointers are marked divisible by 16."""
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # inside autotuner, heuristics
         fn = fn.fn
     signature = {}
     for name in fn.arg_names:
-        if name.endswith("_ptr"):
+        if name.endswith("_desc"):
+            signature[name] = pointer_types[name]
+        elif name.endswith("_ptr"):
             signature[name] = "*" + pointer_types.get(name, "bf16")
         else:
             signature[name] = "i32" if name in sizes else "constexpr"
@@ -50,16 +53,29 @@ def compile_for_hopper(kernel, constants: dict, pointer_types: dict, sizes: tupl
                           options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
 
 
-def compile_conv(flat: bool, block=(128, 64, 32), num_warps: int = 4, tap_aligned: bool = True):
-    """The convolution with the training forward's epilogue (bias, ReLU first, BatchNorm
-    statistics), bf16 activations; `tap_aligned`: BLOCK_K divides the input channels."""
-    constants = dict(RELU_FIRST=True, AFFINE=False, RELU_LAST=False, STATS=True, HAS_BIAS=True,
-                     UPCAST=False, PRECISION="tf32", ACC=tl.float32, FLAT_K=flat,
-                     TAP_ALIGNED=tap_aligned,
-                     BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2])  # fmt: skip
-    pointers = {"b_ptr": "fp32", "scale_ptr": "fp32", "shift_ptr": "fp32", "sum_ptr": "fp64",
-                "sumsq_ptr": "fp64"}  # fmt: skip
-    return compile_for_hopper(conv_bn_relu._conv3x3_kernel, constants, pointers,
+# the training forward's epilogue (bias, ReLU first, BatchNorm statistics)
+EPILOGUE = dict(RELU_FIRST=True, AFFINE=False, RELU_LAST=False, STATS=True, HAS_BIAS=True,
+                UPCAST=False, PRECISION="tf32", ACC=tl.float32)  # fmt: skip
+EPILOGUE_POINTERS = {"b_ptr": "fp32", "scale_ptr": "fp32", "shift_ptr": "fp32",
+                     "sum_ptr": "fp64", "sumsq_ptr": "fp64"}  # fmt: skip
+
+
+def compile_conv(loop: str, block=(128, 64, 32), num_warps: int = 4, tap_aligned: bool = True,
+                 size: int = 32):  # fmt: skip
+    """The convolution with the training forward's epilogue, bf16 activations, its
+    reduction `loop` nested, flat or tma; `tap_aligned`: BLOCK_K divides the input
+    channels; `size`: the image's (a compile-time constant of the TMA kernel)."""
+    tile = dict(BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2])
+    if loop == "tma":
+        box = conv_bn_relu._image_box(block[0], size, size)
+        descriptors = {"x_desc": f"tensordesc<bf16[{', '.join(map(str, (*box, block[2])))}]>",
+                       "w_desc": f"tensordesc<bf16[{block[2]}, {block[1]}]>"}  # fmt: skip
+        return compile_for_hopper(conv_bn_relu._conv3x3_tma_kernel,
+                                  {**EPILOGUE, **tile, "height": size, "width": size},
+                                  {**EPILOGUE_POINTERS, **descriptors},
+                                  ("batch", "c_in", "c_out"), num_warps)  # fmt: skip
+    constants = {**EPILOGUE, **tile, "FLAT_K": loop == "flat", "TAP_ALIGNED": tap_aligned}
+    return compile_for_hopper(conv_bn_relu._conv3x3_kernel, constants, EPILOGUE_POINTERS,
                               ("batch", "height", "width", "c_in", "c_out"), num_warps)  # fmt: skip
 
 
@@ -85,6 +101,9 @@ def pipeline_report(kernel) -> dict:
     return {
         "loops": len(re.findall(r"\bscf\.for\b", ttgir)),
         "async copies": len(re.findall(r"async_copy_global_to_local", ttgir)),
+        "TMA copies": len(re.findall(r"async_tma_copy_global_to_local", ttgir)),
+        # a reshape of loaded values (not of their shared-memory view) runs through registers
+        "reshapes in registers": len(re.findall(r"\btt\.reshape\b", ttgir)),
         "drains (waits for every copy)": waits.count(0),
         "wgmma instructions": len(re.findall(r"\bwgmma\.mma_async", ptx)),
         "shared memory bytes": kernel.metadata.shared,
@@ -103,10 +122,12 @@ def _cuobjdump(kernel, *flags: str) -> str:
 
 
 def _loop_lengths(sass: str) -> list[int]:
-    """Instructions from each backward branch's target to the branch (SASS instructions
-    are 16 bytes apart, each line starting with its address)."""
+    """Instructions from each conditional backward branch's target to the branch (SASS
+    instructions are 16 bytes apart, each line starting with its address). An
+    unconditional one is not a loop's: it returns from code placed out of line (TMA's
+    barrier wait spins there), into the middle of the loop."""
     lengths = []
-    for here, target in re.findall(r"/\*([0-9a-f]+)\*/[^;]*?\bBRA\s+(0x[0-9a-f]+)", sass):
+    for here, target in re.findall(r"/\*([0-9a-f]+)\*/\s*@!?U?P\w*\s+BRA\s+(0x[0-9a-f]+)", sass):
         if int(target, 16) < int(here, 16):
             lengths.append((int(here, 16) - int(target, 16)) // 16 + 1)
     return lengths
@@ -119,7 +140,7 @@ def tile_table(kernel: str, loop: str) -> list[str]:
     tiles = conv_bn_relu.CONV_TILES if kernel == "conv" else conv_bn_relu.WGRAD_TILES
     for *block, warps in tiles:
         if kernel == "conv":
-            compiled = compile_conv(loop == "flat", tuple(block), warps)
+            compiled = compile_conv(loop, tuple(block), warps)
         else:
             compiled = compile_weight_grad(tuple(block), warps)
         r = pipeline_report(compiled)
@@ -131,15 +152,15 @@ def tile_table(kernel: str, loop: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=["conv", "weight-grad"], default="conv")
-    parser.add_argument("--loop", choices=["nested", "flat"], default="nested",
-                        help="the convolution's reduction loop")  # fmt: skip
+    parser.add_argument("--loop", choices=["nested", "flat", "tma"], default="nested",
+                        help="the convolution's reduction loop (tma: 32 x 32 images)")  # fmt: skip
     parser.add_argument("--tiles", action="store_true",
                         help="a table of every candidate tile instead of one tile's report")  # fmt: skip
     args = parser.parse_args()
     if args.tiles:
         print("\n".join(tile_table(args.kernel, args.loop)))
         return
-    kernel = compile_conv(args.loop == "flat") if args.kernel == "conv" else compile_weight_grad()
+    kernel = compile_conv(args.loop) if args.kernel == "conv" else compile_weight_grad()
     for name, value in pipeline_report(kernel).items():
         print(f"{name:<32} {value}")
 

@@ -46,14 +46,14 @@ def _graphed(step):
 
 @pytest.mark.parametrize("launch", ["stream", "graph"])
 @pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
-@pytest.mark.parametrize("kind", ["eager", "compile", "fused", "fused_flat"])
+@pytest.mark.parametrize("kind", ["eager", "compile", "fused", "fused_flat", "fused_tma"])
 @pytest.mark.parametrize(("channels", "size"), SHAPES)
 def test_block(benchmark, monkeypatch, kind, pass_, launch, channels, size, peak):
     device = torch.device("cuda")
-    if kind == "fused_flat":  # the convolution's reduction as one loop (FASTCIFAR_CONV_LOOP)
+    if kind.startswith("fused_"):  # the convolution's loop flat or TMA-fed (FASTCIFAR_CONV_LOOP)
         from fastcifar.ops import conv_bn_relu
 
-        monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", "flat")
+        monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", kind.removeprefix("fused_"))
     unit = _unit(kind, channels).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(512, channels, size, size, device=device, dtype=torch.bfloat16)
     x = x.to(memory_format=torch.channels_last).requires_grad_(pass_ == "forward_backward")

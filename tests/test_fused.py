@@ -155,10 +155,63 @@ def test_training_with_the_flat_reduction(monkeypatch, dtype):
     test_training_forward_backward_and_running_stats(dtype, "act_bn", 3, 16, 33, 4)
 
 
+@pytest.mark.parametrize(
+    ("batch", "c_in", "c_out", "size"), [(2, 32, 16, 8), (3, 64, 64, 4), (1, 32, 8, 16)]
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_tma_convolution_convolves_as_the_eager_one(monkeypatch, dtype, batch, c_in, c_out,
+                                                        size):  # fmt: skip
+    """FASTCIFAR_CONV_LOOP=tma: a tap's tile is one TMA box of whole image rows (part of an
+    image at 8x8 and 16x16, four images a box at 4x4, the last box partly past the batch),
+    the padding ring TMA's zero fill. Against eager fp32 on the same rounded inputs."""
+    from fastcifar.ops import conv_bn_relu
+
+    monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", "tma")
+    torch.manual_seed(0)
+    x = torch.randn(batch, size, size, c_in, device=DEVICE).to(dtype)
+    weight = torch.randn(c_out, c_in, 3, 3, device=DEVICE).to(dtype)
+    bias = torch.randn(c_out, device=DEVICE).to(dtype)
+    assert conv_bn_relu.tma_fits(x, c_out)
+    want = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).float(), weight.float(), bias.float(),
+                                      padding=1)  # fmt: skip
+    y, total, squares = conv_bn_relu.conv3x3(x, conv_bn_relu.to_w9(weight, dtype), bias, stats=True)
+    torch.testing.assert_close(y.permute(0, 3, 1, 2).float(), want, atol=0.1, rtol=1e-2)
+    stored = y.double().reshape(-1, c_out)  # the sums are of the values as stored
+    torch.testing.assert_close(total, stored.sum(0), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(squares, (stored * stored).sum(0), atol=1e-3, rtol=1e-5)
+
+
+def test_the_tma_convolution_leaves_what_it_cannot_take_to_the_other(monkeypatch):
+    """CerberusNet's first layer (3 channels: rows of 6 bytes), fp32 values, and images
+    whose sizes are not powers of two take the pointer kernel, with the same results."""
+    from fastcifar.ops import conv_bn_relu
+
+    cases = [(torch.float16, 3, 8), (torch.float32, 32, 8), (torch.float16, 32, 6)]
+    for dtype, c_in, size in cases:
+        x = torch.randn(2, size, size, c_in, device=DEVICE).to(dtype)
+        assert not conv_bn_relu.tma_fits(x, 16)
+        w9 = conv_bn_relu.to_w9(torch.randn(16, c_in, 3, 3, device=DEVICE), dtype)
+        got = {}
+        for loop in ("nested", "tma"):
+            monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", loop)
+            got[loop] = conv_bn_relu.conv3x3(x, w9, None)[0]
+        assert torch.equal(got["nested"], got["tma"])
+
+
+@pytest.mark.parametrize("order", ["act_bn", "bn_act"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_training_with_tma_loads(monkeypatch, dtype, order):
+    """The whole block, forward and backward, whose input gradient runs the TMA kernel too."""
+    from fastcifar.ops import conv_bn_relu
+
+    monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", "tma")
+    test_training_forward_backward_and_running_stats(dtype, order, 2, 32, 32, 8)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU times the kernels themselves")
 def test_the_flat_loop_compiles_to_one_pipelined_loop():
     """Compiled for sm_90 without a GPU (benchmarks/conv_kernel_ir.py): the nested
-    reduction drains its copy pipeline once per tap, nine times; the flat one once, and a
+    reduction drains its copy pipeline once per tap, nine times; the flat and TMA ones once, and a
     step of it issues about as many instructions as a step of the nested one (its tap is a
     scalar, not one per column). The weight gradient finds its pixels' rows and columns
     without dividing: 757 instructions a step when it divided by the image size."""
@@ -171,6 +224,7 @@ def test_the_flat_loop_compiles_to_one_pipelined_loop():
         return {line[:32].strip(): int(line[32:]) for line in out.splitlines()}
 
     nested, flat = report("--loop", "nested"), report("--loop", "flat")
+    tma = report("--loop", "tma")
     weight_grad = report("--kernel", "weight-grad")  # a long loop over pixels already
     drains, step = "drains (waits for every copy)", "instructions a loop step"
     assert (nested["loops"], nested[drains]) == (9, 9)
@@ -179,6 +233,11 @@ def test_the_flat_loop_compiles_to_one_pipelined_loop():
         assert kernel["async copies"] > 0 and kernel["wgmma instructions"] > 0
     assert nested[step] > 0 and flat[step] <= 1.15 * nested[step], (flat[step], nested[step])
     assert 0 < weight_grad[step] <= 400, weight_grad[step]
+    # TMA feeds both operands to the tensor cores from shared memory: its 4-D box is
+    # reshaped there, not loaded into registers and reshaped every step
+    assert (tma["loops"], tma["async copies"], tma["reshapes in registers"]) == (1, 0, 0)
+    assert tma["TMA copies"] > 0 and tma["wgmma instructions"] > 0
+    assert 0 < tma[step] <= 1.15 * nested[step], (tma[step], nested[step])
 
 
 @pytest.mark.parametrize("order", ["act_bn", "bn_act"])

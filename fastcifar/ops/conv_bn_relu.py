@@ -33,7 +33,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # test run, where tuning each of its many small shapes takes minutes
 AUTOTUNE = os.environ.get("FASTCIFAR_AUTOTUNE", "1") != "0"
 # FASTCIFAR_CONV_LOOP=flat runs the convolution's reduction as one loop over 9 x C_in
-# instead of nine taps of C_in each (the default, "nested"): an experiment, untimed yet
+# instead of nine taps of C_in each (the default, "nested"); =tma loads its operands with
+# Hopper's tensor memory accelerator where the layer allows. Experiments, untimed yet.
 CONV_LOOP = os.environ.get("FASTCIFAR_CONV_LOOP", "nested")
 ORDERS = ("act_bn", "bn_act")
 
@@ -196,6 +197,18 @@ def _conv3x3_kernel(
                 if UPCAST:
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc += tl.dot(a, b, input_precision=PRECISION)
+    _conv_epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, y_ptr, scale_ptr, shift_ptr,
+                   sum_ptr, sumsq_ptr, c_out, RELU_FIRST, AFFINE, RELU_LAST, STATS, HAS_BIAS, ACC)  # fmt: skip
+
+
+@triton.jit
+def _conv_epilogue(
+    acc, offs_m, offs_n, m_mask, n_mask, b_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr,
+    c_out, RELU_FIRST: tl.constexpr, AFFINE: tl.constexpr, RELU_LAST: tl.constexpr,
+    STATS: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Bias, ReLU (first), the eval-mode affine, ReLU (last), the store, and the sums
+    BatchNorm needs, of one (pixels x output channels) tile of the convolution."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
     if RELU_FIRST:
@@ -214,6 +227,73 @@ def _conv3x3_kernel(
         stat = sum_ptr.dtype.element_ty
         tl.atomic_add(sum_ptr + offs_n, tl.sum(seen, axis=0).to(stat), mask=n_mask)
         tl.atomic_add(sumsq_ptr + offs_n, tl.sum(seen * seen, axis=0).to(stat), mask=n_mask)
+
+
+def _image_box(block_m: int, height: int, width: int) -> tuple[int, int, int]:
+    """(images, rows, columns) of a TMA box of `block_m` consecutive NHWC pixels: whole
+    rows, and whole images once a tile holds more than one (sizes are powers of two)."""
+    rows = min(height, block_m // width)
+    return block_m // (rows * width), rows, width
+
+
+def _tma_hook(zero):
+    """A pre-hook: `zero`, then each descriptor's box for this tile (Triton's pattern for
+    autotuned tiles over host-made tensor descriptors)."""
+
+    def hook(args):
+        zero(args)
+        box = _image_box(args["BLOCK_M"], args["height"], args["width"])
+        args["x_desc"].block_shape = [*box, args["BLOCK_K"]]
+        args["w_desc"].block_shape = [args["BLOCK_K"], args["BLOCK_N"]]
+
+    return hook
+
+
+@triton.autotune(
+    configs=_tiles(
+        ("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES,
+        _tma_hook(_zero("sum_ptr", "sumsq_ptr", when="STATS")),
+    ),
+    key=["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE"],
+    prune_configs_by={"early_config_prune": _fits},
+)  # fmt: skip
+@triton.jit
+def _conv3x3_tma_kernel(
+    x_desc, w_desc, b_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr,
+    batch, height: tl.constexpr, width: tl.constexpr, c_in, c_out,
+    RELU_FIRST: tl.constexpr, AFFINE: tl.constexpr, RELU_LAST: tl.constexpr,
+    STATS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The same convolution and epilogue as `_conv3x3_kernel`, its operands loaded by the
+    tensor memory accelerator (Hopper's TMA): `x_desc` views the input as a 4-D (N, H, W,
+    C_in) tensor, so a tap's tile is one box at the tap's offset, and the padding ring
+    is the zeros TMA fills in for coordinates outside the image: no masks, no address
+    arithmetic. A tile is whole image rows (image sizes powers of two, BLOCK_K dividing
+    C_in); one loop over 9 x C_in, each step inside one tap. The product is computed
+    transposed, (C_out x pixels) = w^T x^T, so that the box is the tensor cores' second
+    operand, which Triton reshapes in shared memory (as the first operand it is loaded
+    into registers and reshaped there every step); the epilogue transposes it back."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    first = pid_m * BLOCK_M  # the tile's first pixel: column 0 of a row
+    image, row = first // (height * width), (first // width) % height
+    offs_m = first + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
+    tap, ci0 = 0, 0  # of this step, carried from step to step (no division)
+    for k0 in range(0, 9 * c_in, BLOCK_K):
+        a = x_desc.load([image, row + tap // 3 - 1, tap % 3 - 1, ci0]).reshape(BLOCK_M, BLOCK_K)
+        b = w_desc.load([k0, pid_n * BLOCK_N])
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc_t += tl.dot(tl.trans(b), tl.trans(a), input_precision=PRECISION)
+        ci0 += BLOCK_K
+        tap = tl.where(ci0 == c_in, tap + 1, tap)
+        ci0 = tl.where(ci0 == c_in, 0, ci0)
+    acc = tl.trans(acc_t)
+    _conv_epilogue(acc, offs_m, offs_n, offs_m < batch * height * width, offs_n < c_out, b_ptr,
+                   y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr, c_out, RELU_FIRST, AFFINE,
+                   RELU_LAST, STATS, HAS_BIAS, ACC)  # fmt: skip
 
 
 @triton.jit
@@ -397,14 +477,48 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
     def grid(tile):
         return (triton.cdiv(n * h * w, tile["BLOCK_M"]), triton.cdiv(c_out, tile["BLOCK_N"]))
 
-    _conv3x3_kernel[grid](
-        x, w9, bias if bias is not None else dummy, y,
+    if CONV_LOOP == "tma" and tma_fits(x, c_out):
+        kernel, operands, loop = _conv3x3_tma_kernel, _descriptors(x, w9), {}
+    else:
+        kernel, operands, loop = _conv3x3_kernel, (x, w9), {"FLAT_K": CONV_LOOP == "flat"}
+    kernel[grid](
+        *operands, bias if bias is not None else dummy, y,
         scale if scale is not None else dummy, shift if shift is not None else dummy, sums[0], sums[1],
         n, h, w, c_in, c_out, RELU_FIRST=relu_first, AFFINE=scale is not None, RELU_LAST=relu_last,
         STATS=stats, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-        ACC=_acc(x.dtype), FLAT_K=CONV_LOOP == "flat",
+        ACC=_acc(x.dtype), **loop,
     )  # fmt: skip
     return y, sums[0], sums[1]
+
+
+def tma_fits(x: torch.Tensor, c_out: int) -> bool:
+    """Whether the TMA convolution takes NHWC `x`: 16-bit values on a Hopper-or-later GPU
+    (or the interpreter), 16-byte aligned rows of channels, image sizes powers of two no
+    wider than a tile, and input channels that every tile's BLOCK_K divides (CerberusNet's
+    first layer, with 3, takes the other kernel)."""
+    _, h, w, c_in = x.shape
+    on_hopper = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return (
+        (INTERPRET or on_hopper)
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.is_contiguous()
+        and x.data_ptr() % 16 == 0
+        and c_in % 8 == 0
+        and c_out % 8 == 0
+        and c_in % max(t[2] for t in CONV_TILES) == 0
+        and all(size & (size - 1) == 0 for size in (h, w))
+        and w <= min(t[0] for t in CONV_TILES)
+    )
+
+
+def _descriptors(x: torch.Tensor, w9: torch.Tensor):
+    """Tensor descriptors of NHWC `x` (4-D) and `w9` viewed as (9 x C_in, C_out); their
+    boxes are set per tile by the kernel's pre-hook."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    w2 = w9.reshape(-1, w9.shape[-1])
+    return (TensorDescriptor.from_tensor(x, [1, 1, x.shape[2], 8]),
+            TensorDescriptor.from_tensor(w2, [8, 8]))  # fmt: skip
 
 
 def _grid2d(pixels: int, channels: int):
