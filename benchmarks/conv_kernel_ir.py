@@ -79,14 +79,22 @@ def compile_conv(loop: str, block=(128, 64, 32), num_warps: int = 4, tap_aligned
                               ("batch", "height", "width", "c_in", "c_out"), num_warps)  # fmt: skip
 
 
-def compile_weight_grad(block=(128, 64, 64), num_warps: int = 4, size: int = 32):
+def compile_weight_grad(block=(128, 64, 64), num_warps: int = 4, size: int = 32,
+                        loop: str = "nested"):  # fmt: skip
     """The weight gradient: a reduction over pixels into fp32 (9, C_in, C_out), for
-    `size` x `size` images (a compile-time constant of the kernel)."""
+    `size` x `size` images (a compile-time constant of the kernel); `loop` tma: its
+    TMA-fed version."""
     constants = dict(height=size, width=size, UPCAST=False, PRECISION="tf32", ACC=tl.float32,
                      BLOCK_P=block[0], BLOCK_CI=block[1], BLOCK_CO=block[2])  # fmt: skip
     sizes = ("batch", "c_in", "c_out", "pixels_per_split")
+    types = {"dw_ptr": "fp32"}
     kernel = conv_bn_relu._conv3x3_wgrad_kernel
-    return compile_for_hopper(kernel, constants, {"dw_ptr": "fp32"}, sizes, num_warps)
+    if loop == "tma":
+        box = conv_bn_relu._image_box(block[0], size, size)
+        types |= {"x_desc": f"tensordesc<bf16[{', '.join(map(str, (*box, block[1])))}]>",
+                  "dy_desc": f"tensordesc<bf16[{block[0]}, {block[2]}]>"}  # fmt: skip
+        kernel = conv_bn_relu._conv3x3_wgrad_tma_kernel
+    return compile_for_hopper(kernel, constants, types, sizes, num_warps)
 
 
 def pipeline_report(kernel) -> dict:
@@ -142,7 +150,7 @@ def tile_table(kernel: str, loop: str) -> list[str]:
         if kernel == "conv":
             compiled = compile_conv(loop, tuple(block), warps)
         else:
-            compiled = compile_weight_grad(tuple(block), warps)
+            compiled = compile_weight_grad(tuple(block), warps, loop=loop)
         r = pipeline_report(compiled)
         rows.append(f"| {' x '.join(map(str, block))} | {warps} | {r['instructions a loop step']} "
                     f"| {r['registers per thread']} | {r['shared memory bytes'] // 1024} KiB |")  # fmt: skip
@@ -153,14 +161,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=["conv", "weight-grad"], default="conv")
     parser.add_argument("--loop", choices=["nested", "flat", "tma"], default="nested",
-                        help="the convolution's reduction loop (tma: 32 x 32 images)")  # fmt: skip
+                        help="the convolution's reduction loop (tma: 32 x 32 images; for "
+                             "the weight gradient, tma or its pointer loop)")  # fmt: skip
     parser.add_argument("--tiles", action="store_true",
                         help="a table of every candidate tile instead of one tile's report")  # fmt: skip
     args = parser.parse_args()
     if args.tiles:
         print("\n".join(tile_table(args.kernel, args.loop)))
         return
-    kernel = compile_conv(args.loop) if args.kernel == "conv" else compile_weight_grad()
+    if args.kernel == "conv":
+        kernel = compile_conv(args.loop)
+    else:
+        kernel = compile_weight_grad(loop=args.loop)
     for name, value in pipeline_report(kernel).items():
         print(f"{name:<32} {value}")
 

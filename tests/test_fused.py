@@ -238,6 +238,15 @@ def test_the_flat_loop_compiles_to_one_pipelined_loop():
     assert (tma["loops"], tma["async copies"], tma["reshapes in registers"]) == (1, 0, 0)
     assert tma["TMA copies"] > 0 and tma["wgmma instructions"] > 0
     assert 0 < tma[step] <= 1.15 * nested[step], (tma[step], nested[step])
+    # the weight gradient's TMA loop leaves out its pointers' row and column arithmetic
+    tma_grad = report("--kernel", "weight-grad", "--loop", "tma")
+    assert (tma_grad["loops"], tma_grad["async copies"], tma_grad["reshapes in registers"]) == (
+        1,
+        0,
+        0,
+    )
+    assert tma_grad["TMA copies"] > 0 and tma_grad["wgmma instructions"] > 0
+    assert 0 < tma_grad[step] <= 0.5 * weight_grad[step], (tma_grad[step], weight_grad[step])
 
 
 @pytest.mark.parametrize("order", ["act_bn", "bn_act"])
@@ -269,6 +278,29 @@ def test_weight_gradient_split_over_pixels(splits):
     dw9 = conv3x3_weight_grad(nhwc(x), nhwc(dy), splits=splits)
     got = dw9.reshape(3, 3, 5, 7).permute(3, 2, 0, 1)
     torch.testing.assert_close(got, weight.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "size"), [(2, 32, 16, 8), (3, 16, 24, 4)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_tma_weight_gradient_sums_as_the_eager_one(monkeypatch, dtype, batch, c_in, c_out,
+                                                       size, splits):  # fmt: skip
+    """FASTCIFAR_CONV_LOOP=tma: the weight gradient's input tiles are TMA boxes at the
+    tap's offset (four images a box at 4x4, 16 channels in a box of 32), split over
+    pixels or not. Against eager fp32 on the same rounded inputs."""
+    from fastcifar.ops import conv_bn_relu
+
+    monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", "tma")
+    torch.manual_seed(0)
+    x = torch.randn(batch, c_in, size, size, device=DEVICE).to(dtype)
+    dy = torch.randn(batch, c_out, size, size, device=DEVICE).to(dtype)
+    weight = torch.zeros(c_out, c_in, 3, 3, device=DEVICE, requires_grad=True)
+    torch.nn.functional.conv2d(x.float(), weight, padding=1).backward(dy.float())
+    nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous()  # noqa: E731
+    assert conv_bn_relu._tma_takes(nhwc(x), c_out, min(t[0] for t in conv_bn_relu.WGRAD_TILES))
+    dw9 = conv_bn_relu.conv3x3_weight_grad(nhwc(x), nhwc(dy), splits=splits)
+    got = dw9.reshape(3, 3, c_in, c_out).permute(3, 2, 0, 1)
+    torch.testing.assert_close(got, weight.grad, atol=1e-3, rtol=1e-3)
 
 
 def test_tile_candidates_fit_the_layer(monkeypatch):

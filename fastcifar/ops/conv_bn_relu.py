@@ -429,6 +429,56 @@ def _conv3x3_wgrad_kernel(
     tl.atomic_add(out, acc, mask=ci_mask[:, None] & co_mask[None, :])
 
 
+def _wgrad_tma_hook(zero):
+    """A pre-hook: `zero`, then each descriptor's box for this tile."""
+
+    def hook(args):
+        zero(args)
+        box = _image_box(args["BLOCK_P"], args["height"], args["width"])
+        args["x_desc"].block_shape = [*box, args["BLOCK_CI"]]
+        args["dy_desc"].block_shape = [args["BLOCK_P"], args["BLOCK_CO"]]
+
+    return hook
+
+
+@triton.autotune(
+    configs=_tiles(
+        ("BLOCK_P", "BLOCK_CI", "BLOCK_CO"), WGRAD_TILES, _wgrad_tma_hook(_zero("dw_ptr"))
+    ),
+    key=["batch", "height", "width", "c_in", "c_out", "pixels_per_split"],
+    prune_configs_by={"early_config_prune": _fits},
+)
+@triton.jit
+def _conv3x3_wgrad_tma_kernel(
+    x_desc, dy_desc, dw_ptr, batch, height: tl.constexpr, width: tl.constexpr, c_in, c_out,
+    pixels_per_split, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):  # fmt: skip
+    """`_conv3x3_wgrad_kernel` with TMA loads, as `_conv3x3_tma_kernel`: a step's input
+    tile is one box of whole image rows at the tap's offset, its outside TMA's zeros, and
+    its gradient tile a box of the (pixels, C_out) matrix. Computed transposed, dw^T =
+    dy^T x, so that the reshaped box is the tensor cores' second operand (reshaped in
+    shared memory); a split's pixels are whole tiles (WGRAD_PIXEL_STEP), so no step
+    reaches into the next split's."""
+    pid_ci, pid_co, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tap, split = pid_z % 9, pid_z // 9
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    first = split * pixels_per_split
+    last = tl.minimum(first + pixels_per_split, batch * height * width)
+    acc_t = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
+    for p0 in range(first, last, BLOCK_P):
+        image, row = p0 // (height * width), (p0 // width) % height
+        a = x_desc.load([image, row + tap // 3 - 1, tap % 3 - 1, pid_ci * BLOCK_CI])
+        a = a.reshape(BLOCK_P, BLOCK_CI)
+        g = dy_desc.load([p0, pid_co * BLOCK_CO])
+        if UPCAST:
+            a, g = a.to(tl.float32), g.to(tl.float32)
+        acc_t += tl.dot(tl.trans(g), a, input_precision=PRECISION)
+    out = dw_ptr + (tap * c_in + offs_ci[None, :]) * c_out + offs_co[:, None]
+    tl.atomic_add(out, acc_t, mask=(offs_ci < c_in)[None, :] & (offs_co < c_out)[:, None])
+
+
 # ---------------------------------------------------------------- launchers
 
 # Tiles of the elementwise and reduction passes over (pixels x channels).
@@ -492,10 +542,18 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
 
 
 def tma_fits(x: torch.Tensor, c_out: int) -> bool:
-    """Whether the TMA convolution takes NHWC `x`: 16-bit values on a Hopper-or-later GPU
-    (or the interpreter), 16-byte aligned rows of channels, image sizes powers of two no
-    wider than a tile, and input channels that every tile's BLOCK_K divides (CerberusNet's
-    first layer, with 3, takes the other kernel)."""
+    """Whether the TMA convolution takes NHWC `x`: as `_tma_takes`, and input channels that
+    every tile's BLOCK_K divides (a step inside one tap)."""
+    return _tma_takes(x, c_out, min(t[0] for t in CONV_TILES)) and (
+        x.shape[-1] % max(t[2] for t in CONV_TILES) == 0
+    )
+
+
+def _tma_takes(x: torch.Tensor, c_other: int, tile_pixels: int) -> bool:
+    """Whether TMA can read NHWC `x` in boxes of whole image rows, beside a tensor of
+    `c_other` channels: 16-bit values on a Hopper-or-later GPU (or the interpreter),
+    16-byte aligned rows of channels (CerberusNet's first layer, with 3, takes the pointer
+    kernels), image sizes powers of two no wider than the smallest tile."""
     _, h, w, c_in = x.shape
     on_hopper = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
     return (
@@ -504,10 +562,9 @@ def tma_fits(x: torch.Tensor, c_out: int) -> bool:
         and x.is_contiguous()
         and x.data_ptr() % 16 == 0
         and c_in % 8 == 0
-        and c_out % 8 == 0
-        and c_in % max(t[2] for t in CONV_TILES) == 0
+        and c_other % 8 == 0
         and all(size & (size - 1) == 0 for size in (h, w))
-        and w <= min(t[0] for t in CONV_TILES)
+        and w <= tile_pixels
     )
 
 
@@ -553,9 +610,22 @@ def conv3x3_weight_grad(
         return (triton.cdiv(c_in, tile["BLOCK_CI"]), triton.cdiv(c_out, tile["BLOCK_CO"]),
                 9 * triton.cdiv(pixels, per_split))  # fmt: skip
 
-    _conv3x3_wgrad_kernel[grid](x, dy, dw, n, h, w, c_in, c_out, per_split, UPCAST=_upcast(x.dtype),
-                                PRECISION=_precision(x.dtype), ACC=_acc(x.dtype))  # fmt: skip
+    if (CONV_LOOP == "tma" and _tma_takes(x, c_out, min(t[0] for t in WGRAD_TILES))
+            and dy.is_contiguous() and dy.data_ptr() % 16 == 0):  # fmt: skip
+        kernel, operands = _conv3x3_wgrad_tma_kernel, _wgrad_descriptors(x, dy)
+    else:
+        kernel, operands = _conv3x3_wgrad_kernel, (x, dy)
+    kernel[grid](*operands, dw, n, h, w, c_in, c_out, per_split, UPCAST=_upcast(x.dtype),
+                 PRECISION=_precision(x.dtype), ACC=_acc(x.dtype))  # fmt: skip
     return dw
+
+
+def _wgrad_descriptors(x: torch.Tensor, dy: torch.Tensor):
+    """Tensor descriptors of NHWC `x` (4-D) and `dy` as (pixels, C_out); boxes set per tile."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor.from_tensor(x, [1, 1, x.shape[2], 8]),
+            TensorDescriptor.from_tensor(dy.reshape(-1, dy.shape[-1]), [8, 8]))  # fmt: skip
 
 
 def to_w9(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
