@@ -103,18 +103,27 @@ if INTERPRET:  # programs run one by one: few, large tiles (the larger from 64 c
     WGRAD_TILES = [(32, 32, 32, 1), (64, 64, 64, 1)]
 # split-K parts hold whole pixel tiles of every candidate
 WGRAD_PIXEL_STEP = max(shape[0] for shape in WGRAD_TILES)
+CONV_KEY = ["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE"]
+_CONV_STATS_ZERO = _zero("sum_ptr", "sumsq_ptr", when="STATS")
+
+
+def _autotuned_conv(hook, key=CONV_KEY):
+    """The convolution kernels' autotuner over CONV_TILES, `hook` before each launch."""
+    return triton.autotune(configs=_tiles(("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES, hook),
+                           key=key, prune_configs_by={"early_config_prune": _fits})  # fmt: skip
+
+
+def _autotuned_wgrad(hook):
+    """The weight-gradient kernels' autotuner over WGRAD_TILES, `hook` before each launch."""
+    return triton.autotune(configs=_tiles(("BLOCK_P", "BLOCK_CI", "BLOCK_CO"), WGRAD_TILES, hook),
+                           key=["batch", "height", "width", "c_in", "c_out", "pixels_per_split"],
+                           prune_configs_by={"early_config_prune": _fits})  # fmt: skip
 
 
 # ---------------------------------------------------------------- kernels
 
 
-@triton.autotune(
-    configs=_tiles(
-        ("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES, _zero("sum_ptr", "sumsq_ptr", when="STATS")
-    ),
-    key=["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE", "FLAT_K"],
-    prune_configs_by={"early_config_prune": _fits},
-)
+@_autotuned_conv(_CONV_STATS_ZERO, key=[*CONV_KEY, "FLAT_K"])
 @triton.heuristics({"TAP_ALIGNED": lambda args: args["c_in"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _conv3x3_kernel(
@@ -236,27 +245,24 @@ def _image_box(block_m: int, height: int, width: int) -> tuple[int, int, int]:
     return block_m // (rows * width), rows, width
 
 
-def _tma_hook(zero):
-    """A pre-hook: `zero`, then each descriptor's box for this tile (Triton's pattern for
-    autotuned tiles over host-made tensor descriptors)."""
+def _tma_hook(zero, pixels: str, channels: str, second: tuple[str, str, str]):
+    """A pre-hook: `zero`, then the boxes of this tile's descriptors (Triton's pattern for
+    autotuned tiles over host-made tensor descriptors): `x_desc`'s, whole image rows of
+    the tile's `pixels` by its `channels`, and the `second` (name, rows, columns)'s."""
 
     def hook(args):
         zero(args)
-        box = _image_box(args["BLOCK_M"], args["height"], args["width"])
-        args["x_desc"].block_shape = [*box, args["BLOCK_K"]]
-        args["w_desc"].block_shape = [args["BLOCK_K"], args["BLOCK_N"]]
+        box = _image_box(args[pixels], args["height"], args["width"])
+        args["x_desc"].block_shape = [*box, args[channels]]
+        name, rows, columns = second
+        args[name].block_shape = [args[rows], args[columns]]
 
     return hook
 
 
-@triton.autotune(
-    configs=_tiles(
-        ("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES,
-        _tma_hook(_zero("sum_ptr", "sumsq_ptr", when="STATS")),
-    ),
-    key=["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE"],
-    prune_configs_by={"early_config_prune": _fits},
-)  # fmt: skip
+@_autotuned_conv(
+    _tma_hook(_CONV_STATS_ZERO, "BLOCK_M", "BLOCK_K", ("w_desc", "BLOCK_K", "BLOCK_N"))
+)
 @triton.jit
 def _conv3x3_tma_kernel(
     x_desc, w_desc, b_ptr, y_ptr, scale_ptr, shift_ptr, sum_ptr, sumsq_ptr,
@@ -382,11 +388,7 @@ def _bn_backward_apply_kernel(
     tl.atomic_add(dbias_ptr + offs_n, tl.sum(seen, axis=0), mask=n_mask)
 
 
-@triton.autotune(
-    configs=_tiles(("BLOCK_P", "BLOCK_CI", "BLOCK_CO"), WGRAD_TILES, _zero("dw_ptr")),
-    key=["batch", "height", "width", "c_in", "c_out", "pixels_per_split"],
-    prune_configs_by={"early_config_prune": _fits},
-)
+@_autotuned_wgrad(_zero("dw_ptr"))
 @triton.jit
 def _conv3x3_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, batch, height: tl.constexpr, width: tl.constexpr, c_in, c_out,
@@ -429,24 +431,8 @@ def _conv3x3_wgrad_kernel(
     tl.atomic_add(out, acc, mask=ci_mask[:, None] & co_mask[None, :])
 
 
-def _wgrad_tma_hook(zero):
-    """A pre-hook: `zero`, then each descriptor's box for this tile."""
-
-    def hook(args):
-        zero(args)
-        box = _image_box(args["BLOCK_P"], args["height"], args["width"])
-        args["x_desc"].block_shape = [*box, args["BLOCK_CI"]]
-        args["dy_desc"].block_shape = [args["BLOCK_P"], args["BLOCK_CO"]]
-
-    return hook
-
-
-@triton.autotune(
-    configs=_tiles(
-        ("BLOCK_P", "BLOCK_CI", "BLOCK_CO"), WGRAD_TILES, _wgrad_tma_hook(_zero("dw_ptr"))
-    ),
-    key=["batch", "height", "width", "c_in", "c_out", "pixels_per_split"],
-    prune_configs_by={"early_config_prune": _fits},
+@_autotuned_wgrad(
+    _tma_hook(_zero("dw_ptr"), "BLOCK_P", "BLOCK_CI", ("dy_desc", "BLOCK_P", "BLOCK_CO"))
 )
 @triton.jit
 def _conv3x3_wgrad_tma_kernel(
