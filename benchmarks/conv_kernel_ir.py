@@ -145,7 +145,10 @@ def tile_table(kernel: str, loop: str) -> list[str]:
     """Every candidate tile the autotuner may pick on a GPU, as a Markdown table."""
     rows = ["| tile | warps | instructions a loop step | registers | shared memory |",
             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    tiles = conv_bn_relu.CONV_TILES if kernel == "conv" else conv_bn_relu.WGRAD_TILES
+    if kernel == "conv":
+        tiles = conv_bn_relu.TMA_CONV_TILES if loop == "tma" else conv_bn_relu.CONV_TILES
+    else:
+        tiles = conv_bn_relu.WGRAD_TILES
     for *block, warps in tiles:
         if kernel == "conv":
             compiled = compile_conv(loop, tuple(block), warps)

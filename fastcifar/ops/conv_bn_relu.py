@@ -98,8 +98,14 @@ CONV_TILES = [(64, 64, 32, 4), (128, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32
 # (BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps): pixels summed x input x output channels
 WGRAD_TILES = [(64, 64, 64, 4), (128, 64, 64, 4), (128, 64, 64, 8), (64, 128, 128, 8),
                (128, 32, 64, 4), (128, 128, 128, 8)]  # fmt: skip
+# The TMA-fed convolution's tiles take 58 to 123 registers a thread where the pointer
+# kernel's take 91 to 224 (Triton 3.6, sm_90), so it also tries larger ones, which issue
+# about as many instructions a step for up to 8x the tensor-core work (94 to 108 a step,
+# 123 to 186 registers, no spills; benchmarks/NOTES.md)
+TMA_CONV_TILES = CONV_TILES + [(128, 128, 64, 4), (256, 64, 64, 8), (256, 128, 64, 8),
+                               (128, 256, 64, 8)]  # fmt: skip
 if INTERPRET:  # programs run one by one: few, large tiles (the larger from 64 channels)
-    CONV_TILES = [(32, 32, 16, 1), (64, 64, 32, 1)]
+    CONV_TILES = TMA_CONV_TILES = [(32, 32, 16, 1), (64, 64, 32, 1)]
     WGRAD_TILES = [(32, 32, 32, 1), (64, 64, 64, 1)]
 # split-K parts hold whole pixel tiles of every candidate
 WGRAD_PIXEL_STEP = max(shape[0] for shape in WGRAD_TILES)
@@ -107,9 +113,9 @@ CONV_KEY = ["batch", "height", "width", "c_in", "c_out", "STATS", "AFFINE"]
 _CONV_STATS_ZERO = _zero("sum_ptr", "sumsq_ptr", when="STATS")
 
 
-def _autotuned_conv(hook, key=CONV_KEY):
-    """The convolution kernels' autotuner over CONV_TILES, `hook` before each launch."""
-    return triton.autotune(configs=_tiles(("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONV_TILES, hook),
+def _autotuned_conv(hook, key=CONV_KEY, tiles=CONV_TILES):
+    """The convolution kernels' autotuner over `tiles`, `hook` before each launch."""
+    return triton.autotune(configs=_tiles(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tiles, hook),
                            key=key, prune_configs_by={"early_config_prune": _fits})  # fmt: skip
 
 
@@ -261,7 +267,8 @@ def _tma_hook(zero, pixels: str, channels: str, second: tuple[str, str, str]):
 
 
 @_autotuned_conv(
-    _tma_hook(_CONV_STATS_ZERO, "BLOCK_M", "BLOCK_K", ("w_desc", "BLOCK_K", "BLOCK_N"))
+    _tma_hook(_CONV_STATS_ZERO, "BLOCK_M", "BLOCK_K", ("w_desc", "BLOCK_K", "BLOCK_N")),
+    tiles=TMA_CONV_TILES,
 )
 @triton.jit
 def _conv3x3_tma_kernel(
@@ -530,8 +537,8 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
 def tma_fits(x: torch.Tensor, c_out: int) -> bool:
     """Whether the TMA convolution takes NHWC `x`: as `_tma_takes`, and input channels that
     every tile's BLOCK_K divides (a step inside one tap)."""
-    return _tma_takes(x, c_out, min(t[0] for t in CONV_TILES)) and (
-        x.shape[-1] % max(t[2] for t in CONV_TILES) == 0
+    return _tma_takes(x, c_out, min(t[0] for t in TMA_CONV_TILES)) and (
+        x.shape[-1] % max(t[2] for t in TMA_CONV_TILES) == 0
     )
 
 
