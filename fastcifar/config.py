@@ -96,6 +96,10 @@ class TrainConfig:
                 f"--dali-images-per-run must be >= 0, not {self.dali_images_per_run}",
             ),
             (
+                not self.dali_images_per_run or self.loader == "dali",
+                "--dali-images-per-run needs --loader dali",
+            ),
+            (
                 self.compile_mode in COMPILE_MODES,
                 f"--compile-mode must be one of {', '.join(COMPILE_MODES)}",
             ),

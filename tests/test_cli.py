@@ -60,6 +60,7 @@ def assert_one_line_error(code, err, fragment):
         (["--prefetch", "maybe"], "--prefetch must be one of"),
         (["--dali-decode"], "--dali-decode needs --loader dali"),
         (["--dali-images-per-run", "-1"], "--dali-images-per-run must be >= 0, not -1"),
+        (["--dali-images-per-run", "4096"], "--dali-images-per-run needs --loader dali"),
         (["--device", "tpu"], "--device must be one of auto, cpu, cuda, not 'tpu'"),
         (["--momentum", "1.5"], "--momentum must be in [0, 1), not 1.5"),
         (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, not -0.1"),
