@@ -52,14 +52,23 @@ def report() -> list[tuple[str, bool, str]]:
     rows.append(("native", ok, why))
     ok, detail = _module("nvidia.dali")
     rows.append(("dali", ok, detail + ("" if ok else "; pip install 'fastcifar[dali]'")))
+    rows.append(triton_row())
+    for name, module in (("mlflow", "mlflow"), ("optuna", "optuna")):
+        ok, detail = _module(module)
+        rows.append((name, ok, detail + ("" if ok else "; pip install 'fastcifar[track]'")))
+    return rows
+
+
+def triton_row() -> tuple[str, bool, str]:
+    """Triton: its version, and where its kernels run (the fused block's TMA-fed
+    convolution, FASTCIFAR_CONV_LOOP=tma, needs a Hopper GPU or later)."""
     ok, detail = _module("triton")
     if ok and not torch.cuda.is_available():
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         detail += "; no GPU: kernels run only under TRITON_INTERPRET=1" + (
             " (set)" if interpreted else ""
         )
-    rows.append(("triton", ok, detail))
-    for name, module in (("mlflow", "mlflow"), ("optuna", "optuna")):
-        ok, detail = _module(module)
-        rows.append((name, ok, detail + ("" if ok else "; pip install 'fastcifar[track]'")))
-    return rows
+    elif ok:
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        detail += "; TMA (FASTCIFAR_CONV_LOOP=tma): " + ("yes" if hopper else "no, before Hopper")
+    return "triton", ok, detail

@@ -655,6 +655,18 @@ def test_doctor_reports_every_path(capsys):
     assert names == ["torch", "cpu-bf16", "cuda", "native", "dali", "triton", "mlflow", "optuna"]
 
 
+@pytest.mark.parametrize(("capability", "says"), [((9, 0), "TMA (FASTCIFAR_CONV_LOOP=tma): yes"),
+                                                  ((8, 0), "no, before Hopper")])  # fmt: skip
+def test_doctor_says_where_tma_runs(monkeypatch, capability, says):
+    pytest.importorskip("triton")
+    from fastcifar import accelerators
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
+    name, ok, detail = accelerators.triton_row()
+    assert (name, ok) == ("triton", True) and detail.endswith(says)
+
+
 def test_profile_writes_a_chrome_trace(capsys, tmp_path, data):
     trace = tmp_path / "trace.json"
     assert main(["profile", "--arch", "lenet", "--steps", "2", "--batch-size", "32", "--data", data,
