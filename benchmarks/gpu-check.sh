@@ -161,6 +161,8 @@ stage profile-default 90 $PY -m fastcifar profile --arch cerberus --variant defa
 # where the host's time goes in the default step, fed by the tensor loader or by DALI
 stage profile-fused 120 $PY -m fastcifar profile --arch cerberus --set fused=true \
   --trace /tmp/trace-fused.json
+stage profile-fused-tma 120 env FASTCIFAR_CONV_LOOP=tma $PY -m fastcifar profile --arch cerberus \
+  --set fused=true --trace /tmp/trace-fused-tma.json
 stage profile-host-default 90 $PY -m fastcifar profile --arch cerberus --steps 20 --host 25 \
   --trace /tmp/trace-host.json
 if $PY -c "import nvidia.dali" 2>/dev/null; then
