@@ -156,13 +156,15 @@ def test_training_with_the_flat_reduction(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize(
-    ("batch", "c_in", "c_out", "size"), [(2, 32, 16, 8), (3, 64, 64, 4), (1, 32, 8, 16)]
+    ("batch", "c_in", "c_out", "size"),
+    [(2, 32, 16, 8), (3, 64, 64, 4), (1, 32, 8, 16), (1, 32, 16, 32)],
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_tma_convolution_convolves_as_the_eager_one(monkeypatch, dtype, batch, c_in, c_out,
                                                         size):  # fmt: skip
     """FASTCIFAR_CONV_LOOP=tma: a tap's tile is one TMA box of whole image rows (part of an
-    image at 8x8 and 16x16, four images a box at 4x4, the last box partly past the batch),
+    image at 8x8, 16x16 and 32x32, four images a box at 4x4, the last box partly past the
+    batch),
     the padding ring TMA's zero fill. Against eager fp32 on the same rounded inputs."""
     from fastcifar.ops import conv_bn_relu
 
