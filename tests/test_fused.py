@@ -164,8 +164,7 @@ def test_the_tma_convolution_convolves_as_the_eager_one(monkeypatch, dtype, batc
                                                         size):  # fmt: skip
     """FASTCIFAR_CONV_LOOP=tma: a tap's tile is one TMA box of whole image rows (part of an
     image at 8x8, 16x16 and 32x32, four images a box at 4x4, the last box partly past the
-    batch),
-    the padding ring TMA's zero fill. Against eager fp32 on the same rounded inputs."""
+    batch), the padding ring TMA's zero fill. Against eager fp32 on the same rounded inputs."""
     from fastcifar.ops import conv_bn_relu
 
     monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", "tma")
