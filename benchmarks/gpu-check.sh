@@ -114,7 +114,13 @@ if $PY -c "import nvidia.dali" 2>/dev/null; then
     --no-track --out "$runs/cerberus-cuda-dali"
   stage train-dali-decode 120 $PY -m fastcifar train --arch cerberus --amp --loader dali \
     --dali-decode --epochs 2 --no-track --out "$runs/cerberus-2ep-dali-decode"
+  # 16 batches a pipeline run, its host cost shared (the rule is in NOTES.md)
+  stage train-cerberus-dali-4096 200 $PY -m fastcifar train --arch cerberus --amp --loader dali \
+    --dali-images-per-run 4096 --no-track --out "$runs/cerberus-cuda-dali-4096"
 fi
+# the fused block end to end, its convolutions fed by TMA (two epochs: does it train)
+stage train-cerberus-fused-tma 240 env FASTCIFAR_CONV_LOOP=tma $PY -m fastcifar train \
+  --arch cerberus --amp --fused --epochs 2 --no-track --out "$runs/cerberus-2ep-fused-tma"
 others="conv4_relu conv4_relu_bn conv4_leaky conv4_leaky_dropout sinha14 wide4"
 for arch in $others; do  # the other archs' default recipes: minutes here, hours on the CPU
   stage "train-$arch" 150 $PY -m fastcifar train --arch "$arch" --no-track --quiet \
