@@ -5,7 +5,7 @@ them without importing the benchmark machinery."""
 
 # The baseline, fastcifar's default, and the baseline with each optimisation alone.
 VARIANTS = ("baseline", "default", "amp", "channels_last", "compile", "tensor_loader",
-            "native_loader", "dali_loader", "fused")  # fmt: skip
+            "native_loader", "dali_loader", "fused", "fused_optimizer")  # fmt: skip
 # The config values each optimisation switches on over the baseline's.
 ABLATIONS = {
     "amp": {"amp": "bf16"},
@@ -15,6 +15,7 @@ ABLATIONS = {
     "native_loader": {"loader": "tensor", "native": "on"},
     "dali_loader": {"loader": "dali"},
     "fused": {"fused": True},
+    "fused_optimizer": {"fused_optimizer": True},
 }
 # Variants that read batches through fastcifar's loaders (`build.make_loader`); the
 # others read them through the tutorial's DataLoader.

@@ -48,7 +48,7 @@ def variant_config(
         default = default.replace(batch_size=batch_size)
     if variant == "default":
         return default
-    base = default.replace(amp="none", channels_last=False, compile=False)
+    base = default.replace(amp="none", channels_last=False, compile=False, fused_optimizer=False)
     return base.replace(**ABLATIONS.get(variant, {}))
 
 

@@ -124,7 +124,7 @@ def throughput_against_accuracy(measured: dict, machine: str, results: Path) -> 
 SWITCHES = {"default": "default", "amp": "AMP alone", "channels_last": "channels-last alone",
             "compile": "compile alone", "tensor_loader": "tensor loader alone",
             "native_loader": "native op alone", "dali_loader": "DALI loader alone",
-            "fused": "fused block alone"}  # fmt: skip
+            "fused": "fused block alone", "fused_optimizer": "fused optimiser alone"}  # fmt: skip
 
 
 def load_switches(folder: Path) -> dict[str, dict[str, dict[str, dict]]]:

@@ -9,19 +9,25 @@ from fastcifar.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam or AdamW. Weight decay skips biases and norm weights."""
+    """SGD (momentum, Nesterov), Adam or AdamW. Weight decay skips biases and norm weights.
+    With `fused_optimizer` a step is torch's fused implementation, one kernel a parameter
+    group (on the CPU torch's default is a loop of several ops a parameter: 7x to 13x
+    slower, benchmarks/NOTES.md); otherwise torch picks (for-loop on the CPU, foreach on
+    CUDA)."""
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    fused = True if cfg.fused_optimizer else None
     if cfg.optimizer == "sgd":
         nesterov = cfg.nesterov and cfg.momentum > 0
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov,
+                               fused=fused)  # fmt: skip
     betas = (cfg.momentum if 0 < cfg.momentum < 1 else 0.9, 0.999)
     optimizer_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return optimizer_class(groups, lr=cfg.lr, betas=betas)
+    return optimizer_class(groups, lr=cfg.lr, betas=betas, fused=fused)
 
 
 class Schedule:
