@@ -160,6 +160,10 @@ stage throughput-cudagraphs-vs-default 180 $PY -m fastcifar bench throughput --a
   --json "$results/throughput-cudagraphs-vs-default-cuda.json"
 stage throughput-b1024-vs-default 180 $PY -m fastcifar bench throughput --arch cerberus \
   --set batch_size=1024 --against default --json "$results/throughput-b1024-vs-default-cuda.json"
+# the default with torch's fused optimiser step against the same with torch's default (foreach)
+stage throughput-fused-optimizer-vs-default 180 $PY -m fastcifar bench throughput --arch lenet \
+  cerberus --set fused_optimizer=false --against default \
+  --json "$results/throughput-fused-optimizer-vs-default-cuda.json"
 stage profile 90 $PY -m fastcifar profile --arch cerberus --variant amp --trace /tmp/trace.json
 stage profile-default 90 $PY -m fastcifar profile --arch cerberus --variant default \
   --trace /tmp/trace-default.json

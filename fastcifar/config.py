@@ -39,7 +39,7 @@ class TrainConfig:
     lr: float = 0.05  # peak learning rate
     optimizer: str = "sgd"  # sgd | adam | adamw
     momentum: float = 0.9  # SGD momentum (Adam: beta1)
-    fused_optimizer: bool = True  # torch's fused optimiser step; off: torch's default
+    fused_optimizer: bool = False  # torch's fused optimiser step; off: torch's default
     nesterov: bool = True  # Nesterov momentum for SGD
     weight_decay: float = 5e-4  # L2 penalty (decoupled for adamw)
     schedule: str = "onecycle"  # constant | step | cosine | onecycle | plateau

@@ -296,3 +296,44 @@ def test_compiled_models_keep_static_shapes_across_batch_sizes(monkeypatch):
     images = [s[0] for shapes in graphs for s in shapes if len(s) == 4 and s[1:] == (3, 32, 32)]
     assert images == batches  # one graph each, none left to run eager
     assert all(isinstance(d, int) for shapes in graphs for s in shapes for d in s), graphs
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_the_fused_optimizer_steps_as_torchs_default(optimizer):
+    """`fused_optimizer` is torch's fused implementation (one kernel a group), and moves
+    the weights as torch's default does, to float rounding."""
+    from fastcifar.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    models = {fused: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+              for fused in (True, False)}  # fmt: skip
+    models[False].load_state_dict(models[True].state_dict())
+    cfg = TrainConfig(optimizer=optimizer, lr=0.05)
+    steps = {fused: build_optimizer(m, cfg.replace(fused_optimizer=fused))
+             for fused, m in models.items()}  # fmt: skip
+    assert steps[True].defaults["fused"] is True and not steps[False].defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in models[True].parameters()]
+        for fused, model in models.items():
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            steps[fused].step()
+    for a, b in zip(models[True].parameters(), models[False].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tutorial_baseline_keeps_torchs_default_optimizer(monkeypatch):
+    """The peer baseline is what a tutorial runs, and each ablation is the baseline with one
+    switch: neither takes the fused step from a recipe that turns it on, and it is an
+    ablation of its own."""
+    from fastcifar import bench
+    from fastcifar.ablations import ABLATIONS
+
+    real = bench.recipe
+    monkeypatch.setattr(bench, "recipe", lambda *a: {**real(*a), "fused_optimizer": True})
+    cpu = torch.device("cpu")
+    assert bench.variant_config("lenet", "default", cpu, None).fused_optimizer
+    assert not bench.variant_config("lenet", "baseline", cpu, None).fused_optimizer
+    assert not bench.variant_config("lenet", "amp", cpu, None).fused_optimizer
+    assert bench.variant_config("lenet", "fused_optimizer", cpu, None).fused_optimizer
+    assert ABLATIONS["fused_optimizer"] == {"fused_optimizer": True}

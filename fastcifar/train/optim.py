@@ -11,9 +11,9 @@ from fastcifar.config import TrainConfig
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), Adam or AdamW. Weight decay skips biases and norm weights.
     With `fused_optimizer` a step is torch's fused implementation, one kernel a parameter
-    group (on the CPU torch's default is a loop of several ops a parameter: 7x to 13x
-    slower, benchmarks/NOTES.md); otherwise torch picks (for-loop on the CPU, foreach on
-    CUDA)."""
+    group; otherwise torch picks (for-loop on the CPU, foreach on CUDA). On the CPU the
+    fused step alone is 3x to 13x faster, but a whole training step was not measurably
+    so (benchmarks/NOTES.md), so it is off by default."""
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     groups = [
