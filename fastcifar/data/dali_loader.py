@@ -120,13 +120,13 @@ class DaliLoader(EpochBatches):
         first = info.iteration * self.run_batches
         if first >= len(plan.batches):
             raise StopIteration
-        runs = range(first, min(first + self.run_batches, len(plan.batches)))
-        index = torch.cat([plan.batches[b] for b in runs]).numpy()
+        batches = range(first, min(first + self.run_batches, len(plan.batches)))
+        index = torch.cat([plan.batches[b] for b in batches]).numpy()
         images = [self.images[i] for i in index] if self.encoded else self.images[index]
         labels = self.labels[index]
         if plan.draws is None:
             return images, labels, np.zeros(len(index), np.int32)
-        choices = zip(*(self._choices(plan.draws[b]) for b in runs), strict=True)
+        choices = zip(*(self._choices(plan.draws[b]) for b in batches), strict=True)
         return images, labels, *(np.concatenate(c) for c in choices)
 
     def _choices(self, d) -> list[np.ndarray]:

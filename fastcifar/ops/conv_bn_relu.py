@@ -561,14 +561,14 @@ def _tma_takes(x: torch.Tensor, c_other: int, tile_pixels: int) -> bool:
     )
 
 
-def _descriptors(x: torch.Tensor, w9: torch.Tensor):
-    """Tensor descriptors of NHWC `x` (4-D) and `w9` viewed as (9 x C_in, C_out); their
+def _descriptors(x: torch.Tensor, other: torch.Tensor):
+    """Tensor descriptors of NHWC `x` (4-D) and of `other` as a matrix over its last
+    dimension (the weights as (9 x C_in, C_out), a gradient as (pixels, C_out)); their
     boxes are set per tile by the kernel's pre-hook."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    w2 = w9.reshape(-1, w9.shape[-1])
     return (TensorDescriptor.from_tensor(x, [1, 1, x.shape[2], 8]),
-            TensorDescriptor.from_tensor(w2, [8, 8]))  # fmt: skip
+            TensorDescriptor.from_tensor(other.reshape(-1, other.shape[-1]), [8, 8]))  # fmt: skip
 
 
 def _grid2d(pixels: int, channels: int):
@@ -605,20 +605,12 @@ def conv3x3_weight_grad(
 
     if (CONV_LOOP == "tma" and _tma_takes(x, c_out, min(t[0] for t in WGRAD_TILES))
             and dy.is_contiguous() and dy.data_ptr() % 16 == 0):  # fmt: skip
-        kernel, operands = _conv3x3_wgrad_tma_kernel, _wgrad_descriptors(x, dy)
+        kernel, operands = _conv3x3_wgrad_tma_kernel, _descriptors(x, dy)
     else:
         kernel, operands = _conv3x3_wgrad_kernel, (x, dy)
     kernel[grid](*operands, dw, n, h, w, c_in, c_out, per_split, UPCAST=_upcast(x.dtype),
                  PRECISION=_precision(x.dtype), ACC=_acc(x.dtype))  # fmt: skip
     return dw
-
-
-def _wgrad_descriptors(x: torch.Tensor, dy: torch.Tensor):
-    """Tensor descriptors of NHWC `x` (4-D) and `dy` as (pixels, C_out); boxes set per tile."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return (TensorDescriptor.from_tensor(x, [1, 1, x.shape[2], 8]),
-            TensorDescriptor.from_tensor(dy.reshape(-1, dy.shape[-1]), [8, 8]))  # fmt: skip
 
 
 def to_w9(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
