@@ -34,7 +34,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("FASTCIFAR_AUTOTUNE", "1") != "0"
 # FASTCIFAR_CONV_LOOP=flat runs the convolution's reduction as one loop over 9 x C_in
 # instead of nine taps of C_in each (the default, "nested"); =tma loads its operands with
-# Hopper's tensor memory accelerator where the layer allows. Experiments, untimed yet.
+# Hopper's tensor memory accelerator where the layer allows, the flat loop elsewhere.
+# Experiments, untimed yet.
 CONV_LOOP = os.environ.get("FASTCIFAR_CONV_LOOP", "nested")
 ORDERS = ("act_bn", "bn_act")
 
@@ -522,8 +523,10 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
 
     if CONV_LOOP == "tma" and tma_fits(x, c_out):
         kernel, operands, loop = _conv3x3_tma_kernel, _descriptors(x, w9), {}
-    else:
-        kernel, operands, loop = _conv3x3_kernel, (x, w9), {"FLAT_K": CONV_LOOP == "flat"}
+    else:  # under "tma", what TMA cannot take runs the flat loop: CerberusNet's first
+        # layer's 27 (tap, channel) pairs in one step of 32, not nine steps of 3 in 32
+        flat = CONV_LOOP in ("flat", "tma")
+        kernel, operands, loop = _conv3x3_kernel, (x, w9), {"FLAT_K": flat}
     kernel[grid](
         *operands, bias if bias is not None else dummy, y,
         scale if scale is not None else dummy, shift if shift is not None else dummy, sums[0], sums[1],
