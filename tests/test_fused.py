@@ -18,6 +18,11 @@ from fastcifar.models.fused import FusedConvBNReLU  # noqa: E402
 from fastcifar.ops.conv_bn_relu import reference_conv_bn_relu  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the TMA kernels need Hopper or later (or the interpreter)
+needs_tma = pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+    reason="TMA needs a Hopper GPU or later",
+)
 TOLERANCES = {
     torch.float32: (1e-4, 1e-4),
     torch.float16: (2e-2, 2e-2),
@@ -155,6 +160,7 @@ def test_training_with_the_flat_reduction(monkeypatch, dtype):
     test_training_forward_backward_and_running_stats(dtype, "act_bn", 3, 16, 33, 4)
 
 
+@needs_tma
 @pytest.mark.parametrize(
     ("batch", "c_in", "c_out", "size"),
     [(2, 32, 16, 8), (3, 64, 64, 4), (1, 32, 8, 16), (1, 32, 16, 32)],
@@ -200,6 +206,7 @@ def test_the_tma_convolution_leaves_what_it_cannot_take_to_the_other(monkeypatch
         assert torch.equal(got["flat"], got["tma"])
 
 
+@needs_tma
 @pytest.mark.parametrize("order", ["act_bn", "bn_act"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_training_with_tma_loads(monkeypatch, dtype, order):
@@ -282,6 +289,7 @@ def test_weight_gradient_split_over_pixels(splits):
     torch.testing.assert_close(got, weight.grad, atol=1e-4, rtol=1e-4)
 
 
+@needs_tma
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(("batch", "c_in", "c_out", "size"), [(2, 32, 16, 8), (3, 16, 24, 4)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -303,6 +311,78 @@ def test_the_tma_weight_gradient_sums_as_the_eager_one(monkeypatch, dtype, batch
     dw9 = conv_bn_relu.conv3x3_weight_grad(nhwc(x), nhwc(dy), splits=splits)
     got = dw9.reshape(3, 3, c_in, c_out).permute(3, 2, 0, 1)
     torch.testing.assert_close(got, weight.grad, atol=1e-3, rtol=1e-3)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps) of the GPU's TMA tiles, and a layer (batch, C_in,
+# C_out, size) whose box takes each shape: four 8x8 images, rows of 16x16 and 32x32
+TMA_GPU_TILES = [((256, 64, 64, 8), (3, 64, 64, 8)), ((128, 128, 64, 4), (1, 64, 128, 16)),
+                 ((256, 128, 64, 8), (1, 64, 128, 16)), ((128, 64, 32, 4), (1, 32, 64, 32)),
+                 ((256, 64, 32, 8), (1, 32, 64, 32)), ((128, 256, 64, 8), (2, 64, 256, 8))]  # fmt: skip
+
+
+@needs_tma
+@pytest.mark.parametrize(("tile", "layer"), TMA_GPU_TILES)
+def test_the_tma_convolution_at_the_gpus_tiles(tile, layer):
+    """The TMA kernel launched directly with a tile the GPU's autotuner may pick (the
+    interpreter's own are smaller), its boxes as the pre-hook sets them."""
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from fastcifar.ops import conv_bn_relu as ops
+
+    (bm, bn, bk, warps), (n, c_in, c_out, size) = tile, layer
+    torch.manual_seed(0)
+    x = torch.randn(n, size, size, c_in, device=DEVICE).half()
+    weight = torch.randn(c_out, c_in, 3, 3, device=DEVICE).half()
+    w9 = ops.to_w9(weight, torch.float16)
+    y = torch.empty(n, size, size, c_out, device=DEVICE, dtype=torch.float16)
+    sums = torch.zeros(2, c_out, device=DEVICE, dtype=torch.float64)
+    x_desc = TensorDescriptor.from_tensor(x, [*ops._image_box(bm, size, size), bk])
+    w_desc = TensorDescriptor.from_tensor(w9.reshape(-1, c_out), [bk, bn])
+    grid = (triton.cdiv(n * size * size, bm), triton.cdiv(c_out, bn))
+    ops._conv3x3_tma_kernel.fn[grid](
+        x_desc, w_desc, sums[0], y, sums[0], sums[0], sums[0], sums[1], n, size, size, c_in, c_out,
+        RELU_FIRST=False, AFFINE=False, RELU_LAST=False, STATS=True, HAS_BIAS=False, UPCAST=False,
+        PRECISION="ieee", ACC=tl.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
+    want = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).float(), weight.float(), padding=1)
+    torch.testing.assert_close(y.permute(0, 3, 1, 2).float(), want, atol=0.05, rtol=1e-2)
+    torch.testing.assert_close(sums[0], y.double().reshape(-1, c_out).sum(0), atol=1e-3, rtol=1e-5)
+
+
+@needs_tma
+@pytest.mark.parametrize(
+    ("tile", "layer", "per_split"),
+    [((128, 64, 64, 4), (2, 64, 64, 8), 128), ((64, 128, 128, 8), (1, 128, 128, 16), 128),
+     ((128, 128, 128, 8), (4, 128, 64, 8), 256), ((128, 32, 64, 4), (1, 64, 64, 32), 512)],
+)  # fmt: skip
+def test_the_tma_weight_gradient_at_the_gpus_tiles(tile, layer, per_split):
+    """The TMA weight gradient launched directly with tiles of the GPU's list, split over
+    pixels."""
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from fastcifar.ops import conv_bn_relu as ops
+
+    (bp, bci, bco, warps), (n, c_in, c_out, size) = tile, layer
+    torch.manual_seed(0)
+    x = torch.randn(n, size, size, c_in, device=DEVICE).half()
+    dy = torch.randn(n, size, size, c_out, device=DEVICE).half()
+    dw = torch.zeros(9, c_in, c_out, device=DEVICE)
+    x_desc = TensorDescriptor.from_tensor(x, [*ops._image_box(bp, size, size), bci])
+    dy_desc = TensorDescriptor.from_tensor(dy.reshape(-1, c_out), [bp, bco])
+    pixels = n * size * size
+    grid = (triton.cdiv(c_in, bci), triton.cdiv(c_out, bco), 9 * triton.cdiv(pixels, per_split))
+    ops._conv3x3_wgrad_tma_kernel.fn[grid](
+        x_desc, dy_desc, dw, n, size, size, c_in, c_out, per_split, UPCAST=False, PRECISION="ieee",
+        ACC=tl.float32, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco, num_warps=warps,
+    )  # fmt: skip
+    weight = torch.zeros(c_out, c_in, 3, 3, device=DEVICE, requires_grad=True)
+    torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).float(), weight, padding=1).backward(
+        dy.permute(0, 3, 1, 2).float()
+    )
+    got = dw.reshape(3, 3, c_in, c_out).permute(3, 2, 0, 1)
+    torch.testing.assert_close(got, weight.grad, atol=1e-3, rtol=1e-4)
 
 
 def test_tile_candidates_fit_the_layer(monkeypatch):
