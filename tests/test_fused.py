@@ -178,10 +178,11 @@ def test_the_tma_convolution_convolves_as_the_eager_one(monkeypatch, dtype, batc
     x = torch.randn(batch, size, size, c_in, device=DEVICE).to(dtype)
     weight = torch.randn(c_out, c_in, 3, 3, device=DEVICE).to(dtype)
     bias = torch.randn(c_out, device=DEVICE).to(dtype)
-    assert conv_bn_relu.tma_fits(x, c_out)
+    w9 = conv_bn_relu.to_w9(weight, dtype)
+    assert conv_bn_relu.tma_fits(x, w9)
     want = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).float(), weight.float(), bias.float(),
                                       padding=1)  # fmt: skip
-    y, total, squares = conv_bn_relu.conv3x3(x, conv_bn_relu.to_w9(weight, dtype), bias, stats=True)
+    y, total, squares = conv_bn_relu.conv3x3(x, w9, bias, stats=True)
     torch.testing.assert_close(y.permute(0, 3, 1, 2).float(), want, atol=0.1, rtol=1e-2)
     stored = y.double().reshape(-1, c_out)  # the sums are of the values as stored
     torch.testing.assert_close(total, stored.sum(0), atol=1e-3, rtol=1e-5)
@@ -197,8 +198,8 @@ def test_the_tma_convolution_leaves_what_it_cannot_take_to_the_other(monkeypatch
     cases = [(torch.float16, 3, 8), (torch.float32, 32, 8), (torch.float16, 32, 6)]
     for dtype, c_in, size in cases:
         x = torch.randn(2, size, size, c_in, device=DEVICE).to(dtype)
-        assert not conv_bn_relu.tma_fits(x, 16)
         w9 = conv_bn_relu.to_w9(torch.randn(16, c_in, 3, 3, device=DEVICE), dtype)
+        assert not conv_bn_relu.tma_fits(x, w9)
         got = {}
         for loop in ("flat", "tma"):
             monkeypatch.setattr(conv_bn_relu, "CONV_LOOP", loop)
@@ -307,7 +308,7 @@ def test_the_tma_weight_gradient_sums_as_the_eager_one(monkeypatch, dtype, batch
     weight = torch.zeros(c_out, c_in, 3, 3, device=DEVICE, requires_grad=True)
     torch.nn.functional.conv2d(x.float(), weight, padding=1).backward(dy.float())
     nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous()  # noqa: E731
-    assert conv_bn_relu._tma_takes(nhwc(x), c_out, min(t[0] for t in conv_bn_relu.WGRAD_TILES))
+    assert conv_bn_relu.tma_weight_grad_fits(nhwc(x), nhwc(dy))
     dw9 = conv_bn_relu.conv3x3_weight_grad(nhwc(x), nhwc(dy), splits=splits)
     got = dw9.reshape(3, 3, c_in, c_out).permute(3, 2, 0, 1)
     torch.testing.assert_close(got, weight.grad, atol=1e-3, rtol=1e-3)

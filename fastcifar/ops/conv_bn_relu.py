@@ -521,7 +521,7 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
     def grid(tile):
         return (triton.cdiv(n * h * w, tile["BLOCK_M"]), triton.cdiv(c_out, tile["BLOCK_N"]))
 
-    if CONV_LOOP == "tma" and tma_fits(x, c_out):
+    if CONV_LOOP == "tma" and tma_fits(x, w9):
         kernel, operands, loop = _conv3x3_tma_kernel, _descriptors(x, w9), {}
     else:  # under "tma", what TMA cannot take runs the flat loop: CerberusNet's first
         # layer's 27 (tap, channel) pairs in one step of 32, not nine steps of 3 in 32
@@ -537,28 +537,34 @@ def conv3x3(x: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor | None, *, rel
     return y, sums[0], sums[1]
 
 
-def tma_fits(x: torch.Tensor, c_out: int) -> bool:
-    """Whether the TMA convolution takes NHWC `x`: as `_tma_takes`, and input channels that
-    every tile's BLOCK_K divides (a step inside one tap)."""
-    return _tma_takes(x, c_out, min(t[0] for t in TMA_CONV_TILES)) and (
+def tma_fits(x: torch.Tensor, w9: torch.Tensor) -> bool:
+    """Whether the TMA convolution takes NHWC `x` and weights `w9`: as `_tma_takes`, and
+    input channels that every tile's BLOCK_K divides (a step inside one tap)."""
+    return _tma_takes(x, w9, min(t[0] for t in TMA_CONV_TILES)) and (
         x.shape[-1] % max(t[2] for t in TMA_CONV_TILES) == 0
     )
 
 
-def _tma_takes(x: torch.Tensor, c_other: int, tile_pixels: int) -> bool:
-    """Whether TMA can read NHWC `x` in boxes of whole image rows, beside a tensor of
-    `c_other` channels: 16-bit values on a Hopper-or-later GPU (or the interpreter),
-    16-byte aligned rows of channels (CerberusNet's first layer, with 3, takes the pointer
-    kernels), image sizes powers of two no wider than the smallest tile."""
-    _, h, w, c_in = x.shape
+def tma_weight_grad_fits(x: torch.Tensor, dy: torch.Tensor) -> bool:
+    """Whether the TMA weight gradient takes NHWC `x` and `dy`: as `_tma_takes`."""
+    return _tma_takes(x, dy, min(t[0] for t in WGRAD_TILES))
+
+
+def _tma_takes(x: torch.Tensor, other: torch.Tensor, tile_pixels: int) -> bool:
+    """Whether TMA can read NHWC `x` in boxes of whole image rows and `other` as a matrix
+    over its last dimension (`_descriptors`): 16-bit values on a Hopper-or-later GPU (or
+    the interpreter), both contiguous with 16-byte aligned starts and rows (CerberusNet's
+    first layer, with 3 channels, takes the pointer kernels), image sizes powers of two
+    no wider than the smallest tile."""
+    _, h, w, _ = x.shape
     on_hopper = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
     return (
         (INTERPRET or on_hopper)
         and x.dtype in (torch.float16, torch.bfloat16)
-        and x.is_contiguous()
-        and x.data_ptr() % 16 == 0
-        and c_in % 8 == 0
-        and c_other % 8 == 0
+        and all(
+            t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[-1] % 8 == 0
+            for t in (x, other)
+        )  # fmt: skip
         and all(size & (size - 1) == 0 for size in (h, w))
         and w <= tile_pixels
     )
@@ -606,8 +612,7 @@ def conv3x3_weight_grad(
         return (triton.cdiv(c_in, tile["BLOCK_CI"]), triton.cdiv(c_out, tile["BLOCK_CO"]),
                 9 * triton.cdiv(pixels, per_split))  # fmt: skip
 
-    if (CONV_LOOP == "tma" and _tma_takes(x, c_out, min(t[0] for t in WGRAD_TILES))
-            and dy.is_contiguous() and dy.data_ptr() % 16 == 0):  # fmt: skip
+    if CONV_LOOP == "tma" and tma_weight_grad_fits(x, dy):
         kernel, operands = _conv3x3_wgrad_tma_kernel, _descriptors(x, dy)
     else:
         kernel, operands = _conv3x3_wgrad_kernel, (x, dy)
