@@ -19,6 +19,7 @@ import argparse
 import re
 import subprocess
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import triton
@@ -60,6 +61,11 @@ EPILOGUE_POINTERS = {"b_ptr": "fp32", "scale_ptr": "fp32", "shift_ptr": "fp32",
                      "sum_ptr": "fp64", "sumsq_ptr": "fp64"}  # fmt: skip
 
 
+def _descriptor_type(*box: int) -> str:
+    """The signature type of a bf16 tensor descriptor with this box."""
+    return f"tensordesc<bf16[{', '.join(map(str, box))}]>"
+
+
 def compile_conv(loop: str, block=(128, 64, 32), num_warps: int = 4, tap_aligned: bool = True,
                  size: int = 32):  # fmt: skip
     """The convolution with the training forward's epilogue, bf16 activations, its
@@ -68,8 +74,8 @@ def compile_conv(loop: str, block=(128, 64, 32), num_warps: int = 4, tap_aligned
     tile = dict(BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2])
     if loop == "tma":
         box = conv_bn_relu._image_box(block[0], size, size)
-        descriptors = {"x_desc": f"tensordesc<bf16[{', '.join(map(str, (*box, block[2])))}]>",
-                       "w_desc": f"tensordesc<bf16[{block[2]}, {block[1]}]>"}  # fmt: skip
+        descriptors = {"x_desc": _descriptor_type(*box, block[2]),
+                       "w_desc": _descriptor_type(block[2], block[1])}  # fmt: skip
         return compile_for_hopper(conv_bn_relu._conv3x3_tma_kernel,
                                   {**EPILOGUE, **tile, "height": size, "width": size},
                                   {**EPILOGUE_POINTERS, **descriptors},
@@ -91,8 +97,8 @@ def compile_weight_grad(block=(128, 64, 64), num_warps: int = 4, size: int = 32,
     kernel = conv_bn_relu._conv3x3_wgrad_kernel
     if loop == "tma":
         box = conv_bn_relu._image_box(block[0], size, size)
-        types |= {"x_desc": f"tensordesc<bf16[{', '.join(map(str, (*box, block[1])))}]>",
-                  "dy_desc": f"tensordesc<bf16[{block[0]}, {block[2]}]>"}  # fmt: skip
+        types |= {"x_desc": _descriptor_type(*box, block[1]),
+                  "dy_desc": _descriptor_type(block[0], block[2])}  # fmt: skip
         kernel = conv_bn_relu._conv3x3_wgrad_tma_kernel
     return compile_for_hopper(kernel, constants, types, sizes, num_warps)
 
@@ -147,14 +153,12 @@ def tile_table(kernel: str, loop: str) -> list[str]:
             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     if kernel == "conv":
         tiles = conv_bn_relu.TMA_CONV_TILES if loop == "tma" else conv_bn_relu.CONV_TILES
+        compile_tile = partial(compile_conv, loop)
     else:
         tiles = conv_bn_relu.WGRAD_TILES
+        compile_tile = partial(compile_weight_grad, loop=loop)
     for *block, warps in tiles:
-        if kernel == "conv":
-            compiled = compile_conv(loop, tuple(block), warps)
-        else:
-            compiled = compile_weight_grad(tuple(block), warps, loop=loop)
-        r = pipeline_report(compiled)
+        r = pipeline_report(compile_tile(tuple(block), warps))
         rows.append(f"| {' x '.join(map(str, block))} | {warps} | {r['instructions a loop step']} "
                     f"| {r['registers per thread']} | {r['shared memory bytes'] // 1024} KiB |")  # fmt: skip
     return rows
