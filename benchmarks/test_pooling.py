@@ -5,13 +5,13 @@ windows; medians of the per-round ratios."""
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastcifar.bench import alternate
 from fastcifar.models.pooling import MaxPool2x2, native_pooling_available, use_native_pooling
 
 from .conftest import environment
@@ -31,20 +31,17 @@ SHAPES = [("lenet", 128, 6, 28), ("lenet", 128, 16, 10), ("conv3", 128, 32, 30),
 
 
 def _paired(sides: dict, window, rounds: int) -> dict:
-    """Alternate timed windows of each side, `rounds` times; medians and the median of
-    the per-round ratios native / aten."""
-    seconds = {name: [] for name in sides}
-    for name in sides:  # warm-up
-        window(sides[name])
-    for _ in range(rounds):
-        for name, side in sides.items():
-            start = time.perf_counter()
-            window(side)
-            seconds[name].append(time.perf_counter() - start)
-    ratios = [a / n for a, n in zip(seconds["aten"], seconds["native"], strict=True)]
-    return {"aten_ms": statistics.median(seconds["aten"]) * 1e3,
-            "native_ms": statistics.median(seconds["native"]) * 1e3,
-            "speedup": statistics.median(ratios), "rounds": rounds}  # fmt: skip
+    """Alternate timed windows of each side, `rounds` times (`fastcifar.bench.alternate`);
+    median window times and the median of the per-round ratios aten / native."""
+
+    def rate(side, _steps):
+        start = time.perf_counter()
+        window(side)
+        return 1 / (time.perf_counter() - start)
+
+    result = alternate(sides["aten"], sides["native"], rate, 1, 1, rounds)
+    return {"aten_ms": 1e3 / result.base, "native_ms": 1e3 / result.ours,
+            "speedup": result.speedup, "rounds": rounds}  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -233,9 +233,9 @@ def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_
     # the tutorial trains at fastcifar's batch size; the default keeps its own
     base_batch = batch_size if against == "default" else ours.cfg.batch_size
     base = build_pipeline(arch, against, images, labels, base_batch)
-    train = _alternate(base, ours, time_steps, warmup, steps, windows)
+    train = alternate(base, ours, time_steps, warmup, steps, windows)
     eval_steps = max(1, round(steps * ours.cfg.batch_size / ours.cfg.eval_batch_size))
-    evals = _alternate(base, ours, time_eval, 1, eval_steps, windows)
+    evals = alternate(base, ours, time_eval, 1, eval_steps, windows)
     rate = train.ours
     tflops = rate * training_flops_per_image(arch) / 1e12
     peak = matmul_peak_tflops(
@@ -257,8 +257,9 @@ class SideBySide:
     speedup: float  # median of the per-window ratios
 
 
-def _alternate(base: Pipeline, ours: Pipeline, timer, warmup: int, steps: int, windows: int):
-    """`timer(pipeline, steps)` for both pipelines in alternating windows, after a warm-up."""
+def alternate(base, ours, timer, warmup: int, steps: int, windows: int) -> SideBySide:
+    """`timer(side, steps)`, a rate, for both sides (pipelines, or anything `timer` runs)
+    in alternating windows, after a warm-up."""
     timer(ours, warmup)
     timer(base, warmup)
     base_rates, our_rates = [], []
