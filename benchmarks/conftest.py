@@ -14,10 +14,17 @@ import numpy as np
 import pytest
 import torch
 
+from fastcifar import heap
 from fastcifar.bench import matmul_peak_tflops
 from fastcifar.train.device import device_name, resolve_device
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.zip"
+
+
+def pytest_configure(config):
+    # FASTCIFAR_MALLOC, as the `fastcifar` command applies it; process-wide, so the
+    # tutorial's side runs under the same policy
+    heap.keep_freed_memory()
 
 
 def pytest_addoption(parser):
@@ -114,6 +121,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
+        "malloc": heap.state(),
     }
 
 

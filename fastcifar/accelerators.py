@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from fastcifar import heap
+
 
 def _module(name: str) -> tuple[bool, str]:
     try:
@@ -53,10 +55,24 @@ def report() -> list[tuple[str, bool, str]]:
     ok, detail = _module("nvidia.dali")
     rows.append(("dali", ok, detail + ("" if ok else "; pip install 'fastcifar[dali]'")))
     rows.append(triton_row())
+    rows.append(malloc_row())
     for name, module in (("mlflow", "mlflow"), ("optuna", "optuna")):
         ok, detail = _module(module)
         rows.append((name, ok, detail + ("" if ok else "; pip install 'fastcifar[track]'")))
     return rows
+
+
+def malloc_row() -> tuple[str, bool, str]:
+    """Whether freed host memory stays in the heap for the next step (fastcifar/heap.py)."""
+    if heap.state() == "kept":
+        return "malloc", True, "FASTCIFAR_MALLOC=kept: freed host memory kept for reuse (glibc)"
+    if heap.requested() == "kept":
+        return (
+            "malloc",
+            False,
+            "FASTCIFAR_MALLOC=kept needs glibc's mallopt; the C library's policy",
+        )
+    return "malloc", False, "the C library's policy; FASTCIFAR_MALLOC=kept keeps freed memory"
 
 
 def triton_row() -> tuple[str, bool, str]:

@@ -652,7 +652,9 @@ def test_a_run_before_its_first_epoch_says_so(capsys, tmp_path):
 def test_doctor_reports_every_path(capsys):
     assert main(["doctor"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["torch", "cpu-bf16", "cuda", "native", "dali", "triton", "mlflow", "optuna"]
+    assert names == [
+        "torch", "cpu-bf16", "cuda", "native", "dali", "triton", "malloc", "mlflow", "optuna"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("capability", "says"), [((9, 0), "TMA (FASTCIFAR_CONV_LOOP=tma): yes"),

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from fastcifar import __version__
+from fastcifar import __version__, heap
 from fastcifar.cli import checkpoints, machine, measure, runs, sweep, train
 from fastcifar.cli.arguments import OneLineErrors, remember_parsers
 from fastcifar.cli.train import resolve_train_config
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        heap.keep_freed_memory()  # FASTCIFAR_MALLOC, before the first tensor
         with stop_signals_as_interrupt():
             args = build_parser().parse_args(argv)
             return args.handler(args)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import fastcifar
+from fastcifar import heap
 from fastcifar.atomic import write_atomic, write_json_atomic, write_text_atomic
 from fastcifar.errors import UserError
 from fastcifar.train.device import device_name
@@ -188,6 +189,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "malloc": heap.state(),
         "git_revision": git_revision(),
         "hostname": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
