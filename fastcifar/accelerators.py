@@ -67,11 +67,7 @@ def malloc_row() -> tuple[str, bool, str]:
     if heap.state() == "kept":
         return "malloc", True, "FASTCIFAR_MALLOC=kept: freed host memory kept for reuse (glibc)"
     if heap.requested() == "kept":
-        return (
-            "malloc",
-            False,
-            "FASTCIFAR_MALLOC=kept needs glibc's mallopt; the C library's policy",
-        )
+        return "malloc", False, "FASTCIFAR_MALLOC=kept needs glibc; the C library's policy runs"
     return "malloc", False, "the C library's policy; FASTCIFAR_MALLOC=kept keeps freed memory"
 
 
