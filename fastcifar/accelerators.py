@@ -68,7 +68,7 @@ def malloc_row() -> tuple[str, bool, str]:
         return "malloc", True, "FASTCIFAR_MALLOC=kept: freed host memory kept for reuse (glibc)"
     if heap.requested() == "kept":
         return "malloc", False, "FASTCIFAR_MALLOC=kept needs glibc; the C library's policy runs"
-    return "malloc", False, "the C library's policy; FASTCIFAR_MALLOC=kept keeps freed memory"
+    return "malloc", False, "FASTCIFAR_MALLOC=system: the C library's policy"
 
 
 def triton_row() -> tuple[str, bool, str]:

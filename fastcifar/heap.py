@@ -4,11 +4,11 @@ glibc's malloc serves large blocks (above a threshold of 128 KiB that rises to a
 32 MiB) with fresh `mmap`s, returns them to the kernel when they are freed, and trims
 its heap's free top the same way. A step frees and allocates the same activations every
 time, so on the CPU every step of a large model, and every evaluation batch, faults its
-memory in again page by page. With `FASTCIFAR_MALLOC=kept`, `keep_freed_memory` tells
-glibc (`mallopt`) to serve every block from its heap and never to trim it: the memory is
-faulted in once and reused, for a larger peak (a few spare copies of the largest blocks:
-an aligned block does not always fit the hole a freed one left). `system`, the default,
-leaves the C library's policy; benchmarks/NOTES.md has the measurements behind it.
+memory in again page by page. Under `FASTCIFAR_MALLOC=kept`, the default,
+`keep_freed_memory` tells glibc (`mallopt`) to serve every block from its heap and never
+to trim it: the memory is faulted in once and reused, for a larger peak (a few spare
+copies of the largest blocks: an aligned block does not always fit the hole a freed one
+left). `system` leaves the C library's policy; benchmarks/NOTES.md has the measurements.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 from fastcifar.errors import UserError
 
 POLICIES = ("system", "kept")
-DEFAULT = "system"
+DEFAULT = "kept"
 M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers, from glibc's <malloc.h>
 M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1  # bytes of free heap top before glibc trims it (an int parameter)
