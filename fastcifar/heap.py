@@ -39,10 +39,13 @@ def keep_freed_memory() -> str:
     """Apply `FASTCIFAR_MALLOC` to this process, before its first large tensor: "kept"
     takes effect where the C library is glibc. Returns `state()`."""
     global _state
-    if _state == "system" and requested() == "kept" and _glibc():
-        libc = ctypes.CDLL(None)
-        if libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1:
-            _state = "kept"
+    libc = _glibc() if _state == "system" and requested() == "kept" else None
+    if (
+        libc is not None
+        and libc.mallopt(M_MMAP_MAX, 0) == 1
+        and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
+    ):
+        _state = "kept"
     return _state
 
 
@@ -52,6 +55,8 @@ def state() -> str:
     return _state
 
 
-def _glibc() -> bool:
-    # only glibc's mallopt takes these parameters (macOS has none; musl's ignores them)
-    return os.name == "posix" and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc: only glibc's mallopt takes these
+    parameters (macOS has none; musl's ignores them)."""
+    libc = ctypes.CDLL(None) if os.name == "posix" else None
+    return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
