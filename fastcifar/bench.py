@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from fastcifar import heap
 from fastcifar.ablations import ABLATIONS, OWN_LOADER
 from fastcifar.baseline import tutorial_loader, tutorial_step
 from fastcifar.config import TrainConfig
@@ -220,6 +221,7 @@ class ThroughputResult:
     eval_speedup: float  # median of the per-window ratios
     against: str = "baseline"  # the other side: the tutorial ("baseline") or "default"
     settings: dict | None = None  # config values on top of fastcifar's default (`--set`)
+    malloc: str = "system"  # the process's host-memory policy, both sides (`heap.state()`)
 
 
 def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_size: int | None = None,
@@ -247,6 +249,7 @@ def compare_throughput(arch: str, images: np.ndarray, labels: np.ndarray, batch_
         ours.cfg.compile_mode if ours.cfg.compile else "eager",
         ours.cfg == variant_config(arch, "default", ours.device, None),
         ours.cfg.eval_batch_size, evals.base, evals.ours, evals.speedup, against, overrides,
+        heap.state(),
     )  # fmt: skip
 
 

@@ -244,11 +244,15 @@ def test_report_keeps_a_result_of_an_arch_no_longer_registered(results, capsys):
     assert (results / "throughput-vs-accuracy.png").is_file()  # the figure's default folder
 
 
-def test_side_by_side_records_whether_it_ran_the_recipe_unchanged():
+def test_side_by_side_records_whether_it_ran_the_recipe_unchanged(monkeypatch):
+    from fastcifar import heap
+
+    monkeypatch.setattr(heap, "_state", "kept")  # as if FASTCIFAR_MALLOC had taken effect
     train, labels, _, _ = make_arrays(n_train=256)
     kwargs = dict(steps=1, windows=1, warmup=1)
     result = compare_throughput("lenet", train, labels, **kwargs)
     assert result.default_settings
+    assert result.malloc == "kept"  # the host-memory policy both sides ran under
     assert result.eval_batch_size == 1000  # the recipe's; 256 images give one short batch
     assert result.fastcifar_eval_images_per_sec > 0 and result.baseline_eval_images_per_sec > 0
     assert not compare_throughput("lenet", train, labels, batch_size=32, **kwargs).default_settings
