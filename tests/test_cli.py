@@ -115,6 +115,12 @@ def test_bad_training_arguments(capsys, tmp_path, data, extra, fragment):
         (["bench", "throughput", "--set", "epochs=1.5"], "--set: epochs must be an integer"),
         (["bench", "throughput", "--against", "pytorch"], "--against: invalid choice"),
         (["bench", "accuracy", "--seeds", "-1"], "--seeds: must be a positive integer"),
+        (
+            ["bench", "throughput", "--json", "/no-such-folder/t.json"],
+            "--json: no folder /no-such-folder to write t.json into",
+        ),
+        (["bench", "throughput", "--json", "/"], "--json: / is a folder, not a file"),
+        (["bench", "accuracy", "--out", "/no-such-folder/a.json"], "--out: no folder"),
         (["sweep", "s.toml", "--workers", "0"], "--workers: must be a positive integer"),
         (["profile", "--arch", "lenet", "--steps", "0"], "--steps: must be a positive integer"),
         (["profile", "--arch", "lenet", "--host", "0"], "--host: must be a positive integer"),

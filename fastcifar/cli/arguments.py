@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 from pathlib import Path
 
@@ -96,6 +97,20 @@ def figure_path(text: str) -> Path:
 
     figure_format(Path(text))
     return Path(text)
+
+
+def results_file(text: str) -> Path:
+    """A file a command writes when its work is done, checked as the command line is
+    read: a mistyped folder is refused before minutes of measuring, not after."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder, not a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {folder} to write {path.name} into")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {folder} is not writable")
+    return path
 
 
 DATA_HELP = "CIFAR-10 source (default: $FASTCIFAR_DATA, then the cache)"

@@ -8,7 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from fastcifar.cli.arguments import DATA_HELP, arch_name, figure_path, positive_int, setting
+from fastcifar.cli.arguments import (
+    DATA_HELP,
+    arch_name,
+    figure_path,
+    positive_int,
+    results_file,
+    setting,
+)
 from fastcifar.errors import NothingToResume, UserError
 
 
@@ -40,7 +47,7 @@ def register(commands) -> None:
     tp.add_argument("--against", choices=("tutorial", "default"), default="tutorial",
                     help="the other side: the tutorial pipeline, or fastcifar's default for "
                     "the device (to measure one setting's effect)")  # fmt: skip
-    tp.add_argument("--json", type=Path, help="write the results here")
+    tp.add_argument("--json", type=results_file, help="write the results here")
     tp.set_defaults(handler=bench_throughput)
 
     ac = bench.add_parser("accuracy", help="train recipes to completion and record test accuracy")
@@ -53,7 +60,9 @@ def register(commands) -> None:
     ac.add_argument("--data", help=DATA_HELP)
     ac.add_argument("--runs", type=Path, default=Path("runs/bench"), help="where the runs go")
     ac.add_argument("--collect", type=Path, nargs="+", help="record these finished runs instead")
-    ac.add_argument("--out", type=Path, required=True, help="results JSON (records are merged)")
+    ac.add_argument(
+        "--out", type=results_file, required=True, help="results JSON (records are merged)"
+    )
     ac.set_defaults(handler=bench_accuracy)
 
     rp = commands.add_parser("report", help="Markdown table and figure from benchmarks/results")
