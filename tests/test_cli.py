@@ -293,6 +293,27 @@ def test_config_may_be_a_run_directory(capsys, tmp_path):
     assert_one_line_error(code, err, "cannot read config")
 
 
+def test_a_stopped_bench_keeps_the_archs_it_finished(capsys, tmp_path, data, monkeypatch):
+    import fastcifar.bench as bench
+
+    measure = bench.compare_throughput
+
+    def stopped_at_conv3(arch, *args, **kwargs):
+        if arch == "conv3":
+            raise KeyboardInterrupt  # Ctrl-C while the second arch is measured
+        return measure(arch, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "compare_throughput", stopped_at_conv3)
+    out = tmp_path / "throughput.json"
+    code, printed, _ = run(capsys, "bench", "throughput", "--arch", "lenet", "conv3", "--data",
+                           data, "--steps", "1", "--windows", "1", "--json", str(out))  # fmt: skip
+    assert code == 130
+    saved = json.loads(out.read_text())
+    assert [r["arch"] for r in saved["results"]] == ["lenet"]
+    assert saved["results"][0]["fastcifar_images_per_sec"] > 0
+    assert "lenet" in printed  # the table of what was measured
+
+
 def test_bench_settings_leave_the_arch_to_arch(capsys):
     code, _, err = run(capsys, "bench", "throughput", "--set", "arch=conv3")
     assert_one_line_error(code, err, "--set arch=...: name the architectures with --arch")

@@ -122,19 +122,22 @@ def bench_throughput(args) -> int:
                    "eval: " + base, "eval: " + ours, "eval speedup"):  # fmt: skip
         table.add_column(column, justify="right")
     results = []
-    for arch in args.arch:
-        console.print(f"measuring {arch} ...", highlight=False)
-        r = compare_throughput(arch, arrays.train_images, arrays.train_labels, args.batch_size,
-                               args.steps, args.windows, overrides=overrides, against=against)  # fmt: skip
-        results.append(as_dict(r))
-        table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
-                      f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x",
-                      f"{r.percent_of_peak:.1f}", f"{r.baseline_eval_images_per_sec:,.0f}",
-                      f"{r.fastcifar_eval_images_per_sec:,.0f}", f"{r.eval_speedup:.2f}x")  # fmt: skip
-    console.print(table)
-    if args.json:
-        _write_results(args.json, "side_by_side", "date", results=results)
-    else:
+    try:
+        for arch in args.arch:
+            console.print(f"measuring {arch} ...", highlight=False)
+            r = compare_throughput(arch, arrays.train_images, arrays.train_labels, args.batch_size,
+                                   args.steps, args.windows, overrides=overrides, against=against)  # fmt: skip
+            results.append(as_dict(r))
+            table.add_row(arch, str(r.batch_size), r.amp, f"{r.baseline_images_per_sec:,.0f}",
+                          f"{r.fastcifar_images_per_sec:,.0f}", f"{r.speedup:.2f}x",
+                          f"{r.percent_of_peak:.1f}", f"{r.baseline_eval_images_per_sec:,.0f}",
+                          f"{r.fastcifar_eval_images_per_sec:,.0f}", f"{r.eval_speedup:.2f}x")  # fmt: skip
+            if args.json:  # after every arch: a stopped run keeps the ones it finished
+                _write_results(args.json, "side_by_side", "date", results=results)
+    finally:
+        if results:
+            console.print(table)
+    if not args.json:
         print(json.dumps(results))
     return 0
 
