@@ -64,6 +64,7 @@ class TrainConfig:
     dali_decode: bool = False  # --loader dali: DALI decodes the image files (on the GPU with CUDA)
     dali_images_per_run: int = 0  # --loader dali: images a pipeline run makes; 0 = one batch
     native: str = "auto"  # auto | on | off: fastcifar._C (the loader's op; AVX-512 bf16 pooling)
+    winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd F(2x2,3x3) (AVX512-BF16)
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode (on CUDA reduce-overhead: CUDA graphs)
@@ -91,6 +92,7 @@ class TrainConfig:
             (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}"),
             (self.native in SWITCHES, f"--native must be one of {', '.join(SWITCHES)}"),
             (self.prefetch in SWITCHES, f"--prefetch must be one of {', '.join(SWITCHES)}"),
+            (self.winograd in SWITCHES, f"--winograd must be one of {', '.join(SWITCHES)}"),
             (not self.dali_decode or self.loader == "dali", "--dali-decode needs --loader dali"),
             (
                 self.dali_images_per_run >= 0,

@@ -8,44 +8,15 @@
 // Without AVX-512 they refuse to run, and fastcifar keeps ATen's pooling. Windows holding a NaN give NaN, but their gradient
 // may go to another element than ATen's.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <cstring>
-#include <immintrin.h>
 #include <torch/library.h>
 #include <vector>
 
+#include "avx512.h"
+
 namespace fastcifar {
 namespace {
-
-#define FASTCIFAR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-// The two dtypes the kernels take, as cases of ATen's AT_DISPATCH_SWITCH
-#define FASTCIFAR_FLOAT_AND_BF16(...) \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
-
-// 16 elements as floats, and back; bf16 is the upper half of a float, so converting a
-// value that came from bf16 back is exact.
-template <typename T>
-FASTCIFAR_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_maskz_loadu_ps(m, p);
-  } else {
-    __m256i bits = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-  }
-}
-
-template <typename T>
-FASTCIFAR_AVX512 inline void store16(T* p, __mmask16 m, __m512 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_mask_storeu_ps(p, m, v);
-  } else {
-    __m256i bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
-    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, bits);
-  }
-}
-
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
 // Window positions: 0 top left, 1 top right, 2 bottom left, 3 bottom right. Output rows
 // `begin` to `end` (of all images' rows).
@@ -127,17 +98,8 @@ FASTCIFAR_AVX512 void max_pool_backward_rows(const T* grad, const uint8_t* where
   }
 }
 
-bool fast() {  // the CPU's features, read once
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return supported;
-}
-
 void check_channels_last(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(fast(), "max_pool2x2 needs a CPU with AVX-512 (F.max_pool2d serves the others)");
+  TORCH_CHECK(has_avx512(), "max_pool2x2 needs a CPU with AVX-512 (F.max_pool2d serves the others)");
   TORCH_CHECK(x.device().is_cpu(), what, " must be on the CPU");
   TORCH_CHECK(x.dim() == 4, what, " must be 4-D (N, C, H, W), not ", x.dim(), "-D");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), what, " must be channels-last");

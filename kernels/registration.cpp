@@ -12,6 +12,9 @@ TORCH_LIBRARY(fastcifar, m) {
   // winner 0..3 as uint8), and the input gradient from them
   m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad, Tensor where, int height, int width) -> Tensor");
+  // 3x3 convolution, stride 1, padding 1, as Winograd F(2x2, 3x3): bf16 channels-last
+  // input, the weights' tiles packed (16, C_in / 2, C_out, 2), CPU with AVX512-BF16
+  m.def("winograd_conv3x3(Tensor x, Tensor packed_weight, Tensor? bias) -> Tensor");
 }
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -5,7 +5,9 @@ once, with the fake implementations `torch.compile` needs to trace its operators
 batch, from uint8 NHWC images straight to the model's input; its reference is
 `fastcifar.data.augment.reference_augment`. `max_pool2x2` is `F.max_pool2d(x, 2)` for
 channels-last activations on a CPU with AVX-512 (`fastcifar.models.pooling`), with its
-backward from the window positions the forward keeps.
+backward from the window positions the forward keeps. `winograd_conv3x3` is a 3x3
+convolution of bf16 channels-last activations on an AVX512-BF16 CPU
+(`fastcifar.models.winograd`; its autograd is `fastcifar.ops.winograd`'s).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def _register() -> None:
     def _(grad, where, height, width):
         n, c = grad.shape[:2]
         return grad.new_empty((n, height, width, c)).permute(0, 3, 1, 2)
+
+    @torch.library.register_fake("fastcifar::winograd_conv3x3")
+    def _(x, packed_weight, bias):
+        n, _, h, w = x.shape
+        return x.new_empty((n, h, w, packed_weight.shape[2])).permute(0, 3, 1, 2)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])

@@ -1,6 +1,6 @@
 """What a run is built from: its data splits, their loaders (tensor or DALI, native op,
 prefetch thread) and its model (fused block, channels-last, native CPU pooling,
-torch.compile)."""
+Winograd convolutions, torch.compile)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fastcifar.data.prefetch import Prefetched
 from fastcifar.errors import UserError
 from fastcifar.models import create_model
 from fastcifar.models.pooling import native_pooling_available, use_native_pooling
+from fastcifar.models.winograd import use_winograd, winograd_available
 
 # Graphs one process may compile for the code every compiled module shares (torch's
 # default, 8, would leave a sweep's later trials running eager)
@@ -54,7 +55,22 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
         model = model.to(memory_format=torch.channels_last)
         if device.type == "cpu" and use_native(cfg.native, device) and native_pooling_available():
             use_native_pooling(model)  # bf16 max pooling (fp32 stays with ATen at run time)
+    if winograd_wanted(cfg, device):
+        use_winograd(model)
     return model
+
+
+def winograd_wanted(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether 3x3 convolutions run as Winograd: `--winograd on`, or `auto`, for bf16
+    channels-last training on a CPU where it is available (`models.winograd`)."""
+    if cfg.winograd == "off" or cfg.fused:
+        return False
+    fits = device.type == "cpu" and cfg.amp == "bf16" and cfg.channels_last
+    available, why = winograd_available()
+    if cfg.winograd == "on" and not (fits and available):
+        reason = why if not available else "it runs bf16 channels-last CPU training only"
+        raise UserError(f"--winograd on, but {reason}")
+    return fits and available
 
 
 def load_data(cfg: TrainConfig, device: torch.device, log) -> DataBundle:

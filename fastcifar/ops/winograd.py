@@ -1,0 +1,100 @@
+"""A 3x3 convolution (stride 1, padding 1) as Winograd F(2x2, 3x3) on a CPU with
+AVX512-BF16, for bf16 channels-last activations: `fastcifar._C`'s `winograd_conv3x3`
+(kernels/winograd_cpu.cpp), forward and the input's gradient.
+
+Each 2 x 2 block of output pixels is A^T [(G w G^T) * (B^T d B)] A, with d the 4 x 4
+input patch around it: per block and channel pair, 16 multiplications where the direct
+convolution needs 36. The 16 elementwise products, summed over input channels, are 16
+matrix products of (tiles x C_in) by (C_in x C_out). The input's gradient is the same
+convolution of the output's gradient with the weights turned 180 degrees and transposed;
+the weight's gradient is oneDNN's. `reference_conv` is the same arithmetic in plain
+torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastcifar.ops import native
+
+native.load()  # registers the op (where the extension loads)
+
+_BT = ((1.0, 0.0, -1.0, 0.0), (0.0, 1.0, 1.0, 0.0), (0.0, -1.0, 1.0, 0.0), (0.0, 1.0, 0.0, -1.0))
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
+
+
+def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32, device=like.device)
+
+
+def weight_tiles(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """G w G^T of each (C_out, C_in) 3 x 3 kernel, as (16, C_in, C_out) in `dtype`."""
+    g = _matrix(_G, weight)
+    u = g @ weight.float() @ g.T  # (C_out, C_in, 4, 4)
+    return u.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0]).to(dtype)
+
+
+def packed_weight_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """The weight tiles as the native op takes them: bf16, pairs of input channels
+    together, (16, C_in / 2, C_out, 2)."""
+    u = weight_tiles(weight, torch.bfloat16)
+    return u.reshape(16, u.shape[1] // 2, 2, u.shape[2]).transpose(2, 3).contiguous()
+
+
+class _WinogradConv(torch.autograd.Function):
+    """Forward and the input's gradient through the native op; the weight's gradient is
+    oneDNN's (a Winograd one would need the transformed input kept or made again)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x = x.contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        with torch.autocast("cpu", enabled=False):  # the weight tiles in fp32, then rounded
+            packed = packed_weight_tiles(weight)
+        return torch.ops.fastcifar.winograd_conv3x3(x, packed, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            turned = weight.flip(2, 3).transpose(0, 1)
+            grad_x = torch.ops.fastcifar.winograd_conv3x3(grad, packed_weight_tiles(turned), None)
+        if ctx.needs_input_grad[1]:
+            _, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [False, True, False],
+            )  # fmt: skip
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3), dtype=torch.float32)
+        return grad_x, grad_w, grad_b
+
+
+def winograd_conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias, padding=1)` for 3x3 kernels through Winograd F(2x2, 3x3);
+    x bf16 channels-last on the CPU with an even height and width (the weights' tiles are
+    rounded to bf16, the bias added in fp32)."""
+    return _WinogradConv.apply(x, weight, bias)
+
+
+def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   operands: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """The same arithmetic in plain torch ops, in fp32, with the transformed input and
+    weight tiles rounded to `operands` first (bf16: as the native op rounds them): the
+    native op's reference."""
+    n, c, h, w = x.shape
+    bt, at = _matrix(_BT, x), _matrix(_AT, x)
+    patches = F.pad(x.float(), (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 4, 2)  # N,C,th,tw,4,4
+    v = (bt @ patches @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, c)
+    u = weight_tiles(weight, operands).float()
+    m = torch.bmm(v.to(operands).float(), u)
+    m = m.reshape(4, 4, n, h // 2, w // 2, -1).permute(2, 5, 3, 4, 0, 1)
+    y = (at @ m @ at.T).permute(0, 1, 2, 4, 3, 5).reshape(n, -1, h, w)
+    return y if bias is None else y + bias.float().view(1, -1, 1, 1)

@@ -1,0 +1,213 @@
+// fastcifar::winograd_conv3x3: a 3x3 convolution, stride 1, padding 1, of bf16
+// channels-last activations as Winograd F(2x2, 3x3), on a CPU with AVX512-BF16.
+//
+// A tile is 2 x 2 output pixels; its input is the 4 x 4 patch d around them (zero outside
+// the image). Per tile, the output is A^T [sum over input channels of (B^T d B) * U] A,
+// with U = G w G^T the weights' tiles (fastcifar/ops/winograd.py prepares them): the 16
+// elementwise products summed over input channels are 16 matrix products of (tiles x
+// C_in) by (C_in x C_out), 2.25x fewer multiplications than the nine 3x3 taps. Each
+// thread takes a chunk of tiles at a time and keeps its transformed inputs (bf16) and
+// products (fp32) in its own buffers, small enough for its L2 cache: only the input and
+// the output pass through memory. The products run on `vdpbf16ps` (bf16 pairs summed
+// into fp32) from a register-blocked kernel, with the weight tiles packed as pairs of
+// input channels, [16][C_in / 2][C_out][2].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "avx512.h"
+
+namespace fastcifar {
+namespace {
+
+#define FASTCIFAR_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool has_avx512_bf16() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return has_avx512() && __builtin_cpu_supports("avx512bf16");
+  }();
+  return supported;
+}
+
+// C[MR x 16 NV] = A[MR x K] B[K x 16 NV]: A bf16 rows (lda apart), B packed as pairs of
+// rows ([K / 2][ldb][2] bf16, columns from `b`), C fp32 rows (ldc apart). K is even.
+template <int MR, int NV>
+FASTCIFAR_AVX512_BF16 void gemm_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b,
+                                      int64_t ldb, int64_t k, float* c, int64_t ldc) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k / 2; ++p) {
+    __m512bh w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(b + (p * ldb + 16 * v) * 2);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, w[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+constexpr int kRows = 6;  // rows of A per register block
+
+// Rows [0, m) of C = A B, n columns (a multiple of 16).
+template <int MR>
+FASTCIFAR_AVX512_BF16 void gemm_rows(const at::BFloat16* a, int64_t lda, const at::BFloat16* b,
+                                     int64_t n, int64_t k, float* c, int64_t ldc) {
+  int64_t col = 0;
+  for (; col + 64 <= n; col += 64) gemm_block<MR, 4>(a, lda, b + 2 * col, n, k, c + col, ldc);
+  switch ((n - col) / 16) {
+    case 3: gemm_block<MR, 3>(a, lda, b + 2 * col, n, k, c + col, ldc); break;
+    case 2: gemm_block<MR, 2>(a, lda, b + 2 * col, n, k, c + col, ldc); break;
+    case 1: gemm_block<MR, 1>(a, lda, b + 2 * col, n, k, c + col, ldc); break;
+    default: break;
+  }
+}
+
+FASTCIFAR_AVX512_BF16 void gemm(const at::BFloat16* a, int64_t m, const at::BFloat16* b, int64_t n,
+                                int64_t k, float* c) {
+  int64_t row = 0;
+  for (; row + kRows <= m; row += kRows) gemm_rows<kRows>(a + row * k, k, b, n, k, c + row * n, n);
+  switch (m - row) {
+    case 5: gemm_rows<5>(a + row * k, k, b, n, k, c + row * n, n); break;
+    case 4: gemm_rows<4>(a + row * k, k, b, n, k, c + row * n, n); break;
+    case 3: gemm_rows<3>(a + row * k, k, b, n, k, c + row * n, n); break;
+    case 2: gemm_rows<2>(a + row * k, k, b, n, k, c + row * n, n); break;
+    case 1: gemm_rows<1>(a + row * k, k, b, n, k, c + row * n, n); break;
+    default: break;
+  }
+}
+
+struct Shape {
+  int64_t h, w, c_in, c_out, tiles_per_image, tiles_per_row;
+};
+
+// V[16][count][c_in] = B^T d B for tiles first .. first + count of the whole batch.
+FASTCIFAR_AVX512 void input_tiles(const at::BFloat16* x, const Shape& s, int64_t first,
+                                  int64_t count, at::BFloat16* v) {
+  const int64_t c = s.c_in, plane = count * c;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t tile = first + t, image = tile / s.tiles_per_image;
+    const int64_t ty = (tile % s.tiles_per_image) / s.tiles_per_row, tx = tile % s.tiles_per_row;
+    at::BFloat16* out = v + t * c;
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const __mmask16 m = lanes(c - ch);
+      __m512 d[4][4];
+      for (int i = 0; i < 4; ++i) {
+        const int64_t y = 2 * ty - 1 + i;
+        for (int j = 0; j < 4; ++j) {
+          const int64_t xx = 2 * tx - 1 + j;
+          const bool inside = y >= 0 && y < s.h && xx >= 0 && xx < s.w;
+          d[i][j] = inside ? load16(x + ((image * s.h + y) * s.w + xx) * c + ch, m) : zero;
+        }
+      }
+      __m512 r[4][4];  // B^T d: rows
+      for (int j = 0; j < 4; ++j) {
+        r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+        r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+        r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+        r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+      }
+      for (int i = 0; i < 4; ++i) {  // (B^T d) B: columns
+        store16_rounded(out + (4 * i + 0) * plane + ch, m, _mm512_sub_ps(r[i][0], r[i][2]));
+        store16_rounded(out + (4 * i + 1) * plane + ch, m, _mm512_add_ps(r[i][1], r[i][2]));
+        store16_rounded(out + (4 * i + 2) * plane + ch, m, _mm512_sub_ps(r[i][2], r[i][1]));
+        store16_rounded(out + (4 * i + 3) * plane + ch, m, _mm512_sub_ps(r[i][1], r[i][3]));
+      }
+    }
+  }
+}
+
+// The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out].
+FASTCIFAR_AVX512 void output_pixels(const float* mt, const float* bias, const Shape& s, int64_t first,
+                                    int64_t count, at::BFloat16* y) {
+  const int64_t c = s.c_out, plane = count * c;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t tile = first + t, image = tile / s.tiles_per_image;
+    const int64_t ty = (tile % s.tiles_per_image) / s.tiles_per_row, tx = tile % s.tiles_per_row;
+    const float* in = mt + t * c;
+    at::BFloat16* top = y + ((image * s.h + 2 * ty) * s.w + 2 * tx) * c;
+    at::BFloat16* rows[2] = {top, top + s.w * c};
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const __mmask16 m = lanes(c - ch);
+      __m512 r[2][4];  // A^T m: rows
+      for (int j = 0; j < 4; ++j) {
+        const __m512 m0 = _mm512_maskz_loadu_ps(m, in + j * plane + ch);
+        const __m512 m1 = _mm512_maskz_loadu_ps(m, in + (4 + j) * plane + ch);
+        const __m512 m2 = _mm512_maskz_loadu_ps(m, in + (8 + j) * plane + ch);
+        const __m512 m3 = _mm512_maskz_loadu_ps(m, in + (12 + j) * plane + ch);
+        r[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+        r[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+      }
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + ch) : _mm512_setzero_ps();
+      for (int a = 0; a < 2; ++a) {  // (A^T m) A: columns
+        const __m512 left = _mm512_add_ps(_mm512_add_ps(r[a][0], r[a][1]), r[a][2]);
+        const __m512 right = _mm512_sub_ps(_mm512_sub_ps(r[a][1], r[a][2]), r[a][3]);
+        store16_rounded(rows[a] + ch, m, _mm512_add_ps(left, b));
+        store16_rounded(rows[a] + c + ch, m, _mm512_add_ps(right, b));
+      }
+    }
+  }
+}
+
+at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.scalar_type() == at::kBFloat16 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "winograd_conv3x3 takes a 4-D bf16 channels-last input on the CPU");
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(h % 2 == 0 && w % 2 == 0, "winograd_conv3x3 needs an even height and width, not ", h,
+              " x ", w);
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && packed.dim() == 4 &&
+                  packed.size(0) == 16 && 2 * packed.size(1) == c_in && packed.size(3) == 2,
+              "winograd_conv3x3: the weight tiles must be contiguous bf16 (16, C_in / 2, C_out, 2) "
+              "for ", c_in, " input channels");
+  const int64_t c_out = packed.size(2);
+  TORCH_CHECK(c_in % 2 == 0 && c_out % 16 == 0,
+              "winograd_conv3x3 needs an even number of input channels and output channels in "
+              "multiples of 16, not ", c_in, " and ", c_out);
+  at::Tensor b;
+  if (bias) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == c_out, "winograd_conv3x3: the bias needs ", c_out, " values");
+  }
+  auto y = at::empty({n, c_out, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const Shape s{h, w, c_in, c_out, (h / 2) * (w / 2), w / 2};
+  const int64_t tiles = n * s.tiles_per_image;
+  // tiles a chunk: its transformed inputs and products about 384 KiB
+  const int64_t chunk = std::max<int64_t>(kRows, 393216 / (16 * (2 * c_in + 4 * c_out)));
+  const int64_t chunks = (tiles + chunk - 1) / chunk;
+  const auto* in = reinterpret_cast<const at::BFloat16*>(x.const_data_ptr());
+  const auto* u = reinterpret_cast<const at::BFloat16*>(packed.const_data_ptr());
+  auto* out = reinterpret_cast<at::BFloat16*>(y.mutable_data_ptr());
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> v(16 * chunk * c_in);
+    std::vector<float> products(16 * chunk * c_out);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
+      input_tiles(in, s, first, count, v.data());
+      for (int k = 0; k < 16; ++k)
+        gemm(v.data() + k * count * c_in, count, u + k * c_in * c_out, c_out, c_in,
+             products.data() + k * count * c_out);
+      output_pixels(products.data(), bp, s, first, count, out);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcifar, CPU, m) { m.impl("winograd_conv3x3", &winograd_conv3x3_cpu); }
+
+}  // namespace fastcifar

@@ -1,0 +1,222 @@
+"""The Winograd F(2x2, 3x3) convolution on AVX512-BF16 CPUs (fastcifar._C's
+winograd_conv3x3, fastcifar.models.winograd) against plain PyTorch: the same arithmetic
+in torch ops, and F.conv2d in float64."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
+from fastcifar.models import create_model
+from fastcifar.models.winograd import WinogradConv2d, takes, use_winograd, winograd_available
+from fastcifar.ops.winograd import packed_weight_tiles, reference_conv, winograd_conv3x3
+
+pytestmark = pytest.mark.skipif(
+    not winograd_available()[0], reason="needs fastcifar._C and a CPU with AVX512-BF16"
+)
+
+
+def channels_last(*shape, dtype=torch.bfloat16, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        (torch.randn(shape, generator=g) * scale)
+        .to(dtype)
+        .contiguous(memory_format=torch.channels_last)
+    )
+
+
+def weights(c_out, c_in, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(c_out, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5, torch.randn(
+        c_out, generator=g
+    )
+
+
+def relative_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
+
+
+# cerberus's channels at small sizes; one image, a single tile, a non-square image;
+# output channels of one, two and three 16-lane vectors (the kernel's narrower blocks);
+# tile counts off the kernel's six-row blocks, and several chunks of tiles
+SHAPES = [
+    (2, 64, 64, 8, 8),
+    (1, 16, 16, 2, 2),
+    (2, 16, 32, 4, 6),
+    (3, 48, 16, 6, 6),
+    (1, 32, 48, 10, 4),
+    (3, 16, 16, 32, 32),
+    (2, 128, 256, 4, 4),
+]
+
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), SHAPES)
+def test_the_op_is_the_reference_arithmetic(n, c_in, c_out, h, w):
+    """With the transformed operands rounded to bf16 as the op rounds them, the op and
+    the torch-op reference differ only in the fp32 sums' order and the output's rounding."""
+    x = channels_last(n, c_in, h, w)
+    weight, bias = weights(c_out, c_in)
+    got = torch.ops.fastcifar.winograd_conv3x3(x, packed_weight_tiles(weight), bias)
+    want = reference_conv(x, weight, bias, operands=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), SHAPES)
+def test_values_and_gradients_against_float64(n, c_in, c_out, h, w):
+    """Output and input gradient within 3x the error of the direct bf16 convolution (both
+    against float64); the weight's gradient is the direct one's, the bias's a sum."""
+    x = channels_last(n, c_in, h, w)
+    weight, bias = weights(c_out, c_in)
+    grad = channels_last(n, c_out, h, w, seed=2)
+    ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = winograd_conv3x3(*ours)
+    out.backward(grad)
+    exact = [t.double().requires_grad_() for t in (x, weight, bias)]
+    want = F.conv2d(*exact, padding=1)
+    want.backward(grad.double())
+    direct = [t.clone().requires_grad_() for t in (x, weight.bfloat16(), bias.bfloat16())]
+    plain = F.conv2d(*direct, padding=1)
+    plain.backward(grad)
+    assert relative_rms(out, want) < 3 * relative_rms(plain, want)
+    assert relative_rms(ours[0].grad, exact[0].grad) < 3 * relative_rms(
+        direct[0].grad, exact[0].grad
+    )
+    assert relative_rms(ours[1].grad, exact[1].grad) < 2e-2
+    torch.testing.assert_close(ours[1].grad, direct[1].grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours[2].grad, exact[2].grad.float(), rtol=1e-4, atol=1e-4)
+    assert ours[1].grad.dtype == torch.float32 and ours[0].grad.dtype == torch.bfloat16
+
+
+def test_the_op_refuses_what_it_cannot_compute():
+    packed = packed_weight_tiles(weights(16, 16)[0])
+    with pytest.raises(RuntimeError, match="even height and width"):
+        torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 16, 5, 4), packed, None)
+    with pytest.raises(RuntimeError, match="bf16 channels-last"):
+        torch.ops.fastcifar.winograd_conv3x3(
+            channels_last(1, 16, 4, 4, dtype=torch.float32), packed, None
+        )
+    with pytest.raises(RuntimeError, match="weight tiles"):
+        torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 32, 4, 4), packed, None)
+
+
+def test_opcheck():
+    weight, bias = weights(16, 32)
+    torch.library.opcheck(
+        torch.ops.fastcifar.winograd_conv3x3.default,
+        (channels_last(2, 32, 4, 6), packed_weight_tiles(weight), bias),
+    )
+
+
+def test_only_plain_3x3_convolutions_are_replaced():
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1), nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False)),
+        nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 24, 3, padding=1), nn.Conv2d(32, 32, 3),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.Conv2d(32, 32, 5, padding=2),
+        nn.Conv2d(32, 32, 3, padding=1, groups=2), nn.Conv2d(32, 32, 3, padding=1, dilation=2),
+    )  # fmt: skip
+    before = model.state_dict()
+    params = list(model.parameters())
+    assert [takes(m) for m in (model[0], model[1][0], model[2], model[3])] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert use_winograd(model) == 2
+    assert type(model[0]) is WinogradConv2d and type(model[1][0]) is WinogradConv2d
+    assert all(type(m) is nn.Conv2d for m in model[2:])
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
+    assert model.state_dict().keys() == before.keys()
+    assert use_winograd(model) == 0  # already replaced
+
+
+def test_other_inputs_go_to_f_conv2d():
+    """fp32 without autocast, NCHW memory, an odd size: nn.Conv2d's own result."""
+    for dtype, x in (
+        (torch.float32, channels_last(2, 16, 6, 6, dtype=torch.float32)),
+        (torch.bfloat16, torch.randn(2, 16, 6, 6).bfloat16()),
+        (torch.bfloat16, channels_last(2, 16, 5, 6)),
+    ):
+        conv = nn.Conv2d(16, 16, 3, padding=1).to(dtype)
+        ours = WinogradConv2d(16, 16, 3, padding=1).to(dtype)
+        ours.load_state_dict(conv.state_dict())
+        assert torch.equal(ours(x), conv(x))
+
+
+def test_under_autocast_fp32_input_goes_through_the_op():
+    ours = WinogradConv2d(16, 32, 3, padding=1)
+    x = channels_last(2, 16, 6, 6, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(x)
+    want = torch.ops.fastcifar.winograd_conv3x3(
+        x.bfloat16(), packed_weight_tiles(ours.weight), ours.bias
+    )
+    assert torch.equal(got, want)
+
+
+def test_traced_by_torch_compile():
+    ours = WinogradConv2d(16, 16, 3, padding=1)
+    x = channels_last(2, 16, 8, 8).requires_grad_()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    got = compiled(x)
+    got.sum().backward()
+    assert torch.equal(got, ours(x.detach()))
+    assert x.grad is not None and ours.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("winograd", "amp", "expected"),
+    [("auto", "bf16", 11), ("off", "bf16", 0), ("auto", "none", 0), ("on", "bf16", 11)],
+)
+def test_the_cpu_model_uses_it_for_bf16_unless_off(winograd, amp, expected):
+    from fastcifar.train.build import build_model
+
+    model = build_model(
+        TrainConfig(arch="cerberus", amp=amp, winograd=winograd), torch.device("cpu")
+    )
+    assert sum(type(m) is WinogradConv2d for m in model.modules()) == expected
+
+
+def test_on_without_bf16_is_a_user_error():
+    from fastcifar.train.build import build_model
+
+    with pytest.raises(
+        UserError, match="--winograd on, but it runs bf16 channels-last CPU training only"
+    ):
+        build_model(TrainConfig(arch="cerberus", amp="none", winograd="on"), torch.device("cpu"))
+
+
+def test_a_cerberus_training_step_is_as_close_to_fp32_as_direct_bf16():
+    """One batch, bf16 autocast, from fp32's weights: against the fp32 step, every
+    convolution's weight gradient strays at most 1.6x as far with Winograd as with the
+    direct bf16 convolutions (at initialisation bf16 alone moves them by 30% to 50%, and
+    gradients that had nothing to do with the fp32 ones would stray 3x as far)."""
+    torch.manual_seed(0)
+    fp32 = create_model("cerberus").to(memory_format=torch.channels_last)
+    direct, ours = copy.deepcopy(fp32), copy.deepcopy(fp32)
+    assert use_winograd(ours) == 11
+    x = channels_last(8, 3, 32, 32, dtype=torch.float32)
+    y = torch.randint(0, 10, (8,))
+    losses = []
+    for model, amp in ((fp32, False), (direct, True), (ours, True)):
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[2] == pytest.approx(losses[0], rel=1e-2)
+    convs = [(n, p) for n, p in fp32.named_parameters() if p.dim() == 4]
+    assert len(convs) == 12
+    for (name, want), a, b in zip(convs, _conv_weights(direct), _conv_weights(ours), strict=True):
+        assert relative_rms(b.grad, want.grad.double()) < 1.6 * relative_rms(
+            a.grad, want.grad.double()
+        ), name
+
+
+def _conv_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.dim() == 4]
