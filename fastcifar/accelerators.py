@@ -1,5 +1,5 @@
 """The optional accelerated paths, detected in one place: CPU bf16, CUDA, the native
-extension, DALI, Triton, MLflow and Optuna. `fastcifar doctor` prints this."""
+extension, Winograd convolutions, DALI, Triton, MLflow and Optuna. `fastcifar doctor` prints this."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def report() -> list[tuple[str, bool, str]]:
             else "; max pooling stays with ATen (no AVX-512)"
         )
     rows.append(("native", ok, why))
+    rows.append(winograd_row())
     ok, detail = _module("nvidia.dali")
     rows.append(("dali", ok, detail + ("" if ok else "; pip install 'fastcifar[dali]'")))
     rows.append(triton_row())
@@ -60,6 +61,16 @@ def report() -> list[tuple[str, bool, str]]:
         ok, detail = _module(module)
         rows.append((name, ok, detail + ("" if ok else "; pip install 'fastcifar[track]'")))
     return rows
+
+
+def winograd_row() -> tuple[str, bool, str]:
+    """Whether `--winograd on` can run here (fastcifar/models/winograd.py)."""
+    from fastcifar.models.winograd import winograd_available
+
+    ok, why = winograd_available()
+    if ok:
+        return "winograd", True, "--winograd on: 3x3 convolutions as Winograd F(2x2,3x3) in bf16"
+    return "winograd", False, why
 
 
 def malloc_row() -> tuple[str, bool, str]:

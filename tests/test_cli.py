@@ -680,7 +680,8 @@ def test_doctor_reports_every_path(capsys):
     assert main(["doctor"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == [
-        "torch", "cpu-bf16", "cuda", "native", "dali", "triton", "malloc", "mlflow", "optuna"
+        "torch", "cpu-bf16", "cuda", "native", "winograd", "dali", "triton", "malloc", "mlflow",
+        "optuna",
     ]  # fmt: skip
 
 
