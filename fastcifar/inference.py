@@ -13,7 +13,7 @@ from fastcifar.data.dataset import prepare_data
 from fastcifar.data.loader import TensorLoader
 from fastcifar.data.sources import CLASSES
 from fastcifar.errors import UserError
-from fastcifar.train.build import build_model
+from fastcifar.train.build import build_model, winograd_refusal
 from fastcifar.train.checkpoint import load_checkpoint, load_model_state
 from fastcifar.train.device import computes_in, fastest_amp, input_dtype, resolve_device
 from fastcifar.train.evaluate import EvalResult, evaluate
@@ -28,6 +28,8 @@ def load_trained(path: Path, device_name: str = "auto") -> tuple[torch.nn.Module
     if not computes_in(cfg.amp, device):  # the training precision is missing or emulated here
         cfg = cfg.replace(amp=fastest_amp(device))
     cfg = cfg.replace(device=device.type)
+    if cfg.winograd == "on" and winograd_refusal(cfg, device):  # a speed switch: same weights
+        cfg = cfg.replace(winograd="off")
     model = build_model(cfg, device)
     load_model_state(model, ckpt["model"], cfg.arch, path)
     return model.eval(), cfg

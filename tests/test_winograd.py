@@ -216,3 +216,37 @@ def test_a_cerberus_training_step_is_as_close_to_fp32_as_direct_bf16():
 
 def _conv_weights(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.dim() == 4]
+
+
+def _winograd_run(tmp_path, capsys):
+    """A one-epoch conv4 run trained with --winograd on (bf16, CPU; a constant schedule,
+    so that a resume may add epochs)."""
+    from fastcifar.cli import main
+
+    from .conftest import make_arrays, write_batches_dir
+
+    data = write_batches_dir(tmp_path / "data", make_arrays(n_train=200, n_test=50))
+    run = tmp_path / "run"
+    argv = ["train", "--arch", "conv4", "--data", str(data), "--out", str(run), "--epochs", "1",
+            "--batch-size", "50", "--val", "50", "--no-track", "--quiet", "--amp", "bf16",
+            "--winograd", "on", "--schedule", "constant"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    return run
+
+
+def test_a_winograd_checkpoint_loads_where_winograd_cannot_run(tmp_path, capsys, monkeypatch):
+    """eval and predict build the model without it (same weights); a resume may turn it off."""
+    from fastcifar.cli import main
+    from fastcifar.inference import load_trained
+    from fastcifar.train import build
+
+    run = _winograd_run(tmp_path, capsys)
+    model, cfg = load_trained(run / "best.pt")
+    assert cfg.winograd == "on" and any(type(m) is WinogradConv2d for m in model.modules())
+    monkeypatch.setattr(build, "winograd_available", lambda: (False, "no AVX512-BF16"))
+    model, cfg = load_trained(run / "best.pt")
+    assert cfg.winograd == "off" and not any(type(m) is WinogradConv2d for m in model.modules())
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    assert "--winograd on, but no AVX512-BF16" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--winograd", "off"]) == 0

@@ -67,12 +67,18 @@ def winograd_wanted(cfg: TrainConfig, device: torch.device) -> bool:
     default did not allow (benchmarks/NOTES.md)."""
     if cfg.winograd != "on":
         return False
-    if device.type != "cpu" or cfg.amp != "bf16" or not cfg.channels_last or cfg.fused:
-        raise UserError("--winograd on, but it runs bf16 channels-last CPU training only")
-    available, why = winograd_available()
-    if not available:
-        raise UserError(f"--winograd on, but {why}")
+    refusal = winograd_refusal(cfg, device)
+    if refusal:
+        raise UserError(f"--winograd on, but {refusal}")
     return True
+
+
+def winograd_refusal(cfg: TrainConfig, device: torch.device) -> str | None:
+    """Why `--winograd on` cannot run with `cfg` on `device`; None when it can."""
+    if device.type != "cpu" or cfg.amp != "bf16" or not cfg.channels_last or cfg.fused:
+        return "it runs bf16 channels-last CPU training only"
+    available, why = winograd_available()
+    return None if available else why
 
 
 def load_data(cfg: TrainConfig, device: torch.device, log) -> DataBundle:
