@@ -1,5 +1,6 @@
 """The optional accelerated paths, detected in one place: CPU bf16, CUDA, the native
-extension, Winograd convolutions, DALI, Triton, MLflow and Optuna. `fastcifar doctor` prints this."""
+extension, Winograd convolutions, DALI, Triton, MLflow and Optuna. `fastcifar doctor`
+prints this."""
 
 from __future__ import annotations
 

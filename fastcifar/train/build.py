@@ -63,7 +63,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 def winograd_wanted(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether 3x3 convolutions run as Winograd (`models.winograd`): with `--winograd on`,
     for bf16 channels-last training on a CPU where it is available. `auto` leaves it off:
-    it trained CerberusNet 1.11x faster but the conv4 family 0.96x, which its rule for the
+    it trained CerberusNet 1.11x faster but conv4_relu_bn 0.96x, which its rule for the
     default did not allow (benchmarks/NOTES.md)."""
     if cfg.winograd != "on":
         return False
