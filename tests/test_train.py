@@ -286,12 +286,14 @@ def test_compiled_models_keep_static_shapes_across_batch_sizes(monkeypatch):
         return real_compile(model, backend=recording_backend, **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_on_recording_backend)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default
     torch._dynamo.reset()
     cfg = TrainConfig(arch="lenet", compile=True)
     batches = [8, 16, 4, 12, 20, 24, 28, 32, 36, 40]
-    for batch in batches:
-        compiled(create_model("lenet"), cfg)(torch.randn(batch, 3, 32, 32))
+    # torch's default limit, restored afterwards (monkeypatch.setattr on dynamo's config
+    # deletes the setting when it undoes, which breaks every later compile)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for batch in batches:
+            compiled(create_model("lenet"), cfg)(torch.randn(batch, 3, 32, 32))
     torch._dynamo.reset()
     images = [s[0] for shapes in graphs for s in shapes if len(s) == 4 and s[1:] == (3, 32, 32)]
     assert images == batches  # one graph each, none left to run eager
