@@ -1,5 +1,5 @@
 // AVX-512 helpers the CPU kernels share: 16 channels at a time as floats, loaded from
-// and stored to float or bf16, and the CPU check.
+// and stored to float or bf16, and the CPU checks.
 #pragma once
 #include <ATen/Dispatch.h>
 #include <immintrin.h>
@@ -57,6 +57,14 @@ inline bool has_avx512() {  // the CPU's features, read once
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl");
+  }();
+  return supported;
+}
+
+inline bool has_avx512_bf16() {  // and the bf16 dot products (vdpbf16ps)
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return has_avx512() && __builtin_cpu_supports("avx512bf16");
   }();
   return supported;
 }

@@ -26,14 +26,6 @@ namespace {
 
 #define FASTCIFAR_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-bool has_avx512_bf16() {
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return has_avx512() && __builtin_cpu_supports("avx512bf16");
-  }();
-  return supported;
-}
-
 // C[MR x 16 NV] = A[MR x K] B[K x 16 NV]: A bf16 rows (lda apart), B packed as pairs of
 // rows ([K / 2][ldb][2] bf16, columns from `b`), C fp32 rows (ldc apart). K is even.
 template <int MR, int NV>

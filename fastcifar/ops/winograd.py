@@ -43,7 +43,9 @@ def packed_weight_tiles(weight: torch.Tensor) -> torch.Tensor:
     c_out, c_in = weight.shape[:2]
     g = _matrix(_G, weight)
     taps = weight.float().reshape(c_out, c_in // 2, 2, 9).permute(1, 0, 2, 3).reshape(-1, 9)
-    return (torch.kron(g, g) @ taps.T).to(torch.bfloat16).reshape(16, c_in // 2, c_out, 2)
+    with torch.autocast("cpu", enabled=False):  # the product in fp32, then rounded
+        tiles = torch.kron(g, g) @ taps.T
+    return tiles.to(torch.bfloat16).reshape(16, c_in // 2, c_out, 2)
 
 
 class _WinogradConv(torch.autograd.Function):
@@ -55,9 +57,7 @@ class _WinogradConv(torch.autograd.Function):
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        with torch.autocast("cpu", enabled=False):  # the weight tiles in fp32, then rounded
-            packed = packed_weight_tiles(weight)
-        return torch.ops.fastcifar.winograd_conv3x3(x, packed, bias)
+        return torch.ops.fastcifar.winograd_conv3x3(x, packed_weight_tiles(weight), bias)
 
     @staticmethod
     def backward(ctx, grad):
