@@ -33,6 +33,16 @@ def test_the_cpu_recipe_trains_in_bf16_only_with_bf16_instructions(cpu_bf16):
     assert values["channels_last"] and values["epochs"] == 24  # the rest of the recipe stays
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512-bf16"])
+def test_only_a_cpu_with_amx_compiles_conv4_leaky_by_default(amx, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert recipe("conv4_leaky", "cpu")["compile"] is amx
+    assert recipe("conv4_leaky", "cpu")["amp"] == "bf16"
+    assert not recipe("cerberus", "cpu")["compile"]  # below the rule's 1.10x there
+    assert not recipe("conv4_relu", "cpu")["compile"]
+
+
 def test_forcing_bf16_without_instructions_warns_but_is_allowed(cpu_bf16):
     warning = check_amp("bf16", CPU)
     assert (warning is None) is cpu_bf16
