@@ -8,6 +8,7 @@ with `--benchmark-json=benchmarks/results/<name>-<device>.json`.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from fastcifar import heap
-from fastcifar.bench import matmul_peak_tflops
+from fastcifar.bench import alternate, matmul_peak_tflops
 from fastcifar.train.device import device_name, resolve_device
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.zip"
@@ -112,6 +113,21 @@ def pytest_terminal_summary(terminalreporter, config):
                                 "baseline rounds")  # fmt: skip
     for line in switches_markdown({machine: switches}).splitlines():
         terminalreporter.write_line(line)
+
+
+def paired_windows(sides: dict, window, rounds: int) -> dict:
+    """Alternate timed windows of sides "aten" and "native", `rounds` times
+    (`fastcifar.bench.alternate`); median window times and the median of the per-round
+    ratios aten / native."""
+
+    def rate(side, _steps):
+        start = time.perf_counter()
+        window(side)
+        return 1 / (time.perf_counter() - start)
+
+    result = alternate(sides["aten"], sides["native"], rate, 1, 1, rounds)
+    return {"aten_ms": 1e3 / result.base, "native_ms": 1e3 / result.ours,
+            "speedup": result.speedup, "rounds": rounds}  # fmt: skip
 
 
 def environment(device: torch.device) -> dict:

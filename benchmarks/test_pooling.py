@@ -5,16 +5,13 @@ windows; medians of the per-round ratios."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar.bench import alternate
 from fastcifar.models.pooling import MaxPool2x2, native_pooling_available, use_native_pooling
 
-from .conftest import environment
+from .conftest import environment, paired_windows
 
 pytestmark = pytest.mark.skipif(
     not native_pooling_available(), reason="needs fastcifar._C and a CPU with AVX-512"
@@ -28,20 +25,6 @@ SHAPES = [("lenet", 128, 6, 28), ("lenet", 128, 16, 10), ("conv3", 128, 32, 30),
           ("cerberus", 256, 64, 32), ("cerberus", 256, 128, 16), ("cerberus", 256, 256, 8),
           ("sinha14", 256, 28, 32), ("sinha14", 256, 28, 16), ("sinha14", 256, 28, 8),
           ("wide4", 256, 96, 32), ("wide4", 256, 256, 16)]  # fmt: skip
-
-
-def _paired(sides: dict, window, rounds: int) -> dict:
-    """Alternate timed windows of each side, `rounds` times (`fastcifar.bench.alternate`);
-    median window times and the median of the per-round ratios aten / native."""
-
-    def rate(side, _steps):
-        start = time.perf_counter()
-        window(side)
-        return 1 / (time.perf_counter() - start)
-
-    result = alternate(sides["aten"], sides["native"], rate, 1, 1, rounds)
-    return {"aten_ms": 1e3 / result.base, "native_ms": 1e3 / result.ours,
-            "speedup": result.speedup, "rounds": rounds}  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -66,7 +49,7 @@ def test_pool_forward_backward(benchmark, full, device, arch, batch, channels, s
 
     assert torch.equal(pool(x.detach()), F.max_pool2d(x.detach(), 2))
     result = {}
-    benchmark.pedantic(lambda: result.update(_paired(sides, window, 7 if full else 1)), rounds=1,
+    benchmark.pedantic(lambda: result.update(paired_windows(sides, window, 7 if full else 1)), rounds=1,
                        iterations=1)  # fmt: skip
     benchmark.extra_info.update(kind="pooling", arch=arch, batch_size=batch, channels=channels,
                                 size=size, dtype=dtype, **result, **environment(device))  # fmt: skip
@@ -104,7 +87,7 @@ def test_training_step_with_native_pooling(benchmark, full, device, arch):
             optimizer.step()
 
     result = {}
-    benchmark.pedantic(lambda: result.update(_paired(sides, window, 9 if full else 1)), rounds=1,
+    benchmark.pedantic(lambda: result.update(paired_windows(sides, window, 9 if full else 1)), rounds=1,
                        iterations=1)  # fmt: skip
     per_step = {k: v / steps for k, v in result.items() if k.endswith("_ms")}
     benchmark.extra_info.update(kind="pooling_step", arch=arch, batch_size=batch, steps=steps,

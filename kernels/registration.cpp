@@ -15,6 +15,16 @@ TORCH_LIBRARY(fastcifar, m) {
   // 3x3 convolution, stride 1, padding 1, as Winograd F(2x2, 3x3): bf16 channels-last
   // input, the weights' tiles packed (16, C_in / 2, C_out, 2), CPU with AVX512-BF16
   m.def("winograd_conv3x3(Tensor x, Tensor packed_weight, Tensor? bias) -> Tensor");
+  // ReLU then training-mode BatchNorm, channels-last, CPU with AVX-512, the ReLU
+  // recomputed from the pre-activation x: per-channel sums (2, C) float64 of (relu(x),
+  // relu(x)^2) and of (grad, grad * relu(x)); relu(x) * scale + shift; and the input's
+  // gradient, x > 0 ? grad * grad_scale + x * x_scale + offset : 0
+  m.def("relu_moments(Tensor x) -> Tensor");
+  m.def("relu_grad_moments(Tensor grad, Tensor x) -> Tensor");
+  m.def("relu_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "relu_affine_backward(Tensor grad, Tensor x, Tensor grad_scale, Tensor x_scale, "
+      "Tensor offset) -> Tensor");
 }
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

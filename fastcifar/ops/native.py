@@ -7,7 +7,10 @@ batch, from uint8 NHWC images straight to the model's input; its reference is
 channels-last activations on a CPU with AVX-512 (`fastcifar.models.pooling`), with its
 backward from the window positions the forward keeps. `winograd_conv3x3` is a 3x3
 convolution of bf16 channels-last activations on an AVX512-BF16 CPU
-(`fastcifar.models.winograd`; its autograd is `fastcifar.ops.winograd`'s).
+(`fastcifar.models.winograd`; its autograd is `fastcifar.ops.winograd`'s). The
+`relu_*` operators are a ReLU followed by training-mode BatchNorm over channels-last
+activations on a CPU with AVX-512 (`fastcifar.models.relu_bn`; autograd and per-channel
+arithmetic in `fastcifar.ops.relu_bn`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,22 @@ def _register() -> None:
     def _(x, packed_weight, bias):
         n, _, h, w = x.shape
         return x.new_empty((n, h, w, packed_weight.shape[2])).permute(0, 3, 1, 2)
+
+    @torch.library.register_fake("fastcifar::relu_moments")
+    def _(x):
+        return x.new_empty((2, x.shape[1]), dtype=torch.float64)
+
+    @torch.library.register_fake("fastcifar::relu_grad_moments")
+    def _(grad, x):
+        return x.new_empty((2, x.shape[1]), dtype=torch.float64)
+
+    @torch.library.register_fake("fastcifar::relu_affine")
+    def _(x, scale, shift):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fastcifar::relu_affine_backward")
+    def _(grad, x, grad_scale, x_scale, offset):
+        return torch.empty_like(x, memory_format=torch.channels_last)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])

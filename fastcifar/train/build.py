@@ -16,6 +16,7 @@ from fastcifar.data.prefetch import Prefetched
 from fastcifar.errors import UserError
 from fastcifar.models import create_model
 from fastcifar.models.pooling import native_pooling_available, use_native_pooling
+from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn
 from fastcifar.models.winograd import use_winograd, winograd_available
 
 # Graphs one process may compile for the code every compiled module shares (torch's
@@ -53,8 +54,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     model = create_model(cfg.arch, **overrides).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-        if device.type == "cpu" and use_native(cfg.native, device) and native_pooling_available():
-            use_native_pooling(model)  # bf16 max pooling (fp32 stays with ATen at run time)
+        if device.type == "cpu" and use_native(cfg.native, device):
+            if native_pooling_available():
+                use_native_pooling(model)  # bf16 max pooling (fp32 stays with ATen at run time)
+            if relu_bn_by_default():
+                use_relu_bn(model)  # ReLU-BatchNorm pairs as one layer in training
     if winograd_wanted(cfg, device):
         use_winograd(model)
     return model

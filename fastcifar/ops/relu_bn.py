@@ -1,0 +1,86 @@
+"""A ReLU followed by training-mode BatchNorm, as one autograd function over `fastcifar._C`'s
+kernels (`kernels/relu_bn_cpu.cpp`): channels-last CPU activations, channels in multiples
+of 16. The ReLU is recomputed from its input x wherever it is needed, so forward reads x
+twice and writes y once, and backward reads (grad, x) twice and writes x's gradient once;
+the per-channel arithmetic in between (C values) is done here in float64.
+
+With h = relu(x) over M = N * H * W pixels: mean = sum(h) / M, var = sum(h^2) / M - mean^2
+(biased, as BatchNorm normalises), y = h * scale + shift with scale = weight / sqrt(var +
+eps) and shift = bias - mean * scale. Backward, with g = dL/dy: dbias = sum(g), dweight =
+(sum(g h) - mean sum(g)) * invstd, and for x > 0 dx = g * scale + h * k + c, with k = -weight
+invstd^3 (sum(g h) - mean sum(g)) / M and c = -scale sum(g) / M - k mean (0 elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHANNEL_MULTIPLE = 16  # the kernels' channel block
+
+
+def relu_bn_fits(x: torch.Tensor) -> bool:
+    """Whether the kernels take `x`: a CPU bf16 or fp32 channels-last batch with channels in
+    multiples of 16 and more than one value per channel."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and x.dim() == 4
+        and x.shape[1] % CHANNEL_MULTIPLE == 0
+        and x.numel() > x.shape[1]
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+class _ReluBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        pixels = x.numel() // x.shape[1]
+        sums = torch.ops.fastcifar.relu_moments(x)
+        mean = sums[0] / pixels
+        var = (sums[1] / pixels - mean * mean).clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = weight.double() * invstd
+        shift = bias.double() - mean * scale
+        y = torch.ops.fastcifar.relu_affine(x, scale.float(), shift.float())
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _mean_grad, _var_grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
+        pixels = x.numel() // x.shape[1]
+        sums = torch.ops.fastcifar.relu_grad_moments(grad, x)
+        centred = sums[1] - mean * sums[0]  # sum(g (h - mean))
+        scale = weight.double() * invstd
+        k = -scale * invstd * invstd * centred / pixels
+        c = -scale * sums[0] / pixels - k * mean
+        grad_x = torch.ops.fastcifar.relu_affine_backward(
+            grad, x, scale.float(), k.float(), c.float()
+        )
+        grad_weight = (centred * invstd).to(weight.dtype)
+        grad_bias = sums[0].to(weight.dtype)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def relu_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """`F.batch_norm(F.relu(x), running_mean, running_var, weight, bias, training=True,
+    momentum, eps)` for a batch `relu_bn_fits` takes, the running statistics updated as
+    BatchNorm does (the unbiased variance)."""
+    y, mean, var = _ReluBatchNorm.apply(x, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        pixels = x.numel() // x.shape[1]
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            unbiased = var * pixels / max(pixels - 1, 1)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    return y

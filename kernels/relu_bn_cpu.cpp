@@ -1,0 +1,168 @@
+// CPU kernels of a ReLU followed by training-mode BatchNorm over channels-last
+// activations (fastcifar.ops.relu_bn holds the per-channel arithmetic between them). The
+// ReLU is recomputed from the pre-activation x wherever it is needed, so a layer reads
+// x twice and writes y once forward, and reads (grad, x) twice and writes the input's
+// gradient once backward, where ATen's ReLU, BatchNorm and their backwards make separate
+// passes of their own. Channels come 16 at a time (a multiple of 16 is required).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <vector>
+
+#include "avx512.h"
+
+namespace fastcifar {
+namespace {
+
+constexpr int64_t kFlush = 64;  // pixels summed in floats before the doubles take them
+
+void check_input(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(has_avx512(), "the ReLU-BatchNorm kernels need a CPU with AVX-512");
+  TORCH_CHECK(x.device().is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(x.dim() == 4, what, " must be 4-D (N, C, H, W), not ", x.dim(), "-D");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), what, " must be channels-last");
+  TORCH_CHECK(x.size(1) % 16 == 0, what, " needs channels in multiples of 16, not ", x.size(1));
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              what, " must be bf16 or float");
+}
+
+at::Tensor per_channel(const at::Tensor& v, int64_t c, const char* what) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == c, what, " must hold one value per channel (", c, ")");
+  return v.to(at::kFloat).contiguous();
+}
+
+// Per channel, over pixels [begin, end): sums of a and of a * b, where a = relu(x) and b =
+// relu(x) (grad == nullptr), or a = grad and b = relu(x).
+template <typename T>
+FASTCIFAR_AVX512 void moments_rows(const T* x, const T* grad, int64_t c, int64_t begin,
+                                   int64_t end, double* out) {
+  std::vector<float> acc(2 * c, 0.0f);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t start = begin; start < end; start += kFlush) {
+    const int64_t stop = std::min(end, start + kFlush);
+    for (int64_t p = start; p < stop; ++p) {
+      for (int64_t ch = 0; ch < c; ch += 16) {
+        const __m512 h = _mm512_max_ps(load16(x + p * c + ch, 0xFFFF), zero);
+        const __m512 a = grad ? load16(grad + p * c + ch, 0xFFFF) : h;
+        float* s = acc.data() + ch;
+        float* q = acc.data() + c + ch;
+        _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), a));
+        _mm512_storeu_ps(q, _mm512_fmadd_ps(a, h, _mm512_loadu_ps(q)));
+      }
+    }
+    for (int64_t i = 0; i < 2 * c; ++i) {
+      out[i] += acc[i];
+      acc[i] = 0.0f;
+    }
+  }
+}
+
+// Per channel sums of (relu(x), relu(x)^2), or with grad of (grad, grad * relu(x)): a
+// (2, C) float64 tensor, summed over chunks of pixels in a fixed order (the same result
+// for any number of threads).
+at::Tensor relu_moments_impl(const at::Tensor& x, const c10::optional<at::Tensor>& grad) {
+  check_input(x, "relu_bn's input");
+  const int64_t c = x.size(1), pixels = x.numel() / c;
+  at::Tensor g;
+  if (grad.has_value()) {
+    g = grad->contiguous(at::MemoryFormat::ChannelsLast);
+    TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
+                "relu_bn's gradient must match its input's shape and dtype");
+  }
+  const int64_t chunk = 256, chunks = (pixels + chunk - 1) / chunk;
+  std::vector<double> partial(chunks * 2 * c, 0.0);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "relu_moments", FASTCIFAR_FLOAT_AND_BF16([&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        moments_rows<scalar_t>(xp, gp, c, k * chunk, std::min(pixels, (k + 1) * chunk),
+                               partial.data() + k * 2 * c);
+      }
+    });
+  }));
+  auto out = at::zeros({2, c}, x.options().dtype(at::kDouble));
+  double* o = out.mutable_data_ptr<double>();
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t i = 0; i < 2 * c; ++i) o[i] += partial[k * 2 * c + i];
+  }
+  return out;
+}
+
+at::Tensor relu_moments(const at::Tensor& x) { return relu_moments_impl(x, c10::nullopt); }
+
+at::Tensor relu_grad_moments(const at::Tensor& grad, const at::Tensor& x) {
+  return relu_moments_impl(x, grad);
+}
+
+// out = relu(x) * scale + shift (grad == nullptr), or out = x > 0 ? grad * scale + x *
+// shift + offset : 0, per channel.
+template <typename T>
+FASTCIFAR_AVX512 void affine_rows(const T* x, const T* grad, const float* scale,
+                                  const float* shift, const float* offset, T* out, int64_t c,
+                                  int64_t begin, int64_t end) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p = begin; p < end; ++p) {
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const __m512 v = load16(x + p * c + ch, 0xFFFF);
+      const __m512 a = _mm512_loadu_ps(scale + ch), b = _mm512_loadu_ps(shift + ch);
+      __m512 r;
+      if (grad) {
+        const __m512 g = load16(grad + p * c + ch, 0xFFFF);
+        r = _mm512_fmadd_ps(g, a, _mm512_fmadd_ps(v, b, _mm512_loadu_ps(offset + ch)));
+        r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), r);
+      } else {
+        r = _mm512_fmadd_ps(_mm512_max_ps(v, zero), a, b);
+      }
+      store16_rounded(out + p * c + ch, 0xFFFF, r);
+    }
+  }
+}
+
+at::Tensor affine_impl(const at::Tensor& x, const c10::optional<at::Tensor>& grad,
+                       const at::Tensor& scale, const at::Tensor& shift,
+                       const c10::optional<at::Tensor>& offset) {
+  check_input(x, "relu_bn's input");
+  const int64_t c = x.size(1), pixels = x.numel() / c;
+  auto a = per_channel(scale, c, "scale"), b = per_channel(shift, c, "shift");
+  at::Tensor g, o3;
+  if (grad.has_value()) {
+    g = grad->contiguous(at::MemoryFormat::ChannelsLast);
+    TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
+                "relu_bn's gradient must match its input's shape and dtype");
+    o3 = per_channel(*offset, c, "offset");
+  }
+  auto out = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "relu_bn_affine", FASTCIFAR_FLOAT_AND_BF16([&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+    const float* op = o3.defined() ? o3.const_data_ptr<float>() : nullptr;
+    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, pixels, 256, [&](int64_t begin, int64_t end) {
+      affine_rows<scalar_t>(xp, gp, a.const_data_ptr<float>(), b.const_data_ptr<float>(), op,
+                            out_p, c, begin, end);
+    });
+  }));
+  return out;
+}
+
+at::Tensor relu_affine(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  return affine_impl(x, c10::nullopt, scale, shift, c10::nullopt);
+}
+
+at::Tensor relu_affine_backward(const at::Tensor& grad, const at::Tensor& x,
+                                const at::Tensor& grad_scale, const at::Tensor& x_scale,
+                                const at::Tensor& offset) {
+  return affine_impl(x, grad, grad_scale, x_scale, offset);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcifar, CPU, m) {
+  m.impl("relu_moments", &relu_moments);
+  m.impl("relu_grad_moments", &relu_grad_moments);
+  m.impl("relu_affine", &relu_affine);
+  m.impl("relu_affine_backward", &relu_affine_backward);
+}
+
+}  // namespace fastcifar
