@@ -52,6 +52,10 @@ def report() -> list[tuple[str, bool, str]]:
             if native_pooling_available()
             else "; max pooling stays with ATen (no AVX-512)"
         )
+        from fastcifar.models.relu_bn import relu_bn_by_default
+
+        if relu_bn_by_default():
+            why += "; ReLU-BatchNorm pairs as one layer (AMX)"
     rows.append(("native", ok, why))
     rows.append(winograd_row())
     ok, detail = _module("nvidia.dali")
