@@ -130,6 +130,53 @@ def paired_windows(sides: dict, window, rounds: int) -> dict:
             "speedup": result.speedup, "rounds": rounds}  # fmt: skip
 
 
+def paired_training_steps(benchmark, arch: str, full: bool, device, *, kind: str, swap,
+                          prepare=None, images: int, rounds: int) -> dict:  # fmt: skip
+    """Whole bf16 training steps (autocast, channels-last, SGD, random batches of the CPU
+    recipe's size; the loader left out) of `arch` with ATen's layers ("aten") against
+    the same model after `swap(model)` ("native"), `prepare(model)` applied to both first:
+    alternating timed windows of about `images` images each, `rounds` times. The result
+    goes into `benchmark.extra_info` under `kind` and is returned."""
+    import torch.nn.functional as F
+
+    from fastcifar.models import create_model
+    from fastcifar.recipes import recipe
+
+    batch = recipe(arch, "cpu").get("batch_size", 256) if full else 8
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    sides = {}
+    for name in ("aten", "native"):
+        torch.manual_seed(0)
+        model = create_model(arch).to(memory_format=torch.channels_last)
+        if prepare is not None:
+            prepare(model)
+        if name == "native":
+            assert swap(model) > 0
+        sides[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    steps = max(3, images // batch) if full else 1
+
+    def window(side):
+        model, optimizer = side
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    result = {}
+    benchmark.pedantic(lambda: result.update(paired_windows(sides, window, rounds if full else 1)),
+                       rounds=1, iterations=1)  # fmt: skip
+    per_step = {k: v / steps for k, v in result.items() if k.endswith("_ms")}
+    info = dict(kind=kind, arch=arch, batch_size=batch, steps=steps, speedup=result["speedup"],
+                rounds=result["rounds"], aten_images_per_sec=batch * 1e3 / per_step["aten_ms"],
+                native_images_per_sec=batch * 1e3 / per_step["native_ms"],
+                **environment(device))  # fmt: skip
+    benchmark.extra_info.update(info)
+    return info
+
+
 def environment(device: torch.device) -> dict:
     return {
         "device": device.type,

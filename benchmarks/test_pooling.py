@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastcifar.models.pooling import MaxPool2x2, native_pooling_available, use_native_pooling
 
-from .conftest import environment, paired_windows
+from .conftest import environment, paired_training_steps, paired_windows
 
 pytestmark = pytest.mark.skipif(
     not native_pooling_available(), reason="needs fastcifar._C and a CPU with AVX-512"
@@ -62,37 +62,6 @@ def test_training_step_with_native_pooling(benchmark, full, device, arch):
     with native pooling against the same model with ATen's (the loader left out)."""
     if device.type != "cpu":
         pytest.skip("a CPU kernel")
-    from fastcifar.models import create_model
-    from fastcifar.recipes import recipe
-
-    batch = recipe(arch, "cpu").get("batch_size", 256) if full else 8
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    sides = {}
-    for name in ("aten", "native"):
-        torch.manual_seed(0)
-        model = create_model(arch).to(memory_format=torch.channels_last)
-        if name == "native":
-            assert use_native_pooling(model) > 0
-        sides[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
-    steps = max(3, 4096 // batch) if full else 1
-
-    def window(side):
-        model, optimizer = side
-        for _ in range(steps):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-    result = {}
-    benchmark.pedantic(lambda: result.update(paired_windows(sides, window, 9 if full else 1)), rounds=1,
-                       iterations=1)  # fmt: skip
-    per_step = {k: v / steps for k, v in result.items() if k.endswith("_ms")}
-    benchmark.extra_info.update(kind="pooling_step", arch=arch, batch_size=batch, steps=steps,
-                                speedup=result["speedup"], rounds=result["rounds"],
-                                aten_images_per_sec=batch * 1e3 / per_step["aten_ms"],
-                                native_images_per_sec=batch * 1e3 / per_step["native_ms"],
-                                **environment(device))  # fmt: skip
+    result = paired_training_steps(benchmark, arch, full, device, kind="pooling_step",
+                                   swap=use_native_pooling, images=4096, rounds=9)  # fmt: skip
     assert result["speedup"] > 0
