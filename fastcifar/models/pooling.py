@@ -71,8 +71,6 @@ def use_native_pooling(model: nn.Module) -> int:
 
 def native_pooling_available() -> bool:
     """A CPU with AVX-512 (as ATen detects it) and `fastcifar._C` loaded."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
     from fastcifar.ops import native
 
-    return native.load()[0]
+    return native.avx512_kernels_loaded()

@@ -38,6 +38,12 @@ def load() -> tuple[bool, str]:
     return True, "fastcifar._C loaded"
 
 
+def avx512_kernels_loaded() -> bool:
+    """Whether the AVX-512 CPU kernels (max pooling, ReLU-BatchNorm) can run: a CPU with
+    AVX-512 (as ATen detects it) and the extension loaded."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and load()[0]
+
+
 def _register() -> None:
     """The operators' fake implementations (for torch.compile) and the pooling op's autograd."""
 
