@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from fastcifar.profile import family_rates, profile_training, top_kernels
+import fastcifar.profile as profiling
+from fastcifar.profile import MAX_PASSES, family_rates, profile_training, top_kernels
 
 from .conftest import make_arrays
 
@@ -46,7 +47,7 @@ def test_on_the_cpu_the_convolutions_rates_come_from_counted_flops(tmp_path):
     backward computes conv1's weight gradient and both gradients of conv2."""
     train, labels, _, _ = make_arrays(n_train=64)
     batch, steps = 16, 2
-    rows, families, _ = profile_training("lenet", train, labels, steps=steps, batch_size=batch,
+    rows, families, fidelity, _ = profile_training("lenet", train, labels, steps=steps, batch_size=batch,
                                       variant="default", trace=tmp_path / "t.json",
                                       device=torch.device("cpu"))  # fmt: skip
     conv1, conv2 = 6 * 28 * 28 * 75, 16 * 10 * 10 * 150
@@ -59,6 +60,27 @@ def test_on_the_cpu_the_convolutions_rates_come_from_counted_flops(tmp_path):
     forward = by_name["aten::mkldnn_convolution"]  # the one operator that runs them here
     assert forward["tflops"] == pytest.approx(rates["convolution forward"].tflops)
     assert sum(r["share"] for r in rows) <= 1 + 1e-9
+    assert fidelity.step_ms > 0 and fidelity.profiled_ms > 0
+    assert 1 <= fidelity.passes <= MAX_PASSES
+    assert fidelity.faults_per_step == 0 or fidelity.passes == MAX_PASSES
+
+
+def test_the_steps_are_profiled_again_until_a_pass_takes_no_page_faults(tmp_path, monkeypatch):
+    """Each pass reads the fault counter before and after: 40 and 16 faults in the
+    first two passes, none in the third, which is the one reported."""
+    counts = iter([0, 40, 100, 116, 200, 200, 300, 300])
+    monkeypatch.setattr(profiling, "_page_faults", lambda: next(counts))
+    train, labels, _, _ = make_arrays(n_train=64)
+    *_, fidelity, _ = profile_training("lenet", train, labels, steps=2, batch_size=16,
+                                       variant="default", trace=tmp_path / "t.json",
+                                       device=torch.device("cpu"))  # fmt: skip
+    assert (fidelity.passes, fidelity.faults_per_step) == (3, 0)
+    counts = iter(range(0, 1000, 10))  # 10 faults in every pass: it stops at MAX_PASSES
+    monkeypatch.setattr(profiling, "_page_faults", lambda: next(counts))
+    *_, fidelity, _ = profile_training("lenet", train, labels, steps=2, batch_size=16,
+                                       variant="default", trace=tmp_path / "t.json",
+                                       device=torch.device("cpu"))  # fmt: skip
+    assert (fidelity.passes, fidelity.faults_per_step) == (MAX_PASSES, 5)
 
 
 def test_the_fused_block_has_rates_of_its_own():
@@ -85,7 +107,7 @@ def test_the_host_profile_sees_the_loader_and_the_step(tmp_path, loader):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
     train, labels, _, _ = make_arrays(n_train=64)
-    _, _, host = profile_training("lenet", train, labels, steps=2, batch_size=16,
+    _, _, _, host = profile_training("lenet", train, labels, steps=2, batch_size=16,
                                   variant="default", trace=tmp_path / "t.json",
                                   device=torch.device("cpu"), host_top=10_000,
                                   overrides={"loader": loader})  # fmt: skip

@@ -280,7 +280,7 @@ def profile(args) -> int:
     overrides = set_overrides(args.set)
     console = table_console()
     arrays, _ = resolve_arrays(args.data, download=False, log=console.print)
-    rows, families, host = profile_training(
+    rows, families, fidelity, host = profile_training(
         args.arch, arrays.train_images[:8192], arrays.train_labels[:8192], steps=args.steps,
         batch_size=args.batch_size, variant=args.variant, trace=args.trace,
         overrides=overrides, host_top=args.host or 0,
@@ -298,12 +298,23 @@ def profile(args) -> int:
     for f in families:
         rate = f"{f.tflops:.3f} TFLOP/s" if f.tflops else "FLOPs not counted"
         console.print(f"{f.family}: {f.ms:.1f} ms, {rate}", highlight=False)
+    console.print(fidelity_line(fidelity), highlight=False)
     console.print(
         f"Chrome trace: {args.trace} (open in chrome://tracing or ui.perfetto.dev)", highlight=False
     )
     if host:
         console.print(host_table(host, args.steps))
     return 0
+
+
+def fidelity_line(f) -> str:
+    faults = (
+        "no page faults"
+        if f.faults_per_step == 0
+        else f"{f.faults_per_step:,.0f} page faults a step"
+    )
+    return (f"the last of {f.passes} profiled passes: {f.profiled_ms:.1f} ms of kernels a step, "
+            f"{faults}; {f.step_ms:.1f} ms a step without the profiler")  # fmt: skip
 
 
 def host_table(host, steps: int):
