@@ -56,6 +56,10 @@ def report() -> list[tuple[str, bool, str]]:
 
         if relu_bn_by_default():
             why += "; ReLU-BatchNorm pairs as one layer (AMX)"
+        from fastcifar.models.amx_conv import amx_conv_available
+
+        if amx_conv_available():
+            why += "; 3x3 weight gradients on AMX tiles"
     rows.append(("native", ok, why))
     rows.append(winograd_row())
     ok, detail = _module("nvidia.dali")

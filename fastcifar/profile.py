@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcifar.atomic import write_atomic
 from fastcifar.bench import build_pipeline
 from fastcifar.errors import UserError
+from fastcifar.train.device import autocast
 
 try:
     import resource
@@ -48,6 +49,8 @@ FAMILIES = {
         "aten::miopen_convolution", "aten::_nnpack_spatial_convolution")),
     "convolution backward": (("aten.convolution_backward",), (
         "aten::convolution_backward", "aten::_slow_conv2d_backward")),
+    "convolution weight gradient (AMX)": (("fastcifar.conv3x3_weight_grad",), (
+        "fastcifar::conv3x3_weight_grad",)),
     "fused conv-BN-ReLU forward": (("fastcifar.conv_bn_relu_train",), (
         "fastcifar::conv_bn_relu_train", "fastcifar::conv_bn_relu_eval")),
     "fused conv-BN-ReLU backward": (("fastcifar.conv_bn_relu_backward",), (
@@ -68,7 +71,7 @@ class FamilyRate:
         return self.flops / self.ms / 1e9 if self.flops and self.ms > 0 else None
 
 
-MAX_PASSES = 4  # profiled passes of the steps at most; the last one is reported
+MAX_PASSES = 8  # profiled passes of the steps at most; the last one is reported
 
 
 @dataclass
@@ -175,7 +178,8 @@ def step_flops(p, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """FLOPs of one training step's convolutions (forward, backward; eager or fused),
     counted on the uncompiled model; the optimiser does not step."""
     model = getattr(p.model, "_orig_mod", p.model)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, autocast(p.cfg.amp, p.device):
+        # the step's own precision: its layers choose their kernels by it
         torch.nn.functional.cross_entropy(model(x.float()), y).backward()
     model.zero_grad(set_to_none=True)
     by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}

@@ -25,6 +25,11 @@ TORCH_LIBRARY(fastcifar, m) {
   m.def(
       "relu_affine_backward(Tensor grad, Tensor x, Tensor grad_scale, Tensor x_scale, "
       "Tensor offset) -> Tensor");
+  // A 3x3, stride-1, padding-1 convolution's weight gradient (C_out, C_in, 3, 3) and
+  // bias gradient (C_out), float, from its output's gradient and its input: channels-last
+  // bf16, CPU with AMX-BF16, channels in multiples of 32
+  m.def("conv3x3_weight_grad(Tensor grad, Tensor x) -> Tensor[]");
+  m.def("amx_tiles_usable() -> bool");
 }
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

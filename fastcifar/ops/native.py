@@ -10,7 +10,9 @@ convolution of bf16 channels-last activations on an AVX512-BF16 CPU
 (`fastcifar.models.winograd`; its autograd is `fastcifar.ops.winograd`'s). The
 `relu_*` operators are a ReLU followed by training-mode BatchNorm over channels-last
 activations on a CPU with AVX-512 (`fastcifar.models.relu_bn`; autograd and per-channel
-arithmetic in `fastcifar.ops.relu_bn`).
+arithmetic in `fastcifar.ops.relu_bn`). `conv3x3_weight_grad` is a 3x3 convolution's weight and bias
+gradients on AMX tiles (`fastcifar.models.amx_conv`, `fastcifar.ops.amx_conv`);
+`amx_tiles_usable` says whether this CPU and kernel let it run.
 """
 
 from __future__ import annotations
@@ -44,8 +46,16 @@ def avx512_kernels_loaded() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and load()[0]
 
 
+def amx_tiles_usable() -> bool:
+    """Whether `conv3x3_weight_grad` can run: the extension loaded, a CPU with AMX-BF16,
+    and Linux granted this process the AMX tile state."""
+    return load()[0] and torch.ops.fastcifar.amx_tiles_usable()
+
+
 def _register() -> None:
-    """The operators' fake implementations (for torch.compile) and the pooling op's autograd."""
+    """The operators' fake implementations (for torch.compile), the AMX weight gradient's
+    FLOP formula (for `fastcifar profile`) and the pooling op's autograd."""
+    from torch.utils.flop_counter import register_flop_formula
 
     @torch.library.register_fake("fastcifar::augment_batch")
     def _(images, index, dy, dx, flip, cut_y, cut_x, pad, cutout, mean, std, dtype):
@@ -84,6 +94,20 @@ def _register() -> None:
     @torch.library.register_fake("fastcifar::relu_affine_backward")
     def _(grad, x, grad_scale, x_scale, offset):
         return torch.empty_like(x, memory_format=torch.channels_last)
+
+    @register_flop_formula(torch.ops.fastcifar.conv3x3_weight_grad)
+    def _(grad_shape, x_shape, *_, **__) -> int:
+        n, c_in, h, w = x_shape
+        return 2 * n * h * w * c_in * grad_shape[1] * 9
+
+    @torch.library.register_fake("fastcifar::conv3x3_weight_grad")
+    def _(grad, x):
+        c_out, c_in = grad.shape[1], x.shape[1]
+        weight = x.new_empty((c_out, c_in, 3, 3), dtype=torch.float32)
+        return [
+            weight.contiguous(memory_format=torch.channels_last),
+            x.new_empty(c_out, dtype=torch.float32),
+        ]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])

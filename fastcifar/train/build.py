@@ -15,6 +15,7 @@ from fastcifar.data.loader import TensorLoader
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.errors import UserError
 from fastcifar.models import create_model
+from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
 from fastcifar.models.pooling import native_pooling_available, use_native_pooling
 from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn
 from fastcifar.models.winograd import use_winograd, winograd_available
@@ -59,6 +60,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
                 use_native_pooling(model)  # bf16 max pooling (fp32 stays with ATen at run time)
             if relu_bn_by_default():
                 use_relu_bn(model)  # ReLU-BatchNorm pairs as one layer in training
+            if amx_conv_available():
+                use_amx_conv(model)  # 3x3 convolutions' weight gradient on AMX tiles
     if winograd_wanted(cfg, device):
         use_winograd(model)
     return model

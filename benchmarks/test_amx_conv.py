@@ -1,0 +1,36 @@
+"""3x3 convolutions with the AMX weight gradient (fastcifar.models.amx_conv) against
+oneDNN's convolution backward, side by side: whole bf16 training steps in alternating
+timed windows, both sides with the CPU's other native layers (pooling, ReLU-BatchNorm)
+where they are the default, so only the convolutions differ; medians of the per-round
+ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
+from fastcifar.models.pooling import native_pooling_available, use_native_pooling
+from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn
+
+from .conftest import paired_training_steps
+
+pytestmark = pytest.mark.skipif(
+    not amx_conv_available(), reason="needs fastcifar._C and a CPU with AMX-BF16"
+)
+
+
+def cpu_defaults(model) -> None:
+    if native_pooling_available():
+        use_native_pooling(model)
+    if relu_bn_by_default():
+        use_relu_bn(model)
+
+
+@pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "wide4"])
+def test_training_step_with_the_amx_weight_gradient(benchmark, full, device, arch):
+    if device.type != "cpu":
+        pytest.skip("a CPU kernel")
+    result = paired_training_steps(benchmark, arch, full, device, kind="amx_conv_step",
+                                   swap=use_amx_conv, prepare=cpu_defaults, images=2048,
+                                   rounds=7)  # fmt: skip
+    assert result["speedup"] > 0

@@ -1,0 +1,300 @@
+// The weight and bias gradients of a 3x3, stride-1, padding-1 convolution over
+// channels-last bf16 activations, on AMX tiles (Intel CPUs with amx_bf16). oneDNN's
+// backward-weights runs at a third to a half of its forward rate on these shapes
+// (benchmarks/NOTES.md); this kernel is a plain tiled matrix product instead.
+//
+// The pixels are walked on a padded grid (Grid, below) where a tap (dy, dx) of the
+// kernel is one constant shift off of the flat pixel index, so dW[tap] = sum over q of
+// x[q + off] (x) g[q], with x and the output gradient g zero on the padding. Blocks of
+// kBlock grid pixels are packed once for all nine taps: x transposed to (channel,
+// pixel) rows, whose shifted windows are AMX's left tiles at any offset, and g as pairs
+// of pixels (AMX's right-tile layout). Each thread sums its blocks into float tiles of
+// its own; the partial sums add up at the end. The buffers come from torch's allocator,
+// 64-byte aligned, so the right tiles' and the float tiles' 64-byte rows sit in one
+// cache line each (in 16-byte aligned buffers they crossed two, at half the speed).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <sys/syscall.h>
+#include <torch/library.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <vector>
+
+#include "avx512.h"
+
+namespace fastcifar {
+namespace {
+
+#define FASTCIFAR_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+
+constexpr int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 32)
+constexpr int64_t kPair = 32;     // channels a thread's inner loop takes per side (2 tiles)
+
+bool amx_usable() {  // the CPU has AMX-BF16 and Linux lets this process use its tiles
+  static const bool usable = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return usable;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The padded grid: each image's rows of W + 1 pixels, a padding pixel first, then a
+// padding row first; the padding after a row or an image is the next one's, and the last
+// image's is past the end. A tap (dy, dx) is the flat shift (dy - 1) * (W + 1) + dx - 1.
+struct Grid {
+  int64_t n, h, w;
+  int64_t stride() const { return w + 1; }
+  int64_t plane() const { return (h + 1) * (w + 1); }
+  int64_t pixels() const { return n * plane(); }
+  int64_t shift(int64_t tap) const { return (tap / 3 - 1) * stride() + tap % 3 - 1; }
+
+  // rows[i]: the NHWC row of grid pixel first + i in a tensor of c channels, or nullptr
+  // on the padding and outside the grid
+  void rows(const uint16_t* base, int64_t c, int64_t first, int64_t count,
+            const uint16_t** rows) const {
+    int64_t q = first, image = 0, y = 0, x = 0;  // grid pixel q is (image, y, x)
+    auto locate = [&] {
+      image = q / plane();
+      y = q % plane() / stride();
+      x = q % stride();
+    };
+    int64_t i = 0;
+    for (; i < count && q < 0; ++i, ++q) rows[i] = nullptr;
+    locate();
+    for (; i < count; ++i, ++q) {
+      const bool inside = q < pixels() && y > 0 && x > 0;
+      rows[i] = inside ? base + ((image * h + y - 1) * w + x - 1) * c : nullptr;
+      if (++x == stride()) {
+        x = 0;
+        if (++y == h + 1) y = 0, ++image;
+      }
+    }
+  }
+};
+
+// 16 channels of two pixels' rows (nullptr: zeros), interleaved: dword c holds (a[c], b[c]).
+FASTCIFAR_AVX512 inline __m512i interleave_rows(const uint16_t* a, const uint16_t* b) {
+  const __m512i order = _mm512_set_epi16(
+      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m256i lo = a ? _mm256_loadu_si256((const __m256i*)a) : _mm256_setzero_si256();
+  const __m256i hi = b ? _mm256_loadu_si256((const __m256i*)b) : _mm256_setzero_si256();
+  return _mm512_permutexvar_epi16(order, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+}
+
+// r[i] holds row i of a 16 x 16 matrix of dwords; afterwards r[i] holds column i.
+FASTCIFAR_AVX512 inline void transpose16x16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // each 128-bit lane l of r[i] now holds column (i % 4) + 4 * ... of rows 4 * (i / 4)..:
+  // gather lanes across registers
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+// x's channels as rows of `span` grid pixels from `first` (zeros on the padding):
+// out[channel * span + i] = x[first + i][channel]; span is a multiple of 32.
+FASTCIFAR_AVX512 void pack_transposed(const uint16_t* x, const Grid& g, int64_t c, int64_t first,
+                                      int64_t span, const uint16_t** rows, uint16_t* out) {
+  g.rows(x, c, first, span, rows);
+  __m512i r[16];
+  for (int64_t i0 = 0; i0 < span; i0 += 32) {
+    for (int64_t cb = 0; cb < c; cb += 16) {
+      for (int j = 0; j < 16; ++j) {
+        const uint16_t* a = rows[i0 + 2 * j];
+        const uint16_t* b = rows[i0 + 2 * j + 1];
+        r[j] = interleave_rows(a ? a + cb : nullptr, b ? b + cb : nullptr);
+      }
+      transpose16x16(r);
+      for (int ch = 0; ch < 16; ++ch) _mm512_storeu_si512(out + (cb + ch) * span + i0, r[ch]);
+    }
+  }
+}
+
+// The output gradient's pixels [first, first + kBlock) as AMX right tiles: for each 16
+// channels, rows of 16 (pixel 2k, pixel 2k + 1) pairs; adds each channel's sum to bias.
+FASTCIFAR_AMX void pack_pairs(const uint16_t* grad, const Grid& g, int64_t c, int64_t first,
+                              const uint16_t** rows, uint16_t* out, float* bias) {
+  g.rows(grad, c, first, kBlock, rows);
+  for (int64_t cb = 0; cb < c; cb += 16) {
+    uint16_t* dst = out + cb * kBlock;  // kBlock / 2 rows of 32 values for these 16 channels
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kBlock; k += 2) {
+      const __m512i ab = interleave_rows(rows[k] ? rows[k] + cb : nullptr,
+                                         rows[k + 1] ? rows[k + 1] + cb : nullptr);
+      // the pair's sum: bf16 a in each dword's low half, b in its high half
+      const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(ab, 16));
+      const __m512 b = _mm512_castsi512_ps(_mm512_and_si512(ab, _mm512_set1_epi32(-65536)));
+      sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
+      _mm512_storeu_si512(dst + k * 16, ab);
+    }
+    _mm512_storeu_ps(bias + cb, _mm512_add_ps(_mm512_loadu_ps(bias + cb), sum));
+  }
+}
+
+// One thread's buffers: the packed blocks (64-byte aligned), the row pointers, and its
+// float tiles acc[tap][ci / 16][co / 16] (16 x 16, input channels down, output channels
+// across) and bias sums.
+struct Scratch {
+  uint16_t* xt;
+  uint16_t* pairs;
+  const uint16_t** rows;
+  float* acc;
+  float* bias;
+};
+
+int64_t margin_of(const Grid& g) { return g.stride() + 1; }  // the largest shift, W + 2
+int64_t span_of(const Grid& g) { return (kBlock + 2 * margin_of(g) + 31) / 32 * 32; }
+
+// One thread's blocks [first, last), summed into its scratch's tiles.
+FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, const Grid& g,
+                                      int64_t ci, int64_t co, int64_t first, int64_t last,
+                                      const Scratch& scratch) {
+  const int64_t margin = margin_of(g), span = span_of(g);
+  uint16_t *xt = scratch.xt, *pairs = scratch.pairs;
+  float* acc = scratch.acc;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+  const int64_t ci_tiles = ci / 16, co_tiles = co / 16;
+  for (int64_t block = first; block < last; ++block) {
+    const int64_t q0 = block * kBlock;
+    pack_transposed(x, g, ci, q0 - margin, span, scratch.rows, xt);
+    pack_pairs(grad, g, co, q0, scratch.rows, pairs, scratch.bias);
+    // a pair of input-channel tiles and one of output-channel tiles stay in L1 for the
+    // nine taps
+    for (int64_t i = 0; i < ci_tiles; i += 2) {
+      for (int64_t o = 0; o < co_tiles; o += 2) {
+        const uint16_t* b = pairs + o * 16 * kBlock;
+        for (int64_t tap = 0; tap < 9; ++tap) {
+          const int64_t off = g.shift(tap);
+          float* c00 = acc + ((tap * ci_tiles + i) * co_tiles + o) * 256;
+          float* c01 = c00 + 256;
+          float* c10 = c00 + co_tiles * 256;
+          float* c11 = c10 + 256;
+          _tile_loadd(0, c00, 64);
+          _tile_loadd(1, c01, 64);
+          _tile_loadd(2, c10, 64);
+          _tile_loadd(3, c11, 64);
+          const uint16_t* a = xt + i * 16 * span + margin + off;
+          for (int64_t k = 0; k < kBlock; k += 32) {
+            _tile_loadd(4, a + k, span * 2);
+            _tile_loadd(5, a + 16 * span + k, span * 2);
+            _tile_loadd(6, b + k * 16, 64);
+            _tile_loadd(7, b + 16 * kBlock + k * 16, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, c00, 64);
+          _tile_stored(1, c01, 64);
+          _tile_stored(2, c10, 64);
+          _tile_stored(3, c11, 64);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+// Rows [begin, end) of sums[tap][ci][co]: the threads' tiles acc[tap][ci / 16][co / 16]
+// added up.
+FASTCIFAR_AVX512 void sum_partials(const float* acc, int threads, int64_t ci, int64_t co,
+                                   int64_t begin, int64_t end, float* out) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t tap = row / ci, i = row % ci;
+    for (int64_t o = 0; o < co; o += 16) {
+      const float* tile =
+          acc + ((tap * (ci / 16) + i / 16) * (co / 16) + o / 16) * 256 + (i % 16) * 16;
+      __m512 s = _mm512_setzero_ps();
+      for (int t = 0; t < threads; ++t) s = _mm512_add_ps(s, _mm512_loadu_ps(tile + t * 9 * ci * co));
+      _mm512_storeu_ps(out + row * co + o, s);
+    }
+  }
+}
+
+std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(amx_usable(), "conv3x3_weight_grad needs a CPU with AMX-BF16");
+  for (const auto* t : {&grad, &x}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == at::kBFloat16 &&
+                    t->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "conv3x3_weight_grad takes 4-D channels-last bf16 CPU tensors");
+    TORCH_CHECK(t->size(1) % kPair == 0, "conv3x3_weight_grad needs channels in multiples of ",
+                kPair, ", not ", t->size(1));
+  }
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
+              "conv3x3_weight_grad: the gradient's batch and size must match the input's");
+  const int64_t ci = x.size(1), co = grad.size(1);
+  const Grid g{x.size(0), x.size(2), x.size(3)};
+  const int64_t blocks = (g.pixels() + kBlock - 1) / kBlock, tile_floats = 9 * ci * co;
+  const int threads = at::get_num_threads();
+  // every thread's buffers allocated here, on the calling thread, so that they come from
+  // its heap call after call (a worker thread's allocations go to heaps of their own)
+  const int64_t span = span_of(g);
+  auto xt = at::empty({threads * ci * span}, at::kShort);
+  auto pairs = at::empty({threads * co * kBlock}, at::kShort);
+  auto acc = at::zeros({threads * tile_floats}, at::kFloat);
+  auto bias = at::zeros({threads, co}, at::kFloat);
+  std::vector<const uint16_t*> rows(threads * span);
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
+  const auto* gp = reinterpret_cast<const uint16_t*>(grad.const_data_ptr<at::BFloat16>());
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    const int t = at::get_thread_num();
+    const Scratch scratch{
+        reinterpret_cast<uint16_t*>(xt.mutable_data_ptr<int16_t>()) + t * ci * span,
+        reinterpret_cast<uint16_t*>(pairs.mutable_data_ptr<int16_t>()) + t * co * kBlock,
+        rows.data() + t * span, acc.mutable_data_ptr<float>() + t * tile_floats,
+        bias.mutable_data_ptr<float>() + t * co};
+    weight_grad_blocks(xp, gp, g, ci, co, first, last, scratch);
+  });
+  // acc[tap][ci / 16][co / 16][16][16] summed over threads into sums[tap][ci][co]
+  auto sums = at::empty({9, ci, co}, x.options().dtype(at::kFloat));
+  float* out = sums.mutable_data_ptr<float>();
+  at::parallel_for(0, 9 * ci, 16, [&](int64_t begin, int64_t end) {
+    sum_partials(acc.const_data_ptr<float>(), threads, ci, co, begin, end, out);
+  });
+  auto db = bias.sum(0);
+  // (co, ci, 3, 3), laid out channels-last as a convolution's weight
+  auto weight = sums.view({3, 3, ci, co}).permute({3, 2, 0, 1}).contiguous(
+      at::MemoryFormat::ChannelsLast);
+  return {weight, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcifar, CPU, m) { m.impl("conv3x3_weight_grad", &conv3x3_weight_grad); }
+// no tensor argument to dispatch on: the same kernel for every dispatch key
+TORCH_LIBRARY_IMPL(fastcifar, CompositeExplicitAutograd, m) {
+  m.impl("amx_tiles_usable", [] { return amx_usable(); });
+}
+
+}  // namespace fastcifar
