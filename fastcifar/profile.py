@@ -107,12 +107,7 @@ def profile_training(arch: str, images, labels, *, steps: int, batch_size: int |
     sync = torch.cuda.synchronize if on_gpu else lambda: None
     for _ in range(2):
         p.step(*next(p.batches))
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        p.step(*next(p.batches))
-    sync()
-    step_ms = 1e3 * (time.perf_counter() - start) / steps
+    cpu_ms, step_ms = _timed_steps(p, steps, sync)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     passes, faults = 0, None
     while passes < MAX_PASSES and faults != 0:
@@ -125,7 +120,7 @@ def profile_training(arch: str, images, labels, *, steps: int, batch_size: int |
         faults = _page_faults() - before
     export_trace(prof, trace)
     averages = prof.key_averages()
-    host = profile_host(p, steps, host_top) if host_top else None
+    host = profile_host(p, steps, host_top, cpu_ms, step_ms, sync) if host_top else None
     counted = {name: steps * flops for name, flops in step_flops(p, *next(p.batches)).items()}
     kernels = top_kernels(averages, on_gpu, counted, top)
     profiled_ms = sum(_time_us(e, on_gpu) for e in kernel_events(averages, on_gpu)) / 1e3 / steps
@@ -138,21 +133,25 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
-def profile_host(p, steps: int, top: int) -> HostProfile:
-    """The main thread's CPU time and the wall time a step over `steps` steps (the
-    nearer the two, the more the host bounds the step), then the `top` Python
-    functions and builtins by own time over as many more under cProfile. cProfile's
-    times are wall time, so a wait (for a loader's batch, for the GPU) shows in the
-    function that waits, which the CPU time leaves out; and it slows the Python it
-    times, so its times are for comparing, the CPU time a step for rates."""
-    sync = torch.cuda.synchronize if p.device.type == "cuda" else lambda: None
+def _timed_steps(p, steps: int, sync) -> tuple[float, float]:
+    """The main thread's CPU time and the wall time a step, in ms, over `steps` steps
+    run without any profiler."""
     sync()
     start, wall_start = time.thread_time(), time.perf_counter()
     for _ in range(steps):
         p.step(*next(p.batches))
     cpu_ms = 1e3 * (time.thread_time() - start) / steps
     sync()
-    wall_ms = 1e3 * (time.perf_counter() - wall_start) / steps
+    return cpu_ms, 1e3 * (time.perf_counter() - wall_start) / steps
+
+
+def profile_host(p, steps: int, top: int, cpu_ms: float, wall_ms: float, sync) -> HostProfile:
+    """The main thread's CPU time and the wall time a step (`_timed_steps`; the nearer
+    the two, the more the host bounds the step), then the `top` Python functions and
+    builtins by own time over `steps` more steps under cProfile. cProfile's times are
+    wall time, so a wait (for a loader's batch, for the GPU) shows in the function that
+    waits, which the CPU time leaves out; and it slows the Python it times, so its times
+    are for comparing, the CPU time a step for rates."""
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):

@@ -18,7 +18,6 @@
 #include <torch/library.h>
 #include <unistd.h>
 
-#include <cstring>
 #include <vector>
 
 #include "avx512.h"
@@ -61,15 +60,10 @@ struct Grid {
   // on the padding and outside the grid
   void rows(const uint16_t* base, int64_t c, int64_t first, int64_t count,
             const uint16_t** rows) const {
-    int64_t q = first, image = 0, y = 0, x = 0;  // grid pixel q is (image, y, x)
-    auto locate = [&] {
-      image = q / plane();
-      y = q % plane() / stride();
-      x = q % stride();
-    };
-    int64_t i = 0;
+    int64_t i = 0, q = first;
     for (; i < count && q < 0; ++i, ++q) rows[i] = nullptr;
-    locate();
+    // grid pixel q is (image, y, x), walked from here on
+    int64_t image = q / plane(), y = q % plane() / stride(), x = q % stride();
     for (; i < count; ++i, ++q) {
       const bool inside = q < pixels() && y > 0 && x > 0;
       rows[i] = inside ? base + ((image * h + y - 1) * w + x - 1) * c : nullptr;
