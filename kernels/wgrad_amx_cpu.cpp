@@ -5,19 +5,23 @@
 //
 // The pixels are walked on a padded grid (Grid, below) where a tap (dy, dx) of the
 // kernel is one constant shift off of the flat pixel index, so dW[tap] = sum over q of
-// x[q + off] (x) g[q], with x and the output gradient g zero on the padding. Blocks of
-// kBlock grid pixels are packed once for all nine taps: x transposed to (channel,
-// pixel) rows, whose shifted windows are AMX's left tiles at any offset, and g as pairs
-// of pixels (AMX's right-tile layout). Each thread sums its blocks into float tiles of
-// its own; the partial sums add up at the end. The buffers come from torch's allocator,
-// 64-byte aligned, so the right tiles' and the float tiles' 64-byte rows sit in one
-// cache line each (in 16-byte aligned buffers they crossed two, at half the speed).
+// g[q] (x) x[q + off], with the output gradient g and the input x zero on the padding.
+// Blocks of kBlock grid pixels are packed once for all nine taps: g transposed to
+// (channel, pixel) rows, AMX's left tiles, and x as pairs of neighbouring pixels, AMX's
+// right-tile layout, twice: pairs from an even pixel and pairs from an odd one, so that
+// a shift of either parity starts at a whole pair. Every tile then starts on a 64-byte
+// boundary (a left tile at an odd shift would cross two cache lines a row). The bias
+// gradient is the sum of g's transposed rows. Each thread sums its blocks into float
+// tiles of its own; the partial sums add up at the end. The buffers come from torch's
+// allocator, 64-byte aligned (in 16-byte aligned buffers the tiles' rows crossed two
+// cache lines, at half the speed).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>
 #include <torch/library.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "avx512.h"
@@ -27,7 +31,8 @@ namespace {
 
 #define FASTCIFAR_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
 
-constexpr int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 32)
+constexpr int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 32; 128,
+                                 // 192, 512, 1024 and 2048 were slower)
 constexpr int64_t kPair = 32;     // channels a thread's inner loop takes per side (2 tiles)
 
 bool amx_usable() {  // the CPU has AMX-BF16 and Linux lets this process use its tiles
@@ -133,77 +138,83 @@ FASTCIFAR_AVX512 void pack_transposed(const uint16_t* x, const Grid& g, int64_t 
   }
 }
 
-// The output gradient's pixels [first, first + kBlock) as AMX right tiles: for each 16
-// channels, rows of 16 (pixel 2k, pixel 2k + 1) pairs; adds each channel's sum to bias.
-FASTCIFAR_AMX void pack_pairs(const uint16_t* grad, const Grid& g, int64_t c, int64_t first,
-                              const uint16_t** rows, uint16_t* out, float* bias) {
-  g.rows(grad, c, first, kBlock, rows);
-  for (int64_t cb = 0; cb < c; cb += 16) {
-    uint16_t* dst = out + cb * kBlock;  // kBlock / 2 rows of 32 values for these 16 channels
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t k = 0; k < kBlock; k += 2) {
-      const __m512i ab = interleave_rows(rows[k] ? rows[k] + cb : nullptr,
-                                         rows[k + 1] ? rows[k + 1] + cb : nullptr);
-      // the pair's sum: bf16 a in each dword's low half, b in its high half
-      const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(ab, 16));
-      const __m512 b = _mm512_castsi512_ps(_mm512_and_si512(ab, _mm512_set1_epi32(-65536)));
-      sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
-      _mm512_storeu_si512(dst + k * 16, ab);
+// Pixels [first, first + 2 * pairs) of x (rows[i] is pixel first + i's row, nullptr on
+// the padding) as right tiles: out[c / 16][j][16][2] holds (x[first + 2j][c],
+// x[first + 2j + 1][c]).
+FASTCIFAR_AVX512 void pack_pairs(const uint16_t* const* rows, int64_t c, int64_t pairs,
+                                 uint16_t* out) {
+  for (int64_t t = 0; t < c / 16; ++t, out += pairs * 32) {
+    for (int64_t j = 0; j < pairs; ++j) {
+      const uint16_t* a = rows[2 * j];
+      const uint16_t* b = rows[2 * j + 1];
+      _mm512_storeu_si512(out + j * 32,
+                          interleave_rows(a ? a + t * 16 : nullptr, b ? b + t * 16 : nullptr));
     }
-    _mm512_storeu_ps(bias + cb, _mm512_add_ps(_mm512_loadu_ps(bias + cb), sum));
   }
 }
 
+// Adds the sum of each of c rows of n bf16 values (n a multiple of 16) to sums.
+FASTCIFAR_AVX512 void add_row_sums(const uint16_t* rows, int64_t c, int64_t n, float* sums) {
+  for (int64_t r = 0; r < c; ++r, rows += n) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k += 16) s = _mm512_add_ps(s, load16(rows + k, 0xFFFF));
+    sums[r] += _mm512_reduce_add_ps(s);
+  }
+}
+
+int64_t margin_of(const Grid& g) { return g.stride() + 1; }  // the largest shift, W + 2
+// the pairs of x a block needs: its pixels and a margin either side, for either parity
+int64_t pairs_of(const Grid& g) { return kBlock / 2 + margin_of(g) + 1; }
+
 // One thread's buffers: the packed blocks (64-byte aligned), the row pointers, and its
-// float tiles acc[tap][ci / 16][co / 16] (16 x 16, input channels down, output channels
+// float tiles acc[tap][co / 16][ci / 16] (16 x 16, output channels down, input channels
 // across) and bias sums.
 struct Scratch {
-  uint16_t* xt;
-  uint16_t* pairs;
+  uint16_t* gt;    // g transposed, [co][kBlock]
+  uint16_t* even;  // x's pairs from pixel q0 - margin
+  uint16_t* odd;   // and from q0 - margin + 1
   const uint16_t** rows;
   float* acc;
   float* bias;
 };
 
-int64_t margin_of(const Grid& g) { return g.stride() + 1; }  // the largest shift, W + 2
-int64_t span_of(const Grid& g) { return (kBlock + 2 * margin_of(g) + 31) / 32 * 32; }
-
 // One thread's blocks [first, last), summed into its scratch's tiles.
 FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, const Grid& g,
                                       int64_t ci, int64_t co, int64_t first, int64_t last,
-                                      const Scratch& scratch) {
-  const int64_t margin = margin_of(g), span = span_of(g);
-  uint16_t *xt = scratch.xt, *pairs = scratch.pairs;
-  float* acc = scratch.acc;
+                                      const Scratch& s) {
+  const int64_t margin = margin_of(g), pairs = pairs_of(g), ci_tiles = ci / 16,
+                co_tiles = co / 16;
   TileConfig config;
   for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
   _tile_loadconfig(&config);
-  const int64_t ci_tiles = ci / 16, co_tiles = co / 16;
   for (int64_t block = first; block < last; ++block) {
     const int64_t q0 = block * kBlock;
-    pack_transposed(x, g, ci, q0 - margin, span, scratch.rows, xt);
-    pack_pairs(grad, g, co, q0, scratch.rows, pairs, scratch.bias);
-    // a pair of input-channel tiles and one of output-channel tiles stay in L1 for the
-    // nine taps
-    for (int64_t i = 0; i < ci_tiles; i += 2) {
-      for (int64_t o = 0; o < co_tiles; o += 2) {
-        const uint16_t* b = pairs + o * 16 * kBlock;
+    pack_transposed(grad, g, co, q0, kBlock, s.rows, s.gt);
+    add_row_sums(s.gt, co, kBlock, s.bias);
+    g.rows(x, ci, q0 - margin, 2 * pairs + 1, s.rows);
+    pack_pairs(s.rows, ci, pairs, s.even);
+    pack_pairs(s.rows + 1, ci, pairs, s.odd);
+    // two tiles of output channels (g's rows) and two of input channels (x's pairs)
+    for (int64_t o = 0; o < co_tiles; o += 2) {
+      for (int64_t i = 0; i < ci_tiles; i += 2) {
         for (int64_t tap = 0; tap < 9; ++tap) {
-          const int64_t off = g.shift(tap);
-          float* c00 = acc + ((tap * ci_tiles + i) * co_tiles + o) * 256;
+          // x[q0 + k + shift] is pixel margin + shift + k of the block's packing
+          const int64_t start = margin + g.shift(tap);
+          const uint16_t* b = (start % 2 ? s.odd : s.even) + (i * pairs + start / 2) * 32;
+          float* c00 = s.acc + ((tap * co_tiles + o) * ci_tiles + i) * 256;
           float* c01 = c00 + 256;
-          float* c10 = c00 + co_tiles * 256;
+          float* c10 = c00 + ci_tiles * 256;
           float* c11 = c10 + 256;
           _tile_loadd(0, c00, 64);
           _tile_loadd(1, c01, 64);
           _tile_loadd(2, c10, 64);
           _tile_loadd(3, c11, 64);
-          const uint16_t* a = xt + i * 16 * span + margin + off;
+          const uint16_t* a = s.gt + o * 16 * kBlock;
           for (int64_t k = 0; k < kBlock; k += 32) {
-            _tile_loadd(4, a + k, span * 2);
-            _tile_loadd(5, a + 16 * span + k, span * 2);
+            _tile_loadd(4, a + k, kBlock * 2);
+            _tile_loadd(5, a + 16 * kBlock + k, kBlock * 2);
             _tile_loadd(6, b + k * 16, 64);
-            _tile_loadd(7, b + 16 * kBlock + k * 16, 64);
+            _tile_loadd(7, b + pairs * 32 + k * 16, 64);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
@@ -220,18 +231,18 @@ FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, c
   _tile_release();
 }
 
-// Rows [begin, end) of sums[tap][ci][co]: the threads' tiles acc[tap][ci / 16][co / 16]
+// Rows [begin, end) of sums[tap][co][ci]: the threads' tiles acc[tap][co / 16][ci / 16]
 // added up.
-FASTCIFAR_AVX512 void sum_partials(const float* acc, int threads, int64_t ci, int64_t co,
+FASTCIFAR_AVX512 void sum_partials(const float* acc, int threads, int64_t co, int64_t ci,
                                    int64_t begin, int64_t end, float* out) {
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t tap = row / ci, i = row % ci;
-    for (int64_t o = 0; o < co; o += 16) {
+    const int64_t tap = row / co, o = row % co;
+    for (int64_t i = 0; i < ci; i += 16) {
       const float* tile =
-          acc + ((tap * (ci / 16) + i / 16) * (co / 16) + o / 16) * 256 + (i % 16) * 16;
+          acc + ((tap * (co / 16) + o / 16) * (ci / 16) + i / 16) * 256 + (o % 16) * 16;
       __m512 s = _mm512_setzero_ps();
       for (int t = 0; t < threads; ++t) s = _mm512_add_ps(s, _mm512_loadu_ps(tile + t * 9 * ci * co));
-      _mm512_storeu_ps(out + row * co + o, s);
+      _mm512_storeu_ps(out + row * ci + i, s);
     }
   }
 }
@@ -250,35 +261,39 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
   const int64_t ci = x.size(1), co = grad.size(1);
   const Grid g{x.size(0), x.size(2), x.size(3)};
   const int64_t blocks = (g.pixels() + kBlock - 1) / kBlock, tile_floats = 9 * ci * co;
+  const int64_t pairs = pairs_of(g), rows_per_thread = std::max(kBlock, 2 * pairs + 2);
   const int threads = at::get_num_threads();
   // every thread's buffers allocated here, on the calling thread, so that they come from
   // its heap call after call (a worker thread's allocations go to heaps of their own)
-  const int64_t span = span_of(g);
-  auto xt = at::empty({threads * ci * span}, at::kShort);
-  auto pairs = at::empty({threads * co * kBlock}, at::kShort);
+  auto gt = at::empty({threads * co * kBlock}, at::kShort);
+  auto even = at::empty({threads * ci * pairs * 2}, at::kShort);
+  auto odd = at::empty({threads * ci * pairs * 2}, at::kShort);
   auto acc = at::zeros({threads * tile_floats}, at::kFloat);
   auto bias = at::zeros({threads, co}, at::kFloat);
-  std::vector<const uint16_t*> rows(threads * span);
+  std::vector<const uint16_t*> rows(threads * rows_per_thread);
   const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
   const auto* gp = reinterpret_cast<const uint16_t*>(grad.const_data_ptr<at::BFloat16>());
+  auto part = [threads](at::Tensor& buffer, int t) {
+    return reinterpret_cast<uint16_t*>(buffer.mutable_data_ptr<int16_t>()) +
+           t * buffer.numel() / threads;
+  };
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     const int t = at::get_thread_num();
-    const Scratch scratch{
-        reinterpret_cast<uint16_t*>(xt.mutable_data_ptr<int16_t>()) + t * ci * span,
-        reinterpret_cast<uint16_t*>(pairs.mutable_data_ptr<int16_t>()) + t * co * kBlock,
-        rows.data() + t * span, acc.mutable_data_ptr<float>() + t * tile_floats,
-        bias.mutable_data_ptr<float>() + t * co};
+    const Scratch scratch{part(gt, t), part(even, t), part(odd, t),
+                          rows.data() + t * rows_per_thread,
+                          acc.mutable_data_ptr<float>() + t * tile_floats,
+                          bias.mutable_data_ptr<float>() + t * co};
     weight_grad_blocks(xp, gp, g, ci, co, first, last, scratch);
   });
-  // acc[tap][ci / 16][co / 16][16][16] summed over threads into sums[tap][ci][co]
-  auto sums = at::empty({9, ci, co}, x.options().dtype(at::kFloat));
+  // acc[tap][co / 16][ci / 16][16][16] summed over threads into sums[tap][co][ci]
+  auto sums = at::empty({9, co, ci}, x.options().dtype(at::kFloat));
   float* out = sums.mutable_data_ptr<float>();
-  at::parallel_for(0, 9 * ci, 16, [&](int64_t begin, int64_t end) {
-    sum_partials(acc.const_data_ptr<float>(), threads, ci, co, begin, end, out);
+  at::parallel_for(0, 9 * co, 16, [&](int64_t begin, int64_t end) {
+    sum_partials(acc.const_data_ptr<float>(), threads, co, ci, begin, end, out);
   });
   auto db = bias.sum(0);
   // (co, ci, 3, 3), laid out channels-last as a convolution's weight
-  auto weight = sums.view({3, 3, ci, co}).permute({3, 2, 0, 1}).contiguous(
+  auto weight = sums.view({3, 3, co, ci}).permute({2, 3, 0, 1}).contiguous(
       at::MemoryFormat::ChannelsLast);
   return {weight, db};
 }
