@@ -30,6 +30,7 @@ namespace fastcifar {
 namespace {
 
 #define FASTCIFAR_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+#define FASTCIFAR_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 constexpr int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 32; 128,
                                  // 192, 512, 1024 and 2048 were slower)
@@ -61,17 +62,17 @@ struct Grid {
   int64_t pixels() const { return n * plane(); }
   int64_t shift(int64_t tap) const { return (tap / 3 - 1) * stride() + tap % 3 - 1; }
 
-  // rows[i]: the NHWC row of grid pixel first + i in a tensor of c channels, or nullptr
-  // on the padding and outside the grid
-  void rows(const uint16_t* base, int64_t c, int64_t first, int64_t count,
+  // rows[i]: the NHWC row of grid pixel first + i in a tensor of c channels, or `zeros`
+  // (c zeros) on the padding and outside the grid
+  void rows(const uint16_t* base, int64_t c, int64_t first, int64_t count, const uint16_t* zeros,
             const uint16_t** rows) const {
     int64_t i = 0, q = first;
-    for (; i < count && q < 0; ++i, ++q) rows[i] = nullptr;
+    for (; i < count && q < 0; ++i, ++q) rows[i] = zeros;
     // grid pixel q is (image, y, x), walked from here on
     int64_t image = q / plane(), y = q % plane() / stride(), x = q % stride();
     for (; i < count; ++i, ++q) {
       const bool inside = q < pixels() && y > 0 && x > 0;
-      rows[i] = inside ? base + ((image * h + y - 1) * w + x - 1) * c : nullptr;
+      rows[i] = inside ? base + ((image * h + y - 1) * w + x - 1) * c : zeros;
       if (++x == stride()) {
         x = 0;
         if (++y == h + 1) y = 0, ++image;
@@ -80,13 +81,13 @@ struct Grid {
   }
 };
 
-// 16 channels of two pixels' rows (nullptr: zeros), interleaved: dword c holds (a[c], b[c]).
+// 16 channels of two pixels' rows, interleaved: dword c holds (a[c], b[c]).
 FASTCIFAR_AVX512 inline __m512i interleave_rows(const uint16_t* a, const uint16_t* b) {
   const __m512i order = _mm512_set_epi16(
       31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m256i lo = a ? _mm256_loadu_si256((const __m256i*)a) : _mm256_setzero_si256();
-  const __m256i hi = b ? _mm256_loadu_si256((const __m256i*)b) : _mm256_setzero_si256();
+  const __m256i lo = _mm256_loadu_si256((const __m256i*)a);
+  const __m256i hi = _mm256_loadu_si256((const __m256i*)b);
   return _mm512_permutexvar_epi16(order, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
 }
 
@@ -122,15 +123,16 @@ FASTCIFAR_AVX512 inline void transpose16x16(__m512i* r) {
 // x's channels as rows of `span` grid pixels from `first` (zeros on the padding):
 // out[channel * span + i] = x[first + i][channel]; span is a multiple of 32.
 FASTCIFAR_AVX512 void pack_transposed(const uint16_t* x, const Grid& g, int64_t c, int64_t first,
-                                      int64_t span, const uint16_t** rows, uint16_t* out) {
-  g.rows(x, c, first, span, rows);
+                                      int64_t span, const uint16_t* zeros, const uint16_t** rows,
+                                      uint16_t* out) {
+  g.rows(x, c, first, span, zeros, rows);
   __m512i r[16];
   for (int64_t i0 = 0; i0 < span; i0 += 32) {
     for (int64_t cb = 0; cb < c; cb += 16) {
       for (int j = 0; j < 16; ++j) {
         const uint16_t* a = rows[i0 + 2 * j];
         const uint16_t* b = rows[i0 + 2 * j + 1];
-        r[j] = interleave_rows(a ? a + cb : nullptr, b ? b + cb : nullptr);
+        r[j] = interleave_rows(a + cb, b + cb);
       }
       transpose16x16(r);
       for (int ch = 0; ch < 16; ++ch) _mm512_storeu_si512(out + (cb + ch) * span + i0, r[ch]);
@@ -138,26 +140,35 @@ FASTCIFAR_AVX512 void pack_transposed(const uint16_t* x, const Grid& g, int64_t 
   }
 }
 
-// Pixels [first, first + 2 * pairs) of x (rows[i] is pixel first + i's row, nullptr on
-// the padding) as right tiles: out[c / 16][j][16][2] holds (x[first + 2j][c],
-// x[first + 2j + 1][c]).
+// Pixels [first, first + 2 * pairs) of x (rows[i] is pixel first + i's row) as right
+// tiles: out[c / 16][j][16][2] holds (x[first + 2j][c], x[first + 2j + 1][c]); c is a
+// multiple of 32.
 FASTCIFAR_AVX512 void pack_pairs(const uint16_t* const* rows, int64_t c, int64_t pairs,
                                  uint16_t* out) {
-  for (int64_t t = 0; t < c / 16; ++t, out += pairs * 32) {
+  // word 2k of the result is a's word k, word 2k + 1 b's (index 32 + k): channels 0-15,
+  // and with 16 added, channels 16-31
+  const __m512i low = _mm512_set_epi16(
+      47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t t = 0; t < c / 16; t += 2, out += 2 * pairs * 32) {
     for (int64_t j = 0; j < pairs; ++j) {
-      const uint16_t* a = rows[2 * j];
-      const uint16_t* b = rows[2 * j + 1];
-      _mm512_storeu_si512(out + j * 32,
-                          interleave_rows(a ? a + t * 16 : nullptr, b ? b + t * 16 : nullptr));
+      const __m512i a = _mm512_loadu_si512(rows[2 * j] + t * 16);
+      const __m512i b = _mm512_loadu_si512(rows[2 * j + 1] + t * 16);
+      _mm512_storeu_si512(out + j * 32, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(out + (pairs + j) * 32, _mm512_permutex2var_epi16(a, high, b));
     }
   }
 }
 
-// Adds the sum of each of c rows of n bf16 values (n a multiple of 16) to sums.
-FASTCIFAR_AVX512 void add_row_sums(const uint16_t* rows, int64_t c, int64_t n, float* sums) {
+// Adds the sum of each of c rows of n bf16 values (n a multiple of 32) to sums: dot
+// products of pairs with (1, 1), summed in floats.
+FASTCIFAR_AVX512_BF16 void add_row_sums(const uint16_t* rows, int64_t c, int64_t n, float* sums) {
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
   for (int64_t r = 0; r < c; ++r, rows += n) {
     __m512 s = _mm512_setzero_ps();
-    for (int64_t k = 0; k < n; k += 16) s = _mm512_add_ps(s, load16(rows + k, 0xFFFF));
+    for (int64_t k = 0; k < n; k += 32)
+      s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(rows + k), ones);
     sums[r] += _mm512_reduce_add_ps(s);
   }
 }
@@ -174,6 +185,7 @@ struct Scratch {
   uint16_t* even;  // x's pairs from pixel q0 - margin
   uint16_t* odd;   // and from q0 - margin + 1
   const uint16_t** rows;
+  const uint16_t* zeros;  // a padding pixel's row, max(ci, co) zeros
   float* acc;
   float* bias;
 };
@@ -189,9 +201,9 @@ FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, c
   _tile_loadconfig(&config);
   for (int64_t block = first; block < last; ++block) {
     const int64_t q0 = block * kBlock;
-    pack_transposed(grad, g, co, q0, kBlock, s.rows, s.gt);
+    pack_transposed(grad, g, co, q0, kBlock, s.zeros, s.rows, s.gt);
     add_row_sums(s.gt, co, kBlock, s.bias);
-    g.rows(x, ci, q0 - margin, 2 * pairs + 1, s.rows);
+    g.rows(x, ci, q0 - margin, 2 * pairs + 1, s.zeros, s.rows);
     pack_pairs(s.rows, ci, pairs, s.even);
     pack_pairs(s.rows + 1, ci, pairs, s.odd);
     // two tiles of output channels (g's rows) and two of input channels (x's pairs)
@@ -270,6 +282,7 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
   auto odd = at::empty({threads * ci * pairs * 2}, at::kShort);
   auto acc = at::zeros({threads * tile_floats}, at::kFloat);
   auto bias = at::zeros({threads, co}, at::kFloat);
+  auto zeros = at::zeros({std::max(ci, co)}, at::kShort);
   std::vector<const uint16_t*> rows(threads * rows_per_thread);
   const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
   const auto* gp = reinterpret_cast<const uint16_t*>(grad.const_data_ptr<at::BFloat16>());
@@ -281,6 +294,7 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
     const int t = at::get_thread_num();
     const Scratch scratch{part(gt, t), part(even, t), part(odd, t),
                           rows.data() + t * rows_per_thread,
+                          reinterpret_cast<const uint16_t*>(zeros.const_data_ptr<int16_t>()),
                           acc.mutable_data_ptr<float>() + t * tile_floats,
                           bias.mutable_data_ptr<float>() + t * co};
     weight_grad_blocks(xp, gp, g, ci, co, first, last, scratch);
