@@ -36,10 +36,13 @@ constexpr int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 
                                  // 192, 512, 1024 and 2048 were slower)
 constexpr int64_t kPair = 32;     // channels a thread's inner loop takes per side (2 tiles)
 
-bool amx_usable() {  // the CPU has AMX-BF16 and Linux lets this process use its tiles
+// The CPU has AMX-BF16 (and AVX512-BF16), and Linux lets this process use its tiles.
+bool amx_usable() {
   static const bool usable = [] {
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return false;
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile") ||
+        !__builtin_cpu_supports("avx512bf16"))  // the bias sums' dot products
+      return false;
     constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM
     return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
   }();
