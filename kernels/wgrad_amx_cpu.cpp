@@ -123,8 +123,9 @@ FASTCIFAR_AVX512 inline void transpose16x16(__m512i* r) {
   }
 }
 
-// x's channels as rows of `span` grid pixels from `first` (zeros on the padding):
-// out[channel * span + i] = x[first + i][channel]; span is a multiple of 32.
+// The channels of x (here the output gradient) as rows of `span` grid pixels from
+// `first` (zeros on the padding): out[channel * span + i] = x[first + i][channel]; span
+// is a multiple of 32.
 FASTCIFAR_AVX512 void pack_transposed(const uint16_t* x, const Grid& g, int64_t c, int64_t first,
                                       int64_t span, const uint16_t* zeros, const uint16_t** rows,
                                       uint16_t* out) {
