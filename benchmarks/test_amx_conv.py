@@ -10,7 +10,7 @@ import pytest
 
 from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
 from fastcifar.models.pooling import native_pooling_available, use_native_pooling
-from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn
+from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn, use_relu_bn_pool
 
 from .conftest import paired_training_steps
 
@@ -24,6 +24,7 @@ def cpu_defaults(model) -> None:
         use_native_pooling(model)
     if relu_bn_by_default():
         use_relu_bn(model)
+        use_relu_bn_pool(model)
 
 
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "wide4"])

@@ -1,14 +1,16 @@
 """The ReLU-BatchNorm layer (fastcifar.models.relu_bn) against ATen's ReLU and BatchNorm,
 side by side: whole bf16 training steps of the models with ReLU-BatchNorm pairs, in
 alternating timed windows (both sides with native pooling where it is available, so only
-the pairs differ); medians of the per-round ratios."""
+the pairs differ); and the layer with a following 2x2 max pool folded in, against the same
+layer and the native pool apart. Medians of the per-round ratios."""
 
 from __future__ import annotations
 
 import pytest
 
+from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
 from fastcifar.models.pooling import native_pooling_available, use_native_pooling
-from fastcifar.models.relu_bn import relu_bn_available, use_relu_bn
+from fastcifar.models.relu_bn import relu_bn_available, use_relu_bn, use_relu_bn_pool
 
 from .conftest import paired_training_steps
 
@@ -24,4 +26,24 @@ def test_training_step_with_relu_batch_norm(benchmark, full, device, arch):
     prepare = use_native_pooling if native_pooling_available() else None
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_step",
                                    swap=use_relu_bn, prepare=prepare, images=2048, rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+def cpu_layers(model) -> None:
+    """The CPU's native layers (pooling, the ReLU-BatchNorm pairs, the AMX weight gradient
+    where available), the pools not folded."""
+    if native_pooling_available():
+        use_native_pooling(model)
+    use_relu_bn(model)
+    if amx_conv_available():
+        use_amx_conv(model)
+
+
+@pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky"])
+def test_training_step_with_the_max_pool_folded_in(benchmark, full, device, arch):
+    if device.type != "cpu":
+        pytest.skip("a CPU kernel")
+    result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_pool_step",
+                                   swap=use_relu_bn_pool, prepare=cpu_layers, images=2048,
+                                   rounds=7)  # fmt: skip
     assert result["speedup"] > 0

@@ -25,6 +25,13 @@ TORCH_LIBRARY(fastcifar, m) {
   m.def(
       "relu_affine_backward(Tensor grad, Tensor x, Tensor grad_scale, Tensor x_scale, "
       "Tensor offset) -> Tensor");
+  // relu_affine followed by max_pool2x2 (same values and winners): (output, each winner's
+  // relu(x), each window's winner 0..3 as uint8); and relu_affine_backward of
+  // max_pool2x2_backward, the input's gradient at once
+  m.def("relu_affine_max_pool(Tensor x, Tensor scale, Tensor shift) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "relu_affine_max_pool_backward(Tensor grad, Tensor where, Tensor x, Tensor grad_scale, "
+      "Tensor x_scale, Tensor offset) -> Tensor");
   // A 3x3, stride-1, padding-1 convolution's weight gradient (C_out, C_in, 3, 3) and
   // bias gradient (C_out), float, from its output's gradient and its input: channels-last
   // bf16, CPU with AMX-BF16, channels in multiples of 32

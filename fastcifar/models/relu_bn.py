@@ -2,7 +2,8 @@
 in training, for channels-last batches with channels in multiples of 16 on a CPU with
 AVX-512, the pair becomes two passes forward and two backward over the activations
 where ATen makes about five and eight; in evaluation, and for other batches, ATen's ReLU and
-BatchNorm."""
+BatchNorm. Where a 2x2 max pool follows the pair, `ReluBatchNormMaxPool2d` takes it in too:
+the full-size output and its gradient are never written."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcifar.models.pooling import MaxPool2x2, is_plain_2x2
 from fastcifar.ops.relu_bn import relu_batch_norm, relu_bn_fits
 
 
@@ -20,6 +22,10 @@ class ReluBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.affine and relu_bn_fits(x)):
             return super().forward(F.relu(x))
+        return self.train_forward(x)
+
+    def train_forward(self, x: torch.Tensor, max_pool: bool = False) -> torch.Tensor:
+        """Through the kernels: x is a training batch `relu_bn_fits` takes."""
         momentum = self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -28,29 +34,69 @@ class ReluBatchNorm2d(nn.BatchNorm2d):
         running = self.track_running_stats
         return relu_batch_norm(
             x, self.weight, self.bias, self.running_mean if running else None,
-            self.running_var if running else None, momentum or 0.0, self.eps,
+            self.running_var if running else None, momentum or 0.0, self.eps, max_pool,
         )  # fmt: skip
+
+
+class ReluBatchNormMaxPool2d(ReluBatchNorm2d):
+    """`ReluBatchNorm2d` followed by `nn.MaxPool2d(2)`, one pass forward and two backward
+    through the kernels in training; the same parameters and buffers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = MaxPool2x2()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.affine and relu_bn_fits(x) and min(x.shape[2:]) >= 2:
+            return self.train_forward(x, max_pool=True)
+        return self.pool(super().forward(x))
 
 
 def use_relu_bn(model: nn.Module) -> int:
     """In every `nn.Sequential` of `model`, replace each `nn.ReLU` directly followed by an
     `nn.BatchNorm2d` with an `nn.Identity` and a `ReluBatchNorm2d` holding the same
     parameters and buffers, in place; returns how many pairs."""
-    replaced = 0
-    for child in model.children():
-        replaced += use_relu_bn(child)
+
+    def swap(relu: nn.Module, bn: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        if type(relu) is nn.ReLU and type(bn) is nn.BatchNorm2d:
+            return nn.Identity(), _same_batch_norm(ReluBatchNorm2d, bn)
+        return None
+
+    return _replace_pairs(model, swap)
+
+
+def use_relu_bn_pool(model: nn.Module) -> int:
+    """In every `nn.Sequential` of `model`, fold each plain 2x2 max pool that directly
+    follows a `ReluBatchNorm2d` into it (a `ReluBatchNormMaxPool2d` with the same parameters
+    and buffers, the pool replaced by an `nn.Identity`), in place; returns how many."""
+
+    def swap(bn: nn.Module, pool: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        if type(bn) is ReluBatchNorm2d and (type(pool) is MaxPool2x2 or is_plain_2x2(pool)):
+            return _same_batch_norm(ReluBatchNormMaxPool2d, bn), nn.Identity()
+        return None
+
+    return _replace_pairs(model, swap)
+
+
+def _replace_pairs(model: nn.Module, swap) -> int:
+    """Replace, in every `nn.Sequential` of `model`, each pair of neighbours for which
+    `swap(first, second)` gives a new pair; returns how many."""
+    replaced = sum(_replace_pairs(child, swap) for child in model.children())
     if isinstance(model, nn.Sequential):
         names = list(model._modules)
         for first, second in zip(names, names[1:], strict=False):
-            relu, bn = model._modules[first], model._modules[second]
-            if type(relu) is nn.ReLU and type(bn) is nn.BatchNorm2d:
-                fused = ReluBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                                        bn.track_running_stats)  # fmt: skip
-                fused.load_state_dict(bn.state_dict())
-                fused.to(device=bn.weight.device if bn.affine else None)
-                model._modules[first], model._modules[second] = nn.Identity(), fused
+            pair = swap(model._modules[first], model._modules[second])
+            if pair is not None:
+                model._modules[first], model._modules[second] = pair
                 replaced += 1
     return replaced
+
+
+def _same_batch_norm(cls: type[nn.BatchNorm2d], bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """A `cls` with `bn`'s settings, parameters and buffers, on its device."""
+    fused = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    fused.load_state_dict(bn.state_dict())
+    return fused.to(device=bn.weight.device if bn.affine else None)
 
 
 def relu_bn_available() -> bool:

@@ -95,6 +95,16 @@ def _register() -> None:
     def _(grad, x, grad_scale, x_scale, offset):
         return torch.empty_like(x, memory_format=torch.channels_last)
 
+    @torch.library.register_fake("fastcifar::relu_affine_max_pool")
+    def _(x, scale, shift):
+        n, c, h, w = x.shape
+        out = x.new_empty((n, h // 2, w // 2, c)).permute(0, 3, 1, 2)
+        return out, torch.empty_like(out), torch.empty_like(out, dtype=torch.uint8)
+
+    @torch.library.register_fake("fastcifar::relu_affine_max_pool_backward")
+    def _(grad, where, x, grad_scale, x_scale, offset):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+
     @register_flop_formula(torch.ops.fastcifar.conv3x3_weight_grad)
     def _(grad_shape, x_shape, *_, **__) -> int:
         n, c_in, h, w = x_shape

@@ -17,7 +17,7 @@ from fastcifar.errors import UserError
 from fastcifar.models import create_model
 from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
 from fastcifar.models.pooling import native_pooling_available, use_native_pooling
-from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn
+from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn, use_relu_bn_pool
 from fastcifar.models.winograd import use_winograd, winograd_available
 
 # Graphs one process may compile for the code every compiled module shares (torch's
@@ -60,6 +60,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
                 use_native_pooling(model)  # bf16 max pooling (fp32 stays with ATen at run time)
             if relu_bn_by_default():
                 use_relu_bn(model)  # ReLU-BatchNorm pairs as one layer in training
+                use_relu_bn_pool(model)  # with the 2x2 max pools that follow them
             if amx_conv_available():
                 use_amx_conv(model)  # 3x3 convolutions' weight gradient on AMX tiles
     if winograd_wanted(cfg, device):
