@@ -20,7 +20,7 @@ from fastcifar.models.relu_bn import (
 )
 from fastcifar.ops.relu_bn import relu_batch_norm
 
-from .test_relu_bn import channels_last, parameters, relative_max
+from .test_relu_bn import assert_trains_alike, channels_last, parameters, relative_max
 
 pytestmark = pytest.mark.skipif(
     not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX-512"
@@ -135,22 +135,7 @@ def test_the_layer_trains_as_relu_batch_norm_then_max_pool():
     assert use_relu_bn(swapped) == 1 and use_relu_bn_pool(swapped) == 1
     assert isinstance(swapped[2], ReluBatchNormMaxPool2d) and isinstance(swapped[3], nn.Identity)
     assert eager.state_dict().keys() == swapped.state_dict().keys()
-    for step in range(2):
-        x = channels_last(8, 3, 10, 10, seed=10 + step)
-        outs = []
-        for model in (eager, swapped):
-            model.zero_grad()
-            y = model(x)
-            y.pow(2).mean().backward()
-            outs.append(y.detach())
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-        for a, b in zip(eager.parameters(), swapped.parameters(), strict=True):
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(swapped[2], name), getattr(eager[2], name))
-    eager.eval(), swapped.eval()
-    x = channels_last(4, 3, 10, 10, seed=20)
-    torch.testing.assert_close(swapped(x), eager(x))
+    assert_trains_alike(eager, swapped, swapped[2], eager[2])
 
 
 def test_batches_the_kernels_do_not_take_are_pooled_after_aten():
