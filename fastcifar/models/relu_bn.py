@@ -39,8 +39,9 @@ class ReluBatchNorm2d(nn.BatchNorm2d):
 
 
 class ReluBatchNormMaxPool2d(ReluBatchNorm2d):
-    """`ReluBatchNorm2d` followed by `nn.MaxPool2d(2)`, one pass forward and two backward
-    through the kernels in training; the same parameters and buffers."""
+    """`ReluBatchNorm2d` followed by `nn.MaxPool2d(2)`: in training, the second forward pass
+    writes the pooled output and the first backward pass reads pooled tensors; the same
+    parameters and buffers."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
