@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcifar.models import create_model
-from fastcifar.models.relu_bn import ReluBatchNorm2d, relu_bn_available, use_relu_bn
+from fastcifar.models.relu_bn import (
+    ReluBatchNorm2d,
+    ReluBatchNormMaxPool2d,
+    relu_bn_available,
+    use_relu_bn,
+)
 from fastcifar.ops.relu_bn import relu_batch_norm, relu_bn_fits
 
 pytestmark = pytest.mark.skipif(
@@ -204,3 +209,5 @@ def test_the_cpu_model_uses_it_where_amx_is_and_native_is_not_off(amx, native, s
     model = build_model(cfg, torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, ReluBatchNorm2d)]
     assert len(layers) == (5 if swapped else 0)
+    pooling = [m for m in layers if isinstance(m, ReluBatchNormMaxPool2d)]
+    assert len(pooling) == (3 if swapped else 0)  # the three followed by a max pool
