@@ -187,17 +187,14 @@ at::Tensor relu_affine_backward(const at::Tensor& grad, const at::Tensor& x,
   return affine_impl(x, grad, grad_scale, x_scale, offset);
 }
 
-// The value a computed float takes once stored as T: bf16's rounding (to nearest, ties to
-// even, as store16_rounded) with the low half cleared; a float as it is.
+// The value a computed float takes once stored as T (store16_rounded): for bf16, rounded
+// with the low half cleared; a float as it is.
 template <typename T>
 FASTCIFAR_AVX512 inline __m512 as_stored(__m512 v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(0xFFFF0000)));
+    return _mm512_castsi512_ps(_mm512_and_si512(round_to_bf16(v), _mm512_set1_epi32(0xFFFF0000)));
   }
 }
 
@@ -286,16 +283,16 @@ FASTCIFAR_AVX512 void affine_pool_backward_rows(const T* grad, const uint8_t* wh
   }
 }
 
-void check_poolable(const at::Tensor& x) {
-  check_input(x, "relu_bn_max_pool's input");
-  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "relu_bn_max_pool needs at least 2 x 2 pixels, not ",
+void check_poolable(const at::Tensor& x, const char* op) {
+  check_input(x, "relu_affine_max_pool's input");
+  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, op, " needs at least 2 x 2 pixels, not ",
               x.size(2), " x ", x.size(3));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_affine_max_pool(const at::Tensor& x,
                                                                     const at::Tensor& scale,
                                                                     const at::Tensor& shift) {
-  check_poolable(x);
+  check_poolable(x, "relu_affine_max_pool");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   auto a = per_channel(scale, c, "scale"), b = per_channel(shift, c, "shift");
   auto options = x.options().memory_format(at::MemoryFormat::ChannelsLast);
@@ -318,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_affine_max_pool(const at::Te
 at::Tensor relu_affine_max_pool_backward(const at::Tensor& grad, const at::Tensor& where,
                                          const at::Tensor& x, const at::Tensor& grad_scale,
                                          const at::Tensor& x_scale, const at::Tensor& offset) {
-  check_poolable(x);
+  check_poolable(x, "relu_affine_max_pool_backward");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   auto g = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const std::vector<int64_t> pooled = {n, c, h / 2, w / 2};

@@ -29,12 +29,15 @@ def channels_last(*shape, dtype=torch.float32, seed=0, shift=0.0):
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-def reference(x, weight, bias, grad, eps=1e-5):
-    """y and the gradients of x, weight and bias from eager ops in float64."""
+def reference(x, weight, bias, grad, eps=1e-5, max_pool=False):
+    """y (2 x 2 max-pooled with `max_pool`) and the gradients of x, weight and bias from
+    eager ops in float64."""
     x64 = x.double().requires_grad_()
     w64 = weight.double().requires_grad_()
     b64 = bias.double().requires_grad_()
     y = F.batch_norm(F.relu(x64), None, None, w64, b64, training=True, eps=eps)
+    if max_pool:
+        y = F.max_pool2d(y, 2)
     y.backward(grad.double())
     return y.detach(), x64.grad, w64.grad, b64.grad
 

@@ -20,7 +20,13 @@ from fastcifar.models.relu_bn import (
 )
 from fastcifar.ops.relu_bn import relu_batch_norm
 
-from .test_relu_bn import assert_trains_alike, channels_last, parameters, relative_max
+from .test_relu_bn import (
+    assert_trains_alike,
+    channels_last,
+    parameters,
+    reference,
+    relative_max,
+)
 
 pytestmark = pytest.mark.skipif(
     not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX-512"
@@ -89,16 +95,6 @@ def test_the_kernels_refuse_what_they_cannot_take():
         ops.relu_affine_max_pool_backward(grad, where, x, *[torch.ones(16)] * 3)
 
 
-def reference(x, weight, bias, grad, eps=1e-5):
-    """Pooled y and the gradients of x, weight and bias from eager ops in float64."""
-    x64 = x.double().requires_grad_()
-    w64 = weight.double().requires_grad_()
-    b64 = bias.double().requires_grad_()
-    y = F.max_pool2d(F.batch_norm(F.relu(x64), None, None, w64, b64, training=True, eps=eps), 2)
-    y.backward(grad.double())
-    return y.detach(), x64.grad, w64.grad, b64.grad
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fp32_matches_eager_relu_batch_norm_and_max_pool(shape):
     """Continuous inputs (no ties, so the eager pool picks the same winners)."""
@@ -106,7 +102,7 @@ def test_fp32_matches_eager_relu_batch_norm_and_max_pool(shape):
     weight, bias = parameters(shape[1])
     weight[::4] *= -1
     grad = channels_last(shape[0], shape[1], shape[2] // 2, shape[3] // 2, seed=2)
-    want = reference(x, weight, bias, grad)
+    want = reference(x, weight, bias, grad, max_pool=True)
     x = x.detach().requires_grad_()
     weight, bias = weight.clone().requires_grad_(), bias.clone().requires_grad_()
     y = relu_batch_norm(x, weight, bias, None, None, 0.1, 1e-5, max_pool=True)

@@ -63,10 +63,13 @@ def _register() -> None:
         nhwc = images.new_empty((index.shape[0], height, width, 3), dtype=dtype)
         return nhwc.permute(0, 3, 1, 2)
 
+    def pooled_like(x):  # a channels-last tensor of x's 2 x 2 pooled shape
+        n, c, h, w = x.shape
+        return x.new_empty((n, h // 2, w // 2, c)).permute(0, 3, 1, 2)
+
     @torch.library.register_fake("fastcifar::max_pool2x2")
     def _(x):
-        n, c, h, w = x.shape
-        out = x.new_empty((n, h // 2, w // 2, c)).permute(0, 3, 1, 2)
+        out = pooled_like(x)
         return out, torch.empty_like(out, dtype=torch.uint8)
 
     @torch.library.register_fake("fastcifar::max_pool2x2_backward")
@@ -97,8 +100,7 @@ def _register() -> None:
 
     @torch.library.register_fake("fastcifar::relu_affine_max_pool")
     def _(x, scale, shift):
-        n, c, h, w = x.shape
-        out = x.new_empty((n, h // 2, w // 2, c)).permute(0, 3, 1, 2)
+        out = pooled_like(x)
         return out, torch.empty_like(out), torch.empty_like(out, dtype=torch.uint8)
 
     @torch.library.register_fake("fastcifar::relu_affine_max_pool_backward")

@@ -35,77 +35,48 @@ def relu_bn_fits(x: torch.Tensor) -> bool:
     )
 
 
-def _normalisation(sums, pixels, weight, bias, eps):
-    """(mean, var, invstd, scale, shift) in float64 from relu_moments' sums."""
-    mean = sums[0] / pixels
-    var = (sums[1] / pixels - mean * mean).clamp_min(0)
-    invstd = torch.rsqrt(var + eps)
-    scale = weight.double() * invstd
-    return mean, var, invstd, scale, bias.double() - mean * scale
-
-
-def _backward_terms(sums, pixels, weight, mean, invstd):
-    """From relu_grad_moments' sums: relu_affine_backward's (grad_scale, x_scale, offset)
-    as floats, and the weight's and bias's gradients."""
-    centred = sums[1] - mean * sums[0]  # sum(g (h - mean))
-    scale = weight.double() * invstd
-    k = -scale * invstd * invstd * centred / pixels
-    c = -scale * sums[0] / pixels - k * mean
-    grad_weight = (centred * invstd).to(weight.dtype)
-    return (scale.float(), k.float(), c.float()), grad_weight, sums[0].to(weight.dtype)
-
-
 class _ReluBatchNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        pixels = x.numel() // x.shape[1]
-        mean, var, invstd, scale, shift = _normalisation(
-            torch.ops.fastcifar.relu_moments(x), pixels, weight, bias, eps
-        )
-        y = torch.ops.fastcifar.relu_affine(x, scale.float(), shift.float())
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, grad, _mean_grad, _var_grad):
-        x, weight, mean, invstd = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
-        sums = torch.ops.fastcifar.relu_grad_moments(grad, x)
-        terms, grad_weight, grad_bias = _backward_terms(
-            sums, x.numel() // x.shape[1], weight, mean, invstd
-        )
-        grad_x = torch.ops.fastcifar.relu_affine_backward(grad, x, *terms)
-        return grad_x, grad_weight, grad_bias, None
-
-
-class _ReluBatchNormMaxPool(torch.autograd.Function):
-    """_ReluBatchNorm followed by a 2x2 max pool. The statistics of the backward come from
+    """With `max_pool` the affine pass also pools, and the backward's two sums come from
     the pooled gradient and each window winner's relu(x): the gradient is zero elsewhere."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, max_pool):
         pixels = x.numel() // x.shape[1]
-        mean, var, invstd, scale, shift = _normalisation(
-            torch.ops.fastcifar.relu_moments(x), pixels, weight, bias, eps
-        )
-        y, winner_relu, where = torch.ops.fastcifar.relu_affine_max_pool(
-            x, scale.float(), shift.float()
-        )
-        ctx.save_for_backward(x, winner_relu, where, weight, mean, invstd)
+        sums = torch.ops.fastcifar.relu_moments(x)
+        mean = sums[0] / pixels
+        var = (sums[1] / pixels - mean * mean).clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = weight.double() * invstd
+        shift = bias.double() - mean * scale
+        if max_pool:
+            y, winner_relu, where = torch.ops.fastcifar.relu_affine_max_pool(
+                x, scale.float(), shift.float()
+            )
+            ctx.save_for_backward(x, weight, mean, invstd, winner_relu, where)
+        else:
+            y = torch.ops.fastcifar.relu_affine(x, scale.float(), shift.float())
+            ctx.save_for_backward(x, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad, _mean_grad, _var_grad):
-        x, winner_relu, where, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, invstd, *pooled = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
-        sums = torch.ops.fastcifar.relu_grad_moments(grad, winner_relu)
-        terms, grad_weight, grad_bias = _backward_terms(
-            sums, x.numel() // x.shape[1], weight, mean, invstd
-        )
-        grad_x = torch.ops.fastcifar.relu_affine_max_pool_backward(grad, where, x, *terms)
-        return grad_x, grad_weight, grad_bias, None
+        pixels = x.numel() // x.shape[1]
+        sums = torch.ops.fastcifar.relu_grad_moments(grad, pooled[0] if pooled else x)
+        centred = sums[1] - mean * sums[0]  # sum(g (h - mean))
+        scale = weight.double() * invstd
+        k = -scale * invstd * invstd * centred / pixels
+        c = -scale * sums[0] / pixels - k * mean
+        terms = scale.float(), k.float(), c.float()
+        if pooled:
+            grad_x = torch.ops.fastcifar.relu_affine_max_pool_backward(grad, pooled[1], x, *terms)
+        else:
+            grad_x = torch.ops.fastcifar.relu_affine_backward(grad, x, *terms)
+        grad_weight = (centred * invstd).to(weight.dtype)
+        grad_bias = sums[0].to(weight.dtype)
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def relu_batch_norm(
@@ -122,8 +93,7 @@ def relu_batch_norm(
     momentum, eps)` for a batch `relu_bn_fits` takes, the running statistics updated as
     BatchNorm does (the unbiased variance); with `max_pool`, then `F.max_pool2d(y, 2)`
     (x needs 2 x 2 pixels or more)."""
-    fn = _ReluBatchNormMaxPool if max_pool else _ReluBatchNorm
-    y, mean, var = fn.apply(x, weight, bias, eps)
+    y, mean, var = _ReluBatchNorm.apply(x, weight, bias, eps, max_pool)
     if running_mean is not None and running_var is not None:
         pixels = x.numel() // x.shape[1]
         with torch.no_grad():
