@@ -1,8 +1,10 @@
 """The ReLU-BatchNorm layer (fastcifar.models.relu_bn) against ATen's ReLU and BatchNorm,
 side by side: whole bf16 training steps of the models with ReLU-BatchNorm pairs, in
 alternating timed windows (both sides with native pooling where it is available, so only
-the pairs differ); and the layer with a following 2x2 max pool folded in, against the same
-layer and the native pool apart. Medians of the per-round ratios."""
+the pairs differ); the layer with a following 2x2 max pool folded in, against the same
+layer and the native pool apart; and the layer with the AMX convolution after it folded in
+(its backward's sums from the convolution's gradients), against the two apart. Medians
+of the per-round ratios."""
 
 from __future__ import annotations
 
@@ -10,7 +12,12 @@ import pytest
 
 from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
 from fastcifar.models.pooling import native_pooling_available, use_native_pooling
-from fastcifar.models.relu_bn import relu_bn_available, use_relu_bn, use_relu_bn_pool
+from fastcifar.models.relu_bn import (
+    relu_bn_available,
+    use_relu_bn,
+    use_relu_bn_conv,
+    use_relu_bn_pool,
+)
 
 from .conftest import paired_training_steps
 
@@ -46,4 +53,20 @@ def test_training_step_with_the_max_pool_folded_in(benchmark, full, device, arch
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_pool_step",
                                    swap=use_relu_bn_pool, prepare=cpu_layers, images=2048,
                                    rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+def cpu_default_layers(model) -> None:
+    """`cpu_layers` with the pools folded, as the AMX CPU's default has them."""
+    cpu_layers(model)
+    use_relu_bn_pool(model)
+
+
+@pytest.mark.parametrize("arch", ["cerberus", "conv5"])
+def test_training_step_with_the_next_convolution_folded_in(benchmark, full, device, arch):
+    if device.type != "cpu" or not amx_conv_available():
+        pytest.skip("a CPU kernel with AMX")
+    result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_conv_step",
+                                   swap=use_relu_bn_conv, prepare=cpu_default_layers,
+                                   images=2048, rounds=7)  # fmt: skip
     assert result["speedup"] > 0

@@ -37,6 +37,9 @@ TORCH_LIBRARY(fastcifar, m) {
   // bf16, CPU with AMX-BF16, channels in multiples of 32
   m.def("conv3x3_weight_grad(Tensor grad, Tensor x) -> Tensor[]");
   m.def("amx_tiles_usable() -> bool");
+  // The same convolution's output gradient summed over each tap's window (C, 3, 3) float,
+  // given its sum over all pixels (C): channels-last, CPU with AVX-512
+  m.def("conv3x3_tap_sums(Tensor grad, Tensor total) -> Tensor");
 }
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -6,15 +6,17 @@
 // The pixels are walked on a padded grid (Grid, below) where a tap (dy, dx) of the
 // kernel is one constant shift off of the flat pixel index, so dW[tap] = sum over q of
 // g[q] (x) x[q + off], with the output gradient g and the input x zero on the padding.
-// Blocks of kBlock grid pixels are packed once for all nine taps: g transposed to
-// (channel, pixel) rows, AMX's left tiles, and x as pairs of neighbouring pixels, AMX's
-// right-tile layout, twice: pairs from an even pixel and pairs from an odd one, so that
-// a shift of either parity starts at a whole pair. Every tile then starts on a 64-byte
-// boundary (a left tile at an odd shift would cross two cache lines a row). The bias
-// gradient is the sum of g's transposed rows. Each thread sums its blocks into float
-// tiles of its own; the partial sums add up at the end. The buffers come from torch's
-// allocator, 64-byte aligned (in 16-byte aligned buffers the tiles' rows crossed two
-// cache lines, at half the speed).
+// Blocks of kBlock grid pixels are packed once for all nine taps. AMX multiplies pairs
+// of the summed-over index, here pixels; a block pairs each pixel of its first half with
+// the pixel half a block on, so that any tap's shift moves a whole pair: g transposed
+// to (channel, pair) rows, AMX's left tiles, and x's pairs (with a margin of a shift
+// either side), AMX's right-tile layout. Every tile then starts on a 64-byte boundary (a
+// tile at a shift of one pixel would cross two cache lines a row). Pairing neighbouring
+// pixels instead needed x packed twice, from an even and from an odd pixel, for 7% to
+// 11% more time (benchmarks/NOTES.md). The bias gradient is the sum of g's transposed
+// rows. Each thread sums its blocks into float tiles of its own; the partial sums add up
+// at the end. The buffers come from torch's allocator, 64-byte aligned (in 16-byte
+// aligned buffers the tiles' rows crossed two cache lines, at half the speed).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>
@@ -32,7 +34,7 @@ namespace {
 #define FASTCIFAR_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
 #define FASTCIFAR_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-constexpr int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 32; 128,
+static int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 32; 128,
                                  // 192, 512, 1024 and 2048 were slower)
 constexpr int64_t kPair = 32;     // channels a thread's inner loop takes per side (2 tiles)
 
@@ -124,31 +126,29 @@ FASTCIFAR_AVX512 inline void transpose16x16(__m512i* r) {
 }
 
 // The channels of x (here the output gradient) as rows of `span` grid pixels from
-// `first` (zeros on the padding): out[channel * span + i] = x[first + i][channel]; span
-// is a multiple of 32.
+// `first` (zeros on the padding), paired as AMX's left tiles take them: pixel i of the
+// first half beside pixel i of the second, out[channel * span + 2 * i + h] =
+// x[first + h * span / 2 + i][channel]; span is a multiple of 32.
 FASTCIFAR_AVX512 void pack_transposed(const uint16_t* x, const Grid& g, int64_t c, int64_t first,
                                       int64_t span, const uint16_t* zeros, const uint16_t** rows,
                                       uint16_t* out) {
   g.rows(x, c, first, span, zeros, rows);
+  const int64_t half = span / 2;
   __m512i r[16];
-  for (int64_t i0 = 0; i0 < span; i0 += 32) {
+  for (int64_t i0 = 0; i0 < half; i0 += 16) {
     for (int64_t cb = 0; cb < c; cb += 16) {
-      for (int j = 0; j < 16; ++j) {
-        const uint16_t* a = rows[i0 + 2 * j];
-        const uint16_t* b = rows[i0 + 2 * j + 1];
-        r[j] = interleave_rows(a + cb, b + cb);
-      }
+      for (int j = 0; j < 16; ++j) r[j] = interleave_rows(rows[i0 + j] + cb, rows[half + i0 + j] + cb);
       transpose16x16(r);
-      for (int ch = 0; ch < 16; ++ch) _mm512_storeu_si512(out + (cb + ch) * span + i0, r[ch]);
+      for (int ch = 0; ch < 16; ++ch) _mm512_storeu_si512(out + (cb + ch) * span + 2 * i0, r[ch]);
     }
   }
 }
 
-// Pixels [first, first + 2 * pairs) of x (rows[i] is pixel first + i's row) as right
-// tiles: out[c / 16][j][16][2] holds (x[first + 2j][c], x[first + 2j + 1][c]); c is a
-// multiple of 32.
-FASTCIFAR_AVX512 void pack_pairs(const uint16_t* const* rows, int64_t c, int64_t pairs,
-                                 uint16_t* out) {
+// Pairs of pixels `half` apart as right tiles (rows[i] is pixel first + i's row):
+// out[c / 16][j][16][2] holds (x[first + j][c], x[first + half + j][c]) for j < pairs; c is
+// a multiple of 32.
+FASTCIFAR_AVX512 void pack_pairs(const uint16_t* const* rows, int64_t c, int64_t half,
+                                 int64_t pairs, uint16_t* out) {
   // word 2k of the result is a's word k, word 2k + 1 b's (index 32 + k): channels 0-15,
   // and with 16 added, channels 16-31
   const __m512i low = _mm512_set_epi16(
@@ -157,8 +157,8 @@ FASTCIFAR_AVX512 void pack_pairs(const uint16_t* const* rows, int64_t c, int64_t
   const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
   for (int64_t t = 0; t < c / 16; t += 2, out += 2 * pairs * 32) {
     for (int64_t j = 0; j < pairs; ++j) {
-      const __m512i a = _mm512_loadu_si512(rows[2 * j] + t * 16);
-      const __m512i b = _mm512_loadu_si512(rows[2 * j + 1] + t * 16);
+      const __m512i a = _mm512_loadu_si512(rows[j] + t * 16);
+      const __m512i b = _mm512_loadu_si512(rows[half + j] + t * 16);
       _mm512_storeu_si512(out + j * 32, _mm512_permutex2var_epi16(a, low, b));
       _mm512_storeu_si512(out + (pairs + j) * 32, _mm512_permutex2var_epi16(a, high, b));
     }
@@ -178,16 +178,15 @@ FASTCIFAR_AVX512_BF16 void add_row_sums(const uint16_t* rows, int64_t c, int64_t
 }
 
 int64_t margin_of(const Grid& g) { return g.stride() + 1; }  // the largest shift, W + 2
-// the pairs of x a block needs: its pixels and a margin either side, for either parity
-int64_t pairs_of(const Grid& g) { return kBlock / 2 + margin_of(g) + 1; }
+// the pairs of x a block needs: its half-block's pixels and a margin either side
+int64_t pairs_of(const Grid& g) { return kBlock / 2 + 2 * margin_of(g); }
 
 // One thread's buffers: the packed blocks (64-byte aligned), the row pointers, and its
 // float tiles acc[tap][co / 16][ci / 16] (16 x 16, output channels down, input channels
 // across) and bias sums.
 struct Scratch {
   uint16_t* gt;    // g transposed, [co][kBlock]
-  uint16_t* even;  // x's pairs from pixel q0 - margin
-  uint16_t* odd;   // and from q0 - margin + 1
+  uint16_t* pairs;  // x's pairs from pixel q0 - margin and q0 + kBlock / 2 - margin on
   const uint16_t** rows;
   const uint16_t* zeros;  // a padding pixel's row, max(ci, co) zeros
   float* acc;
@@ -207,16 +206,15 @@ FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, c
     const int64_t q0 = block * kBlock;
     pack_transposed(grad, g, co, q0, kBlock, s.zeros, s.rows, s.gt);
     add_row_sums(s.gt, co, kBlock, s.bias);
-    g.rows(x, ci, q0 - margin, 2 * pairs + 1, s.zeros, s.rows);
-    pack_pairs(s.rows, ci, pairs, s.even);
-    pack_pairs(s.rows + 1, ci, pairs, s.odd);
+    g.rows(x, ci, q0 - margin, kBlock / 2 + pairs, s.zeros, s.rows);
+    pack_pairs(s.rows, ci, kBlock / 2, pairs, s.pairs);
     // two tiles of output channels (g's rows) and two of input channels (x's pairs)
     for (int64_t o = 0; o < co_tiles; o += 2) {
       for (int64_t i = 0; i < ci_tiles; i += 2) {
         for (int64_t tap = 0; tap < 9; ++tap) {
-          // x[q0 + k + shift] is pixel margin + shift + k of the block's packing
-          const int64_t start = margin + g.shift(tap);
-          const uint16_t* b = (start % 2 ? s.odd : s.even) + (i * pairs + start / 2) * 32;
+          // the pair of x[q0 + j + shift] and x[q0 + kBlock / 2 + j + shift] is pair
+          // margin + shift + j of the block's packing
+          const uint16_t* b = s.pairs + (i * pairs + margin + g.shift(tap)) * 32;
           float* c00 = s.acc + ((tap * co_tiles + o) * ci_tiles + i) * 256;
           float* c01 = c00 + 256;
           float* c10 = c00 + ci_tiles * 256;
@@ -275,15 +273,15 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
   TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
               "conv3x3_weight_grad: the gradient's batch and size must match the input's");
   const int64_t ci = x.size(1), co = grad.size(1);
+  if (const char* e = getenv("WB")) kBlock = atoi(e);
   const Grid g{x.size(0), x.size(2), x.size(3)};
   const int64_t blocks = (g.pixels() + kBlock - 1) / kBlock, tile_floats = 9 * ci * co;
-  const int64_t pairs = pairs_of(g), rows_per_thread = std::max(kBlock, 2 * pairs + 2);
+  const int64_t pairs = pairs_of(g), rows_per_thread = kBlock / 2 + pairs;
   const int threads = at::get_num_threads();
   // every thread's buffers allocated here, on the calling thread, so that they come from
   // its heap call after call (a worker thread's allocations go to heaps of their own)
   auto gt = at::empty({threads * co * kBlock}, at::kShort);
-  auto even = at::empty({threads * ci * pairs * 2}, at::kShort);
-  auto odd = at::empty({threads * ci * pairs * 2}, at::kShort);
+  auto packed_pairs = at::empty({threads * ci * pairs * 2}, at::kShort);
   auto acc = at::zeros({threads * tile_floats}, at::kFloat);
   auto bias = at::zeros({threads, co}, at::kFloat);
   auto zeros = at::zeros({std::max(ci, co)}, at::kShort);
@@ -296,7 +294,7 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
   };
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     const int t = at::get_thread_num();
-    const Scratch scratch{part(gt, t), part(even, t), part(odd, t),
+    const Scratch scratch{part(gt, t), part(packed_pairs, t),
                           rows.data() + t * rows_per_thread,
                           reinterpret_cast<const uint16_t*>(zeros.const_data_ptr<int16_t>()),
                           acc.mutable_data_ptr<float>() + t * tile_floats,

@@ -51,11 +51,16 @@ def swap_convs(model: nn.Module, takes: Callable[[nn.Module], bool],
     replaced = 0
     for name, child in model.named_children():
         if takes(child):
-            conv = layer(child.in_channels, child.out_channels, 3, padding=1,
-                         bias=child.bias is not None, device="meta")  # fmt: skip
-            conv.weight, conv.bias = child.weight, child.bias
-            setattr(model, name, conv)
+            setattr(model, name, same_conv(child, layer))
             replaced += 1
         else:
             replaced += swap_convs(child, takes, layer)
     return replaced
+
+
+def same_conv(conv: nn.Conv2d, layer: type[nn.Conv2d]) -> nn.Conv2d:
+    """A `layer` (3x3, padding 1) holding `conv`'s parameters, the same tensors."""
+    same = layer(conv.in_channels, conv.out_channels, 3, padding=1,
+                 bias=conv.bias is not None, device="meta")  # fmt: skip
+    same.weight, same.bias = conv.weight, conv.bias
+    return same

@@ -3,7 +3,9 @@ in training, for channels-last batches with channels in multiples of 16 on a CPU
 AVX-512, the pair becomes two passes forward and two backward over the activations
 where ATen makes about five and eight; in evaluation, and for other batches, ATen's ReLU and
 BatchNorm. Where a 2x2 max pool follows the pair, `ReluBatchNormMaxPool2d` takes it in too:
-the full-size output and its gradient are never written."""
+the full-size output and its gradient are never written. Where a convolution with its
+weight gradient on AMX follows, `ReluBatchNormConv2d` applies it too, and its backward
+takes the BatchNorm's sums from the convolution's gradients (`fastcifar.ops.relu_bn_conv`)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcifar.models.amx_conv import AmxGradConv2d
+from fastcifar.models.conv3x3 import same_conv
 from fastcifar.models.pooling import MaxPool2x2, is_plain_2x2
 from fastcifar.ops.relu_bn import relu_batch_norm, relu_bn_fits
+from fastcifar.ops.relu_bn_conv import relu_batch_norm_conv
 
 
 class ReluBatchNorm2d(nn.BatchNorm2d):
@@ -26,16 +31,19 @@ class ReluBatchNorm2d(nn.BatchNorm2d):
 
     def train_forward(self, x: torch.Tensor, max_pool: bool = False) -> torch.Tensor:
         """Through the kernels: x is a training batch `relu_bn_fits` takes."""
+        return relu_batch_norm(x, self.weight, self.bias, *self.running(), self.eps, max_pool)
+
+    def running(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(running mean, running variance, momentum) for a training batch, counting it as
+        BatchNorm does; None for statistics not tracked."""
         momentum = self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if momentum is None:  # a cumulative moving average, as BatchNorm's
                 momentum = 1.0 / float(self.num_batches_tracked)
-        running = self.track_running_stats
-        return relu_batch_norm(
-            x, self.weight, self.bias, self.running_mean if running else None,
-            self.running_var if running else None, momentum or 0.0, self.eps, max_pool,
-        )  # fmt: skip
+        tracked = self.track_running_stats
+        return (self.running_mean if tracked else None, self.running_var if tracked else None,
+                momentum or 0.0)  # fmt: skip
 
 
 class ReluBatchNormMaxPool2d(ReluBatchNorm2d):
@@ -51,6 +59,48 @@ class ReluBatchNormMaxPool2d(ReluBatchNorm2d):
         if self.training and self.affine and relu_bn_fits(x) and min(x.shape[2:]) >= 2:
             return self.train_forward(x, max_pool=True)
         return self.pool(super().forward(x))
+
+
+class FoldedAmxGradConv2d(AmxGradConv2d):
+    """An `AmxGradConv2d` that the `ReluBatchNormConv2d` before it applies: its own forward
+    passes its input through; it keeps the parameters in their place (the same state
+    dict). `convolve` is the convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class ReluBatchNormConv2d(ReluBatchNorm2d):
+    """`ReluBatchNorm2d` followed by the convolution `conv` (a `FoldedAmxGradConv2d`, not
+    a submodule: it stays in its own place): in training, for bf16 batches, one autograd
+    function whose backward needs no pass of its own for the BatchNorm's sums; the same
+    parameters and buffers."""
+
+    def fold(self, conv: FoldedAmxGradConv2d) -> ReluBatchNormConv2d:
+        self._conv = [conv]  # a list: not registered, so not a submodule
+        return self
+
+    @property
+    def conv(self) -> FoldedAmxGradConv2d:
+        return self._conv[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if (
+            self.training
+            and self.affine
+            and relu_bn_fits(x)
+            and x.dtype == torch.bfloat16
+            and torch.is_grad_enabled()
+            and conv.weight.requires_grad
+        ):
+            bias = conv.bias
+            return relu_batch_norm_conv(x, self.weight, self.bias, *self.running(), self.eps,
+                                        conv.weight, bias)  # fmt: skip
+        return conv.convolve(super().forward(x))
 
 
 def use_relu_bn(model: nn.Module) -> int:
@@ -74,6 +124,20 @@ def use_relu_bn_pool(model: nn.Module) -> int:
     def swap(bn: nn.Module, pool: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         if type(bn) is ReluBatchNorm2d and (type(pool) is MaxPool2x2 or is_plain_2x2(pool)):
             return _same_batch_norm(ReluBatchNormMaxPool2d, bn), nn.Identity()
+        return None
+
+    return _replace_pairs(model, swap)
+
+
+def use_relu_bn_conv(model: nn.Module) -> int:
+    """In every `nn.Sequential` of `model`, fold each `AmxGradConv2d` that directly follows
+    a `ReluBatchNorm2d` into it (a `ReluBatchNormConv2d`, the convolution's place taken
+    by a `FoldedAmxGradConv2d` with the same parameters), in place; returns how many."""
+
+    def swap(bn: nn.Module, conv: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        if type(bn) is ReluBatchNorm2d and type(conv) is AmxGradConv2d:
+            folded = same_conv(conv, FoldedAmxGradConv2d)
+            return _same_batch_norm(ReluBatchNormConv2d, bn).fold(folded), folded
         return None
 
     return _replace_pairs(model, swap)

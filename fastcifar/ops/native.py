@@ -12,7 +12,8 @@ convolution of bf16 channels-last activations on an AVX512-BF16 CPU
 activations on a CPU with AVX-512 (`fastcifar.models.relu_bn`; autograd and per-channel
 arithmetic in `fastcifar.ops.relu_bn`). `conv3x3_weight_grad` is a 3x3 convolution's weight and bias
 gradients on AMX tiles (`fastcifar.models.amx_conv`, `fastcifar.ops.amx_conv`);
-`amx_tiles_usable` says whether this CPU and kernel let it run.
+`amx_tiles_usable` says whether this CPU and kernel let it run. `conv3x3_tap_sums` is that
+convolution's output gradient summed over each tap's window (`fastcifar.ops.relu_bn_conv`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ def _register() -> None:
             weight.contiguous(memory_format=torch.channels_last),
             x.new_empty(c_out, dtype=torch.float32),
         ]
+
+    @torch.library.register_fake("fastcifar::conv3x3_tap_sums")
+    def _(grad, total):
+        return grad.new_empty((grad.shape[1], 3, 3), dtype=torch.float32)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])

@@ -41,13 +41,7 @@ class _ReluBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, max_pool):
-        pixels = x.numel() // x.shape[1]
-        sums = torch.ops.fastcifar.relu_moments(x)
-        mean = sums[0] / pixels
-        var = (sums[1] / pixels - mean * mean).clamp_min(0)
-        invstd = torch.rsqrt(var + eps)
-        scale = weight.double() * invstd
-        shift = bias.double() - mean * scale
+        mean, var, invstd, scale, shift = batch_statistics(x, weight, bias, eps)
         if max_pool:
             y, winner_relu, where = torch.ops.fastcifar.relu_affine_max_pool(
                 x, scale.float(), shift.float()
@@ -63,19 +57,13 @@ class _ReluBatchNorm(torch.autograd.Function):
     def backward(ctx, grad, _mean_grad, _var_grad):
         x, weight, mean, invstd, *pooled = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
-        pixels = x.numel() // x.shape[1]
         sums = torch.ops.fastcifar.relu_grad_moments(grad, pooled[0] if pooled else x)
         centred = sums[1] - mean * sums[0]  # sum(g (h - mean))
-        scale = weight.double() * invstd
-        k = -scale * invstd * invstd * centred / pixels
-        c = -scale * sums[0] / pixels - k * mean
-        terms = scale.float(), k.float(), c.float()
+        terms, grad_weight, grad_bias = backward_terms(sums[0], centred, x, weight, mean, invstd)
         if pooled:
             grad_x = torch.ops.fastcifar.relu_affine_max_pool_backward(grad, pooled[1], x, *terms)
         else:
             grad_x = torch.ops.fastcifar.relu_affine_backward(grad, x, *terms)
-        grad_weight = (centred * invstd).to(weight.dtype)
-        grad_bias = sums[0].to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None
 
 
@@ -94,10 +82,40 @@ def relu_batch_norm(
     BatchNorm does (the unbiased variance); with `max_pool`, then `F.max_pool2d(y, 2)`
     (x needs 2 x 2 pixels or more)."""
     y, mean, var = _ReluBatchNorm.apply(x, weight, bias, eps, max_pool)
-    if running_mean is not None and running_var is not None:
-        pixels = x.numel() // x.shape[1]
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            unbiased = var * pixels / max(pixels - 1, 1)
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    update_running_statistics(running_mean, running_var, mean, var, x, momentum)
     return y
+
+
+def batch_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(mean, var, invstd, scale, shift) of relu(x) per channel, float64: y = relu(x) *
+    scale + shift is the BatchNorm's output."""
+    pixels = x.numel() // x.shape[1]
+    sums = torch.ops.fastcifar.relu_moments(x)
+    mean = sums[0] / pixels
+    var = (sums[1] / pixels - mean * mean).clamp_min(0)
+    invstd = torch.rsqrt(var + eps)
+    scale = weight.double() * invstd
+    return mean, var, invstd, scale, bias.double() - mean * scale
+
+
+def backward_terms(sum_g, centred, x, weight, mean, invstd):
+    """From sum(g) and sum(g (h - mean)) per channel (float64): the input gradient's
+    per-channel terms (scale, k, c) as floats, and the weight's and bias's gradients."""
+    pixels = x.numel() // x.shape[1]
+    scale = weight.double() * invstd
+    k = -scale * invstd * invstd * centred / pixels
+    c = -scale * sum_g / pixels - k * mean
+    terms = scale.float(), k.float(), c.float()
+    return terms, (centred * invstd).to(weight.dtype), sum_g.to(weight.dtype)
+
+
+def update_running_statistics(running_mean, running_var, mean, var, x, momentum) -> None:
+    """BatchNorm's running statistics moved toward the batch's (the unbiased variance);
+    nothing where they are not tracked (None)."""
+    if running_mean is None or running_var is None:
+        return
+    pixels = x.numel() // x.shape[1]
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        unbiased = var * pixels / max(pixels - 1, 1)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
