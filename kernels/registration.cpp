@@ -25,6 +25,10 @@ TORCH_LIBRARY(fastcifar, m) {
   m.def(
       "relu_affine_backward(Tensor grad, Tensor x, Tensor grad_scale, Tensor x_scale, "
       "Tensor offset) -> Tensor");
+  // relu_affine_backward and relu_grad_moments in one pass: (input gradient, sums)
+  m.def(
+      "relu_affine_backward_moments(Tensor grad, Tensor x, Tensor grad_scale, Tensor x_scale, "
+      "Tensor offset) -> (Tensor, Tensor)");
   // relu_affine followed by max_pool2x2 (same values and winners): (output, each winner's
   // relu(x), each window's winner 0..3 as uint8); and relu_affine_backward of
   // max_pool2x2_backward, the input's gradient at once
@@ -34,12 +38,11 @@ TORCH_LIBRARY(fastcifar, m) {
       "Tensor x_scale, Tensor offset) -> Tensor");
   // A 3x3, stride-1, padding-1 convolution's weight gradient (C_out, C_in, 3, 3) and
   // bias gradient (C_out), float, from its output's gradient and its input: channels-last
-  // bf16, CPU with AMX-BF16, channels in multiples of 32
-  m.def("conv3x3_weight_grad(Tensor grad, Tensor x) -> Tensor[]");
+  // bf16, CPU with AMX-BF16, channels in multiples of 32; with `windows`, also the output
+  // gradient's sums over each tap's window (C_out, 3, 3): the output pixels whose tap
+  // reads an input pixel inside the image
+  m.def("conv3x3_weight_grad(Tensor grad, Tensor x, bool windows=False) -> Tensor[]");
   m.def("amx_tiles_usable() -> bool");
-  // The same convolution's output gradient summed over each tap's window (C, 3, 3) float,
-  // given its sum over all pixels (C): channels-last, CPU with AVX-512
-  m.def("conv3x3_tap_sums(Tensor grad, Tensor total) -> Tensor");
 }
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -43,10 +43,19 @@ FASTCIFAR_AVX512 inline void add_to_doubles(double* out, __m512 v) {
   _mm512_storeu_pd(out + 8, _mm512_add_pd(_mm512_loadu_pd(out + 8), _mm512_cvtps_pd(high)));
 }
 
+// The per-channel terms of the input gradient, x > 0 ? grad * scale + x * shift + offset
+// : 0, for moments_rows to write as it sums (out == nullptr: none).
+template <typename T>
+struct InputGrad {
+  const float *scale = nullptr, *shift = nullptr, *offset = nullptr;
+  T* out = nullptr;
+};
+
 // Channels [first, first + 16 G) of moments_rows, the sums in registers.
 template <typename T, int G>
 FASTCIFAR_AVX512 void moments_channels(const T* x, const T* grad, int64_t c, int64_t first,
-                                       int64_t begin, int64_t end, double* out) {
+                                       int64_t begin, int64_t end, double* out,
+                                       const InputGrad<T>& dx) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t start = begin; start < end; start += kFlush) {
     __m512 s[G], q[G];
@@ -55,10 +64,18 @@ FASTCIFAR_AVX512 void moments_channels(const T* x, const T* grad, int64_t c, int
     for (int64_t p = start; p < stop; ++p) {
       for (int j = 0; j < G; ++j) {
         const int64_t at = p * c + first + 16 * j;
-        const __m512 h = _mm512_max_ps(load16(x + at, 0xFFFF), zero);
+        const __m512 v = load16(x + at, 0xFFFF);
+        const __m512 h = _mm512_max_ps(v, zero);
         const __m512 a = grad ? load16(grad + at, 0xFFFF) : h;
         s[j] = _mm512_add_ps(s[j], a);
         q[j] = _mm512_fmadd_ps(a, h, q[j]);
+        if (dx.out) {
+          const int64_t ch = first + 16 * j;
+          __m512 r = _mm512_fmadd_ps(v, _mm512_loadu_ps(dx.shift + ch), _mm512_loadu_ps(dx.offset + ch));
+          r = _mm512_fmadd_ps(a, _mm512_loadu_ps(dx.scale + ch), r);
+          store16_rounded(dx.out + at, 0xFFFF,
+                          _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), r));
+        }
       }
     }
     for (int j = 0; j < G; ++j) {
@@ -71,44 +88,60 @@ FASTCIFAR_AVX512 void moments_channels(const T* x, const T* grad, int64_t c, int
 // Per channel, over pixels [begin, end): sums of a and of a * b, where a = relu(x) and b =
 // relu(x) (grad == nullptr), or a = grad and b = relu(x); floats over kFlush pixels at a
 // time, then doubles. Up to eight groups of 16 channels at a time keep their sums in
-// registers.
+// registers. With dx.out, also the input gradient's rows.
 template <typename T>
 FASTCIFAR_AVX512 void moments_rows(const T* x, const T* grad, int64_t c, int64_t begin,
-                                   int64_t end, double* out) {
+                                   int64_t end, double* out, const InputGrad<T>& dx) {
   int64_t first = 0;
-  for (; first + 128 <= c; first += 128) moments_channels<T, 8>(x, grad, c, first, begin, end, out);
+  for (; first + 128 <= c; first += 128) {
+    moments_channels<T, 8>(x, grad, c, first, begin, end, out, dx);
+  }
   switch ((c - first) / 16) {
-    case 7: moments_channels<T, 7>(x, grad, c, first, begin, end, out); break;
-    case 6: moments_channels<T, 6>(x, grad, c, first, begin, end, out); break;
-    case 5: moments_channels<T, 5>(x, grad, c, first, begin, end, out); break;
-    case 4: moments_channels<T, 4>(x, grad, c, first, begin, end, out); break;
-    case 3: moments_channels<T, 3>(x, grad, c, first, begin, end, out); break;
-    case 2: moments_channels<T, 2>(x, grad, c, first, begin, end, out); break;
-    case 1: moments_channels<T, 1>(x, grad, c, first, begin, end, out); break;
+    case 7: moments_channels<T, 7>(x, grad, c, first, begin, end, out, dx); break;
+    case 6: moments_channels<T, 6>(x, grad, c, first, begin, end, out, dx); break;
+    case 5: moments_channels<T, 5>(x, grad, c, first, begin, end, out, dx); break;
+    case 4: moments_channels<T, 4>(x, grad, c, first, begin, end, out, dx); break;
+    case 3: moments_channels<T, 3>(x, grad, c, first, begin, end, out, dx); break;
+    case 2: moments_channels<T, 2>(x, grad, c, first, begin, end, out, dx); break;
+    case 1: moments_channels<T, 1>(x, grad, c, first, begin, end, out, dx); break;
   }
 }
 
 // Per channel sums of (relu(x), relu(x)^2), or with grad of (grad, grad * relu(x)): a
 // (2, C) float64 tensor, summed over chunks of pixels in a fixed order (the same result
-// for any number of threads).
-at::Tensor relu_moments_impl(const at::Tensor& x, const c10::optional<at::Tensor>& grad) {
+// for any number of threads). With `terms` (grad_scale, x_scale, offset), also the input
+// gradient, as relu_affine_backward writes it.
+std::tuple<at::Tensor, at::Tensor> relu_moments_impl(
+    const at::Tensor& x, const c10::optional<at::Tensor>& grad,
+    const std::vector<at::Tensor>& terms = {}) {
   check_input(x, "relu_bn's input");
   const int64_t c = x.size(1), pixels = x.numel() / c;
-  at::Tensor g;
+  at::Tensor g, input_grad;
   if (grad.has_value()) {
     g = grad->contiguous(at::MemoryFormat::ChannelsLast);
     TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
                 "relu_bn's gradient must match its input's shape and dtype");
+  }
+  std::vector<at::Tensor> coefficients;
+  if (!terms.empty()) {
+    coefficients = {per_channel(terms[0], c, "grad_scale"), per_channel(terms[1], c, "x_scale"),
+                    per_channel(terms[2], c, "offset")};
+    input_grad = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
   const int64_t chunk = 256, chunks = (pixels + chunk - 1) / chunk;
   std::vector<double> partial(chunks * 2 * c, 0.0);
   AT_DISPATCH_SWITCH(x.scalar_type(), "relu_moments", FASTCIFAR_FLOAT_AND_BF16([&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+    InputGrad<scalar_t> dx;
+    if (input_grad.defined()) {
+      dx = {coefficients[0].const_data_ptr<float>(), coefficients[1].const_data_ptr<float>(),
+            coefficients[2].const_data_ptr<float>(), input_grad.mutable_data_ptr<scalar_t>()};
+    }
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t k = first; k < last; ++k) {
         moments_rows<scalar_t>(xp, gp, c, k * chunk, std::min(pixels, (k + 1) * chunk),
-                               partial.data() + k * 2 * c);
+                               partial.data() + k * 2 * c, dx);
       }
     });
   }));
@@ -117,13 +150,23 @@ at::Tensor relu_moments_impl(const at::Tensor& x, const c10::optional<at::Tensor
   for (int64_t k = 0; k < chunks; ++k) {
     for (int64_t i = 0; i < 2 * c; ++i) o[i] += partial[k * 2 * c + i];
   }
-  return out;
+  return {out, input_grad};
 }
 
-at::Tensor relu_moments(const at::Tensor& x) { return relu_moments_impl(x, c10::nullopt); }
+at::Tensor relu_moments(const at::Tensor& x) {
+  return std::get<0>(relu_moments_impl(x, c10::nullopt));
+}
 
 at::Tensor relu_grad_moments(const at::Tensor& grad, const at::Tensor& x) {
-  return relu_moments_impl(x, grad);
+  return std::get<0>(relu_moments_impl(x, grad));
+}
+
+// relu_affine_backward and relu_grad_moments in one pass: (input gradient, sums)
+std::tuple<at::Tensor, at::Tensor> relu_affine_backward_moments(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_scale,
+    const at::Tensor& x_scale, const at::Tensor& offset) {
+  auto [sums, input_grad] = relu_moments_impl(x, grad, {grad_scale, x_scale, offset});
+  return {input_grad, sums};
 }
 
 // out = relu(x) * scale + shift (grad == nullptr), or out = x > 0 ? grad * scale + x *
@@ -350,6 +393,7 @@ TORCH_LIBRARY_IMPL(fastcifar, CPU, m) {
   m.impl("relu_grad_moments", &relu_grad_moments);
   m.impl("relu_affine", &relu_affine);
   m.impl("relu_affine_backward", &relu_affine_backward);
+  m.impl("relu_affine_backward_moments", &relu_affine_backward_moments);
   m.impl("relu_affine_max_pool", &relu_affine_max_pool);
   m.impl("relu_affine_max_pool_backward", &relu_affine_max_pool_backward);
 }

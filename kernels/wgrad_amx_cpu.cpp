@@ -57,6 +57,10 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// An image's border sums, each c floats: rows 0 and H - 1, columns 0 and W - 1, corners
+// (0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1).
+enum Border { kTop, kBottom, kLeft, kRight, kCorners, kBorders = kCorners + 4 };
+
 // The padded grid: each image's rows of W + 1 pixels, a padding pixel first, then a
 // padding row first; the padding after a row or an image is the next one's, and the last
 // image's is past the end. A tap (dy, dx) is the flat shift (dy - 1) * (W + 1) + dx - 1.
@@ -84,7 +88,60 @@ struct Grid {
       }
     }
   }
+
+  // Adds the rows of the image-border pixels among grid pixels [first, first + count)
+  // (rows[i] is pixel first + i's, first >= 0) to border[kBorders][c].
+  FASTCIFAR_AVX512 void add_border(const uint16_t* const* rows, int64_t c, int64_t first,
+                                   int64_t count, float* border) const {
+    int64_t y = first % plane() / stride(), x = first % stride();
+    for (int64_t i = 0, q = first; i < count && q < pixels(); ++i, ++q) {
+      const bool top = y == 1, bottom = y == h, left = x == 1, right = x == w;
+      if (y > 0 && x > 0 && (top || bottom || left || right)) {
+        // a one-row image's row is both its top and bottom, and likewise for a column
+        int which[8], n = 0;
+        const bool edge_row[2] = {top, bottom}, edge_column[2] = {left, right};
+        for (int r = 0; r < 2; ++r) {
+          if (edge_row[r]) which[n++] = r ? kBottom : kTop;
+          if (edge_column[r]) which[n++] = r ? kRight : kLeft;
+          for (int k = 0; k < 2; ++k) {
+            if (edge_row[r] && edge_column[k]) which[n++] = kCorners + 2 * r + k;
+          }
+        }
+        for (int64_t ch = 0; ch < c; ch += 16) {
+          const __m512 v = load16(rows[i] + ch, 0xFFFF);
+          for (int k = 0; k < n; ++k) {
+            float* sum = border + which[k] * c + ch;
+            _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), v));
+          }
+        }
+      }
+      if (++x == stride()) {
+        x = 0;
+        if (++y == h + 1) y = 0;
+      }
+    }
+  }
 };
+
+// The output gradient's sums over each tap's window, out[c][i][j]: over the output
+// pixels whose tap (i, j) reads an input pixel inside the image, (y + i - 1, x + j - 1).
+// Only the border differs from the sum over all pixels (the bias gradient): a tap in the
+// kernel's row 0 misses output row 0, one in row 2 the last row, and likewise for the
+// columns, so each window is the total less a border row and a border column, plus the
+// corner both took away. border[kBorders][c] holds the border's sums.
+void tap_windows(const float* total, const float* border, int64_t c, float* out) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    for (int i = 0; i < 3; ++i) {
+      for (int j = 0; j < 3; ++j) {
+        float sum = total[ch];
+        if (i != 1) sum -= border[(i == 0 ? kTop : kBottom) * c + ch];
+        if (j != 1) sum -= border[(j == 0 ? kLeft : kRight) * c + ch];
+        if (i != 1 && j != 1) sum += border[(kCorners + i / 2 * 2 + j / 2) * c + ch];
+        out[(ch * 3 + i) * 3 + j] = sum;
+      }
+    }
+  }
+}
 
 // 16 channels of two pixels' rows, interleaved: dword c holds (a[c], b[c]).
 FASTCIFAR_AVX512 inline __m512i interleave_rows(const uint16_t* a, const uint16_t* b) {
@@ -191,6 +248,7 @@ struct Scratch {
   const uint16_t* zeros;  // a padding pixel's row, max(ci, co) zeros
   float* acc;
   float* bias;
+  float* border;  // the border's sums [kBorders][co], or nullptr for none
 };
 
 // One thread's blocks [first, last), summed into its scratch's tiles.
@@ -206,6 +264,7 @@ FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, c
     const int64_t q0 = block * kBlock;
     pack_transposed(grad, g, co, q0, kBlock, s.zeros, s.rows, s.gt);
     add_row_sums(s.gt, co, kBlock, s.bias);
+    if (s.border) g.add_border(s.rows, co, q0, kBlock, s.border);
     g.rows(x, ci, q0 - margin, kBlock / 2 + pairs, s.zeros, s.rows);
     pack_pairs(s.rows, ci, kBlock / 2, pairs, s.pairs);
     // two tiles of output channels (g's rows) and two of input channels (x's pairs)
@@ -261,7 +320,8 @@ FASTCIFAR_AVX512 void sum_partials(const float* acc, int threads, int64_t co, in
   }
 }
 
-std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Tensor& x) {
+std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Tensor& x,
+                                            bool windows) {
   TORCH_CHECK(amx_usable(), "conv3x3_weight_grad needs a CPU with AMX-BF16");
   for (const auto* t : {&grad, &x}) {
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == at::kBFloat16 &&
@@ -284,6 +344,7 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
   auto packed_pairs = at::empty({threads * ci * pairs * 2}, at::kShort);
   auto acc = at::zeros({threads * tile_floats}, at::kFloat);
   auto bias = at::zeros({threads, co}, at::kFloat);
+  auto border = at::zeros({windows ? threads : 0, kBorders, co}, at::kFloat);
   auto zeros = at::zeros({std::max(ci, co)}, at::kShort);
   std::vector<const uint16_t*> rows(threads * rows_per_thread);
   const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
@@ -298,7 +359,9 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
                           rows.data() + t * rows_per_thread,
                           reinterpret_cast<const uint16_t*>(zeros.const_data_ptr<int16_t>()),
                           acc.mutable_data_ptr<float>() + t * tile_floats,
-                          bias.mutable_data_ptr<float>() + t * co};
+                          bias.mutable_data_ptr<float>() + t * co,
+                          windows ? border.mutable_data_ptr<float>() + t * kBorders * co
+                                  : nullptr};
     weight_grad_blocks(xp, gp, g, ci, co, first, last, scratch);
   });
   // acc[tap][co / 16][ci / 16][16][16] summed over threads into sums[tap][co][ci]
@@ -311,7 +374,12 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
   // (co, ci, 3, 3), laid out channels-last as a convolution's weight
   auto weight = sums.view({3, 3, co, ci}).permute({2, 3, 0, 1}).contiguous(
       at::MemoryFormat::ChannelsLast);
-  return {weight, db};
+  if (!windows) return {weight, db};
+  auto border_sums = border.sum(0);
+  auto taps = at::empty({co, 3, 3}, db.options());
+  tap_windows(db.const_data_ptr<float>(), border_sums.const_data_ptr<float>(), co,
+              taps.mutable_data_ptr<float>());
+  return {weight, db, taps};
 }
 
 }  // namespace

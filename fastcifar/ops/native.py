@@ -12,8 +12,8 @@ convolution of bf16 channels-last activations on an AVX512-BF16 CPU
 activations on a CPU with AVX-512 (`fastcifar.models.relu_bn`; autograd and per-channel
 arithmetic in `fastcifar.ops.relu_bn`). `conv3x3_weight_grad` is a 3x3 convolution's weight and bias
 gradients on AMX tiles (`fastcifar.models.amx_conv`, `fastcifar.ops.amx_conv`);
-`amx_tiles_usable` says whether this CPU and kernel let it run. `conv3x3_tap_sums` is that
-convolution's output gradient summed over each tap's window (`fastcifar.ops.relu_bn_conv`).
+`amx_tiles_usable` says whether this CPU and kernel let it run; with `windows` it also sums
+the output gradient over each tap's window (`fastcifar.ops.relu_bn_conv`).
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ def _register() -> None:
         out = pooled_like(x)
         return out, torch.empty_like(out), torch.empty_like(out, dtype=torch.uint8)
 
+    @torch.library.register_fake("fastcifar::relu_affine_backward_moments")
+    def _(grad, x, grad_scale, x_scale, offset):
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        return grad_x, x.new_empty((2, x.shape[1]), dtype=torch.float64)
+
     @torch.library.register_fake("fastcifar::relu_affine_max_pool_backward")
     def _(grad, where, x, grad_scale, x_scale, offset):
         return torch.empty_like(x, memory_format=torch.channels_last)
@@ -114,17 +119,14 @@ def _register() -> None:
         return 2 * n * h * w * c_in * grad_shape[1] * 9
 
     @torch.library.register_fake("fastcifar::conv3x3_weight_grad")
-    def _(grad, x):
+    def _(grad, x, windows=False):
         c_out, c_in = grad.shape[1], x.shape[1]
         weight = x.new_empty((c_out, c_in, 3, 3), dtype=torch.float32)
-        return [
+        out = [
             weight.contiguous(memory_format=torch.channels_last),
             x.new_empty(c_out, dtype=torch.float32),
         ]
-
-    @torch.library.register_fake("fastcifar::conv3x3_tap_sums")
-    def _(grad, total):
-        return grad.new_empty((grad.shape[1], 3, 3), dtype=torch.float32)
+        return out + [x.new_empty((c_out, 3, 3), dtype=torch.float32)] if windows else out
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])

@@ -58,8 +58,9 @@ class _ReluBatchNorm(torch.autograd.Function):
         x, weight, mean, invstd, *pooled = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
         sums = torch.ops.fastcifar.relu_grad_moments(grad, pooled[0] if pooled else x)
-        centred = sums[1] - mean * sums[0]  # sum(g (h - mean))
-        terms, grad_weight, grad_bias = backward_terms(sums[0], centred, x, weight, mean, invstd)
+        scaled = (sums[1] - mean * sums[0]) * weight.double() * invstd  # scale sum(g (h - mean))
+        terms = input_grad_terms(sums[0], scaled, x, weight, mean, invstd)
+        grad_weight, grad_bias = parameter_grads(sums, weight, mean, invstd)
         if pooled:
             grad_x = torch.ops.fastcifar.relu_affine_max_pool_backward(grad, pooled[1], x, *terms)
         else:
@@ -98,15 +99,20 @@ def batch_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return mean, var, invstd, scale, bias.double() - mean * scale
 
 
-def backward_terms(sum_g, centred, x, weight, mean, invstd):
-    """From sum(g) and sum(g (h - mean)) per channel (float64): the input gradient's
-    per-channel terms (scale, k, c) as floats, and the weight's and bias's gradients."""
+def input_grad_terms(sum_g, scaled_centred, x, weight, mean, invstd):
+    """The input gradient's per-channel terms (scale, k, c) as floats, from sum(g) and
+    scale * sum(g (h - mean)) per channel (float64)."""
     pixels = x.numel() // x.shape[1]
     scale = weight.double() * invstd
-    k = -scale * invstd * invstd * centred / pixels
+    k = -invstd * invstd * scaled_centred / pixels
     c = -scale * sum_g / pixels - k * mean
-    terms = scale.float(), k.float(), c.float()
-    return terms, (centred * invstd).to(weight.dtype), sum_g.to(weight.dtype)
+    return scale.float(), k.float(), c.float()
+
+
+def parameter_grads(sums, weight, mean, invstd):
+    """The weight's and bias's gradients from the sums of (g, g h) per channel (float64)."""
+    centred = sums[1] - mean * sums[0]  # sum(g (h - mean))
+    return (centred * invstd).to(weight.dtype), sums[0].to(weight.dtype)
 
 
 def update_running_statistics(running_mean, running_var, mean, var, x, momentum) -> None:

@@ -1,22 +1,22 @@
 """A ReLU, training-mode BatchNorm and the 3x3 convolution after them (stride 1, padding
-1), as one autograd function, whose backward needs no pass of its own for the BatchNorm's
-two sums: bf16 channels-last CPU batches on a CPU with AMX, channels in multiples of 32.
+1), as one autograd function whose backward makes one pass over g = dL/dy and x where
+`fastcifar.ops.relu_bn` makes two: bf16 channels-last CPU batches on a CPU with AMX,
+channels in multiples of 32.
 
-Forward is `fastcifar.ops.relu_bn`'s two passes, then oneDNN's convolution of y. Backward,
-with G the convolution's output gradient: oneDNN's input gradient g = dL/dy, the weight
-and bias gradients dW and db from the AMX kernel (`fastcifar.ops.amx_conv`), and then
-the BatchNorm's sums per channel without reading g and x again. The convolution is linear
-in y, so sum(g y) over the pixels is the sum of W dW over the output channels and taps,
-and sum(g) is the sum of W times G's sum over each tap's window (`conv3x3_tap_sums`: the
-bias gradient less the border rows and columns that tap misses). With y = scale (h -
-mean) + bias (h = relu(x)), sum(g (h - mean)) = (sum(g y) - bias sum(g)) / scale. The
-input's gradient is then `relu_affine_backward`'s one pass, as in `relu_bn`.
+Forward is `relu_bn`'s two passes, then oneDNN's convolution of y. Backward, with G the
+convolution's output gradient: oneDNN's input gradient g, the weight and bias gradients
+dW and db from the AMX kernel (`fastcifar.ops.amx_conv`), and with them the two sums the
+input's gradient needs before its pass. The convolution is linear in y, so sum(g y) over
+the pixels is the sum of W dW over the output channels and taps, and sum(g) is the sum
+of W times G's sum over each tap's window (the bias gradient less the border rows and
+columns that tap misses, which the AMX kernel sums as it packs G). With y = scale (h -
+mean) + bias (h = relu(x)), scale sum(g (h - mean)) = sum(g y) - bias sum(g): all the
+input gradient's terms need, no division. The one pass then writes the input's gradient
+and sums g and g h over the pixels, for the BatchNorm weight's and bias's gradients as
+`relu_bn` has them.
 
-The division by scale (the BatchNorm weight times invstd) needs the weight away from
-zero: where any |weight| is below MIN_WEIGHT, the step sums g and g h over the pixels as
-`relu_bn` does. The sums are those of the exact input gradient (the product of W and G,
-both as the convolution took them) where `relu_bn` sums its bf16 rounding; they differ by
-that rounding.
+The two sums before the pass are those of the exact input gradient (W times G, as the
+convolution took them); `relu_bn` sums its bf16 rounding. They differ by that rounding.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastcifar.ops.relu_bn import backward_terms, batch_statistics, update_running_statistics
-
-MIN_WEIGHT = 1e-2  # below this |BatchNorm weight| the sums come from a pass over g and x
+from fastcifar.ops.relu_bn import (
+    batch_statistics,
+    input_grad_terms,
+    parameter_grads,
+    update_running_statistics,
+)
 
 
 class _ReluBatchNormConv(torch.autograd.Function):
@@ -50,30 +53,26 @@ class _ReluBatchNormConv(torch.autograd.Function):
         g = torch.ops.aten.convolution_backward(
             grad, y, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
         )[0]
-        grad_w, grad_b = torch.ops.fastcifar.conv3x3_weight_grad(grad, y)
-        if bool((weight.abs() >= MIN_WEIGHT).all()):
-            sum_g, centred = sums_through_conv(grad, w, grad_w, grad_b, weight, bias, invstd)
-        else:
-            sums = torch.ops.fastcifar.relu_grad_moments(g, x)
-            sum_g, centred = sums[0], sums[1] - mean * sums[0]
-        terms, grad_weight, grad_bias = backward_terms(sum_g, centred, x, weight, mean, invstd)
-        grad_x = torch.ops.fastcifar.relu_affine_backward(g, x, *terms)
+        grad_w, grad_b, windows = torch.ops.fastcifar.conv3x3_weight_grad(grad, y, True)
+        sum_g, scaled_centred = sums_through_conv(w, grad_w, windows, bias)
+        terms = input_grad_terms(sum_g, scaled_centred, x, weight, mean, invstd)
+        grad_x, sums = torch.ops.fastcifar.relu_affine_backward_moments(g, x, *terms)
+        grad_weight, grad_bias = parameter_grads(sums, weight, mean, invstd)
         grad_b = grad_b if ctx.has_conv_bias else None
         return grad_x, grad_weight, grad_bias, grad_w, grad_b, None
 
 
-def sums_through_conv(grad, w, grad_w, grad_b, weight, bias, invstd):
-    """sum(g) and sum(g (h - mean)) per channel (float64), g the gradient the convolution
-    (bf16 weight w) passes to its input y from its output's gradient `grad`, from the
-    convolution's weight and bias gradients and `grad`'s border."""
+def sums_through_conv(w, grad_w, windows, bias):
+    """sum(g) and sum(g y) - bias sum(g) per channel (float64), g the gradient the
+    convolution (bf16 weight w) passes to its input y, from the convolution's weight
+    gradient and its output gradient's sums over each tap's window."""
     c_out, c_in = w.shape[:2]
     # (c_out, 3, 3, c_in) rows: the channels-last weight's own memory order
     w_rows = w.permute(0, 2, 3, 1).reshape(c_out * 9, c_in).float()
     dw_rows = grad_w.permute(0, 2, 3, 1).reshape(c_out * 9, c_in)
     sum_gy = (w_rows * dw_rows).sum(0).double()
-    windows = torch.ops.fastcifar.conv3x3_tap_sums(grad, grad_b)  # (c_out, 3, 3)
     sum_g = torch.mv(w_rows.t(), windows.reshape(-1)).double()
-    return sum_g, (sum_gy - bias.double() * sum_g) / (weight.double() * invstd)
+    return sum_g, sum_gy - bias.double() * sum_g
 
 
 def relu_batch_norm_conv(x, weight, bias, running_mean, running_var, momentum, eps,
