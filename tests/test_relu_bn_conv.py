@@ -72,7 +72,7 @@ def unit(shape, c_out, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = channels_last(*shape, dtype=torch.bfloat16, seed=seed)
     weight, bias = parameters(shape[1], seed=seed + 1)
-    conv_weight = (torch.randn(c_out, shape[1], 3, 3, generator=g) / (3 * shape[1] ** 0.5))
+    conv_weight = torch.randn(c_out, shape[1], 3, 3, generator=g) / (3 * shape[1] ** 0.5)
     conv_weight = conv_weight.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     return x, weight, bias, conv_weight, torch.randn(c_out, generator=g)
 
@@ -242,15 +242,13 @@ def test_compile_traces_the_folded_layers_without_graph_breaks():
     torch.testing.assert_close(grads[1], grads[0])
 
 
-@pytest.mark.parametrize(("relu_bn", "native", "folded"),
-                         [(True, "auto", 9), (True, "off", 0), (False, "auto", 0)])  # fmt: skip
-def test_the_cpu_model_folds_them_where_both_layers_are_defaults(relu_bn, native, folded,
-                                                                 monkeypatch):  # fmt: skip
+def test_the_cpu_model_leaves_them_apart():
+    """The fold measured 1.01x on CerberusNet's step where its rule for the default asked
+    1.02x (benchmarks/NOTES.md): `build_model` does not fold."""
     from fastcifar.config import TrainConfig
     from fastcifar.train import build
 
-    monkeypatch.setattr(build, "relu_bn_by_default", lambda: relu_bn)
-    cfg = TrainConfig(arch="cerberus", channels_last=True, native=native)
+    cfg = TrainConfig(arch="cerberus", channels_last=True, native="auto")
     model = build.build_model(cfg, torch.device("cpu"))
-    layers = [m for m in model.modules() if isinstance(m, ReluBatchNormConv2d)]
-    assert len(layers) == folded
+    assert not any(isinstance(m, ReluBatchNormConv2d) for m in model.modules())
+    assert use_relu_bn_conv(model) == 9

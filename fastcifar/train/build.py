@@ -17,12 +17,7 @@ from fastcifar.errors import UserError
 from fastcifar.models import create_model
 from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
 from fastcifar.models.pooling import native_pooling_available, use_native_pooling
-from fastcifar.models.relu_bn import (
-    relu_bn_by_default,
-    use_relu_bn,
-    use_relu_bn_conv,
-    use_relu_bn_pool,
-)
+from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn, use_relu_bn_pool
 from fastcifar.models.winograd import use_winograd, winograd_available
 
 # Graphs one process may compile for the code every compiled module shares (torch's
@@ -68,8 +63,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
                 use_relu_bn_pool(model)  # with the 2x2 max pools that follow them
             if amx_conv_available():
                 use_amx_conv(model)  # 3x3 convolutions' weight gradient on AMX tiles
-                if relu_bn_by_default():
-                    use_relu_bn_conv(model)  # and the ReLU-BatchNorm layers before them
     if winograd_wanted(cfg, device):
         use_winograd(model)
     return model
