@@ -124,25 +124,32 @@ def test_a_checkpoint_loads_either_way():
     eager.load_state_dict(layer.state_dict())
 
 
+def cerberus_bf16_steps(*models):
+    """Each model's loss and flattened float64 parameter gradients after one bf16
+    CerberusNet step on the same batch and dropout mask."""
+    x = channels_last(8, 3, 32, 32, dtype=torch.float32)
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for m in models:
+        torch.manual_seed(3)  # the same dropout mask
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.flatten().double() for p in m.parameters()])
+    return losses, grads
+
+
 def test_cerberus_swaps_its_convolutions_and_trains_the_same():
     """A whole bf16 CerberusNet step: eleven of its twelve convolutions (the first has 3
     input channels), the same loss, and each parameter's gradient along eager's."""
     model = create_model("cerberus").to(memory_format=torch.channels_last)
     reference_model = copy.deepcopy(model)
     assert use_amx_conv(model) == 11
-    x = channels_last(8, 3, 32, 32, dtype=torch.float32)
-    y = torch.randint(0, 10, (8,))
-    losses = []
-    for m in (reference_model, model):
-        torch.manual_seed(3)  # the same dropout mask
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(m(x), y)
-        loss.backward()
-        losses.append(loss.item())
+    losses, grads = cerberus_bf16_steps(reference_model, model)
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
-    for a, b in zip(reference_model.parameters(), model.parameters(), strict=True):
-        flat = a.grad.flatten().double(), b.grad.flatten().double()
-        assert F.cosine_similarity(*flat, dim=0) > 0.99
+    for a, b in zip(*grads, strict=True):
+        assert F.cosine_similarity(a, b, dim=0) > 0.99
 
 
 def test_compile_traces_the_layer_without_graph_breaks():

@@ -24,6 +24,7 @@ from fastcifar.models.relu_bn import (
 from fastcifar.ops import relu_bn_conv
 from fastcifar.ops.relu_bn import batch_statistics
 
+from .test_amx_conv import cerberus_bf16_steps
 from .test_relu_bn import channels_last, parameters
 
 pytestmark = pytest.mark.skipif(
@@ -209,16 +210,7 @@ def test_cerberus_folds_nine_and_trains_the_same():
     use_amx_conv(model)
     reference_model = copy.deepcopy(model)
     assert use_relu_bn_conv(model) == 9
-    x = channels_last(8, 3, 32, 32)
-    y = torch.randint(0, 10, (8,))
-    losses, grads = [], []
-    for m in (reference_model, model):
-        torch.manual_seed(3)  # the same dropout mask
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(m(x), y)
-        loss.backward()
-        losses.append(loss.item())
-        grads.append([p.grad.flatten().double() for p in m.parameters()])
+    losses, grads = cerberus_bf16_steps(reference_model, model)
     assert losses[1] == losses[0]
     for a, b in zip(*grads, strict=True):
         assert F.cosine_similarity(a, b, dim=0) > 0.999
