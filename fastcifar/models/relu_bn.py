@@ -97,9 +97,8 @@ class ReluBatchNormConv2d(ReluBatchNorm2d):
             and torch.is_grad_enabled()
             and conv.weight.requires_grad
         ):
-            bias = conv.bias
             return relu_batch_norm_conv(x, self.weight, self.bias, *self.running(), self.eps,
-                                        conv.weight, bias)  # fmt: skip
+                                        conv.weight, conv.bias)  # fmt: skip
         return conv.convolve(super().forward(x))
 
 
