@@ -112,12 +112,12 @@ def test_the_one_backward_pass_is_relu_affine_backward_and_relu_grad_moments(sha
     assert grad_x.is_contiguous(memory_format=torch.channels_last)
 
 
-def block(c=32, seed=0):
-    """conv 3 -> c, ReLU, BatchNorm, conv c -> c, ReLU, BatchNorm, a linear head."""
+def block(c=32, seed=0, bias=True):
+    """conv 3 -> c, ReLU, BatchNorm, conv c -> c (`bias`), ReLU, BatchNorm, a linear head."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(c),
-                          nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(c),
-                          nn.Flatten(), nn.LazyLinear(4))  # fmt: skip
+                          nn.Conv2d(c, c, 3, padding=1, bias=bias), nn.ReLU(),
+                          nn.BatchNorm2d(c), nn.Flatten(), nn.LazyLinear(4))  # fmt: skip
     model(torch.randn(1, 3, 10, 10))
     with torch.no_grad():
         model[2].weight.uniform_(0.5, 1.5)
@@ -141,11 +141,12 @@ def bf16_steps(model, steps=2):
     return results
 
 
-def test_the_folded_layers_train_as_the_two_apart():
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_folded_layers_train_as_the_two_apart(bias):
     """The same forward (the same kernels and convolution), gradients that differ only by
     the bf16 rounding of g that the sums over the pixels took, the same running statistics,
     the same evaluation; the checkpoint's keys unchanged."""
-    apart = block()
+    apart = block(bias=bias)
     folded = copy.deepcopy(apart)
     assert use_relu_bn_conv(folded) == 1
     assert type(folded[2]) is ReluBatchNormConv2d and type(folded[3]) is FoldedAmxGradConv2d
