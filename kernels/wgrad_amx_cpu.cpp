@@ -34,7 +34,7 @@ namespace {
 #define FASTCIFAR_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
 #define FASTCIFAR_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-static int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 32; 128,
+constexpr int64_t kBlock = 256;  // grid pixels packed at a time (a multiple of 32; 128,
                                  // 192, 512, 1024 and 2048 were slower)
 constexpr int64_t kPair = 32;     // channels a thread's inner loop takes per side (2 tiles)
 
@@ -333,7 +333,6 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
   TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
               "conv3x3_weight_grad: the gradient's batch and size must match the input's");
   const int64_t ci = x.size(1), co = grad.size(1);
-  if (const char* e = getenv("WB")) kBlock = atoi(e);
   const Grid g{x.size(0), x.size(2), x.size(3)};
   const int64_t blocks = (g.pixels() + kBlock - 1) / kBlock, tile_floats = 9 * ci * co;
   const int64_t pairs = pairs_of(g), rows_per_thread = kBlock / 2 + pairs;
