@@ -12,26 +12,43 @@ import torch.nn.functional as F
 CHANNEL_MULTIPLE = 32  # the kernel's two tiles of 16 channels a side
 
 
+def bf16_conv3x3(x, weight, bias):
+    """(oneDNN's `F.conv2d(x, w, b, padding=1)`, w): the weight and bias cast to bf16, x a
+    bf16 batch, outside autocast."""
+    w = weight.to(torch.bfloat16)
+    b = bias.to(torch.bfloat16) if bias is not None else None
+    with torch.autocast("cpu", enabled=False):
+        return F.conv2d(x, w, b, padding=1), w
+
+
+def bf16_grad(grad):
+    """An output gradient as the backward's kernels take it: channels-last bf16."""
+    return grad.contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+
+
+def conv3x3_input_grad(grad, x, w):
+    """oneDNN's gradient of `F.conv2d(x, w, padding=1)`'s input x from its output's."""
+    return torch.ops.aten.convolution_backward(
+        grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
+    )[0]
+
+
 class _AmxGradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         x = x.contiguous(memory_format=torch.channels_last)
-        w = weight.to(torch.bfloat16)
+        out, w = bf16_conv3x3(x, weight, bias)
         ctx.save_for_backward(x, w)
         ctx.has_bias = bias is not None
-        b = bias.to(torch.bfloat16) if bias is not None else None
-        with torch.autocast("cpu", enabled=False):
-            return F.conv2d(x, w, b, padding=1)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+        grad = bf16_grad(grad)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
-            )[0]
+            grad_x = conv3x3_input_grad(grad, x, w)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w, grad_b = torch.ops.fastcifar.conv3x3_weight_grad(grad, x)
             grad_b = grad_b if ctx.has_bias else None

@@ -22,8 +22,8 @@ convolution took them); `relu_bn` sums its bf16 rounding. They differ by that ro
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from fastcifar.ops.amx_conv import bf16_conv3x3, bf16_grad, conv3x3_input_grad
 from fastcifar.ops.relu_bn import (
     batch_statistics,
     input_grad_terms,
@@ -37,10 +37,7 @@ class _ReluBatchNormConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, conv_weight, conv_bias, eps):
         mean, var, invstd, scale, shift = batch_statistics(x, weight, bias, eps)
         y = torch.ops.fastcifar.relu_affine(x, scale.float(), shift.float())
-        w = conv_weight.to(torch.bfloat16)
-        b = conv_bias.to(torch.bfloat16) if conv_bias is not None else None
-        with torch.autocast("cpu", enabled=False):
-            out = F.conv2d(y, w, b, padding=1)
+        out, w = bf16_conv3x3(y, conv_weight, conv_bias)
         ctx.save_for_backward(x, y, w, weight, bias, mean, invstd)
         ctx.has_conv_bias = conv_bias is not None
         ctx.mark_non_differentiable(mean, var)
@@ -49,10 +46,8 @@ class _ReluBatchNormConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _mean_grad, _var_grad):
         x, y, w, weight, bias, mean, invstd = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
-        g = torch.ops.aten.convolution_backward(
-            grad, y, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
-        )[0]
+        grad = bf16_grad(grad)
+        g = conv3x3_input_grad(grad, y, w)
         grad_w, grad_b, windows = torch.ops.fastcifar.conv3x3_weight_grad(grad, y, True)
         sum_g, scaled_centred = sums_through_conv(w, grad_w, windows, bias)
         terms = input_grad_terms(sum_g, scaled_centred, x, weight, mean, invstd)
