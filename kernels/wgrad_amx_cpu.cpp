@@ -14,8 +14,9 @@
 // tile at a shift of one pixel would cross two cache lines a row). Pairing neighbouring
 // pixels instead needed x packed twice, from an even and from an odd pixel, for 7% to
 // 11% more time (benchmarks/NOTES.md). The bias gradient is the sum of g's transposed
-// rows. Each thread sums its blocks into float tiles of its own; the partial sums add up
-// at the end. The buffers come from torch's allocator, 64-byte aligned (in 16-byte
+// rows. Each thread sums its blocks into float tiles of its own, zeroed in the tile
+// registers at its first block (not in memory); the partial sums of the threads that ran
+// add up at the end, straight into the weight's channels-last layout. The buffers come from torch's allocator, 64-byte aligned (in 16-byte
 // aligned buffers the tiles' rows crossed two cache lines, at half the speed).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -246,15 +247,16 @@ struct Scratch {
   uint16_t* pairs;  // x's pairs from pixel q0 - margin and q0 + kBlock / 2 - margin on
   const uint16_t** rows;
   const uint16_t* zeros;  // a padding pixel's row, max(ci, co) zeros
-  float* acc;
+  float* acc;  // not zeroed: the tiles start from zero at the thread's first block
   float* bias;
   float* border;  // the border's sums [kBorders][co], or nullptr for none
 };
 
-// One thread's blocks [first, last), summed into its scratch's tiles.
+// One thread's blocks [first, last), summed into its scratch's tiles, which hold earlier
+// sums or, if `fresh`, nothing yet (the first block's products are stored, not added).
 FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, const Grid& g,
                                       int64_t ci, int64_t co, int64_t first, int64_t last,
-                                      const Scratch& s) {
+                                      bool fresh, const Scratch& s) {
   const int64_t margin = margin_of(g), pairs = pairs_of(g), ci_tiles = ci / 16,
                 co_tiles = co / 16;
   TileConfig config;
@@ -262,6 +264,7 @@ FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, c
   _tile_loadconfig(&config);
   for (int64_t block = first; block < last; ++block) {
     const int64_t q0 = block * kBlock;
+    const bool zero = fresh && block == first;
     pack_transposed(grad, g, co, q0, kBlock, s.zeros, s.rows, s.gt);
     add_row_sums(s.gt, co, kBlock, s.bias);
     if (s.border) g.add_border(s.rows, co, q0, kBlock, s.border);
@@ -278,10 +281,17 @@ FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, c
           float* c01 = c00 + 256;
           float* c10 = c00 + ci_tiles * 256;
           float* c11 = c10 + 256;
-          _tile_loadd(0, c00, 64);
-          _tile_loadd(1, c01, 64);
-          _tile_loadd(2, c10, 64);
-          _tile_loadd(3, c11, 64);
+          if (zero) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            _tile_loadd(0, c00, 64);
+            _tile_loadd(1, c01, 64);
+            _tile_loadd(2, c10, 64);
+            _tile_loadd(3, c11, 64);
+          }
           const uint16_t* a = s.gt + o * 16 * kBlock;
           for (int64_t k = 0; k < kBlock; k += 32) {
             _tile_loadd(4, a + k, kBlock * 2);
@@ -304,17 +314,19 @@ FASTCIFAR_AMX void weight_grad_blocks(const uint16_t* x, const uint16_t* grad, c
   _tile_release();
 }
 
-// Rows [begin, end) of sums[tap][co][ci]: the threads' tiles acc[tap][co / 16][ci / 16]
-// added up.
-FASTCIFAR_AVX512 void sum_partials(const float* acc, int threads, int64_t co, int64_t ci,
-                                   int64_t begin, int64_t end, float* out) {
+// Rows [begin, end) of out[co][tap][ci] (a (co, ci, 3, 3) weight laid out channels-last):
+// the tiles acc[tap][co / 16][ci / 16] of the threads that ran (`ran`) added up.
+FASTCIFAR_AVX512 void sum_partials(const float* acc, const std::vector<uint8_t>& ran,
+                                   int64_t co, int64_t ci, int64_t begin, int64_t end,
+                                   float* out) {
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t tap = row / co, o = row % co;
+    const int64_t o = row / 9, tap = row % 9;
     for (int64_t i = 0; i < ci; i += 16) {
       const float* tile =
           acc + ((tap * (co / 16) + o / 16) * (ci / 16) + i / 16) * 256 + (o % 16) * 16;
       __m512 s = _mm512_setzero_ps();
-      for (int t = 0; t < threads; ++t) s = _mm512_add_ps(s, _mm512_loadu_ps(tile + t * 9 * ci * co));
+      for (size_t t = 0; t < ran.size(); ++t)
+        if (ran[t]) s = _mm512_add_ps(s, _mm512_loadu_ps(tile + t * 9 * ci * co));
       _mm512_storeu_ps(out + row * ci + i, s);
     }
   }
@@ -341,11 +353,12 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
   // its heap call after call (a worker thread's allocations go to heaps of their own)
   auto gt = at::empty({threads * co * kBlock}, at::kShort);
   auto packed_pairs = at::empty({threads * ci * pairs * 2}, at::kShort);
-  auto acc = at::zeros({threads * tile_floats}, at::kFloat);
+  auto acc = at::empty({threads * tile_floats}, at::kFloat);
   auto bias = at::zeros({threads, co}, at::kFloat);
   auto border = at::zeros({windows ? threads : 0, kBorders, co}, at::kFloat);
   auto zeros = at::zeros({std::max(ci, co)}, at::kShort);
   std::vector<const uint16_t*> rows(threads * rows_per_thread);
+  std::vector<uint8_t> ran(threads, 0);  // whose tiles hold sums
   const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
   const auto* gp = reinterpret_cast<const uint16_t*>(grad.const_data_ptr<at::BFloat16>());
   auto part = [threads](at::Tensor& buffer, int t) {
@@ -361,18 +374,18 @@ std::vector<at::Tensor> conv3x3_weight_grad(const at::Tensor& grad, const at::Te
                           bias.mutable_data_ptr<float>() + t * co,
                           windows ? border.mutable_data_ptr<float>() + t * kBorders * co
                                   : nullptr};
-    weight_grad_blocks(xp, gp, g, ci, co, first, last, scratch);
+    weight_grad_blocks(xp, gp, g, ci, co, first, last, !ran[t], scratch);
+    ran[t] = 1;
   });
-  // acc[tap][co / 16][ci / 16][16][16] summed over threads into sums[tap][co][ci]
-  auto sums = at::empty({9, co, ci}, x.options().dtype(at::kFloat));
-  float* out = sums.mutable_data_ptr<float>();
+  // acc[tap][co / 16][ci / 16][16][16] summed over threads into the weight's gradient,
+  // (co, ci, 3, 3) laid out channels-last as a convolution's weight: [co][tap][ci]
+  auto weight = at::empty({co, ci, 3, 3}, x.options().dtype(at::kFloat).memory_format(
+                                                at::MemoryFormat::ChannelsLast));
+  float* out = weight.mutable_data_ptr<float>();
   at::parallel_for(0, 9 * co, 16, [&](int64_t begin, int64_t end) {
-    sum_partials(acc.const_data_ptr<float>(), threads, co, ci, begin, end, out);
+    sum_partials(acc.const_data_ptr<float>(), ran, co, ci, begin, end, out);
   });
   auto db = bias.sum(0);
-  // (co, ci, 3, 3), laid out channels-last as a convolution's weight
-  auto weight = sums.view({3, 3, co, ci}).permute({2, 3, 0, 1}).contiguous(
-      at::MemoryFormat::ChannelsLast);
   if (!windows) return {weight, db};
   auto border_sums = border.sum(0);
   auto taps = at::empty({co, 3, 3}, db.options());

@@ -3,6 +3,7 @@
 against eager convolutions: the kernel against float64 gradients of the same bf16
 operands, the layer against nn.Conv2d under bf16 autocast, a whole CerberusNet step."""
 
+import contextlib
 import copy
 
 import pytest
@@ -48,6 +49,31 @@ def test_the_kernel_matches_float64_gradients(n, c_in, c_out, h, w):
     # fp32 sums of exact bf16 products: only the sums' rounding differs
     torch.testing.assert_close(weight.double(), want_w, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(bias.double(), want_b, rtol=1e-5, atol=1e-4)
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_without_a_block_add_nothing():
+    """One 256-pixel block for two threads: the idle thread's float tiles, never zeroed,
+    hold whatever the heap left there (here NaN, freed just before) and must not count."""
+    x = channels_last(1, 32, 4, 4, seed=1)
+    grad = channels_last(1, 32, 4, 4, seed=2)
+    want_w, want_b = float64_grads(grad, x, 32)
+    with threads(2):
+        for _ in range(3):
+            junk = torch.full((2 * 9 * 32 * 32,), float("nan"))  # the tiles' size, freed
+            del junk
+            weight, bias = torch.ops.fastcifar.conv3x3_weight_grad(grad, x)
+            torch.testing.assert_close(weight.double(), want_w, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(bias.double(), want_b, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(
