@@ -53,10 +53,16 @@ DEVICE_RECIPES: dict[str, dict[str, dict]] = {
 }
 
 # On a CPU with AMX the convolutions take less of a step than on one with AVX512-BF16
-# alone, and torch.compile's fusion of the rest pays for some archs: conv4_leaky trained
-# 1.15x faster compiled, the only arch at or above the rule's 1.10x (benchmarks/NOTES.md,
-# "The first CPU with AMX").
-AMX_CPU_RECIPES: dict[str, dict] = {"conv4_leaky": {"compile": True}}
+# alone, so the rest of the step counts for more. torch.compile's fusion of it pays for
+# some archs: conv4_leaky trained 1.15x faster compiled, the only arch at or above the
+# rule's 1.10x (benchmarks/NOTES.md, "The first CPU with AMX"). torch's fused SGD step
+# (one kernel a parameter group, where the CPU's default is four or five tensor
+# operations a parameter) trained lenet, conv5, wide4 and CerberusNet 1.01x, 1.04x, 1.07x
+# and 1.00x faster (benchmarks/NOTES.md, "Small costs of CerberusNet's step").
+AMX_CPU_RECIPES: dict[str, dict] = {
+    "*": {"fused_optimizer": True},
+    "conv4_leaky": {"compile": True},
+}
 
 
 def recipe(arch: str, device: str) -> dict:
@@ -68,6 +74,7 @@ def recipe(arch: str, device: str) -> dict:
     if device == "cpu" and values.get("amp") == "bf16":
         values["amp"] = fastest_amp(torch.device("cpu"))
     if device == "cpu" and cpu_instructions() == "AMX":
+        values.update(AMX_CPU_RECIPES["*"])
         values.update(AMX_CPU_RECIPES.get(arch, {}))
     return values
 

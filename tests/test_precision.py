@@ -43,6 +43,15 @@ def test_only_a_cpu_with_amx_compiles_conv4_leaky_by_default(amx, monkeypatch):
     assert not recipe("conv4_relu", "cpu")["compile"]
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512-bf16"])
+def test_only_a_cpu_with_amx_takes_the_fused_optimiser_step_by_default(amx, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    for arch in ("lenet", "conv4_leaky", "cerberus"):
+        assert recipe(arch, "cpu").get("fused_optimizer", False) is amx
+    assert "fused_optimizer" not in recipe("cerberus", "cuda")  # the CUDA rule has not run
+
+
 def test_forcing_bf16_without_instructions_warns_but_is_allowed(cpu_bf16):
     warning = check_amp("bf16", CPU)
     assert (warning is None) is cpu_bf16

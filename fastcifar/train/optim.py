@@ -12,8 +12,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     """SGD (momentum, Nesterov), Adam or AdamW. Weight decay skips biases and norm weights.
     With `fused_optimizer` a step is torch's fused implementation, one kernel a parameter
     group; otherwise torch picks (for-loop on the CPU, foreach on CUDA). On the CPU the
-    fused step alone is 3x to 13x faster, but a whole training step was not measurably
-    so (benchmarks/NOTES.md), so it is off by default."""
+    fused step alone is 2x to 13x faster; whole training steps gained on a CPU with AMX,
+    where it is the default (`recipes.AMX_CPU_RECIPES`), and not measurably on one with
+    AVX512-BF16 alone (benchmarks/NOTES.md)."""
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     groups = [
