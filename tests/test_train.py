@@ -165,6 +165,15 @@ def test_a_log_opens_with_one_line_saying_what_trains(tmp_path, small_data):
     assert first.endswith(f"run directory {tmp_path / 'run'}")
 
 
+def test_the_log_line_says_when_the_optimiser_step_is_fused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    fused = small_config("data", tmp_path, fused_optimizer=True)
+    header = engine.run_header(fused, model, "a CPU", 7, tmp_path)
+    assert "; 3 epochs x 7 steps of 50, fused sgd onecycle lr 0.05;" in header
+    plain = engine.run_header(fused.replace(fused_optimizer=False), model, "a CPU", 7, tmp_path)
+    assert ", sgd onecycle lr 0.05;" in plain and "fused" not in plain
+
+
 def test_same_seed_same_result_other_seed_differs(tmp_path, small_data):
     runs = [fit(small_config(small_data, tmp_path / str(i), seed=s, epochs=1), TrainingDisplay(quiet=True))
             for i, s in enumerate([7, 7, 8])]  # fmt: skip

@@ -267,7 +267,8 @@ def run_header(cfg: TrainConfig, model, device_label: str, steps: int, run_dir: 
     return (
         f"{cfg.arch} ({params:,} params) on {device_label}: {', '.join(speed)}; "
         f"{_count(cfg.epochs, 'epoch')} x {_count(steps, 'step')} of {cfg.batch_size}, "
-        f"{cfg.optimizer} {cfg.schedule} lr {cfg.lr:g}; run directory {run_dir}"
+        f"{'fused ' if cfg.fused_optimizer else ''}{cfg.optimizer} {cfg.schedule} lr {cfg.lr:g}; "
+        f"run directory {run_dir}"
     )
 
 
