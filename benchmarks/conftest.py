@@ -137,12 +137,30 @@ def paired_training_steps(benchmark, arch: str, full: bool, device, *, kind: str
     the same model after `swap(model)` ("native"), `prepare(model)` applied to both first:
     alternating timed windows of about `images` images each, `rounds` times. The result
     goes into `benchmark.extra_info` under `kind` and is returned."""
-    import torch.nn.functional as F
-
-    from fastcifar.models import create_model
     from fastcifar.recipes import recipe
 
     batch = recipe(arch, "cpu").get("batch_size", 256) if full else 8
+    return _paired_steps(benchmark, arch, full, device, kind=kind, swap=swap, prepare=prepare,
+                         images=images, rounds=rounds, batch=batch, train=True)  # fmt: skip
+
+
+def paired_evaluation_steps(benchmark, arch: str, full: bool, device, *, kind: str, swap,
+                            prepare=None, images: int, rounds: int) -> dict:  # fmt: skip
+    """`paired_training_steps` for evaluation: the models in eval mode, forward only under
+    `torch.no_grad()` and bf16 autocast, batches of the evaluation's size (1,000)."""
+    from fastcifar.config import TrainConfig
+
+    batch = TrainConfig().eval_batch_size if full else 8
+    return _paired_steps(benchmark, arch, full, device, kind=kind, swap=swap, prepare=prepare,
+                         images=images, rounds=rounds, batch=batch, train=False)  # fmt: skip
+
+
+def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images, rounds, batch,
+                  train) -> dict:  # fmt: skip
+    import torch.nn.functional as F
+
+    from fastcifar.models import create_model
+
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     sides = {}
@@ -153,12 +171,17 @@ def paired_training_steps(benchmark, arch: str, full: bool, device, *, kind: str
             prepare(model)
         if name == "native":
             assert swap(model) > 0
+        model.train(train)
         sides[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     steps = max(3, images // batch) if full else 1
 
     def window(side):
         model, optimizer = side
         for _ in range(steps):
+            if not train:
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(x)
+                continue
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)

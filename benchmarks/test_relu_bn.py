@@ -3,8 +3,10 @@ side by side: whole bf16 training steps of the models with ReLU-BatchNorm pairs,
 alternating timed windows (both sides with native pooling where it is available, so only
 the pairs differ); the layer with a following 2x2 max pool folded in, against the same
 layer and the native pool apart; and the layer with the AMX convolution after it folded in
-(its backward's sums from the convolution's gradients), against the two apart. Medians
-of the per-round ratios."""
+(its backward's sums from the convolution's gradients), against the two apart; and
+evaluation (no autograd) of the models with the layers in their one pass, the pools
+folded in, against ATen's ReLU and BatchNorm and the native pool. Medians of the
+per-round ratios."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from fastcifar.models.relu_bn import (
     use_relu_bn_pool,
 )
 
-from .conftest import paired_training_steps
+from .conftest import paired_evaluation_steps, paired_training_steps
 
 pytestmark = pytest.mark.skipif(
     not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX-512"
@@ -70,3 +72,22 @@ def test_training_step_with_the_next_convolution_folded_in(benchmark, full, devi
                                    swap=use_relu_bn_conv, prepare=cpu_default_layers,
                                    images=2048, rounds=7)  # fmt: skip
     assert result["speedup"] > 0
+
+
+@pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn"])
+def test_evaluation_in_one_pass(benchmark, full, device, arch):
+    if device.type != "cpu":
+        pytest.skip("a CPU kernel")
+    prepare = use_native_pooling if native_pooling_available() else None
+    result = paired_evaluation_steps(benchmark, arch, full, device, kind="relu_bn_eval",
+                                     swap=swap_relu_bn_and_pools, prepare=prepare,
+                                     images=5000, rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+def swap_relu_bn_and_pools(model) -> int:
+    """The ReLU-BatchNorm pairs as one layer each, the pools after them folded in: how
+    many pairs."""
+    pairs = use_relu_bn(model)
+    use_relu_bn_pool(model)
+    return pairs

@@ -15,6 +15,7 @@ from fastcifar.models.relu_bn import (
     ReluBatchNormMaxPool2d,
     relu_bn_available,
     use_relu_bn,
+    use_relu_bn_pool,
 )
 from fastcifar.ops.relu_bn import relu_batch_norm, relu_bn_fits
 
@@ -147,7 +148,13 @@ def assert_trains_alike(eager, swapped, layer, eager_layer):
         torch.testing.assert_close(getattr(layer, name), getattr(eager_layer, name))
     eager.eval(), swapped.eval()
     x = channels_last(4, 3, 10, 10, seed=20)
-    torch.testing.assert_close(swapped(x), eager(x))
+    want = eager(x)
+    got = swapped(x)  # with autograd: ATen's ReLU and BatchNorm
+    assert got.requires_grad
+    torch.testing.assert_close(got, want)
+    for no_autograd in (torch.no_grad, torch.inference_mode):  # one pass of the kernels
+        with no_autograd():
+            torch.testing.assert_close(swapped(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_checkpoint_loads_either_way():
@@ -193,10 +200,30 @@ def test_cerberus_swaps_every_relu_batch_norm_pair_and_trains_the_same():
                 assert F.cosine_similarity(*flat, dim=0) > 0.99
 
 
+def test_cerberus_evaluates_in_bf16_as_eager_layers_do():
+    """Evaluation without autograd through the one-pass kernels (the pools folded in),
+    under bf16 autocast, against the eager model, after a few training steps have moved
+    the running statistics."""
+    model = create_model("cerberus").to(memory_format=torch.channels_last)
+    for step in range(3):
+        model(channels_last(16, 3, 32, 32, seed=step))  # training mode: statistics move
+    reference_model = copy.deepcopy(model).eval()
+    assert use_relu_bn(model) == 12 and use_relu_bn_pool(model) == 3
+    model.eval()
+    x = channels_last(8, 3, 32, 32, seed=9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = reference_model(x).float(), model(x).float()
+    assert relative_max(got, want.double()) < 0.03  # twelve layers of bf16 rounding
+
+
 def test_compile_traces_the_layer_without_graph_breaks():
     model = pair(16)
     use_relu_bn(model)
     explanation = torch._dynamo.explain(model)(channels_last(2, 3, 6, 6))
+    assert explanation.graph_break_count == 0
+    model.eval()
+    with torch.no_grad():  # the one-pass evaluation
+        explanation = torch._dynamo.explain(model)(channels_last(2, 3, 6, 6))
     assert explanation.graph_break_count == 0
 
 

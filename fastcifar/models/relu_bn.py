@@ -1,8 +1,8 @@
 """`nn.ReLU` followed by `nn.BatchNorm2d` as one layer on the CPU (`fastcifar.ops.relu_bn`):
 in training, for channels-last batches with channels in multiples of 16 on a CPU with
 AVX-512, the pair becomes two passes forward and two backward over the activations
-where ATen makes about five and eight; in evaluation, and for other batches, ATen's ReLU and
-BatchNorm. Where a 2x2 max pool follows the pair, `ReluBatchNormMaxPool2d` takes it in too:
+where ATen makes about five and eight; in evaluation without autograd, one pass where
+ATen makes two; for other batches, ATen's ReLU and BatchNorm. Where a 2x2 max pool follows the pair, `ReluBatchNormMaxPool2d` takes it in too:
 the full-size output and its gradient are never written. Where a convolution with its
 weight gradient on AMX follows, `ReluBatchNormConv2d` applies it too, and its backward
 takes the BatchNorm's sums from the convolution's gradients (`fastcifar.ops.relu_bn_conv`)."""
@@ -16,7 +16,7 @@ from torch import nn
 from fastcifar.models.amx_conv import AmxGradConv2d
 from fastcifar.models.conv3x3 import same_conv
 from fastcifar.models.pooling import MaxPool2x2, is_plain_2x2
-from fastcifar.ops.relu_bn import relu_batch_norm, relu_bn_fits
+from fastcifar.ops.relu_bn import relu_batch_norm, relu_batch_norm_eval, relu_bn_fits
 from fastcifar.ops.relu_bn_conv import relu_batch_norm_conv
 
 
@@ -25,9 +25,28 @@ class ReluBatchNorm2d(nn.BatchNorm2d):
     checkpoint loads either way), the ReLU folded in."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.affine and relu_bn_fits(x)):
-            return super().forward(F.relu(x))
-        return self.train_forward(x)
+        if self.training and self.affine and relu_bn_fits(x):
+            return self.train_forward(x)
+        if self.evaluates_in_one_pass(x):
+            return self.eval_forward(x)
+        return super().forward(F.relu(x))
+
+    def eval_forward(self, x: torch.Tensor, max_pool: bool = False) -> torch.Tensor:
+        """Through the kernels: x is a batch `evaluates_in_one_pass` takes."""
+        return relu_batch_norm_eval(x, self.weight, self.bias, self.running_mean,
+                                    self.running_var, self.eps, max_pool)  # fmt: skip
+
+    def evaluates_in_one_pass(self, x: torch.Tensor) -> bool:
+        """Evaluation by the running statistics, nothing to differentiate, a batch the
+        kernels take."""
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and self.affine
+            and self.running_mean is not None
+            and self.running_var is not None
+            and relu_bn_fits(x)
+        )
 
     def train_forward(self, x: torch.Tensor, max_pool: bool = False) -> torch.Tensor:
         """Through the kernels: x is a training batch `relu_bn_fits` takes."""
@@ -48,16 +67,19 @@ class ReluBatchNorm2d(nn.BatchNorm2d):
 
 class ReluBatchNormMaxPool2d(ReluBatchNorm2d):
     """`ReluBatchNorm2d` followed by `nn.MaxPool2d(2)`: in training, the second forward pass
-    writes the pooled output and the first backward pass reads pooled tensors; the same
-    parameters and buffers."""
+    writes the pooled output and the first backward pass reads pooled tensors; in
+    evaluation without autograd the one pass pools; the same parameters and buffers."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pool = MaxPool2x2()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.affine and relu_bn_fits(x) and min(x.shape[2:]) >= 2:
-            return self.train_forward(x, max_pool=True)
+        if min(x.shape[2:]) >= 2:
+            if self.training and self.affine and relu_bn_fits(x):
+                return self.train_forward(x, max_pool=True)
+            if self.evaluates_in_one_pass(x):
+                return self.eval_forward(x, max_pool=True)
         return self.pool(super().forward(x))
 
 

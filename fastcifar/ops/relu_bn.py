@@ -87,6 +87,26 @@ def relu_batch_norm(
     return y
 
 
+def relu_batch_norm_eval(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    max_pool: bool = False,
+) -> torch.Tensor:
+    """`F.batch_norm(F.relu(x), running_mean, running_var, weight, bias, training=False,
+    eps=eps)` for a batch `relu_bn_fits` takes, in one pass without autograd (for
+    evaluation under `torch.no_grad()` or `torch.inference_mode()`); with `max_pool`, then
+    `F.max_pool2d(y, 2)` in the same pass (x needs 2 x 2 pixels or more)."""
+    scale = weight.double() * torch.rsqrt(running_var.double() + eps)
+    shift = bias.double() - running_mean.double() * scale
+    if max_pool:
+        return torch.ops.fastcifar.relu_affine_max_pool(x, scale.float(), shift.float())[0]
+    return torch.ops.fastcifar.relu_affine(x, scale.float(), shift.float())
+
+
 def batch_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """(mean, var, invstd, scale, shift) of relu(x) per channel, float64: y = relu(x) *
     scale + shift is the BatchNorm's output."""
