@@ -141,6 +141,21 @@ def test_cache_roundtrip_is_memory_mapped(png_zip, arrays):
     assert_same_arrays(second, folder_order(arrays))
 
 
+def test_a_read_that_finds_the_entry_mid_replacement_is_tried_again(png_zip, arrays, monkeypatch):
+    """Two processes decoding the same source (a sweep's workers): the first read after
+    writing may find the other one's replacement half done."""
+    real_read, calls = cache.read_entry, []
+
+    def racing_read(entry):
+        calls.append(entry)  # the lookup, the writer's own check, then the first read
+        return None if len(calls) <= 3 else real_read(entry)
+
+    monkeypatch.setattr(cache, "read_entry", racing_read)
+    got = load_cached(png_zip, log=lambda _: None)
+    assert_same_arrays(got, folder_order(arrays))
+    assert len(calls) == 4
+
+
 def test_an_uncreatable_cache_folder_is_refused_before_decoding(png_zip, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

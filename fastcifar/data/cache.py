@@ -76,10 +76,13 @@ def load_cached(source: Path, log=print) -> CifarArrays:
         log(f"cache entry {entry} is damaged; rebuilding it")
     log(f"decoding {source} once into {entry}")
     write_entry(entry, read_source(source), source)
-    arrays = read_entry(entry)
-    if arrays is None:
-        raise OSError(f"cache entry {entry} failed its check right after writing")
-    return arrays
+    # another process (a sweep's workers) may be replacing the same entry just now
+    for wait in (0.0, 0.1, 0.5, 2.0):
+        time.sleep(wait)
+        arrays = read_entry(entry)
+        if arrays is not None:
+            return arrays
+    raise OSError(f"cache entry {entry} failed its check right after writing")
 
 
 def entry_source(entry: Path) -> str | None:
@@ -146,6 +149,8 @@ def write_entry(entry: Path, arrays: CifarArrays, source: Path) -> None:
             "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if read_entry(entry) is not None:
+            return  # another process wrote the same source's entry first: keep it
         replace_folder(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
