@@ -172,7 +172,8 @@ def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images,
         if name == "native":
             assert swap(model) > 0
         model.train(train)
-        sides[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
+        sides[name] = (model, optimizer)
     steps = max(3, images // batch) if full else 1
 
     def window(side):

@@ -16,8 +16,9 @@
 // 11% more time (benchmarks/NOTES.md). The bias gradient is the sum of g's transposed
 // rows. Each thread sums its blocks into float tiles of its own, zeroed in the tile
 // registers at its first block (not in memory); the partial sums of the threads that ran
-// add up at the end, straight into the weight's channels-last layout. The buffers come from torch's allocator, 64-byte aligned (in 16-byte
-// aligned buffers the tiles' rows crossed two cache lines, at half the speed).
+// add up at the end, straight into the weight's channels-last layout. The buffers come
+// from torch's allocator, 64-byte aligned (in 16-byte aligned buffers the tiles' rows
+// crossed two cache lines, at half the speed).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>

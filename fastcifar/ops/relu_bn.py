@@ -100,8 +100,7 @@ def relu_batch_norm_eval(
     eps=eps)` for a batch `relu_bn_fits` takes, in one pass without autograd (for
     evaluation under `torch.no_grad()` or `torch.inference_mode()`); with `max_pool`, then
     `F.max_pool2d(y, 2)` in the same pass (x needs 2 x 2 pixels or more)."""
-    scale = weight.double() * torch.rsqrt(running_var.double() + eps)
-    shift = bias.double() - running_mean.double() * scale
+    _, scale, shift = affine_terms(running_mean.double(), running_var.double(), weight, bias, eps)
     if max_pool:
         return torch.ops.fastcifar.relu_affine_max_pool(x, scale.float(), shift.float())[0]
     return torch.ops.fastcifar.relu_affine(x, scale.float(), shift.float())
@@ -114,9 +113,15 @@ def batch_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     sums = torch.ops.fastcifar.relu_moments(x)
     mean = sums[0] / pixels
     var = (sums[1] / pixels - mean * mean).clamp_min(0)
+    return mean, var, *affine_terms(mean, var, weight, bias, eps)
+
+
+def affine_terms(mean, var, weight, bias, eps: float):
+    """(invstd, scale, shift) per channel, float64: BatchNorm normalising by (mean, var)
+    is y = h * scale + shift."""
     invstd = torch.rsqrt(var + eps)
     scale = weight.double() * invstd
-    return mean, var, invstd, scale, bias.double() - mean * scale
+    return invstd, scale, bias.double() - mean * scale
 
 
 def input_grad_terms(sum_g, scaled_centred, x, weight, mean, invstd):
