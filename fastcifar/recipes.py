@@ -2,7 +2,7 @@
 
 `recipe(arch, device)` returns the config values that differ from `TrainConfig`'s
 defaults. The speed settings (amp, compile, batch size) are the ones measured fastest on
-each device; the README's performance section gives the measurements.
+each device; docs/PERFORMANCE.md gives the measurements.
 """
 
 from __future__ import annotations
