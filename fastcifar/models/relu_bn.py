@@ -3,9 +3,10 @@ in training, for channels-last batches with channels in multiples of 16 on a CPU
 AVX-512, the pair becomes two passes forward and two backward over the activations
 where ATen makes about five and eight; in evaluation without autograd, one pass where
 ATen makes two; for other batches, ATen's ReLU and BatchNorm. Where a 2x2 max pool
-follows the pair, `ReluBatchNormMaxPool2d` takes it in too: the full-size output and its gradient are never written. Where a convolution with its
-weight gradient on AMX follows, `ReluBatchNormConv2d` applies it too, and its backward
-takes the BatchNorm's sums from the convolution's gradients (`fastcifar.ops.relu_bn_conv`)."""
+follows the pair, `ReluBatchNormMaxPool2d` takes it in too: the full-size output and its
+gradient are never written. Where a convolution with its weight gradient on AMX follows,
+`ReluBatchNormConv2d` applies it too, and its backward takes the BatchNorm's sums from
+the convolution's gradients (`fastcifar.ops.relu_bn_conv`)."""
 
 from __future__ import annotations
 
