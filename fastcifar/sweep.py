@@ -1,9 +1,7 @@
 """`fastcifar sweep FILE`: grid or TPE searches over `fastcifar train` options, on Optuna.
 
-A sweep file is TOML. Its `[search]` table names the space: a list is an axis, a scalar
-is fixed, and an axis of tables sets several options together (the paper's "SGD with
-momentum 0.5"). An optional `[sampler]` table picks `type = "grid"` (default) or
-`"tpe"` with a `trials` budget, a `seed`, and `prune` (median pruning on val accuracy).
+The sweep file is read by `fastcifar.sweep_spec`; the result table is made by
+`fastcifar.sweep_results`.
 
 The study lives in Optuna storage: a SQLite file in the sweep's folder by default, or
 any `--storage` URL (PostgreSQL for many machines). Workers heartbeat; a killed worker's
@@ -13,7 +11,6 @@ parameters. Every trial is an MLflow child run under one parent run for the swee
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -21,142 +18,22 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
-from itertools import product
 from pathlib import Path
 
-from fastcifar.config import MAX_SEED, TrainConfig, load_toml, read_text
+from fastcifar.config import MAX_SEED, TrainConfig
 from fastcifar.errors import UserError, first_line, is_out_of_memory, settings_error_line
 from fastcifar.interrupts import interrupts_allowed, interrupts_deferred
+from fastcifar.sweep_results import results, trial_line, write_results
+from fastcifar.sweep_spec import SweepSpec, decode_choice, encode_choice
 
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-SWEEP_ONLY = {"out", "resume"}  # per-trial values the sweep owns
-RESULT_COLUMNS = (
-    "trial",
-    "model",
-    "duration",
-    "lr",
-    "optimizer",
-    "accuracy",
-    "epochs_needed",
-    "state",
-)
 SPEC_TEXT_ENV = "FASTCIFAR_SWEEP_TEXT"  # the sweep file's text, handed to its workers
-PAPER_AXES = ("arch", "lr", "optimizer")  # the axes the paper's columns already show
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    name: str
-    axes: dict[str, list]  # axis name -> choices (scalars, or dicts of options)
-    fixed: dict
-    sampler: str  # grid | tpe
-    trials: int | None  # tpe budget
-    seed: int
-    prune: bool
-    path: Path  # the sweep file
-    text: str  # its contents as read when the sweep began, which every worker parses
-
-    def grid(self) -> list[dict]:
-        """Every combination's options, in file order."""
-        names = list(self.axes)
-        return [
-            self.options(dict(zip(names, combo, strict=True)))
-            for combo in product(*self.axes.values())
-        ]
-
-    def planned(self) -> int:
-        """How many trials the sweep runs: every grid point, or the TPE budget."""
-        return len(self.grid()) if self.sampler == "grid" else self.trials
-
-    def options(self, choice: dict) -> dict:
-        """Config options for one choice per axis: fixed values, then each axis' value."""
-        values = dict(self.fixed)
-        for name, value in choice.items():
-            values.update(value if isinstance(value, dict) else {name: value})
-        return values
-
-
-def read_sweep(path: Path, text: str | None = None) -> SweepSpec:
-    """The sweep file at `path`, or `text` read from it earlier (a worker parses the text
-    its sweep read, so that an edit of the file during a sweep changes nothing in it)."""
-    text = read_text(path, "sweep file") if text is None else text
-    raw = load_toml(path, "sweep file", text)
-    unknown_tables = set(raw) - {"search", "sampler"}
-    if unknown_tables or "search" not in raw:
-        raise UserError(
-            f"{path}: a sweep file has a [search] table and an optional [sampler] table"
-        )
-    axes, fixed = {}, {}
-    for key, value in raw["search"].items():
-        name = key.replace("-", "_")
-        if isinstance(value, list):
-            if not value:
-                raise UserError(f"{path}: axis {key!r} is empty")
-            if all(isinstance(v, dict) for v in value):
-                value = [{k.replace("-", "_"): v for k, v in d.items()} for d in value]
-                keys = {k for d in value for k in d}
-            else:
-                keys = {name}
-            axes[name] = value
-        else:
-            fixed[name] = value
-            keys = {name}
-        bad = (keys - CONFIG_FIELDS) | (keys & SWEEP_ONLY)
-        if bad:
-            raise UserError(f"{path}: unknown or sweep-owned option(s) {', '.join(sorted(bad))}")
-    sampler = {k.replace("-", "_"): v for k, v in raw.get("sampler", {}).items()}
-    unknown = set(sampler) - {"type", "trials", "seed", "prune"}
-    if unknown:
-        raise UserError(f"{path}: unknown [sampler] keys {', '.join(sorted(unknown))}")
-    kind = sampler.get("type", "grid")
-    if kind not in ("grid", "tpe"):
-        raise UserError(f"{path}: sampler type must be 'grid' or 'tpe', not {kind!r}")
-    trials = sampler.get("trials")
-    if kind == "tpe" and (not isinstance(trials, int) or trials <= 0):
-        raise UserError(f"{path}: a tpe sampler needs a positive 'trials' budget")
-    seed, prune = sampler.get("seed", 0), sampler.get("prune", True)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise UserError(
-            f"{path}: the sampler's seed must be an integer in 0..{MAX_SEED}, not {seed!r}"
-        )
-    if not isinstance(prune, bool):
-        raise UserError(f"{path}: the sampler's prune must be true or false, not {prune!r}")
-    spec = SweepSpec(path.stem, axes, fixed, kind, trials, seed, prune, path, text)
-    for options in spec.grid():  # every point must be a valid training config
-        _check(options, path)
-    return spec
-
-
-def _check(options: dict, path: Path) -> None:
-    try:
-        TrainConfig.from_dict({"arch": "lenet", **options})
-    except UserError as exc:
-        raise UserError(f"{path}: {exc} (in {json.dumps(options)})") from None
-    from fastcifar.models import check_arch
-
-    try:
-        check_arch(options.get("arch", "lenet"))
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-
-
-def _encode(value) -> str | int | float | bool:
-    """Optuna choices must be scalars: tables travel as JSON text."""
-    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
-
-
-def _decode(value):
-    if isinstance(value, str) and value.startswith("{"):
-        return json.loads(value)
-    return value
 
 
 def make_sampler(spec: SweepSpec, worker: int):
     import optuna
 
     if spec.sampler == "grid":
-        space = {name: [_encode(v) for v in values] for name, values in spec.axes.items()}
+        space = {name: [encode_choice(v) for v in values] for name, values in spec.axes.items()}
         # One seed for every worker: the seed also orders the grid, whose point ids the
         # workers share through the study.
         return optuna.samplers.GridSampler(space, seed=spec.seed)
@@ -229,7 +106,7 @@ def _run_trials(spec: SweepSpec, storage_url: str, out: Path, data: str | None, 
         if trials_here:  # an earlier trial's model and data, or a failed one's, let go
             free_earlier_runs(device)
         trials_here.append(trial.number)
-        choice = {name: _decode(trial.suggest_categorical(name, [_encode(v) for v in values]))
+        choice = {name: decode_choice(trial.suggest_categorical(name, [encode_choice(v) for v in values]))
                   for name, values in spec.axes.items()}  # fmt: skip
         if spec.sampler == "grid" and _taken_by_another(study, trial):
             # Two workers raced for one grid point: the first trial keeps it, this one counts
@@ -480,82 +357,3 @@ def _gpu_count() -> int:
         return torch.cuda.device_count()
     except Exception:
         return 0
-
-
-def results(study, spec: SweepSpec) -> list[dict]:
-    """One row per grid point (the latest finished trial of each): the paper's columns, and
-    after the optimiser one column per other axis (a seed axis, say), in file order."""
-    latest: dict[str, object] = {}
-    rank = {"FAIL": -1, "PRUNED": 0, "COMPLETE": 1}  # completed beats pruned beats failed
-    for trial in study.trials:
-        if trial.state.name not in rank or trial.user_attrs.get("duplicate"):
-            continue
-        if trial.state.name == "FAIL" and "error" not in trial.user_attrs:
-            continue  # a dead worker's trial: retried, not a result
-        key = json.dumps(trial.params, sort_keys=True)
-        if key not in latest or rank[trial.state.name] >= rank[latest[key].state.name]:
-            latest[key] = trial
-    rows = []
-    for trial in sorted(latest.values(), key=lambda t: t.number):
-        choice = {name: _decode(value) for name, value in trial.params.items()}
-        options = spec.options(choice)
-        # studies from before the "trained" record show the sweep file's options only
-        trained = trial.user_attrs.get("trained") or options
-        optimizer = trained.get("optimizer", "")
-        if optimizer == "sgd" and "momentum" in trained:
-            optimizer = f"sgd m={trained['momentum']}"
-        duration = trial.user_attrs.get("duration_s")
-        rows.append({
-            "trial": trial.number,
-            "model": options.get("arch", TrainConfig.arch),
-            "duration": _minutes(duration) if duration is not None else "",
-            "lr": trained.get("lr", ""),
-            "optimizer": optimizer,
-            **{name: _shown(choice.get(name, "")) for name in _other_axes(spec)},
-            "accuracy": f"{trial.user_attrs['test_acc']:.2%}" if "test_acc" in trial.user_attrs else "",
-            "epochs_needed": trial.user_attrs.get("epochs_needed", ""),
-            "state": "failed" if trial.state.name == "FAIL" else trial.state.name.lower(),
-            "val_acc": trial.value,
-            "error": trial.user_attrs.get("error", ""),
-        })  # fmt: skip
-    return rows
-
-
-def trial_line(row: dict, spec: SweepSpec) -> str:
-    """A finished trial as the sweep's log shows it: the paper's columns and every other axis."""
-    axes = "".join(f", {name} {row[name]}" for name in _other_axes(spec))
-    if row["state"] == "failed":
-        return (f"trial {row['trial']} failed: {row['model']}, lr {row['lr']}, "
-                f"{row['optimizer']}{axes}: {row['error']}")  # fmt: skip
-    return (f"trial {row['trial']} {row['state']}: {row['model']}, lr {row['lr']}, "
-            f"{row['optimizer']}{axes}: {row['accuracy']} test at epoch {row['epochs_needed']}, "
-            f"{row['duration']}")  # fmt: skip
-
-
-def result_columns(spec: SweepSpec) -> list[str]:
-    """The result table's columns: the paper's, with the sweep's other axes."""
-    at = RESULT_COLUMNS.index("optimizer") + 1
-    return [*RESULT_COLUMNS[:at], *_other_axes(spec), *RESULT_COLUMNS[at:]]
-
-
-def _other_axes(spec: SweepSpec) -> list[str]:
-    return [name for name in spec.axes if name not in PAPER_AXES]
-
-
-def _shown(value) -> str:
-    """An axis value as the table shows it: a table of options as `key=value ...`."""
-    if isinstance(value, dict):
-        return " ".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def write_results(rows: list[dict], spec: SweepSpec, out: Path) -> None:
-    from fastcifar.tables import write_table
-
-    columns = result_columns(spec)
-    write_table(rows, [*columns, "val_acc", "error"], out / "results.csv")
-    write_table(rows, columns, out / "results.md")

@@ -18,7 +18,9 @@ import pytest
 from fastcifar import sweep
 from fastcifar.cli import main
 from fastcifar.errors import UserError
-from fastcifar.sweep import read_sweep, run_sweep
+from fastcifar.sweep import run_sweep
+from fastcifar.sweep_results import result_columns
+from fastcifar.sweep_spec import read_sweep
 
 from .conftest import make_arrays, write_batches_dir
 
@@ -364,7 +366,7 @@ def test_a_bug_in_a_trial_stops_its_worker_loudly(tmp_path, data, monkeypatch):
 
 def test_the_table_keeps_the_columns_the_sweep_began_with(tmp_path, capsys, monkeypatch):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]', name="e")
-    columns = sweep.result_columns(read_sweep(path))
+    columns = result_columns(read_sweep(path))
 
     def sweep_while_the_file_is_edited(spec, **options):
         spec.path.write_text("[search]\nlr = [0.1]\nseed = [0, 1]\n")  # the next sweep, drafted

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar.sweep import read_sweep, run_sweep
+from fastcifar.sweep import run_sweep
+from fastcifar.sweep_spec import read_sweep
 
 from .conftest import make_arrays, write_batches_dir
 

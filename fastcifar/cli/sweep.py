@@ -31,9 +31,11 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from fastcifar import sweep
+    from fastcifar.sweep_results import result_columns, trial_line
+    from fastcifar.sweep_spec import read_sweep
 
     if args.worker_of:  # one worker process, started by the sweep command
-        spec = sweep.read_sweep(args.file, os.environ.get(sweep.SPEC_TEXT_ENV))
+        spec = read_sweep(args.file, os.environ.get(sweep.SPEC_TEXT_ENV))
         worker = int(os.environ.get("FASTCIFAR_SWEEP_WORKER", "0"))
         try:
             if "FASTCIFAR_SWEEP_PARENT" in os.environ:
@@ -49,13 +51,13 @@ def run(args) -> int:
     from fastcifar.display import table_console
 
     console = table_console()
-    spec = sweep.read_sweep(args.file)  # read once: an edit during the sweep changes nothing
+    spec = read_sweep(args.file)  # read once: an edit during the sweep changes nothing
     rows = sweep.run_sweep(
         spec, storage=args.storage, workers=args.workers, resume=args.resume, out=args.out,
         data=args.data, track=args.track, tracking_uri=args.tracking_uri, heartbeat=args.heartbeat,
         log=console.print,
     )  # fmt: skip
-    columns = sweep.result_columns(spec)
+    columns = result_columns(spec)
     table = Table(title=f"sweep {args.file.stem}")
     for column in columns:
         table.add_column(column.replace("_", " "), justify="right")
@@ -68,5 +70,5 @@ def run(args) -> int:
                       highlight=False, soft_wrap=True)  # a command to copy: never wrapped  # fmt: skip
     failed = [row for row in rows if row["state"] == "failed"]
     for row in failed:
-        print(f"fastcifar: error: {sweep.trial_line(row, spec)}", file=sys.stderr)
+        print(f"fastcifar: error: {trial_line(row, spec)}", file=sys.stderr)
     return 1 if failed else 0
