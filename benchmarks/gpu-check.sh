@@ -101,8 +101,9 @@ done
 stage train-cerberus-no-cudagraphs 180 $PY -m fastcifar train --arch cerberus --amp \
   --compile-mode default --no-track --quiet --out "$runs/cerberus-cuda-no-cudagraphs"
 # the recipe at batch 1024, where the step ran at 38% of the matmul peak against 8% at 256:
-# two peak learning rates, three seeds each (the rule for adopting it is in NOTES.md)
-for lr in 0.1 0.2; do
+# three seeds of the peak learning rate that seed 0 of 0.1 and 0.2 picked on the CPU (the
+# rules for both choices are in NOTES.md)
+for lr in 0.1; do
   for seed in 0 1 2; do
     stage "train-cerberus-b1024-lr$lr-s$seed" 120 $PY -m fastcifar train --arch cerberus --amp \
       --batch-size 1024 --lr "$lr" --seed "$seed" --no-track --quiet \
