@@ -24,7 +24,7 @@ from fastcifar.config import MAX_SEED, TrainConfig
 from fastcifar.errors import UserError, first_line, is_out_of_memory, settings_error_line
 from fastcifar.interrupts import interrupts_allowed, interrupts_deferred
 from fastcifar.sweep_results import results, trial_line, write_results
-from fastcifar.sweep_spec import SweepSpec, decode_choice, encode_choice
+from fastcifar.sweep_spec import SweepSpec, decode_choice, encode_choice, point_key
 
 SPEC_TEXT_ENV = "FASTCIFAR_SWEEP_TEXT"  # the sweep file's text, handed to its workers
 
@@ -106,8 +106,10 @@ def _run_trials(spec: SweepSpec, storage_url: str, out: Path, data: str | None, 
         if trials_here:  # an earlier trial's model and data, or a failed one's, let go
             free_earlier_runs(device)
         trials_here.append(trial.number)
-        choice = {name: decode_choice(trial.suggest_categorical(name, [encode_choice(v) for v in values]))
-                  for name, values in spec.axes.items()}  # fmt: skip
+        choice = {
+            name: decode_choice(trial.suggest_categorical(name, [encode_choice(v) for v in values]))
+            for name, values in spec.axes.items()
+        }
         if spec.sampler == "grid" and _taken_by_another(study, trial):
             # Two workers raced for one grid point: the first trial keeps it, this one counts
             # nowhere, and this worker stops (the round loop in run_sweep covers what is left).
@@ -293,10 +295,10 @@ def _retry_failed_points(study) -> None:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    settled = {json.dumps(t.params, sort_keys=True) for t in trials
+    settled = {point_key(t.params) for t in trials
                if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)}  # fmt: skip
     for trial in trials:
-        key = json.dumps(trial.params, sort_keys=True)
+        key = point_key(trial.params)
         if trial.state == TrialState.FAIL and "error" in trial.user_attrs and key not in settled:
             study.enqueue_trial(trial.params)
             settled.add(key)
@@ -337,7 +339,7 @@ def _trials_done(spec: SweepSpec, study, errors_since: int | None = None) -> int
                      if t.number >= errors_since and "error" in t.user_attrs]  # fmt: skip
     if spec.sampler == "tpe":
         return len(finished)
-    return len({json.dumps(t.params, sort_keys=True) for t in finished})
+    return len({point_key(t.params) for t in finished})
 
 
 def _taken_by_another(study, trial) -> bool:

@@ -4,11 +4,10 @@ shows each trial and as results.csv and results.md hold them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fastcifar.config import TrainConfig
-from fastcifar.sweep_spec import SweepSpec, decode_choice
+from fastcifar.sweep_spec import SweepSpec, decode_choice, point_key
 
 RESULT_COLUMNS = (
     "trial",
@@ -33,7 +32,7 @@ def results(study, spec: SweepSpec) -> list[dict]:
             continue
         if trial.state.name == "FAIL" and "error" not in trial.user_attrs:
             continue  # a dead worker's trial: retried, not a result
-        key = json.dumps(trial.params, sort_keys=True)
+        key = point_key(trial.params)
         if key not in latest or rank[trial.state.name] >= rank[latest[key].state.name]:
             latest[key] = trial
     rows = []

@@ -1,5 +1,6 @@
 """A sweep file, read and checked (`read_sweep`, `SweepSpec`), and how a choice travels
-through Optuna, which takes only scalars (`encode_choice`, `decode_choice`).
+through Optuna, which takes only scalars (`encode_choice`, `decode_choice`,
+`point_key`).
 
 A sweep file is TOML. Its `[search]` table names the space: a list is an axis, a scalar
 is fixed, and an axis of tables sets several options together (the paper's "SGD with
@@ -127,3 +128,8 @@ def decode_choice(value):
     if isinstance(value, str) and value.startswith("{"):
         return json.loads(value)
     return value
+
+
+def point_key(params: dict) -> str:
+    """A grid point's identity across trials: its Optuna params as sorted JSON text."""
+    return json.dumps(params, sort_keys=True)
