@@ -453,7 +453,10 @@ def test_existing_run_and_resume_errors(capsys, tmp_path, data):
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "empty"))
     assert_one_line_error(code, err, "nothing to resume")
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--lr", "0.3")
-    assert_one_line_error(code, err, "cannot change --lr")
+    assert_one_line_error(code, err, f"cannot change --lr (0.05 in {tmp_path / 'run'}, not 0.3)")
+    # the command line that started the run, repeated with --resume, is no change
+    code, _, err = run(capsys, *quick(data, tmp_path / "run"), "--resume", str(tmp_path / "run"))
+    assert code == 0 and err.strip().endswith("has already run 1 of 1 epochs; nothing to resume")
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--epochs", "3")
     assert_one_line_error(code, err, "--epochs cannot change on resume: the onecycle schedule")
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"))

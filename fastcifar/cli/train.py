@@ -101,14 +101,13 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     flags = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
     resume = getattr(args, "resume", None)
     if resume is not None:
-        extra = set(flags) - RESUME_OVERRIDES
-        if extra:
-            names = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
-            raise UserError(f"--resume continues the saved config; it cannot change {names}")
         saved = resume / "config.json"
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} not found")
         values = _found_data(read_run_config(saved), resume)
+        if flags.get("amp") == "auto":
+            flags["amp"] = fastest_amp(resolve_device(flags.get("device") or values["device"]))
+        _check_unchanged(TrainConfig.from_dict(values), flags, resume)
         return TrainConfig.from_dict({**values, **flags}), resume
     config = getattr(args, "config", None)
     file_values = read_config(config) if config else {}
@@ -122,6 +121,18 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
             print(f"fastcifar: {SLOW_BF16}; --amp trains in fp32", file=sys.stderr)
     values = {**recipe(arch, device.type), **file_values, **flags, "arch": arch}
     return TrainConfig.from_dict(values), None
+
+
+def _check_unchanged(saved: TrainConfig, flags: dict, run: Path) -> None:
+    """Refuse flags that would change a resumed run's settings (repeating them is fine)."""
+    given = TrainConfig.from_dict({**saved.to_dict(), **flags})
+    for name in sorted(set(flags) - RESUME_OVERRIDES):
+        if getattr(given, name) != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"--resume continues the saved config; it cannot change {flag} "
+                f"({getattr(saved, name)} in {run}, not {getattr(given, name)})"
+            )
 
 
 def _found_data(values: dict, run: Path) -> dict:
