@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastcifar.ops import conv_bn_relu
+from fastcifar.ops import fused_kernels
 
 
 def compile_for_hopper(kernel, constants: dict, pointer_types: dict, sizes: tuple,
@@ -73,15 +73,15 @@ def compile_conv(loop: str, block=(128, 64, 32), num_warps: int = 4, tap_aligned
     channels; `size`: the image's (a compile-time constant of the TMA kernel)."""
     tile = dict(BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2])
     if loop == "tma":
-        box = conv_bn_relu._image_box(block[0], size, size)
+        box = fused_kernels.image_box(block[0], size, size)
         descriptors = {"x_desc": _descriptor_type(*box, block[2]),
                        "w_desc": _descriptor_type(block[2], block[1])}  # fmt: skip
-        return compile_for_hopper(conv_bn_relu._conv3x3_tma_kernel,
+        return compile_for_hopper(fused_kernels.conv3x3_tma_kernel,
                                   {**EPILOGUE, **tile, "height": size, "width": size},
                                   {**EPILOGUE_POINTERS, **descriptors},
                                   ("batch", "c_in", "c_out"), num_warps)  # fmt: skip
     constants = {**EPILOGUE, **tile, "FLAT_K": loop == "flat", "TAP_ALIGNED": tap_aligned}
-    return compile_for_hopper(conv_bn_relu._conv3x3_kernel, constants, EPILOGUE_POINTERS,
+    return compile_for_hopper(fused_kernels.conv3x3_kernel, constants, EPILOGUE_POINTERS,
                               ("batch", "height", "width", "c_in", "c_out"), num_warps)  # fmt: skip
 
 
@@ -94,12 +94,12 @@ def compile_weight_grad(block=(128, 64, 64), num_warps: int = 4, size: int = 32,
                      BLOCK_P=block[0], BLOCK_CI=block[1], BLOCK_CO=block[2])  # fmt: skip
     sizes = ("batch", "c_in", "c_out", "pixels_per_split")
     types = {"dw_ptr": "fp32"}
-    kernel = conv_bn_relu._conv3x3_wgrad_kernel
+    kernel = fused_kernels.conv3x3_wgrad_kernel
     if loop == "tma":
-        box = conv_bn_relu._image_box(block[0], size, size)
+        box = fused_kernels.image_box(block[0], size, size)
         types |= {"x_desc": _descriptor_type(*box, block[1]),
                   "dy_desc": _descriptor_type(block[0], block[2])}  # fmt: skip
-        kernel = conv_bn_relu._conv3x3_wgrad_tma_kernel
+        kernel = fused_kernels.conv3x3_wgrad_tma_kernel
     return compile_for_hopper(kernel, constants, types, sizes, num_warps)
 
 
@@ -152,10 +152,10 @@ def tile_table(kernel: str, loop: str) -> list[str]:
     rows = ["| tile | warps | instructions a loop step | registers | shared memory |",
             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     if kernel == "conv":
-        tiles = conv_bn_relu.TMA_CONV_TILES if loop == "tma" else conv_bn_relu.CONV_TILES
+        tiles = fused_kernels.TMA_CONV_TILES if loop == "tma" else fused_kernels.CONV_TILES
         compile_tile = partial(compile_conv, loop)
     else:
-        tiles = conv_bn_relu.WGRAD_TILES
+        tiles = fused_kernels.WGRAD_TILES
         compile_tile = partial(compile_weight_grad, loop=loop)
     for *block, warps in tiles:
         r = pipeline_report(compile_tile(tuple(block), warps))

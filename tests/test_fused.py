@@ -330,6 +330,7 @@ def test_the_tma_convolution_at_the_gpus_tiles(tile, layer):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from fastcifar.ops import conv_bn_relu as ops
+    from fastcifar.ops import fused_kernels as kernels
 
     (bm, bn, bk, warps), (n, c_in, c_out, size) = tile, layer
     torch.manual_seed(0)
@@ -338,10 +339,10 @@ def test_the_tma_convolution_at_the_gpus_tiles(tile, layer):
     w9 = ops.to_w9(weight, torch.float16)
     y = torch.empty(n, size, size, c_out, device=DEVICE, dtype=torch.float16)
     sums = torch.zeros(2, c_out, device=DEVICE, dtype=torch.float64)
-    x_desc = TensorDescriptor.from_tensor(x, [*ops._image_box(bm, size, size), bk])
+    x_desc = TensorDescriptor.from_tensor(x, [*kernels.image_box(bm, size, size), bk])
     w_desc = TensorDescriptor.from_tensor(w9.reshape(-1, c_out), [bk, bn])
     grid = (triton.cdiv(n * size * size, bm), triton.cdiv(c_out, bn))
-    ops._conv3x3_tma_kernel.fn[grid](
+    kernels.conv3x3_tma_kernel.fn[grid](
         x_desc, w_desc, sums[0], y, sums[0], sums[0], sums[0], sums[1], n, size, size, c_in, c_out,
         RELU_FIRST=False, AFFINE=False, RELU_LAST=False, STATS=True, HAS_BIAS=False, UPCAST=False,
         PRECISION="ieee", ACC=tl.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
@@ -363,18 +364,18 @@ def test_the_tma_weight_gradient_at_the_gpus_tiles(tile, layer, per_split):
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from fastcifar.ops import conv_bn_relu as ops
+    from fastcifar.ops import fused_kernels as kernels
 
     (bp, bci, bco, warps), (n, c_in, c_out, size) = tile, layer
     torch.manual_seed(0)
     x = torch.randn(n, size, size, c_in, device=DEVICE).half()
     dy = torch.randn(n, size, size, c_out, device=DEVICE).half()
     dw = torch.zeros(9, c_in, c_out, device=DEVICE)
-    x_desc = TensorDescriptor.from_tensor(x, [*ops._image_box(bp, size, size), bci])
+    x_desc = TensorDescriptor.from_tensor(x, [*kernels.image_box(bp, size, size), bci])
     dy_desc = TensorDescriptor.from_tensor(dy.reshape(-1, c_out), [bp, bco])
     pixels = n * size * size
     grid = (triton.cdiv(c_in, bci), triton.cdiv(c_out, bco), 9 * triton.cdiv(pixels, per_split))
-    ops._conv3x3_wgrad_tma_kernel.fn[grid](
+    kernels.conv3x3_wgrad_tma_kernel.fn[grid](
         x_desc, dy_desc, dw, n, size, size, c_in, c_out, per_split, UPCAST=False, PRECISION="ieee",
         ACC=tl.float32, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco, num_warps=warps,
     )  # fmt: skip
@@ -389,23 +390,23 @@ def test_the_tma_weight_gradient_at_the_gpus_tiles(tile, layer, per_split):
 def test_tile_candidates_fit_the_layer(monkeypatch):
     """A GPU times every tile no wider than the layer needs (all of them unless
     FASTCIFAR_AUTOTUNE=0, then the first); the interpreter runs the widest that fits."""
-    from fastcifar.ops import conv_bn_relu as ops
+    from fastcifar.ops import fused_kernels as kernels
 
     shapes = [(64, 64, 32, 4), (128, 128, 32, 8), (64, 128, 64, 4)]
-    configs = ops._tiles(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes, hook=None)
+    configs = kernels.tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes, hook=None)
 
     def tiles(c_in, c_out):
-        kept = ops._fits(configs, {"c_in": c_in, "c_out": c_out})
+        kept = kernels.prune_tiles(configs, {"c_in": c_in, "c_out": c_out})
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
 
-    monkeypatch.setattr(ops, "INTERPRET", False)
-    monkeypatch.setattr(ops, "AUTOTUNE", True)  # whatever FASTCIFAR_AUTOTUNE says
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)  # whatever FASTCIFAR_AUTOTUNE says
     assert tiles(128, 128) == [(64, 64, 32), (128, 128, 32), (64, 128, 64)]
     assert tiles(32, 64) == [(64, 64, 32)]  # 128 output channels and 64 input are too wide
     assert tiles(5, 7) == [(64, 64, 32)]  # none fits: the first
-    monkeypatch.setattr(ops, "AUTOTUNE", False)
+    monkeypatch.setattr(kernels, "AUTOTUNE", False)
     assert tiles(128, 128) == [(64, 64, 32)]
-    monkeypatch.setattr(ops, "INTERPRET", True)
+    monkeypatch.setattr(kernels, "INTERPRET", True)
     assert tiles(128, 128) == [(64, 128, 64)]
 
 
