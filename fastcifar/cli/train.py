@@ -101,6 +101,8 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     flags = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
     resume = getattr(args, "resume", None)
     if resume is not None:
+        if getattr(args, "config", None) is not None:
+            raise UserError("--resume continues the saved config; it takes no --config")
         saved = resume / "config.json"
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} not found")
