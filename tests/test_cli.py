@@ -456,9 +456,14 @@ def test_existing_run_and_resume_errors(capsys, tmp_path, data):
     assert_one_line_error(code, err, f"cannot change --lr (0.05 in {tmp_path / 'run'}, not 0.3)")
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--config", "x.toml")
     assert_one_line_error(code, err, "it takes no --config")
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--out", str(tmp_path))
+    assert_one_line_error(code, err, "cannot change --out")
     # the command line that started the run, repeated with --resume, is no change
-    code, _, err = run(capsys, *quick(data, tmp_path / "run"), "--resume", str(tmp_path / "run"))
-    assert code == 0 and err.strip().endswith("has already run 1 of 1 epochs; nothing to resume")
+    for out in (tmp_path / "run", f"{tmp_path}/./run/"):  # its directory, however spelled
+        code, _, err = run(capsys, *quick(data, out), "--resume", str(tmp_path / "run"))
+        assert code == 0 and err.strip().endswith(
+            "has already run 1 of 1 epochs; nothing to resume"
+        )
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"), "--epochs", "3")
     assert_one_line_error(code, err, "--epochs cannot change on resume: the onecycle schedule")
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "run"))

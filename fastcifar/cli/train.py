@@ -129,6 +129,8 @@ def _check_unchanged(saved: TrainConfig, flags: dict, run: Path) -> None:
     """Refuse flags that would change a resumed run's settings (repeating them is fine)."""
     given = TrainConfig.from_dict({**saved.to_dict(), **flags})
     for name in sorted(set(flags) - RESUME_OVERRIDES):
+        if name == "out" and flags["out"] and Path(flags["out"]).resolve() == run.resolve():
+            continue  # the run's own directory, however it is spelled
         if getattr(given, name) != getattr(saved, name):
             flag = "--" + name.replace("_", "-")
             raise UserError(
