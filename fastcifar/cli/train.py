@@ -96,7 +96,7 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
     """Layer defaults, the arch's device recipe, --config, then flags (later wins)."""
     from fastcifar.models import check_arch
     from fastcifar.recipes import recipe
-    from fastcifar.train.device import SLOW_BF16, fastest_amp, resolve_device
+    from fastcifar.train.device import resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
     resume = getattr(args, "resume", None)
@@ -107,29 +107,36 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | 
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} not found")
         values = _found_data(read_run_config(saved), resume)
-        if flags.get("amp") == "auto":
-            flags["amp"] = fastest_amp(resolve_device(flags.get("device") or values["device"]))
-        _check_unchanged(TrainConfig.from_dict(values), flags, resume)
-        return TrainConfig.from_dict({**values, **flags}), resume
+        _resolve_auto_amp(flags, resolve_device(flags.get("device") or values["device"]))
+        cfg = TrainConfig.from_dict({**values, **flags})
+        _check_unchanged(TrainConfig.from_dict(values), cfg, set(flags), resume)
+        return cfg, resume
     config = getattr(args, "config", None)
     file_values = read_config(config) if config else {}
     if config and (config.is_dir() or config.name == "config.json"):  # a run's settings
         file_values = _found_data(file_values, config if config.is_dir() else config.parent)
     arch = check_arch(flags.get("arch") or file_values.get("arch") or TrainConfig.arch)
     device = resolve_device(flags.get("device") or file_values.get("device") or "auto")
-    if flags.get("amp") == "auto":
-        flags["amp"] = fastest_amp(device)
-        if flags["amp"] == "none":
-            print(f"fastcifar: {SLOW_BF16}; --amp trains in fp32", file=sys.stderr)
+    _resolve_auto_amp(flags, device)
     values = {**recipe(arch, device.type), **file_values, **flags, "arch": arch}
     return TrainConfig.from_dict(values), None
 
 
-def _check_unchanged(saved: TrainConfig, flags: dict, run: Path) -> None:
-    """Refuse flags that would change a resumed run's settings (repeating them is fine)."""
-    given = TrainConfig.from_dict({**saved.to_dict(), **flags})
-    for name in sorted(set(flags) - RESUME_OVERRIDES):
-        if name == "out" and flags["out"] and Path(flags["out"]).resolve() == run.resolve():
+def _resolve_auto_amp(flags: dict, device) -> None:
+    """A bare --amp ("auto") becomes the fastest autocast dtype on `device`."""
+    from fastcifar.train.device import SLOW_BF16, fastest_amp
+
+    if flags.get("amp") == "auto":
+        flags["amp"] = fastest_amp(device)
+        if flags["amp"] == "none":
+            print(f"fastcifar: {SLOW_BF16}; --amp trains in fp32", file=sys.stderr)
+
+
+def _check_unchanged(saved: TrainConfig, given: TrainConfig, names: set, run: Path) -> None:
+    """Refuse flags (`names`) that would change a resumed run's settings (repeating them is
+    fine): `given` is the run's config with the flags applied."""
+    for name in sorted(names - RESUME_OVERRIDES):
+        if name == "out" and given.out and Path(given.out).resolve() == run.resolve():
             continue  # the run's own directory, however it is spelled
         if getattr(given, name) != getattr(saved, name):
             flag = "--" + name.replace("_", "-")
