@@ -3,7 +3,8 @@ side by side: whole bf16 training steps of the models with ReLU-BatchNorm pairs,
 alternating timed windows (both sides with native pooling where it is available, so only
 the pairs differ); the layer with a following 2x2 max pool folded in, against the same
 layer and the native pool apart; and the layer with the AMX convolution after it folded in
-(its backward's sums from the convolution's gradients), against the two apart; and
+(its backward's sums from the convolution's gradients), against the two apart; the layer
+and the folded pools together against ATen's pairs (what the default swaps in); and
 evaluation (no autograd) of the models with the layers in their one pass, the pools
 folded in, against ATen's ReLU and BatchNorm and the native pool. Medians of the
 per-round ratios."""
@@ -76,7 +77,23 @@ def test_training_step_with_the_next_convolution_folded_in(benchmark, full, devi
     assert result["speedup"] > 0
 
 
-@pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn"])
+@pytest.mark.parametrize(
+    "arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "conv4_leaky_dropout"]
+)
+def test_training_step_with_the_default_layers(benchmark, full, device, arch):
+    """What the CPU default swaps in (the layer, the pools after it folded in) against
+    ATen's pairs, without the AMX weight gradient: the measure for CPUs without AMX."""
+    if device.type != "cpu":
+        pytest.skip("a CPU kernel")
+    result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_default_step",
+                                   swap=swap_relu_bn_and_pools, prepare=POOLS_ONLY, images=2048,
+                                   rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    "arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "conv4_leaky_dropout"]
+)
 def test_evaluation_in_one_pass(benchmark, full, device, arch):
     if device.type != "cpu":
         pytest.skip("a CPU kernel")
