@@ -55,7 +55,7 @@ def report() -> list[tuple[str, bool, str]]:
         from fastcifar.models.relu_bn import relu_bn_by_default
 
         if relu_bn_by_default():
-            why += "; ReLU-BatchNorm pairs as one layer, with the max pools after them (AMX)"
+            why += "; ReLU-BatchNorm pairs as one layer, with the max pools after them"
         from fastcifar.models.amx_conv import amx_conv_available
 
         if amx_conv_available():

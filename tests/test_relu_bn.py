@@ -227,14 +227,17 @@ def test_compile_traces_the_layer_without_graph_breaks():
     assert explanation.graph_break_count == 0
 
 
-@pytest.mark.parametrize(("amx", "native", "swapped"),
-                         [(True, "auto", True), (True, "off", False), (False, "auto", False)])  # fmt: skip
-def test_the_cpu_model_uses_it_where_amx_is_and_native_is_not_off(amx, native, swapped,
-                                                                  monkeypatch):  # fmt: skip
+@pytest.mark.parametrize(("amx", "bf16", "native", "swapped"),
+                         [(True, True, "auto", True), (False, True, "auto", True),
+                          (True, True, "off", False), (False, False, "auto", False)])  # fmt: skip
+def test_the_cpu_model_uses_it_where_bf16_instructions_are_and_native_is_not_off(
+    amx, bf16, native, swapped, monkeypatch
+):
     from fastcifar.config import TrainConfig
     from fastcifar.train.build import build_model
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
     cfg = TrainConfig(arch="conv5", channels_last=True, native=native)
     model = build_model(cfg, torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, ReluBatchNorm2d)]

@@ -194,9 +194,9 @@ def relu_bn_available() -> bool:
 
 
 def relu_bn_by_default() -> bool:
-    """Whether `--native auto` (or on) swaps the pairs: on CPUs with AMX, where it was
-    measured faster (benchmarks/NOTES.md, "The first CPU with AMX"); CPUs with
-    AVX512-BF16 alone keep ATen's until measured there."""
+    """Whether `--native auto` (or on) swaps the pairs: on CPUs with AMX or AVX512-BF16,
+    where it was measured faster (benchmarks/NOTES.md, "The first CPU with AMX" and "The
+    ReLU-BatchNorm layer on the AVX512-BF16 CPU"); other CPUs keep ATen's."""
     from fastcifar.train.device import cpu_instructions
 
-    return cpu_instructions() == "AMX" and relu_bn_available()
+    return cpu_instructions() in ("AMX", "AVX512-BF16") and relu_bn_available()
