@@ -157,6 +157,8 @@ def paired_evaluation_steps(benchmark, arch: str, full: bool, device, *, kind: s
 
 def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images, rounds, batch,
                   train) -> dict:  # fmt: skip
+    if device.type != "cpu":
+        pytest.skip("CPU kernels: the paired steps run on the CPU")
     import torch.nn.functional as F
 
     from fastcifar.models import create_model

@@ -29,8 +29,6 @@ def cpu_defaults(model) -> None:
 
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "wide4"])
 def test_training_step_with_the_amx_weight_gradient(benchmark, full, device, arch):
-    if device.type != "cpu":
-        pytest.skip("a CPU kernel")
     result = paired_training_steps(benchmark, arch, full, device, kind="amx_conv_step",
                                    swap=use_amx_conv, prepare=cpu_defaults, images=2048,
                                    rounds=7)  # fmt: skip

@@ -60,8 +60,6 @@ def test_pool_forward_backward(benchmark, full, device, arch, batch, channels, s
 def test_training_step_with_native_pooling(benchmark, full, device, arch):
     """bf16 autocast, channels-last, SGD, random batches of the recipe's size: the model
     with native pooling against the same model with ATen's (the loader left out)."""
-    if device.type != "cpu":
-        pytest.skip("a CPU kernel")
     result = paired_training_steps(benchmark, arch, full, device, kind="pooling_step",
                                    swap=use_native_pooling, images=4096, rounds=9)  # fmt: skip
     assert result["speedup"] > 0

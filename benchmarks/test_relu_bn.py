@@ -34,8 +34,6 @@ POOLS_ONLY = use_native_pooling if native_pooling_available() else None
 
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn"])
 def test_training_step_with_relu_batch_norm(benchmark, full, device, arch):
-    if device.type != "cpu":
-        pytest.skip("a CPU kernel")
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_step",
                                    swap=use_relu_bn, prepare=POOLS_ONLY, images=2048, rounds=7)  # fmt: skip
     assert result["speedup"] > 0
@@ -53,8 +51,6 @@ def cpu_layers(model) -> None:
 
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky"])
 def test_training_step_with_the_max_pool_folded_in(benchmark, full, device, arch):
-    if device.type != "cpu":
-        pytest.skip("a CPU kernel")
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_pool_step",
                                    swap=use_relu_bn_pool, prepare=cpu_layers, images=2048,
                                    rounds=7)  # fmt: skip
@@ -69,7 +65,7 @@ def cpu_default_layers(model) -> None:
 
 @pytest.mark.parametrize("arch", ["cerberus", "conv5"])
 def test_training_step_with_the_next_convolution_folded_in(benchmark, full, device, arch):
-    if device.type != "cpu" or not amx_conv_available():
+    if not amx_conv_available():
         pytest.skip("a CPU kernel with AMX")
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_conv_step",
                                    swap=use_relu_bn_conv, prepare=cpu_default_layers,
@@ -83,8 +79,6 @@ def test_training_step_with_the_next_convolution_folded_in(benchmark, full, devi
 def test_training_step_with_the_default_layers(benchmark, full, device, arch):
     """What the CPU default swaps in (the layer, the pools after it folded in) against
     ATen's pairs, without the AMX weight gradient: the measure for CPUs without AMX."""
-    if device.type != "cpu":
-        pytest.skip("a CPU kernel")
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_default_step",
                                    swap=swap_relu_bn_and_pools, prepare=POOLS_ONLY, images=2048,
                                    rounds=7)  # fmt: skip
@@ -95,8 +89,6 @@ def test_training_step_with_the_default_layers(benchmark, full, device, arch):
     "arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "conv4_leaky_dropout"]
 )
 def test_evaluation_in_one_pass(benchmark, full, device, arch):
-    if device.type != "cpu":
-        pytest.skip("a CPU kernel")
     result = paired_evaluation_steps(benchmark, arch, full, device, kind="relu_bn_eval",
                                      swap=swap_relu_bn_and_pools, prepare=POOLS_ONLY,
                                      images=5000, rounds=7)  # fmt: skip
