@@ -73,12 +73,12 @@ def report() -> list[tuple[str, bool, str]]:
 
 
 def winograd_row() -> tuple[str, bool, str]:
-    """Whether `--winograd on` can run here (fastcifar/models/winograd.py)."""
+    """Whether Winograd convolutions run here (fastcifar/models/winograd.py)."""
     from fastcifar.models.winograd import winograd_available
 
     ok, why = winograd_available()
     if ok:
-        return "winograd", True, "--winograd on: 3x3 convolutions as Winograd F(2x2,3x3) in bf16"
+        return "winograd", True, "bf16 3x3 convs as Winograd F(2x2,3x3); --winograd off: direct"
     return "winograd", False, why
 
 

@@ -64,7 +64,7 @@ class TrainConfig:
     dali_decode: bool = False  # --loader dali: DALI decodes the image files (on the GPU with CUDA)
     dali_images_per_run: int = 0  # --loader dali: images a pipeline run makes; 0 = one batch
     native: str = "auto"  # auto | on | off: fastcifar._C (the loader's op; AVX-512 bf16 pooling)
-    winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd (AVX512-BF16 CPU; auto: off)
+    winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd (bf16, AVX512-BF16 CPU)
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode (on CUDA reduce-overhead: CUDA graphs)

@@ -348,3 +348,18 @@ def test_the_tutorial_baseline_keeps_torchs_default_optimizer(monkeypatch):
     assert not bench.variant_config("lenet", "amp", cpu, None).fused_optimizer
     assert bench.variant_config("lenet", "fused_optimizer", cpu, None).fused_optimizer
     assert ABLATIONS["fused_optimizer"] == {"fused_optimizer": True}
+
+
+@pytest.mark.parametrize("change", [{"amp": "none"}, {"channels_last": False}, {"amx": True}])
+def test_winograd_auto_stays_off_where_it_cannot_run(change, monkeypatch):
+    """`--winograd auto` is the default: outside bf16 channels-last training on an
+    AVX512-BF16 CPU without AMX it keeps the direct convolutions, and says nothing."""
+    from fastcifar.models.winograd import WinogradConv2d
+    from fastcifar.train.build import build_model
+
+    if change.pop("amx", False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    cfg = TrainConfig(**{"arch": "cerberus", "amp": "bf16", "channels_last": True} | change)
+    model = build_model(cfg, torch.device("cpu"))
+    assert not any(isinstance(m, WinogradConv2d) for m in model.modules())
+    assert any(isinstance(m, torch.nn.Conv2d) for m in model.modules())

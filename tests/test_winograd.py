@@ -169,8 +169,8 @@ def test_traced_by_torch_compile():
     assert x.grad is not None and ours.weight.grad is not None
 
 
-@pytest.mark.parametrize(("winograd", "expected"), [("on", 11), ("auto", 0), ("off", 0)])
-def test_the_cpu_model_uses_it_when_asked(winograd, expected):
+@pytest.mark.parametrize(("winograd", "expected"), [("on", 11), ("auto", 11), ("off", 0)])
+def test_the_cpu_model_uses_it_unless_it_is_off(winograd, expected):
     from fastcifar.train.build import build_model
 
     cfg = TrainConfig(arch="cerberus", amp="bf16", winograd=winograd)
