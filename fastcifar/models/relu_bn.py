@@ -197,6 +197,6 @@ def relu_bn_by_default() -> bool:
     """Whether `--native auto` (or on) swaps the pairs: on CPUs with AMX or AVX512-BF16,
     where it was measured faster (benchmarks/NOTES.md, "The first CPU with AMX" and "The
     ReLU-BatchNorm layer on the AVX512-BF16 CPU"); other CPUs keep ATen's."""
-    from fastcifar.train.device import cpu_instructions
+    from fastcifar.train.device import native_bf16
 
-    return cpu_instructions() in ("AMX", "AVX512-BF16") and relu_bn_available()
+    return native_bf16(torch.device("cpu")) and relu_bn_available()
