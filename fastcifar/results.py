@@ -89,6 +89,7 @@ def run_record(run: Path, recipe: str) -> dict:
         "device": env["device"],
         "device_name": env["device_name"],
         "torch": env["torch"],
+        "native_layers": env.get("native_layers"),  # absent from runs before it was recorded
         "run": run.name,
     }
 

@@ -1,6 +1,7 @@
 """Training runs: learning on real data, resume equivalence, determinism, divergence."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,12 @@ import fastcifar
 from fastcifar.config import TrainConfig
 from fastcifar.display import TrainingDisplay
 from fastcifar.errors import UserError
+from fastcifar.models import create_model
+from fastcifar.models.pooling import native_pooling_available
+from fastcifar.models.relu_bn import use_relu_bn, use_relu_bn_pool
+from fastcifar.models.winograd import use_winograd
 from fastcifar.train import engine
+from fastcifar.train.build import native_layers
 from fastcifar.train.device import fastest_amp
 from fastcifar.train.engine import TrainingDiverged, fit
 
@@ -161,8 +167,24 @@ def test_a_log_opens_with_one_line_saying_what_trains(tmp_path, small_data):
     lines = log.getvalue().splitlines()  # the data cache's line may come first
     first = next(line for line in lines if not line.startswith("decoding "))
     assert first.startswith("lenet (62,006 params) on ")
-    assert ": fp32, channels-last, eager; 1 epoch x 7 steps of 50, sgd onecycle lr 0.05;" in first
+    pools = native_pooling_available()  # lenet's two 2x2 max pools, on a CPU with AVX-512
+    layers = ", native layers (2 native max pool)" if pools else ""
+    assert f": fp32, channels-last, eager{layers}; 1 epoch x 7 steps of 50, sgd onecycle" in first
     assert first.endswith(f"run directory {tmp_path / 'run'}")
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["native_layers"] == ({"native max pool": 2} if pools else {})
+
+
+def test_native_layers_counts_each_swapped_in_layer_once():
+    model = create_model("cerberus")
+    assert native_layers(model) == {}
+    assert use_relu_bn(model) == 12 and use_relu_bn_pool(model) == 3 and use_winograd(model) == 11
+    counts = native_layers(model)  # a folded pool is part of its layer, not a layer of its own
+    assert counts == {"ReLU-BatchNorm": 9, "ReLU-BatchNorm-max pool": 3, "Winograd conv": 11}
+    cfg = TrainConfig(arch="cerberus", amp="bf16")
+    header = engine.run_header(cfg, model, "a CPU", 7, Path("run"))
+    assert ("bf16 autocast, channels-last, eager, native layers (9 ReLU-BatchNorm, "
+            "11 Winograd conv, 3 ReLU-BatchNorm-max pool); 20 epochs") in header  # fmt: skip
 
 
 def test_the_log_line_says_when_the_optimiser_step_is_fused(tmp_path):

@@ -15,10 +15,18 @@ from fastcifar.data.loader import TensorLoader
 from fastcifar.data.prefetch import Prefetched
 from fastcifar.errors import UserError
 from fastcifar.models import create_model
-from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
-from fastcifar.models.pooling import native_pooling_available, use_native_pooling
-from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn, use_relu_bn_pool
-from fastcifar.models.winograd import use_winograd, winograd_available
+from fastcifar.models.amx_conv import AmxGradConv2d, amx_conv_available, use_amx_conv
+from fastcifar.models.pooling import MaxPool2x2, native_pooling_available, use_native_pooling
+from fastcifar.models.relu_bn import (
+    FoldedAmxGradConv2d,
+    ReluBatchNorm2d,
+    ReluBatchNormConv2d,
+    ReluBatchNormMaxPool2d,
+    relu_bn_by_default,
+    use_relu_bn,
+    use_relu_bn_pool,
+)
+from fastcifar.models.winograd import WinogradConv2d, use_winograd, winograd_available
 
 # Graphs one process may compile for the code every compiled module shares (torch's
 # default, 8, would leave a sweep's later trials running eager)
@@ -66,6 +74,41 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     if winograd_wanted(cfg, device):
         use_winograd(model)
     return model
+
+
+# The layers `build_model` may swap in, as the run's log line and env.json name them
+NATIVE_LAYERS = {
+    WinogradConv2d: "Winograd conv",
+    AmxGradConv2d: "AMX weight-gradient conv",
+    FoldedAmxGradConv2d: "AMX weight-gradient conv",
+    ReluBatchNorm2d: "ReLU-BatchNorm",
+    ReluBatchNormMaxPool2d: "ReLU-BatchNorm-max pool",
+    ReluBatchNormConv2d: "ReLU-BatchNorm-conv",
+    MaxPool2x2: "native max pool",
+}
+
+
+def native_layers(model: torch.nn.Module) -> dict[str, int]:
+    """How many layers of each kind in `NATIVE_LAYERS` `model` holds (a layer's own
+    submodules, such as a folded pool, are part of it), in the order first met; which
+    native paths a run took depends on the CPU, so its files record them."""
+    counts: dict[str, int] = {}
+
+    def visit(module: torch.nn.Module) -> None:
+        name = NATIVE_LAYERS.get(type(module))
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return counts
+
+
+def describe_layers(counts: dict[str, int]) -> str:
+    """`native_layers`' counts as one phrase: "11 Winograd conv, 3 ReLU-BatchNorm"."""
+    return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
 def winograd_wanted(cfg: TrainConfig, device: torch.device) -> bool:

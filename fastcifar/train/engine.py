@@ -23,7 +23,14 @@ from fastcifar.errors import NothingToResume, UserError
 from fastcifar.interrupts import interrupts_deferred
 from fastcifar.track import Tracker
 from fastcifar.train import rundir
-from fastcifar.train.build import build_model, compiled, load_data, make_loaders
+from fastcifar.train.build import (
+    build_model,
+    compiled,
+    describe_layers,
+    load_data,
+    make_loaders,
+    native_layers,
+)
 from fastcifar.train.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -164,7 +171,8 @@ def _fit(cfg: TrainConfig, display: TrainingDisplay, run_dir: Path, resuming: bo
         display.log(f"resuming {run_dir} after epoch {state['epoch']}")
     state["train_samples"] = train_loader.num_samples
     rundir.write_json(run_dir, "config.json", cfg.to_dict())  # a resume may change --epochs
-    env = {**rundir.environment(device), "data_source": data.source}
+    env = {**rundir.environment(device), "data_source": data.source,
+           "native_layers": native_layers(model)}  # fmt: skip
     rundir.write_environment(run_dir, env, resumed=ckpt is not None)
     tracker = start_tracking(cfg, env, run_dir, display, parent_run_id, resumed=ckpt is not None)
     display.log(run_header(cfg, model, env["device_name"], len(train_loader), run_dir))
@@ -264,6 +272,9 @@ def run_header(cfg: TrainConfig, model, device_label: str, steps: int, run_dir: 
              f"torch.compile ({cfg.compile_mode})" if cfg.compile else "eager"]  # fmt: skip
     if cfg.fused:
         speed.append("fused conv-BN-ReLU")
+    layers = native_layers(model)
+    if layers:
+        speed.append(f"native layers ({describe_layers(layers)})")
     return (
         f"{cfg.arch} ({params:,} params) on {device_label}: {', '.join(speed)}; "
         f"{_count(cfg.epochs, 'epoch')} x {_count(steps, 'step')} of {cfg.batch_size}, "
@@ -320,6 +331,7 @@ def start_tracking(cfg, env, run_dir, display, parent_run_id, resumed: bool) -> 
     previous = json.loads(saved.read_text()).get("run_id") if resumed and saved.exists() else None
     tags = {"arch": cfg.arch, "device": env["device"], "device_name": env["device_name"],
             "torch": env["torch"], "cuda": str(env["cuda"]), "git_revision": str(env["git_revision"]),
+            "native_layers": describe_layers(env["native_layers"]) or "none",
             "run_dir": str(run_dir.resolve())}  # fmt: skip
     run_id = tracker.start(
         run_dir.name, cfg.to_dict(), tags, run_id=previous, parent_id=parent_run_id
