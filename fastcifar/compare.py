@@ -15,6 +15,7 @@ import numpy as np
 
 from fastcifar.errors import UserError
 from fastcifar.results import accuracy_stats, data_name, read_results
+from fastcifar.train.build import WINOGRAD_LAYER
 from fastcifar.train.rundir import is_training, read_json, read_metrics, read_predictions, run_data
 
 # The columns of a compare row, as `compare --table` writes them.
@@ -207,7 +208,19 @@ def _read_run(run: Path, label: str) -> _Run:
     settings = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
     data = run_data(run)
     settings["data"] = data_name(data) if data else None
+    if "winograd" in config:
+        settings["winograd"] = winograd_ran(config, run)
     return _Run(row, rows, best, settings, config.get("seed"), run)
+
+
+def winograd_ran(config: dict, run: Path) -> str:
+    """Whether the run's 3x3 convolutions ran as Winograd, "on" or "off", from the layers
+    its env.json records (`--winograd auto` decides by the CPU); a run from before they
+    were recorded gives its flag."""
+    layers = read_json(run / "env.json").get("native_layers")
+    if layers is None:
+        return config["winograd"]
+    return "on" if WINOGRAD_LAYER in layers else "off"
 
 
 def expand_runs(paths: list[Path], log=print) -> list[Path]:

@@ -224,10 +224,20 @@ def test_compare_pools_runs_that_differ_only_in_their_seed(tmp_path, capsys):
     trained("c", 4, 0.70, lr=0.1, seed=0)
     trained("d", 3, 0.50, lr=0.05, seed=2, arch="conv3")
     fake_run(tmp_path / "runs" / "e", 1, 3)  # interrupted: not pooled
+    # --winograd auto decides by the CPU: what ran, as env.json records it, is the setting
+    for name, winograd, layers in [("w0", "on", None), ("w1", "auto", {"Winograd conv": 3}),
+                                   ("w2", "auto", {"native max pool": 2})]:  # fmt: skip
+        trained(name, 3, 0.5, arch="conv4", seed=int(name[1]), winograd=winograd)
+        if layers is not None:
+            (tmp_path / "runs" / name / "env.json").write_text(
+                json.dumps({"native_layers": layers})
+            )
     notes = []
     rows = compare_settings([tmp_path / "runs"], tmp_path / "c.png", log=notes.append)
     by_setting = {r["settings"]: r for r in rows}
-    assert sorted(by_setting) == ["conv3", "lenet, epochs=3, lr=0.05", "lenet, epochs=4, lr=0.1"]
+    assert sorted(by_setting) == ["conv3", "conv4, winograd=off", "conv4, winograd=on",
+                                  "lenet, epochs=3, lr=0.05", "lenet, epochs=4, lr=0.1"]  # fmt: skip
+    assert by_setting["conv4, winograd=on"]["seeds"] == "0 1"
     pooled = by_setting["lenet, epochs=3, lr=0.05"]
     stats = accuracy_stats([0.61, 0.65])
     assert (pooled["runs"], pooled["seeds"]) == (2, "0 1")

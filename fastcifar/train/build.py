@@ -77,8 +77,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 
 # The layers `build_model` may swap in, as the run's log line and env.json name them
+WINOGRAD_LAYER = "Winograd conv"
 NATIVE_LAYERS = {
-    WinogradConv2d: "Winograd conv",
+    WinogradConv2d: WINOGRAD_LAYER,
     AmxGradConv2d: "AMX weight-gradient conv",
     FoldedAmxGradConv2d: "AMX weight-gradient conv",
     ReluBatchNorm2d: "ReLU-BatchNorm",
