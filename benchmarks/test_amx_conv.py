@@ -9,27 +9,17 @@ from __future__ import annotations
 import pytest
 
 from fastcifar.models.amx_conv import amx_conv_available, use_amx_conv
-from fastcifar.models.pooling import native_pooling_available, use_native_pooling
-from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn, use_relu_bn_pool
 
-from .conftest import paired_training_steps
+from .conftest import cpu_default_layers, paired_training_steps
 
 pytestmark = pytest.mark.skipif(
     not amx_conv_available(), reason="needs fastcifar._C and a CPU with AMX-BF16"
 )
 
 
-def cpu_defaults(model) -> None:
-    if native_pooling_available():
-        use_native_pooling(model)
-    if relu_bn_by_default():
-        use_relu_bn(model)
-        use_relu_bn_pool(model)
-
-
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "wide4"])
 def test_training_step_with_the_amx_weight_gradient(benchmark, full, device, arch):
     result = paired_training_steps(benchmark, arch, full, device, kind="amx_conv_step",
-                                   swap=use_amx_conv, prepare=cpu_defaults, images=2048,
+                                   swap=use_amx_conv, prepare=cpu_default_layers, images=2048,
                                    rounds=7)  # fmt: skip
     assert result["speedup"] > 0

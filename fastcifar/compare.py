@@ -220,7 +220,7 @@ def winograd_ran(config: dict, run: Path) -> str:
     layers = read_json(run / "env.json").get("native_layers")
     if layers is None:
         return config["winograd"]
-    return "on" if WINOGRAD_LAYER in layers else "off"
+    return "on" if any(name.startswith(WINOGRAD_LAYER) for name in layers) else "off"
 
 
 def expand_runs(paths: list[Path], log=print) -> list[Path]:

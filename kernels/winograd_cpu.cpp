@@ -26,20 +26,24 @@ namespace {
 
 #define FASTCIFAR_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// C[MR x 16 NV] = A[MR x K] B[K x 16 NV]: A bf16 rows (lda apart), B packed as pairs of
-// rows ([K / 2][ldb][2] bf16, columns from `b`), C fp32 rows (ldc apart). K is even.
-template <int MR, int NV>
-FASTCIFAR_AVX512_BF16 void gemm_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b,
-                                      int64_t ldb, int64_t k, float* c, int64_t ldc) {
+// C[MR x 16 NV] (+)= A[MR x K] B[K x 16 NV]: A bf16, its pair of elements (r, 2p), (r, 2p + 1)
+// at a + r * a_row + p * a_pair (rows: a_row = K, a_pair = 2; packed as pairs of columns,
+// [K / 2][M][2]: a_row = 2, a_pair = 2 M); B packed as pairs of rows ([K / 2][ldb][2] bf16,
+// columns from `b`); C fp32 rows (ldc apart), added to with kAccumulate. K is even.
+template <int MR, int NV, bool kAccumulate>
+FASTCIFAR_AVX512_BF16 void gemm_block(const at::BFloat16* a, int64_t a_row, int64_t a_pair,
+                                      const at::BFloat16* b, int64_t ldb, int64_t k, float* c,
+                                      int64_t ldc) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = kAccumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
   for (int64_t p = 0; p < k / 2; ++p) {
     __m512bh w[NV];
     for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(b + (p * ldb + 16 * v) * 2);
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
+      std::memcpy(&pair, a + r * a_row + p * a_pair, sizeof(pair));
       const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, w[v]);
     }
@@ -50,30 +54,37 @@ FASTCIFAR_AVX512_BF16 void gemm_block(const at::BFloat16* a, int64_t lda, const 
 
 constexpr int kRows = 6;  // rows of A per register block
 
-// Rows [0, m) of C = A B, n columns (a multiple of 16).
-template <int MR>
-FASTCIFAR_AVX512_BF16 void gemm_rows(const at::BFloat16* a, int64_t lda, const at::BFloat16* b,
-                                     int64_t n, int64_t k, float* c, int64_t ldc) {
+// Rows [0, m) of C (+)= A B, n columns (a multiple of 16).
+template <int MR, bool kAccumulate>
+FASTCIFAR_AVX512_BF16 void gemm_rows(const at::BFloat16* a, int64_t a_row, int64_t a_pair,
+                                     const at::BFloat16* b, int64_t n, int64_t k, float* c,
+                                     int64_t ldc) {
   int64_t col = 0;
-  for (; col + 64 <= n; col += 64) gemm_block<MR, 4>(a, lda, b + 2 * col, n, k, c + col, ldc);
+  for (; col + 64 <= n; col += 64)
+    gemm_block<MR, 4, kAccumulate>(a, a_row, a_pair, b + 2 * col, n, k, c + col, ldc);
   switch ((n - col) / 16) {
-    case 3: gemm_block<MR, 3>(a, lda, b + 2 * col, n, k, c + col, ldc); break;
-    case 2: gemm_block<MR, 2>(a, lda, b + 2 * col, n, k, c + col, ldc); break;
-    case 1: gemm_block<MR, 1>(a, lda, b + 2 * col, n, k, c + col, ldc); break;
+    case 3: gemm_block<MR, 3, kAccumulate>(a, a_row, a_pair, b + 2 * col, n, k, c + col, ldc); break;
+    case 2: gemm_block<MR, 2, kAccumulate>(a, a_row, a_pair, b + 2 * col, n, k, c + col, ldc); break;
+    case 1: gemm_block<MR, 1, kAccumulate>(a, a_row, a_pair, b + 2 * col, n, k, c + col, ldc); break;
     default: break;
   }
 }
 
-FASTCIFAR_AVX512_BF16 void gemm(const at::BFloat16* a, int64_t m, const at::BFloat16* b, int64_t n,
-                                int64_t k, float* c) {
+// C[m x n] (+)= A[m x k] B[k x n], A's element pairs laid out as gemm_block says.
+template <bool kAccumulate>
+FASTCIFAR_AVX512_BF16 void gemm(const at::BFloat16* a, int64_t a_row, int64_t a_pair, int64_t m,
+                                const at::BFloat16* b, int64_t n, int64_t k, float* c) {
   int64_t row = 0;
-  for (; row + kRows <= m; row += kRows) gemm_rows<kRows>(a + row * k, k, b, n, k, c + row * n, n);
+  for (; row + kRows <= m; row += kRows)
+    gemm_rows<kRows, kAccumulate>(a + row * a_row, a_row, a_pair, b, n, k, c + row * n, n);
+  const at::BFloat16* rest = a + row * a_row;
+  float* c_rest = c + row * n;
   switch (m - row) {
-    case 5: gemm_rows<5>(a + row * k, k, b, n, k, c + row * n, n); break;
-    case 4: gemm_rows<4>(a + row * k, k, b, n, k, c + row * n, n); break;
-    case 3: gemm_rows<3>(a + row * k, k, b, n, k, c + row * n, n); break;
-    case 2: gemm_rows<2>(a + row * k, k, b, n, k, c + row * n, n); break;
-    case 1: gemm_rows<1>(a + row * k, k, b, n, k, c + row * n, n); break;
+    case 5: gemm_rows<5, kAccumulate>(rest, a_row, a_pair, b, n, k, c_rest, n); break;
+    case 4: gemm_rows<4, kAccumulate>(rest, a_row, a_pair, b, n, k, c_rest, n); break;
+    case 3: gemm_rows<3, kAccumulate>(rest, a_row, a_pair, b, n, k, c_rest, n); break;
+    case 2: gemm_rows<2, kAccumulate>(rest, a_row, a_pair, b, n, k, c_rest, n); break;
+    case 1: gemm_rows<1, kAccumulate>(rest, a_row, a_pair, b, n, k, c_rest, n); break;
     default: break;
   }
 }
@@ -82,39 +93,113 @@ struct Shape {
   int64_t h, w, c_in, c_out, tiles_per_image, tiles_per_row;
 };
 
+// Where tile `tile` of the batch lies: its image, and its row and column of tiles.
+struct TileAt {
+  int64_t image, ty, tx;
+};
+
+inline TileAt locate(const Shape& s, int64_t tile) {
+  return {tile / s.tiles_per_image, (tile % s.tiles_per_image) / s.tiles_per_row,
+          tile % s.tiles_per_row};
+}
+
+// B^T d B of one tile for 16 input channels from ch (lanes m): v[4 i + j], d the 4 x 4
+// patch around the tile's 2 x 2 pixels, zero outside the image.
+FASTCIFAR_AVX512 inline void input_tile(const at::BFloat16* x, const Shape& s, int64_t tile,
+                                        int64_t ch, __mmask16 m, __m512 v[16]) {
+  const TileAt where = locate(s, tile);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 d[4][4];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t y = 2 * where.ty - 1 + i;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t xx = 2 * where.tx - 1 + j;
+      const bool inside = y >= 0 && y < s.h && xx >= 0 && xx < s.w;
+      d[i][j] = inside ? load16(x + ((where.image * s.h + y) * s.w + xx) * s.c_in + ch, m) : zero;
+    }
+  }
+  __m512 r[4][4];  // B^T d: rows
+  for (int j = 0; j < 4; ++j) {
+    r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+    r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+    r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+    r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+  }
+  for (int i = 0; i < 4; ++i) {  // (B^T d) B: columns
+    v[4 * i + 0] = _mm512_sub_ps(r[i][0], r[i][2]);
+    v[4 * i + 1] = _mm512_add_ps(r[i][1], r[i][2]);
+    v[4 * i + 2] = _mm512_sub_ps(r[i][2], r[i][1]);
+    v[4 * i + 3] = _mm512_sub_ps(r[i][1], r[i][3]);
+  }
+}
+
+// A g A^T of one tile for 16 output channels from ch: v[4 i + j], g the output's gradient
+// at the tile's 2 x 2 pixels (the gradient of the tile's products).
+FASTCIFAR_AVX512 inline void gradient_tile(const at::BFloat16* grad, const Shape& s, int64_t tile,
+                                           int64_t ch, __m512 v[16]) {
+  const TileAt where = locate(s, tile);
+  const at::BFloat16* top = grad + ((where.image * s.h + 2 * where.ty) * s.w + 2 * where.tx) * s.c_out + ch;
+  const __m512 g00 = load16(top, 0xFFFF), g01 = load16(top + s.c_out, 0xFFFF);
+  const __m512 g10 = load16(top + s.w * s.c_out, 0xFFFF);
+  const __m512 g11 = load16(top + (s.w + 1) * s.c_out, 0xFFFF);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 r[4][2] = {{g00, g01},  // A g: rows
+                          {_mm512_add_ps(g00, g10), _mm512_add_ps(g01, g11)},
+                          {_mm512_sub_ps(g00, g10), _mm512_sub_ps(g01, g11)},
+                          {_mm512_sub_ps(zero, g10), _mm512_sub_ps(zero, g11)}};
+  for (int i = 0; i < 4; ++i) {  // (A g) A^T: columns
+    v[4 * i + 0] = r[i][0];
+    v[4 * i + 1] = _mm512_add_ps(r[i][0], r[i][1]);
+    v[4 * i + 2] = _mm512_sub_ps(r[i][0], r[i][1]);
+    v[4 * i + 3] = _mm512_sub_ps(zero, r[i][1]);
+  }
+}
+
 // V[16][count][c_in] = B^T d B for tiles first .. first + count of the whole batch.
 FASTCIFAR_AVX512 void input_tiles(const at::BFloat16* x, const Shape& s, int64_t first,
                                   int64_t count, at::BFloat16* v) {
   const int64_t c = s.c_in, plane = count * c;
-  const __m512 zero = _mm512_setzero_ps();
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = first + t, image = tile / s.tiles_per_image;
-    const int64_t ty = (tile % s.tiles_per_image) / s.tiles_per_row, tx = tile % s.tiles_per_row;
     at::BFloat16* out = v + t * c;
     for (int64_t ch = 0; ch < c; ch += 16) {
       const __mmask16 m = lanes(c - ch);
-      __m512 d[4][4];
-      for (int i = 0; i < 4; ++i) {
-        const int64_t y = 2 * ty - 1 + i;
-        for (int j = 0; j < 4; ++j) {
-          const int64_t xx = 2 * tx - 1 + j;
-          const bool inside = y >= 0 && y < s.h && xx >= 0 && xx < s.w;
-          d[i][j] = inside ? load16(x + ((image * s.h + y) * s.w + xx) * c + ch, m) : zero;
-        }
+      __m512 tile[16];
+      input_tile(x, s, first + t, ch, m, tile);
+      for (int k = 0; k < 16; ++k) store16_rounded(out + k * plane + ch, m, tile[k]);
+    }
+  }
+}
+
+// Two tiles' values rounded to bf16 as pairs: each word's low half from a, high half from b.
+FASTCIFAR_AVX512 inline __m512i bf16_pairs(__m512 a, __m512 b) {
+  const __m512i low = _mm512_srli_epi32(round_to_bf16(a), 16);
+  const __m512i high = _mm512_and_si512(round_to_bf16(b), _mm512_set1_epi32(int32_t(0xFFFF0000u)));
+  return _mm512_or_si512(low, high);
+}
+
+// P[16][count / 2][c][2]: the transform of each of tiles first .. first + count (count even;
+// a tile from `tiles` on is zero), two tiles to a pair, as gemm takes either operand:
+// the input's B^T d B (kGradient false, c = C_in) or the gradient's A g A^T (c = C_out,
+// channels in multiples of 16).
+template <bool kGradient>
+FASTCIFAR_AVX512 void paired_tiles(const at::BFloat16* src, const Shape& s, int64_t first,
+                                   int64_t count, int64_t tiles, at::BFloat16* out) {
+  const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t t0 = first + 2 * p, t1 = t0 + 1;
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      __m512 a[16], b[16];
+      if constexpr (kGradient) gradient_tile(src, s, t0, ch, a);
+      else input_tile(src, s, t0, ch, 0xFFFF, a);
+      if (t1 >= tiles) {
+        for (int k = 0; k < 16; ++k) b[k] = _mm512_setzero_ps();
+      } else if constexpr (kGradient) {
+        gradient_tile(src, s, t1, ch, b);
+      } else {
+        input_tile(src, s, t1, ch, 0xFFFF, b);
       }
-      __m512 r[4][4];  // B^T d: rows
-      for (int j = 0; j < 4; ++j) {
-        r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-        r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-        r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-        r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-      }
-      for (int i = 0; i < 4; ++i) {  // (B^T d) B: columns
-        store16_rounded(out + (4 * i + 0) * plane + ch, m, _mm512_sub_ps(r[i][0], r[i][2]));
-        store16_rounded(out + (4 * i + 1) * plane + ch, m, _mm512_add_ps(r[i][1], r[i][2]));
-        store16_rounded(out + (4 * i + 2) * plane + ch, m, _mm512_sub_ps(r[i][2], r[i][1]));
-        store16_rounded(out + (4 * i + 3) * plane + ch, m, _mm512_sub_ps(r[i][1], r[i][3]));
-      }
+      for (int k = 0; k < 16; ++k)
+        _mm512_storeu_si512(out + ((k * pairs + p) * c + ch) * 2, bf16_pairs(a[k], b[k]));
     }
   }
 }
@@ -124,10 +209,9 @@ FASTCIFAR_AVX512 void output_pixels(const float* mt, const float* bias, const Sh
                                     int64_t count, at::BFloat16* y) {
   const int64_t c = s.c_out, plane = count * c;
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = first + t, image = tile / s.tiles_per_image;
-    const int64_t ty = (tile % s.tiles_per_image) / s.tiles_per_row, tx = tile % s.tiles_per_row;
+    const TileAt where = locate(s, first + t);
     const float* in = mt + t * c;
-    at::BFloat16* top = y + ((image * s.h + 2 * ty) * s.w + 2 * tx) * c;
+    at::BFloat16* top = y + ((where.image * s.h + 2 * where.ty) * s.w + 2 * where.tx) * c;
     at::BFloat16* rows[2] = {top, top + s.w * c};
     for (int64_t ch = 0; ch < c; ch += 16) {
       const __mmask16 m = lanes(c - ch);
@@ -190,16 +274,59 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
       const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
       input_tiles(in, s, first, count, v.data());
       for (int k = 0; k < 16; ++k)
-        gemm(v.data() + k * count * c_in, count, u + k * c_in * c_out, c_out, c_in,
-             products.data() + k * count * c_out);
+        gemm<false>(v.data() + k * count * c_in, c_in, 2, count, u + k * c_in * c_out, c_out, c_in,
+                    products.data() + k * count * c_out);
       output_pixels(products.data(), bp, s, first, count, out);
     }
   });
   return y;
 }
 
+// Sum over tiles of (B^T d B) * (A g A^T), (16, C_in, C_out) float: the gradient of the
+// weights' tiles G w G^T (fastcifar/ops/winograd.py turns it into the weights' gradient).
+// Each thread adds its chunks of tiles into its own sums; the threads' sums are added last.
+at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3_weight_grad needs a CPU with AVX512-BF16");
+  for (const at::Tensor* t : {&grad, &x})
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == at::kBFloat16 &&
+                    t->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "winograd_conv3x3_weight_grad takes 4-D bf16 channels-last tensors on the CPU");
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), c_out = grad.size(1);
+  TORCH_CHECK(grad.size(0) == n && grad.size(2) == h && grad.size(3) == w,
+              "winograd_conv3x3_weight_grad: the gradient's batch and size must be the input's");
+  TORCH_CHECK(h % 2 == 0 && w % 2 == 0 && c_in % 16 == 0 && c_out % 16 == 0,
+              "winograd_conv3x3_weight_grad needs an even height and width and channels in "
+              "multiples of 16, not ", h, " x ", w, " with ", c_in, " and ", c_out);
+  const Shape s{h, w, c_in, c_out, (h / 2) * (w / 2), w / 2};
+  const int64_t tiles = n * s.tiles_per_image;
+  // tiles a chunk (even): both transforms together about 2 MiB
+  const int64_t chunk = 2 * std::max<int64_t>(32, (1 << 21) / (64 * (c_in + c_out)));
+  const int64_t chunks = (tiles + chunk - 1) / chunk;
+  auto sums = at::zeros({at::get_num_threads(), 16, c_in, c_out}, x.options().dtype(at::kFloat));
+  const auto* in = reinterpret_cast<const at::BFloat16*>(x.const_data_ptr());
+  const auto* g = reinterpret_cast<const at::BFloat16*>(grad.const_data_ptr());
+  float* all = sums.mutable_data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    float* mine = all + at::get_thread_num() * 16 * c_in * c_out;
+    std::vector<at::BFloat16> v(16 * chunk * c_in), m(16 * chunk * c_out);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
+      const int64_t even = count + (count & 1), pairs = even / 2;
+      paired_tiles<false>(in, s, first, even, tiles, v.data());
+      paired_tiles<true>(g, s, first, even, tiles, m.data());
+      for (int k = 0; k < 16; ++k)
+        gemm<true>(v.data() + k * pairs * c_in * 2, 2, 2 * c_in, c_in,
+                   m.data() + k * pairs * c_out * 2, c_out, even, mine + k * c_in * c_out);
+    }
+  });
+  return sums.sum(0);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastcifar, CPU, m) { m.impl("winograd_conv3x3", &winograd_conv3x3_cpu); }
+TORCH_LIBRARY_IMPL(fastcifar, CPU, m) {
+  m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
+  m.impl("winograd_conv3x3_weight_grad", &winograd_conv3x3_weight_grad_cpu);
+}
 
 }  // namespace fastcifar

@@ -13,7 +13,7 @@ from fastcifar.cli.arguments import OneLineErrors
 from fastcifar.config import TrainConfig, read_config, read_run_config
 from fastcifar.errors import UserError
 
-RESUME_OVERRIDES = {"data", "epochs", "device", "threads", "winograd"}
+RESUME_OVERRIDES = {"data", "epochs", "device", "threads", "winograd", "winograd_weight_grad"}
 NOT_CONFIG = ("command", "handler", "parser", "config", "resume", "quiet", "print_config")
 
 

@@ -24,7 +24,11 @@ def takes(conv: nn.Module) -> bool:
 class WinogradConv2d(nn.Conv2d):
     """An `nn.Conv2d` (3x3, padding 1) computed through Winograd F(2x2, 3x3) for CPU bf16
     channels-last batches of an even height and width; anything else goes to
-    `F.conv2d`. Parameters and state dict are `nn.Conv2d`'s."""
+    `F.conv2d`. Its weight's gradient is oneDNN's, or Winograd's with
+    `winograd_weight_grad` (`use_winograd_weight_grad`). Parameters and state dict are
+    `nn.Conv2d`'s."""
+
+    winograd_weight_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fits = bf16_cpu_batch(x) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
@@ -32,13 +36,22 @@ class WinogradConv2d(nn.Conv2d):
             return super().forward(x)
         from fastcifar.ops.winograd import winograd_conv3x3
 
-        return winograd_conv3x3(x.to(torch.bfloat16), self.weight, self.bias)
+        return winograd_conv3x3(x.to(torch.bfloat16), self.weight, self.bias,
+                                winograd_weight_grad=self.winograd_weight_grad)  # fmt: skip
 
 
 def use_winograd(model: nn.Module) -> int:
     """Replace every convolution of `model` that `takes` by a `WinogradConv2d` holding the
     same parameters, in place (checkpoints load either way); returns how many."""
     return swap_convs(model, takes, WinogradConv2d)
+
+
+def use_winograd_weight_grad(model: nn.Module) -> int:
+    """Give every `WinogradConv2d` of `model` Winograd's weight gradient; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+    for layer in layers:
+        layer.winograd_weight_grad = True
+    return len(layers)
 
 
 def winograd_available() -> tuple[bool, str]:

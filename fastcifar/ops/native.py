@@ -83,6 +83,10 @@ def _register() -> None:
         n, _, h, w = x.shape
         return x.new_empty((n, h, w, packed_weight.shape[2])).permute(0, 3, 1, 2)
 
+    @torch.library.register_fake("fastcifar::winograd_conv3x3_weight_grad")
+    def _(grad, x):
+        return x.new_empty((16, x.shape[1], grad.shape[1]), dtype=torch.float32)
+
     @torch.library.register_fake("fastcifar::relu_moments")
     def _(x):
         return x.new_empty((2, x.shape[1]), dtype=torch.float64)

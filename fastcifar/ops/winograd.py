@@ -6,9 +6,12 @@ Each 2 x 2 block of output pixels is A^T [(G w G^T) * (B^T d B)] A, with d the 4
 input patch around it: per block and channel pair, 16 multiplications where the direct
 convolution needs 36. The 16 elementwise products, summed over input channels, are 16
 matrix products of (tiles x C_in) by (C_in x C_out). The input's gradient is the same
-convolution of the output's gradient with the weights turned 180 degrees and transposed;
-the weight's gradient is oneDNN's. `reference_conv` is the same arithmetic in plain
-torch ops.
+convolution of the output's gradient with the weights turned 180 degrees and transposed.
+The weight's gradient is oneDNN's, or with `winograd_weight_grad` Winograd's too: the
+weights' tiles' gradient is the sum over blocks of (B^T d B) * (A g A^T), g the output's
+gradient at the block, 16 matrix products of (C_in x tiles) by (tiles x C_out), and the
+weights' is G^T of it G. `reference_conv` and `reference_weight_grad` are the same
+arithmetic in plain torch ops.
 """
 
 from __future__ import annotations
@@ -49,14 +52,14 @@ def packed_weight_tiles(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _WinogradConv(torch.autograd.Function):
-    """Forward and the input's gradient through the native op; the weight's gradient is
-    oneDNN's (a Winograd one would need the transformed input kept or made again)."""
+    """Forward and the input's gradient through the native op; the weight's gradient
+    oneDNN's, or with `winograd_grad` the native Winograd one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, winograd_grad):
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.winograd_grad = bias is not None, winograd_grad
         return torch.ops.fastcifar.winograd_conv3x3(x, packed_weight_tiles(weight), bias)
 
     @staticmethod
@@ -67,7 +70,9 @@ class _WinogradConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             turned = weight.flip(2, 3).transpose(0, 1)
             grad_x = torch.ops.fastcifar.winograd_conv3x3(grad, packed_weight_tiles(turned), None)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.winograd_grad:
+            grad_w = weight_grad(grad, x).to(weight.dtype)
+        elif ctx.needs_input_grad[1]:
             _, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad, x, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [False, True, False],
@@ -75,16 +80,32 @@ class _WinogradConv(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3), dtype=torch.float32)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def winograd_conv3x3(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     winograd_weight_grad: bool = False) -> torch.Tensor:  # fmt: skip
     """`F.conv2d(x, weight, bias, padding=1)` for 3x3 kernels through Winograd F(2x2, 3x3);
     x bf16 channels-last on the CPU with an even height and width (the weights' tiles are
-    rounded to bf16, the bias added in fp32)."""
-    return _WinogradConv.apply(x, weight, bias)
+    rounded to bf16, the bias added in fp32). With `winograd_weight_grad` the weight's
+    gradient is Winograd's too (channels in multiples of 16)."""
+    return _WinogradConv.apply(x, weight, bias, winograd_weight_grad)
+
+
+def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 weights' gradient (C_out, C_in, 3, 3), fp32, of the convolution of `x` whose
+    output's gradient is `grad` (both bf16 channels-last): G^T [the native op's sum over
+    blocks of (B^T d B) * (A g A^T)] G."""
+    tiles = torch.ops.fastcifar.winograd_conv3x3_weight_grad(grad, x)  # (16, C_in, C_out)
+    return _weights_from_tiles(tiles)
+
+
+def _weights_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """G^T t G of each (C_in, C_out) pair's 4 x 4 tile t of `tiles` (16, C_in, C_out), as
+    (C_out, C_in, 3, 3)."""
+    g = _matrix(_G, tiles)
+    with torch.autocast("cpu", enabled=False):
+        return torch.einsum("ia,ijxy,jb->yxab", g, tiles.float().view(4, 4, *tiles.shape[1:]), g)
 
 
 def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -101,3 +122,16 @@ def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     m = m.reshape(4, 4, n, h // 2, w // 2, -1).permute(2, 5, 3, 4, 0, 1)
     y = (at @ m @ at.T).permute(0, 1, 2, 4, 3, 5).reshape(n, -1, h, w)
     return y if bias is None else y + bias.float().view(1, -1, 1, 1)
+
+
+def reference_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`weight_grad`'s arithmetic in plain torch ops, in fp32, the transformed input and
+    gradient rounded to bf16 as the native op rounds them: its reference."""
+    n, c, h, w = x.shape
+    bt, a = _matrix(_BT, x), _matrix(_AT, x).T
+    patches = F.pad(x.float(), (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 4, 2)  # N,C,th,tw,4,4
+    v = (bt @ patches @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, c)
+    blocks = grad.float().unfold(2, 2, 2).unfold(3, 2, 2)  # N,C_out,th,tw,2,2
+    m = (a @ blocks @ a.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, grad.shape[1])
+    tiles = torch.bmm(v.to(torch.bfloat16).float().transpose(1, 2), m.to(torch.bfloat16).float())
+    return _weights_from_tiles(tiles)

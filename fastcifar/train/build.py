@@ -26,7 +26,12 @@ from fastcifar.models.relu_bn import (
     use_relu_bn,
     use_relu_bn_pool,
 )
-from fastcifar.models.winograd import WinogradConv2d, use_winograd, winograd_available
+from fastcifar.models.winograd import (
+    WinogradConv2d,
+    use_winograd,
+    use_winograd_weight_grad,
+    winograd_available,
+)
 
 # Graphs one process may compile for the code every compiled module shares (torch's
 # default, 8, would leave a sweep's later trials running eager)
@@ -73,6 +78,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
                 use_amx_conv(model)  # 3x3 convolutions' weight gradient on AMX tiles
     if winograd_wanted(cfg, device):
         use_winograd(model)
+        if cfg.winograd_weight_grad == "on":
+            use_winograd_weight_grad(model)
+    elif cfg.winograd_weight_grad == "on":
+        raise UserError("--winograd-weight-grad on needs Winograd convolutions (--winograd auto "
+                        "or on, for bf16 channels-last training on an AVX512-BF16 CPU)")  # fmt: skip
     return model
 
 
@@ -97,6 +107,8 @@ def native_layers(model: torch.nn.Module) -> dict[str, int]:
 
     def visit(module: torch.nn.Module) -> None:
         name = NATIVE_LAYERS.get(type(module))
+        if getattr(module, "winograd_weight_grad", False):
+            name = f"{name} (and weight gradient)"
         if name is not None:
             counts[name] = counts.get(name, 0) + 1
             return
