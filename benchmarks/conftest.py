@@ -86,9 +86,27 @@ def measured(request) -> dict:
     return request.config.stash.setdefault(MEASURED, {})
 
 
+# The paired-steps benchmarks' results of this session, for the terminal summary
+PAIRED: list[dict] = []
+
+
 def pytest_terminal_summary(terminalreporter, config):
-    """Throughput against accuracy: this session's images/s of each architecture beside
-    the test accuracy recorded for this machine in benchmarks/results (README's columns)."""
+    """The paired-steps benchmarks' speedups; throughput against accuracy: this session's
+    images/s of each architecture beside the test accuracy recorded for this machine in
+    benchmarks/results (README's columns)."""
+    mode = ("full windows" if config.getoption("--full") else
+            "quick mode: a few steps at batch 32, a smoke test, not a measurement")  # fmt: skip
+    if PAIRED:
+        terminalreporter.section("paired steps")
+        terminalreporter.write_line(f"this session ({mode.replace('batch 32', 'batch 8')})")
+        terminalreporter.write_line("kind | arch | batch | steps a window | rounds | images/s "
+                                    "without / with the swap | speedup (median of rounds)")  # fmt: skip
+        for r in PAIRED:
+            terminalreporter.write_line(
+                f"{r['kind']} | {r['arch']} | {r['batch_size']} | {r['steps']} | {r['rounds']} | "
+                f"{r['aten_images_per_sec']:,.0f} / {r['native_images_per_sec']:,.0f} | "
+                f"{r['speedup']:.3f}x"
+            )
     measured = config.stash.get(MEASURED, {})
     from fastcifar.report import switches_markdown, throughput_against_accuracy
 
@@ -97,8 +115,6 @@ def pytest_terminal_summary(terminalreporter, config):
     table = throughput_against_accuracy(measured, machine, results)
     if not table:
         return
-    mode = ("full windows" if config.getoption("--full") else
-            "quick mode: a few steps at batch 32, a smoke test, not a measurement")  # fmt: skip
     terminalreporter.section("throughput against accuracy")
     terminalreporter.write_line(f"images/s from this session ({mode}); test accuracy of the "
                                 "default recipe as recorded for this machine")  # fmt: skip
@@ -214,6 +230,7 @@ def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images,
                 native_images_per_sec=batch * 1e3 / per_step["native_ms"],
                 **environment(device))  # fmt: skip
     benchmark.extra_info.update(info)
+    PAIRED.append(info)
     return info
 
 
