@@ -302,12 +302,15 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Te
   // tiles a chunk (even): both transforms together about 2 MiB
   const int64_t chunk = 2 * std::max<int64_t>(32, (1 << 21) / (64 * (c_in + c_out)));
   const int64_t chunks = (tiles + chunk - 1) / chunk;
-  auto sums = at::zeros({at::get_num_threads(), 16, c_in, c_out}, x.options().dtype(at::kFloat));
+  const int64_t threads = at::get_num_threads();
+  auto sums = at::zeros({threads, 16, c_in, c_out}, x.options().dtype(at::kFloat));
   const auto* in = reinterpret_cast<const at::BFloat16*>(x.const_data_ptr());
   const auto* g = reinterpret_cast<const at::BFloat16*>(grad.const_data_ptr());
   float* all = sums.mutable_data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    float* mine = all + at::get_thread_num() * 16 * c_in * c_out;
+    const int64_t thread = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(thread < threads, "winograd_conv3x3_weight_grad: thread ", thread);
+    float* mine = all + thread * 16 * c_in * c_out;
     std::vector<at::BFloat16> v(16 * chunk * c_in), m(16 * chunk * c_out);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
