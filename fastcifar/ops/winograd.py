@@ -113,12 +113,10 @@ def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """The same arithmetic in plain torch ops, in fp32, with the transformed input and
     weight tiles rounded to `operands` first (bf16: as the native op rounds them): the
     native op's reference."""
-    n, c, h, w = x.shape
-    bt, at = _matrix(_BT, x), _matrix(_AT, x)
-    patches = F.pad(x.float(), (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 4, 2)  # N,C,th,tw,4,4
-    v = (bt @ patches @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, c)
+    n, _, h, w = x.shape
+    at = _matrix(_AT, x)
     u = weight_tiles(weight, operands).float()
-    m = torch.bmm(v.to(operands).float(), u)
+    m = torch.bmm(_input_tiles(x).to(operands).float(), u)
     m = m.reshape(4, 4, n, h // 2, w // 2, -1).permute(2, 5, 3, 4, 0, 1)
     y = (at @ m @ at.T).permute(0, 1, 2, 4, 3, 5).reshape(n, -1, h, w)
     return y if bias is None else y + bias.float().view(1, -1, 1, 1)
@@ -127,11 +125,16 @@ def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def reference_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`weight_grad`'s arithmetic in plain torch ops, in fp32, the transformed input and
     gradient rounded to bf16 as the native op rounds them: its reference."""
-    n, c, h, w = x.shape
-    bt, a = _matrix(_BT, x), _matrix(_AT, x).T
-    patches = F.pad(x.float(), (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 4, 2)  # N,C,th,tw,4,4
-    v = (bt @ patches @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, c)
+    a = _matrix(_AT, x).T
     blocks = grad.float().unfold(2, 2, 2).unfold(3, 2, 2)  # N,C_out,th,tw,2,2
     m = (a @ blocks @ a.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, grad.shape[1])
-    tiles = torch.bmm(v.to(torch.bfloat16).float().transpose(1, 2), m.to(torch.bfloat16).float())
-    return _weights_from_tiles(tiles)
+    v = _input_tiles(x).to(torch.bfloat16).float()
+    return _weights_from_tiles(torch.bmm(v.transpose(1, 2), m.to(torch.bfloat16).float()))
+
+
+def _input_tiles(x: torch.Tensor) -> torch.Tensor:
+    """B^T d B of every 4 x 4 patch d around a 2 x 2 block of `x`'s pixels (zero-padded),
+    in fp32, as (16, blocks, C)."""
+    bt = _matrix(_BT, x)
+    patches = F.pad(x.float(), (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 4, 2)  # N,C,th,tw,4,4
+    return (bt @ patches @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, x.shape[1])
