@@ -15,7 +15,7 @@ import numpy as np
 
 from fastcifar.errors import UserError
 from fastcifar.results import accuracy_stats, data_name, read_results
-from fastcifar.train.build import WINOGRAD_LAYER
+from fastcifar.train.build import WINOGRAD_LAYER, WINOGRAD_WEIGHT_GRAD_LAYER
 from fastcifar.train.rundir import is_training, read_json, read_metrics, read_predictions, run_data
 
 # The columns of a compare row, as `compare --table` writes them.
@@ -209,18 +209,20 @@ def _read_run(run: Path, label: str) -> _Run:
     data = run_data(run)
     settings["data"] = data_name(data) if data else None
     if "winograd" in config:
-        settings["winograd"] = winograd_ran(config, run)
+        settings["winograd"], settings["winograd_weight_grad"] = winograd_ran(config, run)
     return _Run(row, rows, best, settings, config.get("seed"), run)
 
 
-def winograd_ran(config: dict, run: Path) -> str:
-    """Whether the run's 3x3 convolutions ran as Winograd, "on" or "off", from the layers
-    its env.json records (`--winograd auto` decides by the CPU); a run from before they
-    were recorded gives its flag."""
+def winograd_ran(config: dict, run: Path) -> tuple[str, str]:
+    """Whether the run's 3x3 convolutions ran as Winograd, and whether their weight
+    gradient did too, each "on" or "off", from the layers its env.json records (`auto`
+    decides by the CPU); a run from before they were recorded gives its flags (one from
+    before the weight gradient's flag, "off")."""
     layers = read_json(run / "env.json").get("native_layers")
     if layers is None:
-        return config["winograd"]
-    return "on" if any(name.startswith(WINOGRAD_LAYER) for name in layers) else "off"
+        return config["winograd"], config.get("winograd_weight_grad", "off")
+    forward = any(name.startswith(WINOGRAD_LAYER) for name in layers)
+    return ("on" if forward else "off"), ("on" if WINOGRAD_WEIGHT_GRAD_LAYER in layers else "off")
 
 
 def expand_runs(paths: list[Path], log=print) -> list[Path]:

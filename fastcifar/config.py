@@ -65,9 +65,7 @@ class TrainConfig:
     dali_images_per_run: int = 0  # --loader dali: images a pipeline run makes; 0 = one batch
     native: str = "auto"  # auto | on | off: fastcifar._C (the loader's op; AVX-512 bf16 pooling)
     winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd (bf16, AVX512-BF16 CPU)
-    winograd_weight_grad: str = (
-        "off"  # on | off: the Winograd convs' weight gradient Winograd's too
-    )
+    winograd_weight_grad: str = "auto"  # auto | on | off: the Winograd convs' weight gradient too
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode (on CUDA reduce-overhead: CUDA graphs)
@@ -97,8 +95,9 @@ class TrainConfig:
             (self.prefetch in SWITCHES, f"--prefetch must be one of {', '.join(SWITCHES)}"),
             (self.winograd in SWITCHES, f"--winograd must be one of {', '.join(SWITCHES)}"),
             (
-                self.winograd_weight_grad in ("on", "off"),
-                f"--winograd-weight-grad must be on or off, not {self.winograd_weight_grad!r}",
+                self.winograd_weight_grad in SWITCHES,
+                f"--winograd-weight-grad must be one of {', '.join(SWITCHES)}, "
+                f"not {self.winograd_weight_grad!r}",
             ),
             (not self.dali_decode or self.loader == "dali", "--dali-decode needs --loader dali"),
             (

@@ -58,6 +58,7 @@ def assert_one_line_error(code, err, fragment):
         (["--subset", "999999"], "--subset 999999 is more than the "),
         (["--compile-mode", "fastest"], "--compile-mode must be one of"),
         (["--prefetch", "maybe"], "--prefetch must be one of"),
+        (["--winograd-weight-grad", "maybe"], "--winograd-weight-grad must be one of auto, on,"),
         (["--dali-decode"], "--dali-decode needs --loader dali"),
         (["--dali-images-per-run", "-1"], "--dali-images-per-run must be >= 0, not -1"),
         (["--dali-images-per-run", "4096"], "--dali-images-per-run needs --loader dali"),

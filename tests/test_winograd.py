@@ -248,7 +248,18 @@ def test_the_cpu_model_uses_it_unless_it_is_off(winograd, expected):
     cfg = TrainConfig(arch="cerberus", amp="bf16", winograd=winograd)
     model = build_model(cfg, torch.device("cpu"))
     assert sum(type(m) is WinogradConv2d for m in model.modules()) == expected
-    assert not any(getattr(m, "winograd_weight_grad", False) for m in model.modules())
+    with_grad = sum(getattr(m, "winograd_weight_grad", False) for m in model.modules())
+    assert with_grad == expected  # where Winograd runs, its weight gradient runs by default
+
+
+@pytest.mark.parametrize(("weight_grad", "expected"), [("auto", 4), ("on", 4), ("off", 0)])
+def test_the_winograd_weight_gradient_unless_it_is_off(weight_grad, expected):
+    from fastcifar.train.build import build_model
+
+    cfg = TrainConfig(arch="conv5", amp="bf16", winograd_weight_grad=weight_grad)
+    model = build_model(cfg, torch.device("cpu"))
+    assert sum(type(m) is WinogradConv2d for m in model.modules()) == 4
+    assert sum(getattr(m, "winograd_weight_grad", False) for m in model.modules()) == expected
 
 
 def test_the_winograd_weight_gradient_is_asked_for():

@@ -78,8 +78,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
                 use_amx_conv(model)  # 3x3 convolutions' weight gradient on AMX tiles
     if winograd_wanted(cfg, device):
         use_winograd(model)
-        if cfg.winograd_weight_grad == "on":
-            use_winograd_weight_grad(model)
+        if cfg.winograd_weight_grad != "off":
+            use_winograd_weight_grad(model)  # its rule held too (benchmarks/NOTES.md)
     elif cfg.winograd_weight_grad == "on":
         raise UserError("--winograd-weight-grad on needs Winograd convolutions (--winograd auto "
                         "or on, for bf16 channels-last training on an AVX512-BF16 CPU)")  # fmt: skip
@@ -88,6 +88,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 # The layers `build_model` may swap in, as the run's log line and env.json name them
 WINOGRAD_LAYER = "Winograd conv"
+WINOGRAD_WEIGHT_GRAD_LAYER = f"{WINOGRAD_LAYER} (and weight gradient)"
 NATIVE_LAYERS = {
     WinogradConv2d: WINOGRAD_LAYER,
     AmxGradConv2d: "AMX weight-gradient conv",
@@ -108,7 +109,7 @@ def native_layers(model: torch.nn.Module) -> dict[str, int]:
     def visit(module: torch.nn.Module) -> None:
         name = NATIVE_LAYERS.get(type(module))
         if getattr(module, "winograd_weight_grad", False):
-            name = f"{name} (and weight gradient)"
+            name = WINOGRAD_WEIGHT_GRAD_LAYER
         if name is not None:
             counts[name] = counts.get(name, 0) + 1
             return
