@@ -89,6 +89,10 @@ FASTCIFAR_AVX512_BF16 void gemm(const at::BFloat16* a, int64_t a_row, int64_t a_
   }
 }
 
+// 16 floats rounded to the nearest bf16, ties to even, in one instruction (vcvtneps2bf16:
+// round_to_bf16's values, but for subnormals, which it flushes to zero).
+FASTCIFAR_AVX512_BF16 inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
 struct Shape {
   int64_t h, w, c_in, c_out, tiles_per_image, tiles_per_row;
 };
@@ -103,11 +107,10 @@ inline TileAt locate(const Shape& s, int64_t tile) {
           tile % s.tiles_per_row};
 }
 
-// B^T d B of one tile for 16 input channels from ch (lanes m): v[4 i + j], d the 4 x 4
-// patch around the tile's 2 x 2 pixels, zero outside the image.
-FASTCIFAR_AVX512 inline void input_tile(const at::BFloat16* x, const Shape& s, int64_t tile,
+// B^T d B of the tile at `where` for 16 input channels from ch (lanes m): v[4 i + j], d
+// the 4 x 4 patch around the tile's 2 x 2 pixels, zero outside the image.
+FASTCIFAR_AVX512 inline void input_tile(const at::BFloat16* x, const Shape& s, const TileAt& where,
                                         int64_t ch, __mmask16 m, __m512 v[16]) {
-  const TileAt where = locate(s, tile);
   const __m512 zero = _mm512_setzero_ps();
   __m512 d[4][4];
   for (int i = 0; i < 4; ++i) {
@@ -133,11 +136,10 @@ FASTCIFAR_AVX512 inline void input_tile(const at::BFloat16* x, const Shape& s, i
   }
 }
 
-// A g A^T of one tile for 16 output channels from ch: v[4 i + j], g the output's gradient
-// at the tile's 2 x 2 pixels (the gradient of the tile's products).
-FASTCIFAR_AVX512 inline void gradient_tile(const at::BFloat16* grad, const Shape& s, int64_t tile,
-                                           int64_t ch, __m512 v[16]) {
-  const TileAt where = locate(s, tile);
+// A g A^T of the tile at `where` for 16 output channels from ch: v[4 i + j], g the
+// output's gradient at the tile's 2 x 2 pixels (the gradient of the tile's products).
+FASTCIFAR_AVX512 inline void gradient_tile(const at::BFloat16* grad, const Shape& s,
+                                           const TileAt& where, int64_t ch, __m512 v[16]) {
   const at::BFloat16* top = grad + ((where.image * s.h + 2 * where.ty) * s.w + 2 * where.tx) * s.c_out + ch;
   const __m512 g00 = load16(top, 0xFFFF), g01 = load16(top + s.c_out, 0xFFFF);
   const __m512 g10 = load16(top + s.w * s.c_out, 0xFFFF);
@@ -156,25 +158,30 @@ FASTCIFAR_AVX512 inline void gradient_tile(const at::BFloat16* grad, const Shape
 }
 
 // V[16][count][c_in] = B^T d B for tiles first .. first + count of the whole batch.
-FASTCIFAR_AVX512 void input_tiles(const at::BFloat16* x, const Shape& s, int64_t first,
+FASTCIFAR_AVX512_BF16 void input_tiles(const at::BFloat16* x, const Shape& s, int64_t first,
                                   int64_t count, at::BFloat16* v) {
   const int64_t c = s.c_in, plane = count * c;
   for (int64_t t = 0; t < count; ++t) {
     at::BFloat16* out = v + t * c;
+    const TileAt where = locate(s, first + t);
     for (int64_t ch = 0; ch < c; ch += 16) {
       const __mmask16 m = lanes(c - ch);
       __m512 tile[16];
-      input_tile(x, s, first + t, ch, m, tile);
-      for (int k = 0; k < 16; ++k) store16_rounded(out + k * plane + ch, m, tile[k]);
+      input_tile(x, s, where, ch, m, tile);
+      for (int k = 0; k < 16; ++k) _mm256_mask_storeu_epi16(out + k * plane + ch, m, to_bf16(tile[k]));
     }
   }
 }
 
-// Two tiles' values rounded to bf16 as pairs: each word's low half from a, high half from b.
-FASTCIFAR_AVX512 inline __m512i bf16_pairs(__m512 a, __m512 b) {
-  const __m512i low = _mm512_srli_epi32(round_to_bf16(a), 16);
-  const __m512i high = _mm512_and_si512(round_to_bf16(b), _mm512_set1_epi32(int32_t(0xFFFF0000u)));
-  return _mm512_or_si512(low, high);
+// Two tiles' values rounded to bf16 as pairs: each word's low half from a, high half from
+// b. vcvtne2ps2bf16 puts a's 16 values in the low half of the vector and b's in the high
+// half; one permutation of the 32 halves interleaves them.
+FASTCIFAR_AVX512_BF16 inline __m512i bf16_pairs(__m512 a, __m512 b) {
+  const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                              24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+                                              1, 16, 0);
+  return _mm512_permutexvar_epi16(interleave, halves);
 }
 
 // P[16][count / 2][c][2]: the transform of each of tiles first .. first + count (count even;
@@ -182,21 +189,22 @@ FASTCIFAR_AVX512 inline __m512i bf16_pairs(__m512 a, __m512 b) {
 // the input's B^T d B (kGradient false, c = C_in) or the gradient's A g A^T (c = C_out,
 // channels in multiples of 16).
 template <bool kGradient>
-FASTCIFAR_AVX512 void paired_tiles(const at::BFloat16* src, const Shape& s, int64_t first,
+FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s, int64_t first,
                                    int64_t count, int64_t tiles, at::BFloat16* out) {
   const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t t0 = first + 2 * p, t1 = t0 + 1;
+    const TileAt at0 = locate(s, t0), at1 = locate(s, t1);
     for (int64_t ch = 0; ch < c; ch += 16) {
       __m512 a[16], b[16];
-      if constexpr (kGradient) gradient_tile(src, s, t0, ch, a);
-      else input_tile(src, s, t0, ch, 0xFFFF, a);
+      if constexpr (kGradient) gradient_tile(src, s, at0, ch, a);
+      else input_tile(src, s, at0, ch, 0xFFFF, a);
       if (t1 >= tiles) {
         for (int k = 0; k < 16; ++k) b[k] = _mm512_setzero_ps();
       } else if constexpr (kGradient) {
-        gradient_tile(src, s, t1, ch, b);
+        gradient_tile(src, s, at1, ch, b);
       } else {
-        input_tile(src, s, t1, ch, 0xFFFF, b);
+        input_tile(src, s, at1, ch, 0xFFFF, b);
       }
       for (int k = 0; k < 16; ++k)
         _mm512_storeu_si512(out + ((k * pairs + p) * c + ch) * 2, bf16_pairs(a[k], b[k]));
@@ -205,7 +213,7 @@ FASTCIFAR_AVX512 void paired_tiles(const at::BFloat16* src, const Shape& s, int6
 }
 
 // The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out].
-FASTCIFAR_AVX512 void output_pixels(const float* mt, const float* bias, const Shape& s, int64_t first,
+FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, const float* bias, const Shape& s, int64_t first,
                                     int64_t count, at::BFloat16* y) {
   const int64_t c = s.c_out, plane = count * c;
   for (int64_t t = 0; t < count; ++t) {
@@ -228,8 +236,8 @@ FASTCIFAR_AVX512 void output_pixels(const float* mt, const float* bias, const Sh
       for (int a = 0; a < 2; ++a) {  // (A^T m) A: columns
         const __m512 left = _mm512_add_ps(_mm512_add_ps(r[a][0], r[a][1]), r[a][2]);
         const __m512 right = _mm512_sub_ps(_mm512_sub_ps(r[a][1], r[a][2]), r[a][3]);
-        store16_rounded(rows[a] + ch, m, _mm512_add_ps(left, b));
-        store16_rounded(rows[a] + c + ch, m, _mm512_add_ps(right, b));
+        _mm256_mask_storeu_epi16(rows[a] + ch, m, to_bf16(_mm512_add_ps(left, b)));
+        _mm256_mask_storeu_epi16(rows[a] + c + ch, m, to_bf16(_mm512_add_ps(right, b)));
       }
     }
   }
