@@ -1,19 +1,74 @@
-"""Winograd's weight gradient (`fastcifar.models.winograd.use_winograd_weight_grad`)
-against oneDNN's, side by side: whole bf16 training steps in alternating timed windows,
-both sides with Winograd's forward and input gradient and the CPU's other default native
-layers, so only the weight gradients differ; medians of the per-round ratios."""
+"""Winograd convolutions on the CPU against oneDNN's, side by side, in alternating timed
+windows (medians of the per-round ratios): each 3x3 layer shape that Winograd takes in
+CerberusNet, conv5 and wide4 alone, forward and backward; and whole bf16 training steps
+with Winograd's weight gradient (`use_winograd_weight_grad`) against oneDNN's, both sides
+with Winograd's forward and input gradient and the CPU's other default native layers, so
+only the weight gradients differ."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
-from fastcifar.models.winograd import use_winograd, use_winograd_weight_grad, winograd_available
+from fastcifar.models.winograd import (
+    WinogradConv2d,
+    use_winograd,
+    use_winograd_weight_grad,
+    winograd_available,
+)
 
-from .conftest import cpu_default_layers, paired_training_steps
+from .conftest import cpu_default_layers, environment, paired_training_steps, paired_windows
 
 pytestmark = pytest.mark.skipif(
     not winograd_available()[0], reason="needs fastcifar._C and a CPU with AVX512-BF16 (no AMX)"
 )
+
+
+# (arch, channels in, channels out, size) of each distinct 3x3 layer Winograd takes there
+LAYERS = [("cerberus", 64, 64, 32), ("cerberus", 64, 128, 16), ("cerberus", 128, 128, 16),
+          ("cerberus", 128, 256, 8), ("cerberus", 256, 256, 8), ("conv5", 32, 64, 32),
+          ("wide4", 48, 96, 32), ("wide4", 96, 192, 16), ("wide4", 192, 256, 16)]  # fmt: skip
+
+
+def bf16_channels_last(batch: int, channels: int, size: int) -> torch.Tensor:
+    x = torch.randn(batch, channels, size, size).bfloat16()
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("arch", "c_in", "c_out", "size"), LAYERS)
+def test_layer_forward_backward(benchmark, full, device, arch, c_in, c_out, size):
+    """One layer under bf16 autocast, channels-last, at batch 256: forward, then the input's
+    and the weight's gradients; oneDNN's `nn.Conv2d` ("aten") against `WinogradConv2d` with
+    Winograd's weight gradient ("native"), the same parameters."""
+    if device.type != "cpu":
+        pytest.skip("a CPU kernel")
+    batch = 256 if full else 4
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
+    winograd = WinogradConv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
+    winograd.load_state_dict(conv.state_dict())
+    winograd.winograd_weight_grad = True
+    x = bf16_channels_last(batch, c_in, size).requires_grad_()
+    grad = bf16_channels_last(batch, c_out, size)
+
+    def window(layer, calls=10 if full else 1):
+        for _ in range(calls):
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(x)
+            out.backward(grad)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        close = torch.allclose(winograd(x).float(), conv(x).float(), rtol=0.05, atol=0.05)
+    assert close, "the Winograd layer's output is not the convolution's"
+    result = {}
+    benchmark.pedantic(lambda: result.update(paired_windows({"aten": conv, "native": winograd},
+                                                             window, 7 if full else 1)),
+                       rounds=1, iterations=1)  # fmt: skip
+    benchmark.extra_info.update(kind="winograd_layer", arch=arch, batch_size=batch, c_in=c_in,
+                                c_out=c_out, size=size, **result, **environment(device))  # fmt: skip
+    assert result["speedup"] > 0
 
 
 def winograd_forward(model) -> None:
