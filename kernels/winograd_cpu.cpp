@@ -93,6 +93,12 @@ FASTCIFAR_AVX512_BF16 void gemm(const at::BFloat16* a, int64_t a_row, int64_t a_
 // round_to_bf16's values, but for subnormals, which it flushes to zero).
 FASTCIFAR_AVX512_BF16 inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
+// Elements (bf16) after each of a chunk's 16 transform planes, so that the planes start a
+// cache line more than a multiple of 4 KiB apart: a tile's 16 values, one in each plane,
+// then fall in 16 sets of the L1 cache rather than all in one (its 8 ways) and evict
+// each other (fp32 planes take half as many).
+constexpr int64_t kPlanePad = 32;
+
 struct Shape {
   int64_t h, w, c_in, c_out, tiles_per_image, tiles_per_row;
 };
@@ -159,8 +165,8 @@ FASTCIFAR_AVX512 inline void gradient_tile(const at::BFloat16* grad, const Shape
 
 // V[16][count][c_in] = B^T d B for tiles first .. first + count of the whole batch.
 FASTCIFAR_AVX512_BF16 void input_tiles(const at::BFloat16* x, const Shape& s, int64_t first,
-                                  int64_t count, at::BFloat16* v) {
-  const int64_t c = s.c_in, plane = count * c;
+                                  int64_t count, at::BFloat16* v, int64_t plane) {
+  const int64_t c = s.c_in;
   for (int64_t t = 0; t < count; ++t) {
     at::BFloat16* out = v + t * c;
     const TileAt where = locate(s, first + t);
@@ -184,13 +190,14 @@ FASTCIFAR_AVX512_BF16 inline __m512i bf16_pairs(__m512 a, __m512 b) {
   return _mm512_permutexvar_epi16(interleave, halves);
 }
 
-// P[16][count / 2][c][2]: the transform of each of tiles first .. first + count (count even;
+// P[16][count / 2][c][2], planes `plane` elements apart: the transform of each of tiles
+// first .. first + count (count even;
 // a tile from `tiles` on is zero), two tiles to a pair, as gemm takes either operand:
 // the input's B^T d B (kGradient false, c = C_in) or the gradient's A g A^T (c = C_out,
 // channels in multiples of 16).
 template <bool kGradient>
 FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s, int64_t first,
-                                   int64_t count, int64_t tiles, at::BFloat16* out) {
+                                   int64_t count, int64_t tiles, at::BFloat16* out, int64_t plane) {
   const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t t0 = first + 2 * p, t1 = t0 + 1;
@@ -207,15 +214,15 @@ FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s,
         input_tile(src, s, at1, ch, 0xFFFF, b);
       }
       for (int k = 0; k < 16; ++k)
-        _mm512_storeu_si512(out + ((k * pairs + p) * c + ch) * 2, bf16_pairs(a[k], b[k]));
+        _mm512_storeu_si512(out + k * plane + (p * c + ch) * 2, bf16_pairs(a[k], b[k]));
     }
   }
 }
 
 // The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out].
-FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, const float* bias, const Shape& s, int64_t first,
-                                    int64_t count, at::BFloat16* y) {
-  const int64_t c = s.c_out, plane = count * c;
+FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, int64_t plane, const float* bias, const Shape& s,
+                                    int64_t first, int64_t count, at::BFloat16* y) {
+  const int64_t c = s.c_out;
   for (int64_t t = 0; t < count; ++t) {
     const TileAt where = locate(s, first + t);
     const float* in = mt + t * c;
@@ -275,16 +282,17 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
   const auto* u = reinterpret_cast<const at::BFloat16*>(packed.const_data_ptr());
   auto* out = reinterpret_cast<at::BFloat16*>(y.mutable_data_ptr());
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const int64_t v_plane = chunk * c_in + kPlanePad, m_plane = chunk * c_out + kPlanePad / 2;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<at::BFloat16> v(16 * chunk * c_in);
-    std::vector<float> products(16 * chunk * c_out);
+    std::vector<at::BFloat16> v(16 * v_plane);
+    std::vector<float> products(16 * m_plane);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
-      input_tiles(in, s, first, count, v.data());
+      input_tiles(in, s, first, count, v.data(), v_plane);
       for (int k = 0; k < 16; ++k)
-        gemm<false>(v.data() + k * count * c_in, c_in, 2, count, u + k * c_in * c_out, c_out, c_in,
-                    products.data() + k * count * c_out);
-      output_pixels(products.data(), bp, s, first, count, out);
+        gemm<false>(v.data() + k * v_plane, c_in, 2, count, u + k * c_in * c_out, c_out, c_in,
+                    products.data() + k * m_plane);
+      output_pixels(products.data(), m_plane, bp, s, first, count, out);
     }
   });
   return y;
@@ -315,19 +323,20 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Te
   const auto* in = reinterpret_cast<const at::BFloat16*>(x.const_data_ptr());
   const auto* g = reinterpret_cast<const at::BFloat16*>(grad.const_data_ptr());
   float* all = sums.mutable_data_ptr<float>();
+  const int64_t v_plane = chunk * c_in + kPlanePad, m_plane = chunk * c_out + kPlanePad;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(thread < threads, "winograd_conv3x3_weight_grad: thread ", thread);
     float* mine = all + thread * 16 * c_in * c_out;
-    std::vector<at::BFloat16> v(16 * chunk * c_in), m(16 * chunk * c_out);
+    std::vector<at::BFloat16> v(16 * v_plane), m(16 * m_plane);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
-      const int64_t even = count + (count & 1), pairs = even / 2;
-      paired_tiles<false>(in, s, first, even, tiles, v.data());
-      paired_tiles<true>(g, s, first, even, tiles, m.data());
+      const int64_t even = count + (count & 1);
+      paired_tiles<false>(in, s, first, even, tiles, v.data(), v_plane);
+      paired_tiles<true>(g, s, first, even, tiles, m.data(), m_plane);
       for (int k = 0; k < 16; ++k)
-        gemm<true>(v.data() + k * pairs * c_in * 2, 2, 2 * c_in, c_in,
-                   m.data() + k * pairs * c_out * 2, c_out, even, mine + k * c_in * c_out);
+        gemm<true>(v.data() + k * v_plane, 2, 2 * c_in, c_in, m.data() + k * m_plane, c_out, even,
+                   mine + k * c_in * c_out);
     }
   });
   return sums.sum(0);
