@@ -163,9 +163,10 @@ FASTCIFAR_AVX512 inline void gradient_tile(const at::BFloat16* grad, const Shape
   }
 }
 
-// V[16][count][c_in] = B^T d B for tiles first .. first + count of the whole batch.
+// V[16][count][c_in], planes `plane` elements apart: B^T d B for tiles first .. first +
+// count of the whole batch.
 FASTCIFAR_AVX512_BF16 void input_tiles(const at::BFloat16* x, const Shape& s, int64_t first,
-                                  int64_t count, at::BFloat16* v, int64_t plane) {
+                                       int64_t count, at::BFloat16* v, int64_t plane) {
   const int64_t c = s.c_in;
   for (int64_t t = 0; t < count; ++t) {
     at::BFloat16* out = v + t * c;
@@ -191,13 +192,13 @@ FASTCIFAR_AVX512_BF16 inline __m512i bf16_pairs(__m512 a, __m512 b) {
 }
 
 // P[16][count / 2][c][2], planes `plane` elements apart: the transform of each of tiles
-// first .. first + count (count even;
-// a tile from `tiles` on is zero), two tiles to a pair, as gemm takes either operand:
-// the input's B^T d B (kGradient false, c = C_in) or the gradient's A g A^T (c = C_out,
-// channels in multiples of 16).
+// first .. first + count (count even; a tile from `tiles` on is zero), two tiles to a
+// pair, as gemm takes either operand: the input's B^T d B (kGradient false, c = C_in) or
+// the gradient's A g A^T (c = C_out, channels in multiples of 16).
 template <bool kGradient>
 FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s, int64_t first,
-                                   int64_t count, int64_t tiles, at::BFloat16* out, int64_t plane) {
+                                        int64_t count, int64_t tiles, at::BFloat16* out,
+                                        int64_t plane) {
   const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t t0 = first + 2 * p, t1 = t0 + 1;
@@ -219,9 +220,11 @@ FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s,
   }
 }
 
-// The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out].
-FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, int64_t plane, const float* bias, const Shape& s,
-                                    int64_t first, int64_t count, at::BFloat16* y) {
+// The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out], planes
+// `plane` elements apart.
+FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, int64_t plane, const float* bias,
+                                         const Shape& s, int64_t first, int64_t count,
+                                         at::BFloat16* y) {
   const int64_t c = s.c_out;
   for (int64_t t = 0; t < count; ++t) {
     const TileAt where = locate(s, first + t);
