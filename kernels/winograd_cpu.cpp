@@ -35,6 +35,9 @@ FASTCIFAR_AVX512_BF16 void gemm_block(const at::BFloat16* a, int64_t a_row, int6
                                       const at::BFloat16* b, int64_t ldb, int64_t k, float* c,
                                       int64_t ldc) {
   __m512 acc[MR][NV];
+  if constexpr (kAccumulate)  // the same columns of the next block of rows, for later
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) _mm_prefetch((const char*)(c + (MR + r) * ldc + 16 * v), _MM_HINT_T0);
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v)
       acc[r][v] = kAccumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
