@@ -14,14 +14,11 @@ from torch import nn
 from fastcifar.models import create_model
 from fastcifar.models.amx_conv import AmxGradConv2d, amx_conv_available, use_amx_conv
 
+from .tensors import random_channels_last as channels_last
+
 pytestmark = pytest.mark.skipif(
     not amx_conv_available(), reason="needs fastcifar._C and a CPU with AMX-BF16"
 )
-
-
-def channels_last(*shape, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
 
 
 def float64_grads(grad, x, c_out):

@@ -13,17 +13,11 @@ from fastcifar.models.pooling import (
     use_native_pooling,
 )
 
+from .tensors import random_channels_last as channels_last
+
 pytestmark = pytest.mark.skipif(
     not native_pooling_available(), reason="needs fastcifar._C and a CPU with AVX-512"
 )
-
-
-def channels_last(*shape, dtype=torch.bfloat16, seed=0, levels=None):
-    """Random values; with `levels`, only that many (so windows hold ties)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, levels, shape, generator=g) if levels else torch.randn(shape, generator=g)
-    return x.to(dtype).contiguous(memory_format=torch.channels_last)
-
 
 # lenet's, conv3's (odd 13 x 13), a channel count past one 16-lane vector and not a
 # multiple of it, and odd widths and heights of their own

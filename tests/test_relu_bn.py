@@ -3,6 +3,7 @@ kernels, fastcifar.ops.relu_bn, fastcifar.models.relu_bn) against eager nn.ReLU 
 nn.BatchNorm2d: outputs, every gradient and the running statistics, in float64 references."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -19,15 +20,13 @@ from fastcifar.models.relu_bn import (
 )
 from fastcifar.ops.relu_bn import relu_batch_norm, relu_bn_fits
 
+from .tensors import random_channels_last
+
 pytestmark = pytest.mark.skipif(
     not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX-512"
 )
 
-
-def channels_last(*shape, dtype=torch.float32, seed=0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) + shift
-    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+channels_last = functools.partial(random_channels_last, dtype=torch.float32)
 
 
 def reference(x, weight, bias, grad, eps=1e-5, max_pool=False):

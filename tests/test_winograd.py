@@ -27,18 +27,11 @@ from fastcifar.ops.winograd import (
     winograd_conv3x3,
 )
 
+from .tensors import random_channels_last as channels_last
+
 pytestmark = pytest.mark.skipif(
     not winograd_available()[0], reason="needs fastcifar._C and a CPU with AVX512-BF16"
 )
-
-
-def channels_last(*shape, dtype=torch.bfloat16, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        (torch.randn(shape, generator=g) * scale)
-        .to(dtype)
-        .contiguous(memory_format=torch.channels_last)
-    )
 
 
 def weights(c_out, c_in, seed=1):
