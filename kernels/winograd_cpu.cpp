@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "avx512.h"
@@ -197,11 +198,13 @@ FASTCIFAR_AVX512_BF16 inline __m512i bf16_pairs(__m512 a, __m512 b) {
 // P[16][count / 2][c][2], planes `plane` elements apart: the transform of each of tiles
 // first .. first + count (count even; a tile from `tiles` on is zero), two tiles to a
 // pair, as gemm takes either operand: the input's B^T d B (kGradient false, c = C_in) or
-// the gradient's A g A^T (c = C_out, channels in multiples of 16).
+// the gradient's A g A^T (c = C_out, channels in multiples of 16). For the gradient it
+// also adds each channel's sum over the tiles' pixels into `pixel_sums` (C_out floats):
+// a tile's four pixels sum to its A g A^T's value (1, 1).
 template <bool kGradient>
 FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s, int64_t first,
                                         int64_t count, int64_t tiles, at::BFloat16* out,
-                                        int64_t plane) {
+                                        int64_t plane, float* pixel_sums = nullptr) {
   const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t t0 = first + 2 * p, t1 = t0 + 1;
@@ -219,6 +222,9 @@ FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s,
       }
       for (int k = 0; k < 16; ++k)
         _mm512_storeu_si512(out + k * plane + (p * c + ch) * 2, bf16_pairs(a[k], b[k]));
+      if constexpr (kGradient)
+        _mm512_storeu_ps(pixel_sums + ch, _mm512_add_ps(_mm512_loadu_ps(pixel_sums + ch),
+                                                        _mm512_add_ps(a[5], b[5])));
     }
   }
 }
@@ -305,9 +311,12 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
 }
 
 // Sum over tiles of (B^T d B) * (A g A^T), (16, C_in, C_out) float: the gradient of the
-// weights' tiles G w G^T (fastcifar/ops/winograd.py turns it into the weights' gradient).
-// Each thread adds its chunks of tiles into its own sums; the threads' sums are added last.
-at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x) {
+// weights' tiles G w G^T (fastcifar/ops/winograd.py turns it into the weights' gradient);
+// and the gradient's sum over pixels, (C_out) float: the bias's gradient. Each thread adds
+// its chunks of tiles into its own sums (the pixel sums of a chunk in fp32, the chunks'
+// in fp64); the threads' sums are added last.
+std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad,
+                                                                    const at::Tensor& x) {
   TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3_weight_grad needs a CPU with AVX512-BF16");
   for (const at::Tensor* t : {&grad, &x})
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == at::kBFloat16 &&
@@ -326,6 +335,7 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Te
   const int64_t chunks = (tiles + chunk - 1) / chunk;
   const int64_t threads = at::get_num_threads();
   auto sums = at::zeros({threads, 16, c_in, c_out}, x.options().dtype(at::kFloat));
+  auto pixel_sums = at::zeros({threads, c_out}, x.options().dtype(at::kDouble));
   const auto* in = reinterpret_cast<const at::BFloat16*>(x.const_data_ptr());
   const auto* g = reinterpret_cast<const at::BFloat16*>(grad.const_data_ptr());
   float* all = sums.mutable_data_ptr<float>();
@@ -334,18 +344,22 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Te
     const int64_t thread = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(thread < threads, "winograd_conv3x3_weight_grad: thread ", thread);
     float* mine = all + thread * 16 * c_in * c_out;
+    double* my_pixel_sums = pixel_sums.mutable_data_ptr<double>() + thread * c_out;
     std::vector<at::BFloat16> v(16 * v_plane), m(16 * m_plane);
+    std::vector<float> chunk_pixel_sums(c_out);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
       const int64_t even = count + (count & 1);
+      std::fill(chunk_pixel_sums.begin(), chunk_pixel_sums.end(), 0.0f);
       paired_tiles<false>(in, s, first, even, tiles, v.data(), v_plane);
-      paired_tiles<true>(g, s, first, even, tiles, m.data(), m_plane);
+      paired_tiles<true>(g, s, first, even, tiles, m.data(), m_plane, chunk_pixel_sums.data());
       for (int k = 0; k < 16; ++k)
         gemm<true>(v.data() + k * v_plane, 2, 2 * c_in, c_in, m.data() + k * m_plane, c_out, even,
                    mine + k * c_in * c_out);
+      for (int64_t o = 0; o < c_out; ++o) my_pixel_sums[o] += chunk_pixel_sums[o];
     }
   });
-  return sums.sum(0);
+  return {sums.sum(0), pixel_sums.sum(0).to(at::kFloat)};
 }
 
 }  // namespace

@@ -114,10 +114,13 @@ def test_the_weight_gradient_is_the_reference_arithmetic(n, c_in, c_out, h, w):
     operands, differ only in the fp32 sums' order."""
     x = channels_last(n, c_in, h, w).relu()
     grad = channels_last(n, c_out, h, w, seed=2, scale=1e-3)
-    got = weight_grad(grad, x)
+    got, got_bias = weight_grad(grad, x)
     want = reference_weight_grad(grad, x)
     assert got.shape == (c_out, c_in, 3, 3) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    want_bias = grad.double().sum((0, 2, 3))
+    assert got_bias.shape == (c_out,) and got_bias.dtype == torch.float32
+    torch.testing.assert_close(got_bias.double(), want_bias, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), WEIGHT_GRAD_SHAPES[:3])
@@ -136,8 +139,11 @@ def test_the_winograd_weight_gradient_against_float64(n, c_in, c_out, h, w):
     F.conv2d(*exact, padding=1).backward(grad.double())
     onednn, winograd = grads
     assert relative_rms(winograd[1], exact[1].grad) < 3 * relative_rms(onednn[1], exact[1].grad)
-    assert winograd[1].dtype == torch.float32
-    assert torch.equal(winograd[0], onednn[0]) and torch.equal(winograd[2], onednn[2])
+    assert winograd[1].dtype == torch.float32 and winograd[2].dtype == torch.float32
+    assert torch.equal(winograd[0], onednn[0])
+    # the bias's gradient summed as the op reads the output's gradient, against torch's sum
+    torch.testing.assert_close(winograd[2].double(), exact[2].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(onednn[2].double(), exact[2].grad, rtol=1e-5, atol=1e-6)
 
 
 def test_the_weight_gradient_refuses_what_it_cannot_compute():

@@ -85,7 +85,8 @@ def _register() -> None:
 
     @torch.library.register_fake("fastcifar::winograd_conv3x3_weight_grad")
     def _(grad, x):
-        return x.new_empty((16, x.shape[1], grad.shape[1]), dtype=torch.float32)
+        tiles = x.new_empty((16, x.shape[1], grad.shape[1]), dtype=torch.float32)
+        return tiles, x.new_empty((grad.shape[1],), dtype=torch.float32)
 
     @torch.library.register_fake("fastcifar::relu_moments")
     def _(x):

@@ -10,8 +10,9 @@ convolution of the output's gradient with the weights turned 180 degrees and tra
 The weight's gradient is oneDNN's, or with `winograd_weight_grad` Winograd's too: the
 weights' tiles' gradient is the sum over blocks of (B^T d B) * (A g A^T), g the output's
 gradient at the block, 16 matrix products of (C_in x tiles) by (tiles x C_out), and the
-weights' is G^T of it G. `reference_conv` and `reference_weight_grad` are the same
-arithmetic in plain torch ops.
+weights' is G^T of it G; the same op sums the output's gradient over pixels for the
+bias's. `reference_conv` and `reference_weight_grad` are the same arithmetic in plain
+torch ops.
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ class _WinogradConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last).to(x.dtype)
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = pixel_sums = None
         if ctx.needs_input_grad[0]:
             turned = weight.flip(2, 3).transpose(0, 1)
             grad_x = torch.ops.fastcifar.winograd_conv3x3(grad, packed_weight_tiles(turned), None)
         if ctx.needs_input_grad[1] and ctx.winograd_grad:
-            grad_w = weight_grad(grad, x).to(weight.dtype)
+            grad_w, pixel_sums = weight_grad(grad, x)
+            grad_w = grad_w.to(weight.dtype)
         elif ctx.needs_input_grad[1]:
             _, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad, x, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
@@ -79,7 +81,7 @@ class _WinogradConv(torch.autograd.Function):
             )  # fmt: skip
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3), dtype=torch.float32)
+            grad_b = grad.sum((0, 2, 3), dtype=torch.float32) if pixel_sums is None else pixel_sums
         return grad_x, grad_w, grad_b, None
 
 
@@ -92,12 +94,14 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _WinogradConv.apply(x, weight, bias, winograd_weight_grad)
 
 
-def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 3x3 weights' gradient (C_out, C_in, 3, 3), fp32, of the convolution of `x` whose
     output's gradient is `grad` (both bf16 channels-last): G^T [the native op's sum over
-    blocks of (B^T d B) * (A g A^T)] G."""
-    tiles = torch.ops.fastcifar.winograd_conv3x3_weight_grad(grad, x)  # (16, C_in, C_out)
-    return _weights_from_tiles(tiles)
+    blocks of (B^T d B) * (A g A^T)] G; and the bias's, `grad`'s sum over pixels (C_out),
+    fp32, which the op adds up as it reads `grad` (torch's sum of a bf16 channels-last
+    tensor to fp32 casts it whole first, 3% of a CerberusNet step)."""
+    tiles, pixel_sums = torch.ops.fastcifar.winograd_conv3x3_weight_grad(grad, x)
+    return _weights_from_tiles(tiles), pixel_sums
 
 
 def _weights_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
