@@ -106,10 +106,13 @@ def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _weights_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """G^T t G of each (C_in, C_out) pair's 4 x 4 tile t of `tiles` (16, C_in, C_out), as
-    (C_out, C_in, 3, 3)."""
+    (C_out, C_in, 3, 3): one (9 x 16) product, kron(G, G)^T with every pair's tile, in
+    place of an einsum that copies the tiles about first."""
     g = _matrix(_G, tiles)
+    c_in, c_out = tiles.shape[1:]
     with torch.autocast("cpu", enabled=False):
-        return torch.einsum("ia,ijxy,jb->yxab", g, tiles.float().view(4, 4, *tiles.shape[1:]), g)
+        taps = torch.kron(g, g).T @ tiles.float().reshape(16, -1)  # (9, C_in * C_out)
+    return taps.view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
 
 
 def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
