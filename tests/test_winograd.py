@@ -141,7 +141,7 @@ def test_the_winograd_weight_gradient_against_float64(n, c_in, c_out, h, w):
     assert relative_rms(winograd[1], exact[1].grad) < 3 * relative_rms(onednn[1], exact[1].grad)
     assert winograd[1].dtype == torch.float32 and winograd[2].dtype == torch.float32
     assert torch.equal(winograd[0], onednn[0])
-    # the bias's gradient summed as the op reads the output's gradient, against torch's sum
+    # the bias's gradient, the op's own sum (Winograd) and torch's (oneDNN), against float64
     torch.testing.assert_close(winograd[2].double(), exact[2].grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(onednn[2].double(), exact[2].grad, rtol=1e-5, atol=1e-6)
 
