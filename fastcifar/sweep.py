@@ -110,7 +110,7 @@ def _run_trials(spec: SweepSpec, storage_url: str, out: Path, data: str | None, 
             name: decode_choice(trial.suggest_categorical(name, [encode_choice(v) for v in values]))
             for name, values in spec.axes.items()
         }
-        if spec.sampler == "grid" and _taken_by_another(study, trial):
+        if spec.sampler == "grid" and _taken_by_another(study, trial, wait_s=3 * heartbeat + 1):
             # Two workers raced for one grid point: the first trial keeps it, this one counts
             # nowhere, and this worker stops (the round loop in run_sweep covers what is left).
             trial.set_user_attr("duplicate", True)
@@ -342,14 +342,29 @@ def _trials_done(spec: SweepSpec, study, errors_since: int | None = None) -> int
     return len({point_key(t.params) for t in finished})
 
 
-def _taken_by_another(study, trial) -> bool:
+def _taken_by_another(study, trial, wait_s: float = 30.0) -> bool:
     """Whether an earlier live trial has the same grid point. Only earlier ones count, so
-    that of two racing trials exactly one gives way."""
+    that of two racing trials exactly one gives way. An earlier running trial that has not
+    drawn its point yet (its worker draws it at the objective's start) is waited for, up to
+    `wait_s`: deciding without its point let two workers train the same one."""
     from optuna.trial import TrialState
 
     live = (TrialState.RUNNING, TrialState.COMPLETE)
-    return any(t.number < trial.number and t.params == trial.params
-               for t in study.get_trials(deepcopy=False, states=live))  # fmt: skip
+    deadline = time.monotonic() + wait_s
+    while True:
+        earlier = [
+            t for t in study.get_trials(deepcopy=False, states=live) if t.number < trial.number
+        ]
+        if any(t.params == trial.params for t in earlier):
+            return True
+        undrawn = [
+            t
+            for t in earlier
+            if t.state == TrialState.RUNNING and t.params.keys() != trial.params.keys()
+        ]
+        if not undrawn or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _gpu_count() -> int:

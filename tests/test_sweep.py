@@ -141,6 +141,36 @@ def test_of_two_racing_trials_exactly_one_gives_way():
     assert not _taken_by_another(study, second)
 
 
+def test_a_later_trial_waits_for_an_earlier_one_to_draw_its_point():
+    import threading
+
+    from fastcifar.sweep import _taken_by_another
+
+    study = optuna.create_study()
+    for _ in range(2):
+        study.enqueue_trial({"lr": 0.01})
+    first, second = study.ask(), study.ask()  # the first's worker has not drawn its point yet
+    second.suggest_categorical("lr", [0.01, 0.05])
+    draw = threading.Timer(0.3, first.suggest_categorical, ("lr", [0.01, 0.05]))
+    draw.start()
+    try:
+        assert _taken_by_another(study, second, wait_s=60)
+    finally:
+        draw.join()
+
+
+def test_an_earlier_trial_that_never_draws_is_waited_for_only_so_long():
+    from fastcifar.sweep import _taken_by_another
+
+    study = optuna.create_study()
+    study.ask()  # a worker that died before drawing its point
+    later = study.ask()
+    later.suggest_categorical("lr", [0.01, 0.05])
+    began = time.monotonic()
+    assert not _taken_by_another(study, later, wait_s=0.2)
+    assert time.monotonic() - began >= 0.2
+
+
 def test_resume_redoes_nothing_and_is_required(tmp_path, data, capsys):
     path = sweep_file(tmp_path, 'arch = "lenet"\nlr = [0.01, 0.05]')
     args = ["sweep", str(path), "--out", str(tmp_path / "out"), "--data", data, "--no-track"]
