@@ -357,11 +357,10 @@ def _taken_by_another(study, trial, wait_s: float = 30.0) -> bool:
         ]
         if any(t.params == trial.params for t in earlier):
             return True
-        undrawn = [
-            t
+        undrawn = any(
+            t.state == TrialState.RUNNING and t.params.keys() != trial.params.keys()
             for t in earlier
-            if t.state == TrialState.RUNNING and t.params.keys() != trial.params.keys()
-        ]
+        )
         if not undrawn or time.monotonic() > deadline:
             return False
         time.sleep(0.05)
