@@ -342,7 +342,7 @@ def _trials_done(spec: SweepSpec, study, errors_since: int | None = None) -> int
     return len({point_key(t.params) for t in finished})
 
 
-def _taken_by_another(study, trial, wait_s: float = 30.0) -> bool:
+def _taken_by_another(study, trial, *, wait_s: float) -> bool:
     """Whether an earlier live trial has the same grid point. Only earlier ones count, so
     that of two racing trials exactly one gives way. An earlier running trial that has not
     drawn its point yet (its worker draws it at the objective's start) is waited for, up to
