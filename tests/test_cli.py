@@ -579,6 +579,23 @@ def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch
                str(tmp_path / "gpu.json"))[0] == 0  # fmt: skip
     held = json.loads((tmp_path / "gpu.json").read_text())["records"]
     assert [r["run"] for r in held] == ["lenet-default-s0", "lenet-again"]
+    # a label records a run of the recipe under a name of its own; the file's command says so
+    labelled = [*collect[:-2], str(elsewhere), "--label", "default-direct", "--out",
+                str(tmp_path / "gpu.json")]  # fmt: skip
+    assert run(capsys, *labelled)[0] == 0
+    written = json.loads((tmp_path / "gpu.json").read_text())
+    assert [(r["run"], r["recipe"]) for r in written["records"]] == [
+        ("lenet-default-s0", "default"), ("lenet-again", "default"),
+        ("lenet-default-s0", "default-direct"),
+    ]  # fmt: skip
+    assert written["command"].endswith(f"--label default-direct --out {tmp_path / 'gpu.json'}")
+    for label, fragment in [("direct", "a label starts with its recipe's name, --recipe default"),
+                            ("default direct", "use letters, digits")]:  # fmt: skip
+        code, _, err = run(
+            capsys, *labelled[:-4], "--label", label, "--out", str(tmp_path / "gpu.json")
+        )
+        assert_one_line_error(code, err, fragment)
+    assert json.loads((tmp_path / "gpu.json").read_text()) == written
     assert not any("machine" in r for r in held)  # the file names its machine once
     code, _, err = run(capsys, *collect, str(tmp_path / "accuracy.json"))
     assert_one_line_error(code, err, "accuracy.json holds results of ")

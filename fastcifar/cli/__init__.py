@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         heap.keep_freed_memory()  # FASTCIFAR_MALLOC, before the first tensor
         with stop_signals_as_interrupt():
             args = build_parser().parse_args(argv)
+            args.argv = sys.argv[1:] if argv is None else list(argv)  # for records of the command
             return args.handler(args)
     except UserError as exc:
         print(f"fastcifar: error: {exc}", file=sys.stderr)

@@ -99,6 +99,15 @@ def figure_path(text: str) -> Path:
     return Path(text)
 
 
+def recipe_label(text: str) -> str:
+    """A `--label` for recorded runs: letters, digits and `.`, `_`, `-`, as recipe names."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use letters, digits, '.', '_' and '-' (e.g. default-direct)"
+        )
+    return text
+
+
 def results_file(text: str) -> Path:
     """A file a command writes when its work is done, checked as the command line is
     read: a mistyped folder is refused before minutes of measuring, not after."""

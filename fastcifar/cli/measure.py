@@ -13,6 +13,7 @@ from fastcifar.cli.arguments import (
     arch_name,
     figure_path,
     positive_int,
+    recipe_label,
     results_file,
     setting,
 )
@@ -60,6 +61,10 @@ def register(commands) -> None:
     ac.add_argument("--data", help=DATA_HELP)
     ac.add_argument("--runs", type=Path, default=Path("runs/bench"), help="where the runs go")
     ac.add_argument("--collect", type=Path, nargs="+", help="record these finished runs instead")
+    ac.add_argument("--label", type=recipe_label,
+                    help="record the runs under this name, the recipe's followed by a "
+                    "suffix, e.g. default-direct: the same recipe with another speed switch, "
+                    "kept out of the report's table (runs are still checked against --recipe)")  # fmt: skip
     ac.add_argument(
         "--out", type=results_file, required=True, help="results JSON (records are merged)"
     )
@@ -133,7 +138,7 @@ def bench_throughput(args) -> int:
                           f"{r.percent_of_peak:.1f}", f"{r.baseline_eval_images_per_sec:,.0f}",
                           f"{r.fastcifar_eval_images_per_sec:,.0f}", f"{r.eval_speedup:.2f}x")  # fmt: skip
             if args.json:  # after every arch: a stopped run keeps the ones it finished
-                _write_results(args.json, "side_by_side", "date", results=results)
+                _write_results(args, args.json, "side_by_side", "date", results=results)
     finally:
         if results:
             console.print(table)
@@ -154,11 +159,15 @@ def bench_accuracy(args) -> int:
             raise UserError(f"{args.out} holds results of {held_machine}; these runs come "
                             f"from {machine}: record them in a file of their own")  # fmt: skip
 
+    if args.label and not args.label.startswith(args.recipe + "-"):
+        raise UserError(f"--label {args.label}: a label starts with its recipe's name, "
+                        f"--recipe {args.recipe} (e.g. {args.recipe}-direct)")  # fmt: skip
     runs = list(args.collect or [])
     if not runs:
         refuse_other_machine(device_name(resolve_device("auto")))
         runs = _train_recipes(args)
-    records = [run_record(run, args.recipe) for run in runs]
+    records = [{**run_record(run, args.recipe), "recipe": args.label or args.recipe}
+               for run in runs]  # fmt: skip
     machines = sorted({r["device_name"] for r in records})
     if len(machines) > 1:
         raise UserError(f"these runs come from {len(machines)} machines ({'; '.join(machines)}): "
@@ -167,7 +176,8 @@ def bench_accuracy(args) -> int:
     replaced = {(r["run"], r["recipe"]) for r in records}
     previous = [r for r in held if (r["run"], r["recipe"]) not in replaced]
     # the runs' machine, which need not be this one (runs copied back from a GPU machine)
-    _write_results(args.out, "accuracy", "updated", machine=machines[0], records=previous + records)
+    _write_results(args, args.out, "accuracy", "updated", machine=machines[0],
+                   records=previous + records)  # fmt: skip
     for arch in sorted({r["arch"] for r in records}):
         stats = accuracy_stats([r["test_acc"] for r in records if r["arch"] == arch])
         print(f"{arch}: {100 * stats['mean']:.2f}% over {stats['runs']} run(s)")
@@ -206,14 +216,14 @@ def _train_recipes(args) -> list[Path]:
                 kept = "keeps its last finished epoch"
                 if not (out / "last.pt").exists():
                     kept = "had not finished an epoch"
-                print(f"fastcifar: {out} {kept}; the same command (`{_command()}`) goes on "
+                print(f"fastcifar: {out} {kept}; the same command (`{_command(args)}`) goes on "
                       "from there and keeps the finished runs", file=sys.stderr)  # fmt: skip
                 raise
             runs.append(out)
     return runs
 
 
-def _write_results(path: Path, kind: str, date_key: str, machine: str | None = None,
+def _write_results(args, path: Path, kind: str, date_key: str, machine: str | None = None,
                    **payload) -> None:  # fmt: skip
     """A results file names the machine (this one unless given), the day and the command
     that measured it."""
@@ -226,16 +236,16 @@ def _write_results(path: Path, kind: str, date_key: str, machine: str | None = N
         "kind": kind,
         "machine": machine or device_name(resolve_device("auto")),
         date_key: time.strftime("%Y-%m-%d"),
-        "command": _command(),
+        "command": _command(args),
         **payload,
     })  # fmt: skip
 
 
-def _command() -> str:
-    """The command line this process was started with, as a user would type it."""
+def _command(args) -> str:
+    """The command line that gave `args`, as a user would type it."""
     import shlex
 
-    return "fastcifar " + shlex.join(sys.argv[1:])
+    return "fastcifar " + shlex.join(args.argv)
 
 
 def report(args) -> int:

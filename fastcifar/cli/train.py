@@ -14,7 +14,7 @@ from fastcifar.config import TrainConfig, read_config, read_run_config
 from fastcifar.errors import UserError
 
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads", "winograd", "winograd_weight_grad"}
-NOT_CONFIG = ("command", "handler", "parser", "config", "resume", "quiet", "print_config")
+NOT_CONFIG = ("command", "handler", "parser", "argv", "config", "resume", "quiet", "print_config")
 
 
 def register(commands) -> None:
