@@ -115,15 +115,19 @@ def read_results(path: Path) -> tuple[list[dict], list[dict]]:
     return (tagged, []) if kind == "side_by_side" else ([], tagged)
 
 
-def read_accuracy_file(path: Path) -> tuple[str, list[dict]]:
-    """(machine, records) of an accuracy results file, the records as written; any other
-    file is refused."""
+def read_accuracy_file(path: Path) -> tuple[str, list[dict], list[str]]:
+    """(machine, records, commands) of an accuracy results file, the records as written
+    and the commands that wrote them, oldest first; any other file is refused."""
     kind, machine, items = _read_kind(path)
     if kind != "accuracy":
         raise UserError(f"{path} is not an accuracy results file")
     if not all("run" in item for item in items):  # a new record replaces its run's old one
         raise UserError(f"{path}: a record without run")
-    return machine, items
+    data = read_json(path)
+    commands = data.get("commands", [data["command"]] if "command" in data else [])
+    if not (isinstance(commands, list) and all(isinstance(c, str) for c in commands)):
+        raise UserError(f"{path}: commands is not a list of command lines")
+    return machine, items, commands
 
 
 def read_json(path: Path):

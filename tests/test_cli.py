@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -588,7 +589,13 @@ def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch
         ("lenet-default-s0", "default"), ("lenet-again", "default"),
         ("lenet-default-s0", "default-direct"),
     ]  # fmt: skip
-    assert written["command"].endswith(f"--label default-direct --out {tmp_path / 'gpu.json'}")
+    # the file lists every command that wrote it, oldest first: they give its records back
+    gpu_json = str(tmp_path / "gpu.json")
+    assert written["commands"] == [
+        f"fastcifar bench accuracy --collect {elsewhere} --out {gpu_json}",
+        f"fastcifar bench accuracy --collect {elsewhere.with_name('lenet-again')} --out {gpu_json}",
+        f"fastcifar bench accuracy --collect {elsewhere} --label default-direct --out {gpu_json}",
+    ]  # fmt: skip
     for label, fragment in [("direct", "a label starts with its recipe's name, --recipe default"),
                             ("default direct", "use letters, digits")]:  # fmt: skip
         code, _, err = run(
@@ -596,6 +603,35 @@ def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch
         )
         assert_one_line_error(code, err, fragment)
     assert json.loads((tmp_path / "gpu.json").read_text()) == written
+    # relabelled, as when a switch the runs were trained with becomes the default
+    relabel = ["bench", "relabel", gpu_json]
+    for flags, fragment in [
+        (["--from", "default-direct", "--to", "default"],
+         "already holds default records of lenet-default-s0"),
+        (["--from", "default", "--to", "paper-direct"], "a label keeps its recipe's name"),
+        (["--from", "default-winograd", "--to", "default"], "holds no default-winograd records"),
+        (["--from", "default-direct", "--to", "default-x", "--arch", "conv5"],
+         "holds no default-direct records of conv5"),
+    ]:  # fmt: skip
+        code, _, err = run(capsys, *relabel, *flags)
+        assert_one_line_error(code, err, fragment)
+    assert json.loads((tmp_path / "gpu.json").read_text()) == written
+    code, out, _ = run(capsys, *relabel, "--from", "default", "--to", "default-direct2",
+                       "--arch", "lenet")  # fmt: skip
+    assert code == 0 and out.strip() == "2 default record(s) of lenet now default-direct2"
+    relabelled = json.loads((tmp_path / "gpu.json").read_text())
+    assert [(r["run"], r["recipe"]) for r in relabelled["records"]] == [
+        ("lenet-default-s0", "default-direct2"), ("lenet-again", "default-direct2"),
+        ("lenet-default-s0", "default-direct"),
+    ]  # fmt: skip
+    assert relabelled["commands"] == [*written["commands"], "fastcifar " + shlex.join(
+        [*relabel, "--from", "default", "--to", "default-direct2", "--arch", "lenet"])]  # fmt: skip
+    # a file written before the list of commands keeps its one command as the first
+    earlier = {k: v for k, v in written.items() if k != "commands"}
+    (tmp_path / "old.json").write_text(json.dumps({**earlier, "command": "fastcifar earlier"}))
+    assert run(capsys, "bench", "relabel", str(tmp_path / "old.json"), "--from",
+               "default-direct", "--to", "default-y")[0] == 0  # fmt: skip
+    assert json.loads((tmp_path / "old.json").read_text())["commands"][0] == "fastcifar earlier"
     assert not any("machine" in r for r in held)  # the file names its machine once
     code, _, err = run(capsys, *collect, str(tmp_path / "accuracy.json"))
     assert_one_line_error(code, err, "accuracy.json holds results of ")

@@ -70,6 +70,15 @@ def register(commands) -> None:
     )
     ac.set_defaults(handler=bench_accuracy)
 
+    rl = bench.add_parser("relabel", help="move recorded runs from one recipe label to another")
+    rl.add_argument("file", type=results_file, help="accuracy results file (rewritten)")
+    rl.add_argument("--from", dest="old", required=True, type=recipe_label,
+                    help="the records' label now, e.g. default-winograd-wgrad")  # fmt: skip
+    rl.add_argument("--to", dest="new", required=True, type=recipe_label,
+                    help="their label after, of the same recipe, e.g. default")  # fmt: skip
+    rl.add_argument("--arch", nargs="+", type=arch_name, help="only these (default: every arch)")
+    rl.set_defaults(handler=bench_relabel)
+
     rp = commands.add_parser("report", help="Markdown table and figure from benchmarks/results")
     rp.add_argument("--results", type=Path, default=Path("benchmarks/results"),
                     help="folder of result JSON files (default: benchmarks/results)")  # fmt: skip
@@ -152,7 +161,9 @@ def bench_accuracy(args) -> int:
     from fastcifar.train.device import device_name, resolve_device
 
     # the file added to is read, and its machine checked, before anything trains
-    held_machine, held = read_accuracy_file(args.out) if args.out.exists() else (None, [])
+    held_machine, held, commands = (
+        read_accuracy_file(args.out) if args.out.exists() else (None, [], [])
+    )
 
     def refuse_other_machine(machine: str) -> None:
         if held and held_machine != machine:
@@ -177,10 +188,39 @@ def bench_accuracy(args) -> int:
     previous = [r for r in held if (r["run"], r["recipe"]) not in replaced]
     # the runs' machine, which need not be this one (runs copied back from a GPU machine)
     _write_results(args, args.out, "accuracy", "updated", machine=machines[0],
-                   records=previous + records)  # fmt: skip
+                   history=commands, records=previous + records)  # fmt: skip
     for arch in sorted({r["arch"] for r in records}):
         stats = accuracy_stats([r["test_acc"] for r in records if r["arch"] == arch])
         print(f"{arch}: {100 * stats['mean']:.2f}% over {stats['runs']} run(s)")
+    return 0
+
+
+def bench_relabel(args) -> int:
+    """Records of one label given another of the same recipe: runs trained with a speed
+    switch that has since become the default (`default-winograd-wgrad` to `default`), or
+    the other way (`default` to `default-direct`)."""
+    from fastcifar.results import read_accuracy_file
+
+    if args.old.split("-")[0] != args.new.split("-")[0]:
+        raise UserError(f"--from {args.old} --to {args.new}: a label keeps its recipe's name "
+                        f"({args.old.split('-')[0]}-...)")  # fmt: skip
+    machine, records, commands = read_accuracy_file(args.file)
+
+    def moves(record: dict) -> bool:
+        return record["recipe"] == args.old and (not args.arch or record["arch"] in args.arch)
+
+    archs = f" of {', '.join(args.arch)}" if args.arch else ""
+    moved = [r for r in records if moves(r)]
+    if not moved:
+        raise UserError(f"{args.file} holds no {args.old} records{archs}")
+    held = {(r["run"], r["recipe"]) for r in records}
+    clash = sorted(r["run"] for r in moved if (r["run"], args.new) in held)
+    if clash:
+        raise UserError(f"{args.file} already holds {args.new} records of {', '.join(clash)}")
+    records = [{**r, "recipe": args.new} if moves(r) else r for r in records]
+    _write_results(args, args.file, "accuracy", "updated", machine=machine, history=commands,
+                   records=records)  # fmt: skip
+    print(f"{len(moved)} {args.old} record(s){archs} now {args.new}")
     return 0
 
 
@@ -224,9 +264,10 @@ def _train_recipes(args) -> list[Path]:
 
 
 def _write_results(args, path: Path, kind: str, date_key: str, machine: str | None = None,
-                   **payload) -> None:  # fmt: skip
+                   history: list[str] | None = None, **payload) -> None:  # fmt: skip
     """A results file names the machine (this one unless given), the day and the command
-    that measured it."""
+    that measured it; a file added to (`history`: the commands that wrote it before) lists
+    them all, this one last, so that they give its records back in order."""
     import time
 
     from fastcifar.atomic import write_json_atomic
@@ -236,7 +277,8 @@ def _write_results(args, path: Path, kind: str, date_key: str, machine: str | No
         "kind": kind,
         "machine": machine or device_name(resolve_device("auto")),
         date_key: time.strftime("%Y-%m-%d"),
-        "command": _command(args),
+        **({"command": _command(args)} if history is None else
+           {"commands": [*history, _command(args)]}),
         **payload,
     })  # fmt: skip
 
