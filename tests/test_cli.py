@@ -609,6 +609,7 @@ def test_bench_accuracy_reruns_resume_or_keep_runs(capsys, tmp_path, monkeypatch
         (["--from", "default-direct", "--to", "default"],
          "already holds default records of lenet-default-s0"),
         (["--from", "default", "--to", "paper-direct"], "a label keeps its recipe's name"),
+        (["--from", "default", "--to", "default"], "--from and --to are both default"),
         (["--from", "default-winograd", "--to", "default"], "holds no default-winograd records"),
         (["--from", "default-direct", "--to", "default-x", "--arch", "conv5"],
          "holds no default-direct records of conv5"),

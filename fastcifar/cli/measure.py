@@ -201,6 +201,8 @@ def bench_relabel(args) -> int:
     the other way (`default` to `default-direct`)."""
     from fastcifar.results import read_accuracy_file
 
+    if args.old == args.new:
+        raise UserError(f"--from and --to are both {args.old}")
     if args.old.split("-")[0] != args.new.split("-")[0]:
         raise UserError(f"--from {args.old} --to {args.new}: a label keeps its recipe's name "
                         f"({args.old.split('-')[0]}-...)")  # fmt: skip
