@@ -110,7 +110,7 @@ RESULT_FIELDS = {
 def read_results(path: Path) -> tuple[list[dict], list[dict]]:
     """(throughput entries, accuracy records) of one results file, each with its machine;
     ([], []) for a JSON file of another kind."""
-    kind, machine, items = _read_kind(path)
+    kind, machine, items = _parse_kind(read_json(path), path)
     tagged = [{**item, "machine": machine} for item in items]
     return (tagged, []) if kind == "side_by_side" else ([], tagged)
 
@@ -118,12 +118,12 @@ def read_results(path: Path) -> tuple[list[dict], list[dict]]:
 def read_accuracy_file(path: Path) -> tuple[str, list[dict], list[str]]:
     """(machine, records, commands) of an accuracy results file, the records as written
     and the commands that wrote them, oldest first; any other file is refused."""
-    kind, machine, items = _read_kind(path)
+    data = read_json(path)
+    kind, machine, items = _parse_kind(data, path)
     if kind != "accuracy":
         raise UserError(f"{path} is not an accuracy results file")
     if not all("run" in item for item in items):  # a new record replaces its run's old one
         raise UserError(f"{path}: a record without run")
-    data = read_json(path)
     commands = data.get("commands", [data["command"]] if "command" in data else [])
     if not (isinstance(commands, list) and all(isinstance(c, str) for c in commands)):
         raise UserError(f"{path}: commands is not a list of command lines")
@@ -142,10 +142,9 @@ def read_json(path: Path):
         raise UserError(f"{path} is not valid JSON: {exc}") from None
 
 
-def _read_kind(path: Path) -> tuple[str | None, str | None, list[dict]]:
-    """(kind, machine, entries) of a results file; (None, None, []) for a JSON file of no
-    kind fastcifar writes."""
-    data = read_json(path)
+def _parse_kind(data, path: Path) -> tuple[str | None, str | None, list[dict]]:
+    """(kind, machine, entries) of a results file's contents `data`; (None, None, []) for
+    JSON of no kind fastcifar writes."""
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in RESULT_FIELDS:
         return None, None, []
