@@ -117,20 +117,46 @@ inline TileAt locate(const Shape& s, int64_t tile) {
           tile % s.tiles_per_row};
 }
 
-// B^T d B of the tile at `where` for 16 input channels from ch (lanes m): v[4 i + j], d
-// the 4 x 4 patch around the tile's 2 x 2 pixels, zero outside the image.
-FASTCIFAR_AVX512 inline void input_tile(const at::BFloat16* x, const Shape& s, const TileAt& where,
-                                        int64_t ch, __mmask16 m, __m512 v[16]) {
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 d[4][4];
+// Where the 4 x 4 input patch around a tile lies: its rows' starts and its columns'
+// offsets, clamped into the image, and which of its 16 values lie inside it. A value
+// outside is zero: its load is masked off (at a clamped address, inside the tensor), so
+// every tile's patch loads the same way, without branches, and stays in registers.
+struct Patch {
+  const at::BFloat16* rows[4];
+  int64_t cols[4];
+  __mmask16 inside[16];
+  bool all_inside;
+};
+
+inline Patch patch_at(const at::BFloat16* x, const Shape& s, const TileAt& where) {
+  Patch p;
+  p.all_inside = true;
+  bool col_inside[4];
+  for (int j = 0; j < 4; ++j) {
+    const int64_t col = 2 * where.tx - 1 + j;
+    col_inside[j] = col >= 0 && col < s.w;
+    p.cols[j] = std::clamp<int64_t>(col, 0, s.w - 1) * s.c_in;
+  }
   for (int i = 0; i < 4; ++i) {
-    const int64_t y = 2 * where.ty - 1 + i;
+    const int64_t row = 2 * where.ty - 1 + i;
+    const bool row_inside = row >= 0 && row < s.h;
+    p.rows[i] = x + (where.image * s.h + std::clamp<int64_t>(row, 0, s.h - 1)) * s.w * s.c_in;
     for (int j = 0; j < 4; ++j) {
-      const int64_t xx = 2 * where.tx - 1 + j;
-      const bool inside = y >= 0 && y < s.h && xx >= 0 && xx < s.w;
-      d[i][j] = inside ? load16(x + ((where.image * s.h + y) * s.w + xx) * s.c_in + ch, m) : zero;
+      p.inside[4 * i + j] = row_inside && col_inside[j] ? 0xFFFF : 0;
+      p.all_inside = p.all_inside && row_inside && col_inside[j];
     }
   }
+  return p;
+}
+
+// B^T d B of a tile's patch for 16 input channels from ch (lanes m): v[4 i + j]. With
+// kAllInside, the whole patch lies inside the image (most tiles): no per-value masks.
+template <bool kAllInside>
+FASTCIFAR_AVX512 inline void patch_transform(const Patch& p, int64_t ch, __mmask16 m, __m512 v[16]) {
+  __m512 d[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j)
+      d[i][j] = load16(p.rows[i] + p.cols[j] + ch, kAllInside ? m : p.inside[4 * i + j] & m);
   __m512 r[4][4];  // B^T d: rows
   for (int j = 0; j < 4; ++j) {
     r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
@@ -144,6 +170,11 @@ FASTCIFAR_AVX512 inline void input_tile(const at::BFloat16* x, const Shape& s, c
     v[4 * i + 2] = _mm512_sub_ps(r[i][2], r[i][1]);
     v[4 * i + 3] = _mm512_sub_ps(r[i][1], r[i][3]);
   }
+}
+
+FASTCIFAR_AVX512 inline void input_tile(const Patch& p, int64_t ch, __mmask16 m, __m512 v[16]) {
+  if (p.all_inside) patch_transform<true>(p, ch, m, v);
+  else patch_transform<false>(p, ch, m, v);
 }
 
 // A g A^T of the tile at `where` for 16 output channels from ch: v[4 i + j], g the
@@ -174,11 +205,11 @@ FASTCIFAR_AVX512_BF16 void input_tiles(const at::BFloat16* x, const Shape& s, in
   const int64_t c = s.c_in;
   for (int64_t t = 0; t < count; ++t) {
     at::BFloat16* out = v + t * c;
-    const TileAt where = locate(s, first + t);
+    const Patch patch = patch_at(x, s, locate(s, first + t));
     for (int64_t ch = 0; ch < c; ch += 16) {
       const __mmask16 m = lanes(c - ch);
       __m512 tile[16];
-      input_tile(x, s, where, ch, m, tile);
+      input_tile(patch, ch, m, tile);
       for (int k = 0; k < 16; ++k) _mm256_mask_storeu_epi16(out + k * plane + ch, m, to_bf16(tile[k]));
     }
   }
@@ -208,17 +239,20 @@ FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s,
   const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t t0 = first + 2 * p, t1 = t0 + 1;
-    const TileAt at0 = locate(s, t0), at1 = locate(s, t1);
+    const bool second = t1 < tiles;  // else the pair's second tile is zero
+    const TileAt at0 = locate(s, t0), at1 = locate(s, second ? t1 : t0);
+    const Patch patch0 = kGradient ? Patch{} : patch_at(src, s, at0);
+    const Patch patch1 = kGradient ? Patch{} : patch_at(src, s, at1);
     for (int64_t ch = 0; ch < c; ch += 16) {
       __m512 a[16], b[16];
       if constexpr (kGradient) gradient_tile(src, s, at0, ch, a);
-      else input_tile(src, s, at0, ch, 0xFFFF, a);
-      if (t1 >= tiles) {
+      else input_tile(patch0, ch, 0xFFFF, a);
+      if (!second) {
         for (int k = 0; k < 16; ++k) b[k] = _mm512_setzero_ps();
       } else if constexpr (kGradient) {
         gradient_tile(src, s, at1, ch, b);
       } else {
-        input_tile(src, s, at1, ch, 0xFFFF, b);
+        input_tile(patch1, ch, 0xFFFF, b);
       }
       for (int k = 0; k < 16; ++k)
         _mm512_storeu_si512(out + k * plane + (p * c + ch) * 2, bf16_pairs(a[k], b[k]));
