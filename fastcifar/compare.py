@@ -15,7 +15,11 @@ import numpy as np
 
 from fastcifar.errors import UserError
 from fastcifar.results import accuracy_stats, data_name, read_results
-from fastcifar.train.build import WINOGRAD_LAYER, WINOGRAD_WEIGHT_GRAD_LAYER
+from fastcifar.train.build import (
+    WINOGRAD_F4_WEIGHT_GRAD_LAYER,
+    WINOGRAD_LAYER,
+    WINOGRAD_WEIGHT_GRAD_LAYER,
+)
 from fastcifar.train.rundir import is_training, read_json, read_metrics, read_predictions, run_data
 
 # The columns of a compare row, as `compare --table` writes them.
@@ -210,6 +214,7 @@ def _read_run(run: Path, label: str) -> _Run:
     settings["data"] = data_name(data) if data else None
     if "winograd" in config:
         settings["winograd"], settings["winograd_weight_grad"] = winograd_ran(config, run)
+        settings["winograd_grad_tile"] = config.get("winograd_grad_tile", 2)  # older runs: 2
     return _Run(row, rows, best, settings, config.get("seed"), run)
 
 
@@ -222,7 +227,8 @@ def winograd_ran(config: dict, run: Path) -> tuple[str, str]:
     if layers is None:
         return config["winograd"], config.get("winograd_weight_grad", "off")
     forward = any(name.startswith(WINOGRAD_LAYER) for name in layers)
-    return ("on" if forward else "off"), ("on" if WINOGRAD_WEIGHT_GRAD_LAYER in layers else "off")
+    grad = {WINOGRAD_WEIGHT_GRAD_LAYER, WINOGRAD_F4_WEIGHT_GRAD_LAYER} & set(layers)
+    return ("on" if forward else "off"), ("on" if grad else "off")
 
 
 def expand_runs(paths: list[Path], log=print) -> list[Path]:

@@ -263,6 +263,107 @@ FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s,
   }
 }
 
+// F(4x4, 3x3), for the weight gradient: a tile is 4 x 4 output pixels, its input patch
+// 6 x 6, and B^T (6 x 6), A^T (4 x 6) and G (6 x 3) are Lavin and Gray's, with the
+// points 0, 1, -1, 2, -2. 36 products a tile where F(2x2, 3x3) does 16 for a quarter of
+// its pixels, with coefficients up to 8: six times F(2x2)'s rounding error in bf16
+// (benchmarks/NOTES.md).
+
+// B^T x of one column (or row) x[0..5] of a patch.
+FASTCIFAR_AVX512 inline void bt6(const __m512 x[6], __m512 y[6]) {
+  const __m512 four = _mm512_set1_ps(4.0f), five = _mm512_set1_ps(5.0f), two = _mm512_set1_ps(2.0f);
+  const __m512 x4_x2 = _mm512_sub_ps(x[4], x[2]), x3_x1 = _mm512_sub_ps(x[3], x[1]);
+  y[0] = _mm512_add_ps(_mm512_fnmadd_ps(five, x[2], _mm512_mul_ps(four, x[0])), x[4]);
+  y[1] = _mm512_sub_ps(_mm512_add_ps(x[4], x[3]), _mm512_mul_ps(four, _mm512_add_ps(x[1], x[2])));
+  y[2] = _mm512_add_ps(_mm512_sub_ps(x[4], x[3]), _mm512_mul_ps(four, _mm512_sub_ps(x[1], x[2])));
+  y[3] = _mm512_fmadd_ps(two, x3_x1, x4_x2);
+  y[4] = _mm512_fnmadd_ps(two, x3_x1, x4_x2);
+  y[5] = _mm512_add_ps(_mm512_fnmadd_ps(five, x[3], _mm512_mul_ps(four, x[1])), x[5]);
+}
+
+// A x of one column (or row) x[0..3] of a gradient block.
+FASTCIFAR_AVX512 inline void a6(const __m512 x[4], __m512 y[6]) {
+  const __m512 two = _mm512_set1_ps(2.0f), four = _mm512_set1_ps(4.0f), eight = _mm512_set1_ps(8.0f);
+  const __m512 even = _mm512_add_ps(x[0], x[2]), odd = _mm512_add_ps(x[1], x[3]);
+  const __m512 even4 = _mm512_fmadd_ps(four, x[2], x[0]), odd8 = _mm512_fmadd_ps(eight, x[3], _mm512_mul_ps(two, x[1]));
+  y[0] = x[0];
+  y[1] = _mm512_add_ps(even, odd);
+  y[2] = _mm512_sub_ps(even, odd);
+  y[3] = _mm512_add_ps(even4, odd8);
+  y[4] = _mm512_sub_ps(even4, odd8);
+  y[5] = x[3];
+}
+
+// The 6 x 6 patch around F(4x4)'s tile at `where` (rows and columns from 4 t - 1), zero
+// outside the image, for 16 channels from ch: B^T d B as v[6 i + j].
+FASTCIFAR_AVX512 inline void input_tile6(const at::BFloat16* x, const Shape& s, const TileAt& where,
+                                         int64_t ch, __m512 v[36]) {
+  __m512 r[6][6];  // B^T d, column by column
+  for (int j = 0; j < 6; ++j) {
+    const int64_t col = 4 * where.tx - 1 + j;
+    __m512 d[6];
+    for (int i = 0; i < 6; ++i) {
+      const int64_t row = 4 * where.ty - 1 + i;
+      const bool inside = row >= 0 && row < s.h && col >= 0 && col < s.w;
+      d[i] = inside ? load16(x + ((where.image * s.h + row) * s.w + col) * s.c_in + ch, 0xFFFF)
+                    : _mm512_setzero_ps();
+    }
+    __m512 column[6];
+    bt6(d, column);
+    for (int i = 0; i < 6; ++i) r[i][j] = column[i];
+  }
+  for (int i = 0; i < 6; ++i) bt6(r[i], v + 6 * i);  // (B^T d) B, row by row
+}
+
+// A g A^T of F(4x4)'s tile at `where`, g the output's gradient at its 4 x 4 pixels, for 16
+// output channels from ch: v[6 i + j].
+FASTCIFAR_AVX512 inline void gradient_tile6(const at::BFloat16* grad, const Shape& s,
+                                            const TileAt& where, int64_t ch, __m512 v[36]) {
+  __m512 r[6][4];  // A g, column by column
+  for (int q = 0; q < 4; ++q) {
+    __m512 g[4];
+    for (int p = 0; p < 4; ++p)
+      g[p] = load16(grad + ((where.image * s.h + 4 * where.ty + p) * s.w + 4 * where.tx + q) * s.c_out + ch,
+                    0xFFFF);
+    __m512 column[6];
+    a6(g, column);
+    for (int i = 0; i < 6; ++i) r[i][q] = column[i];
+  }
+  for (int i = 0; i < 6; ++i) a6(r[i], v + 6 * i);  // (A g) A^T, row by row
+}
+
+// paired_tiles for F(4x4): P[36][count / 2][c][2], the same layout with 36 planes; for the
+// gradient it adds each channel's pixel sums too (a block's 16 pixels sum to its
+// A g A^T's value (1, 1)).
+template <bool kGradient>
+FASTCIFAR_AVX512_BF16 void paired_tiles6(const at::BFloat16* src, const Shape& s, int64_t first,
+                                         int64_t count, int64_t tiles, at::BFloat16* out,
+                                         int64_t plane, float* pixel_sums = nullptr) {
+  const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t t0 = first + 2 * p, t1 = t0 + 1;
+    const bool second = t1 < tiles;  // else the pair's second tile is zero
+    const TileAt at0 = locate(s, t0), at1 = locate(s, second ? t1 : t0);
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      __m512 a[36], b[36];
+      if constexpr (kGradient) gradient_tile6(src, s, at0, ch, a);
+      else input_tile6(src, s, at0, ch, a);
+      if (!second) {
+        for (int k = 0; k < 36; ++k) b[k] = _mm512_setzero_ps();
+      } else if constexpr (kGradient) {
+        gradient_tile6(src, s, at1, ch, b);
+      } else {
+        input_tile6(src, s, at1, ch, b);
+      }
+      for (int k = 0; k < 36; ++k)
+        _mm512_storeu_si512(out + k * plane + (p * c + ch) * 2, bf16_pairs(a[k], b[k]));
+      if constexpr (kGradient)
+        _mm512_storeu_ps(pixel_sums + ch, _mm512_add_ps(_mm512_loadu_ps(pixel_sums + ch),
+                                                        _mm512_add_ps(a[7], b[7])));
+    }
+  }
+}
+
 // The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out], planes
 // `plane` elements apart.
 FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, int64_t plane, const float* bias,
@@ -344,31 +445,26 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
   return y;
 }
 
-// Sum over tiles of (B^T d B) * (A g A^T), (16, C_in, C_out) float: the gradient of the
-// weights' tiles G w G^T (fastcifar/ops/winograd.py turns it into the weights' gradient);
-// and the gradient's sum over pixels, (C_out) float: the bias's gradient. Each thread adds
-// its chunks of tiles into its own sums (the pixel sums of a chunk in fp32, the chunks'
-// in fp64); the threads' sums are added last.
-std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad,
-                                                                    const at::Tensor& x) {
-  TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3_weight_grad needs a CPU with AVX512-BF16");
-  for (const at::Tensor* t : {&grad, &x})
-    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == at::kBFloat16 &&
-                    t->is_contiguous(at::MemoryFormat::ChannelsLast),
-                "winograd_conv3x3_weight_grad takes 4-D bf16 channels-last tensors on the CPU");
+// Sum over tiles of (B^T d B) * (A g A^T), (P, C_in, C_out) float, P = 16 planes for
+// F(2x2, 3x3) (kTile 2) or 36 for F(4x4, 3x3) (kTile 4): the gradient of the weights'
+// tiles G w G^T (fastcifar/ops/winograd.py turns it into the weights' gradient); and the
+// gradient's sum over pixels, (C_out) float: the bias's gradient. Each thread adds its
+// chunks of tiles into its own sums (the pixel sums of a chunk in fp32, the chunks' in
+// fp64); the threads' sums are added last.
+template <int kTile>
+std::tuple<at::Tensor, at::Tensor> weight_grad_tiles(const at::Tensor& grad, const at::Tensor& x) {
+  constexpr int kPlanes = (kTile + 2) * (kTile + 2);
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), c_out = grad.size(1);
-  TORCH_CHECK(grad.size(0) == n && grad.size(2) == h && grad.size(3) == w,
-              "winograd_conv3x3_weight_grad: the gradient's batch and size must be the input's");
-  TORCH_CHECK(h % 2 == 0 && w % 2 == 0 && c_in % 16 == 0 && c_out % 16 == 0,
-              "winograd_conv3x3_weight_grad needs an even height and width and channels in "
-              "multiples of 16, not ", h, " x ", w, " with ", c_in, " and ", c_out);
-  const Shape s{h, w, c_in, c_out, (h / 2) * (w / 2), w / 2};
+  const Shape s{h, w, c_in, c_out, (h / kTile) * (w / kTile), w / kTile};
   const int64_t tiles = n * s.tiles_per_image;
-  // tiles a chunk (even): both transforms together about 2 MiB
-  const int64_t chunk = 2 * std::max<int64_t>(32, (1 << 21) / (64 * (c_in + c_out)));
+  // tiles a chunk (even): both transforms together about 2 MiB, and for F(4x4) at least
+  // 256 tiles, so that each chunk's products outweigh reading and writing the thread's
+  // sums (36 planes: 9 MiB at 256 channels, beyond the L2 cache)
+  const int64_t fit = (1 << 21) / (2 * kPlanes * (c_in + c_out));
+  const int64_t chunk = 2 * std::max<int64_t>(kTile == 2 ? 32 : 64, fit / 2);
   const int64_t chunks = (tiles + chunk - 1) / chunk;
   const int64_t threads = at::get_num_threads();
-  auto sums = at::zeros({threads, 16, c_in, c_out}, x.options().dtype(at::kFloat));
+  auto sums = at::zeros({threads, kPlanes, c_in, c_out}, x.options().dtype(at::kFloat));
   auto pixel_sums = at::zeros({threads, c_out}, x.options().dtype(at::kDouble));
   const auto* in = reinterpret_cast<const at::BFloat16*>(x.const_data_ptr());
   const auto* g = reinterpret_cast<const at::BFloat16*>(grad.const_data_ptr());
@@ -377,23 +473,46 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Te
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(thread < threads, "winograd_conv3x3_weight_grad: thread ", thread);
-    float* mine = all + thread * 16 * c_in * c_out;
+    float* mine = all + thread * kPlanes * c_in * c_out;
     double* my_pixel_sums = pixel_sums.mutable_data_ptr<double>() + thread * c_out;
-    std::vector<at::BFloat16> v(16 * v_plane), m(16 * m_plane);
+    std::vector<at::BFloat16> v(kPlanes * v_plane), m(kPlanes * m_plane);
     std::vector<float> chunk_pixel_sums(c_out);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
       const int64_t even = count + (count & 1);
       std::fill(chunk_pixel_sums.begin(), chunk_pixel_sums.end(), 0.0f);
-      paired_tiles<false>(in, s, first, even, tiles, v.data(), v_plane);
-      paired_tiles<true>(g, s, first, even, tiles, m.data(), m_plane, chunk_pixel_sums.data());
-      for (int k = 0; k < 16; ++k)
+      if constexpr (kTile == 2) {
+        paired_tiles<false>(in, s, first, even, tiles, v.data(), v_plane);
+        paired_tiles<true>(g, s, first, even, tiles, m.data(), m_plane, chunk_pixel_sums.data());
+      } else {
+        paired_tiles6<false>(in, s, first, even, tiles, v.data(), v_plane);
+        paired_tiles6<true>(g, s, first, even, tiles, m.data(), m_plane, chunk_pixel_sums.data());
+      }
+      for (int k = 0; k < kPlanes; ++k)
         gemm<true>(v.data() + k * v_plane, 2, 2 * c_in, c_in, m.data() + k * m_plane, c_out, even,
                    mine + k * c_in * c_out);
       for (int64_t o = 0; o < c_out; ++o) my_pixel_sums[o] += chunk_pixel_sums[o];
     }
   });
   return {sums.sum(0), pixel_sums.sum(0).to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad,
+                                                                    const at::Tensor& x, int64_t tile) {
+  TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3_weight_grad needs a CPU with AVX512-BF16");
+  TORCH_CHECK(tile == 2 || tile == 4, "winograd_conv3x3_weight_grad: tile must be 2 or 4, not ", tile);
+  for (const at::Tensor* t : {&grad, &x})
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == at::kBFloat16 &&
+                    t->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "winograd_conv3x3_weight_grad takes 4-D bf16 channels-last tensors on the CPU");
+  const int64_t c_in = x.size(1), h = x.size(2), w = x.size(3), c_out = grad.size(1);
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == h && grad.size(3) == w,
+              "winograd_conv3x3_weight_grad: the gradient's batch and size must be the input's");
+  TORCH_CHECK(h % tile == 0 && w % tile == 0 && c_in % 16 == 0 && c_out % 16 == 0,
+              "winograd_conv3x3_weight_grad with tile ", tile, " needs a height and width in "
+              "multiples of ", tile, " and channels in multiples of 16, not ", h, " x ", w,
+              " with ", c_in, " and ", c_out);
+  return tile == 2 ? weight_grad_tiles<2>(grad, x) : weight_grad_tiles<4>(grad, x);
 }
 
 }  // namespace

@@ -123,6 +123,52 @@ def test_the_weight_gradient_is_the_reference_arithmetic(n, c_in, c_out, h, w):
     torch.testing.assert_close(got_bias.double(), want_bias, rtol=1e-5, atol=1e-9)
 
 
+# F(4x4, 3x3)'s: one tile, an odd number (the last pair half zero) on a non-square image,
+# several chunks of tiles with a partial last one
+F4_WEIGHT_GRAD_SHAPES = [
+    (1, 16, 16, 4, 4),
+    (1, 32, 16, 4, 12),
+    (3, 64, 64, 8, 8),
+    (9, 128, 128, 16, 16),
+    (2, 128, 256, 8, 8),
+]
+
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), F4_WEIGHT_GRAD_SHAPES)
+def test_the_f4_weight_gradient_is_the_reference_arithmetic(n, c_in, c_out, h, w):
+    """F(4x4, 3x3): the native sums and the torch-op reference with the same bf16
+    operands differ only in the fp32 sums' order; the bias's gradient is the same sum."""
+    x = channels_last(n, c_in, h, w).relu()
+    grad = channels_last(n, c_out, h, w, seed=2, scale=1e-3)
+    got, got_bias = weight_grad(grad, x, tile=4)
+    want = reference_weight_grad(grad, x, tile=4)
+    assert got.shape == (c_out, c_in, 3, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(
+        got_bias.double(), grad.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), F4_WEIGHT_GRAD_SHAPES[2:])
+def test_the_f4_weight_gradient_against_float64(n, c_in, c_out, h, w):
+    """Through autograd: F(4x4, 3x3)'s weight gradient within 4% of float64's (it strays
+    about 2%, six times F(2x2)'s: benchmarks/NOTES.md); the input's gradient is F(2x2)'s."""
+    x = channels_last(n, c_in, h, w)
+    weight, bias = weights(c_out, c_in)
+    grad = channels_last(n, c_out, h, w, seed=2)
+    grads = []
+    for tile in (2, 4):
+        ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        winograd_conv3x3(*ours, winograd_weight_grad=True, weight_grad_tile=tile).backward(grad)
+        grads.append([t.grad for t in ours])
+    exact = [t.double().requires_grad_() for t in (x, weight, bias)]
+    F.conv2d(*exact, padding=1).backward(grad.double())
+    f2, f4 = grads
+    assert relative_rms(f4[1], exact[1].grad) < 0.04
+    assert torch.equal(f4[0], f2[0])
+    torch.testing.assert_close(f4[2].double(), exact[2].grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), WEIGHT_GRAD_SHAPES[:3])
 def test_the_winograd_weight_gradient_against_float64(n, c_in, c_out, h, w):
     """Through autograd, within 3x the error of oneDNN's bf16 weight gradient (both
@@ -154,6 +200,10 @@ def test_the_weight_gradient_refuses_what_it_cannot_compute():
         op(channels_last(1, 16, 4, 4), channels_last(2, 16, 4, 4))
     with pytest.raises(RuntimeError, match="bf16 channels-last"):
         op(channels_last(1, 16, 4, 4, dtype=torch.float32), channels_last(1, 16, 4, 4))
+    with pytest.raises(RuntimeError, match="tile must be 2 or 4"):
+        op(channels_last(1, 16, 4, 4), channels_last(1, 16, 4, 4), 3)
+    with pytest.raises(RuntimeError, match="multiples of 4"):
+        op(channels_last(1, 16, 6, 4), channels_last(1, 16, 6, 4), 4)
 
 
 def test_the_op_refuses_what_it_cannot_compute():
@@ -176,10 +226,11 @@ def test_opcheck():
     )
 
 
-def test_opcheck_of_the_weight_gradient():
+@pytest.mark.parametrize("tile", [2, 4])
+def test_opcheck_of_the_weight_gradient(tile):
     torch.library.opcheck(
         torch.ops.fastcifar.winograd_conv3x3_weight_grad.default,
-        (channels_last(2, 16, 4, 6, seed=2), channels_last(2, 32, 4, 6)),
+        (channels_last(2, 16, 4, 8, seed=2), channels_last(2, 32, 4, 8), tile),
     )
 
 
@@ -272,6 +323,25 @@ def test_the_winograd_weight_gradient_is_asked_for():
     assert native_layers(model)["Winograd conv (and weight gradient)"] == 4
     with pytest.raises(UserError, match="--winograd-weight-grad on needs Winograd convolutions"):
         build_model(cfg.replace(winograd="off"), torch.device("cpu"))
+
+
+def test_the_f4_weight_gradient_is_asked_for():
+    """`--winograd-grad-tile 4` gives every Winograd layer F(4x4, 3x3)'s weight gradient,
+    and the run records it; without Winograd's weight gradient it is a user error."""
+    from fastcifar.train.build import build_model, native_layers
+
+    cfg = TrainConfig(arch="conv5", amp="bf16", winograd_grad_tile=4)
+    model = build_model(cfg, torch.device("cpu"))
+    layers = [m for m in model.modules() if type(m) is WinogradConv2d]
+    assert len(layers) == 4 and all(m.weight_grad_tile == 4 for m in layers)
+    counts = native_layers(model)
+    assert counts["Winograd conv (and F(4x4) weight gradient)"] == 4
+    assert "Winograd conv (and weight gradient)" not in counts
+    for change in ({"winograd_weight_grad": "off"}, {"winograd": "off"}, {"arch": "lenet"}):
+        with pytest.raises(UserError, match="--winograd-grad-tile 4 needs Winograd's weight"):
+            build_model(cfg.replace(**change), torch.device("cpu"))
+    with pytest.raises(UserError, match="--winograd-grad-tile must be 2 or 4, not 3"):
+        cfg.replace(winograd_grad_tile=3)
 
 
 @pytest.mark.parametrize("change", [{"amp": "none"}, {"channels_last": False}])

@@ -13,7 +13,8 @@ from fastcifar.cli.arguments import OneLineErrors
 from fastcifar.config import TrainConfig, read_config, read_run_config
 from fastcifar.errors import UserError
 
-RESUME_OVERRIDES = {"data", "epochs", "device", "threads", "winograd", "winograd_weight_grad"}
+RESUME_OVERRIDES = {"data", "epochs", "device", "threads", "winograd", "winograd_weight_grad",
+                    "winograd_grad_tile"}  # fmt: skip
 NOT_CONFIG = ("command", "handler", "parser", "argv", "config", "resume", "quiet", "print_config")
 
 

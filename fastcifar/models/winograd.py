@@ -25,10 +25,12 @@ class WinogradConv2d(nn.Conv2d):
     """An `nn.Conv2d` (3x3, padding 1) computed through Winograd F(2x2, 3x3) for CPU bf16
     channels-last batches of an even height and width; anything else goes to
     `F.conv2d`. Its weight's gradient is oneDNN's, or Winograd's with
-    `winograd_weight_grad` (`use_winograd_weight_grad`). Parameters and state dict are
-    `nn.Conv2d`'s."""
+    `winograd_weight_grad` (`use_winograd_weight_grad`), as F(2x2, 3x3) or with
+    `weight_grad_tile` 4 as F(4x4, 3x3) where the height and width are multiples of 4.
+    Parameters and state dict are `nn.Conv2d`'s."""
 
     winograd_weight_grad = False
+    weight_grad_tile = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fits = bf16_cpu_batch(x) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
@@ -36,8 +38,10 @@ class WinogradConv2d(nn.Conv2d):
             return super().forward(x)
         from fastcifar.ops.winograd import winograd_conv3x3
 
+        tile = self.weight_grad_tile if x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 else 2
         return winograd_conv3x3(x.to(torch.bfloat16), self.weight, self.bias,
-                                winograd_weight_grad=self.winograd_weight_grad)  # fmt: skip
+                                winograd_weight_grad=self.winograd_weight_grad,
+                                weight_grad_tile=tile)  # fmt: skip
 
 
 def use_winograd(model: nn.Module) -> int:
@@ -46,11 +50,12 @@ def use_winograd(model: nn.Module) -> int:
     return swap_convs(model, takes, WinogradConv2d)
 
 
-def use_winograd_weight_grad(model: nn.Module) -> int:
-    """Give every `WinogradConv2d` of `model` Winograd's weight gradient; returns how many."""
+def use_winograd_weight_grad(model: nn.Module, tile: int = 2) -> int:
+    """Give every `WinogradConv2d` of `model` Winograd's weight gradient, F(2x2, 3x3) or
+    with `tile=4` F(4x4, 3x3); returns how many."""
     layers = [m for m in model.modules() if isinstance(m, WinogradConv2d)]
     for layer in layers:
-        layer.winograd_weight_grad = True
+        layer.winograd_weight_grad, layer.weight_grad_tile = True, tile
     return len(layers)
 
 

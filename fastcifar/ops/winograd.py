@@ -27,6 +27,15 @@ native.load()  # registers the op (where the extension loads)
 _BT = ((1.0, 0.0, -1.0, 0.0), (0.0, 1.0, 1.0, 0.0), (0.0, -1.0, 1.0, 0.0), (0.0, 1.0, 0.0, -1.0))
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
+# F(4x4, 3x3)'s (Lavin and Gray's, points 0, 1, -1, 2, -2), for the weight gradient with
+# `weight_grad_tile=4`
+_BT4 = ((4.0, 0.0, -5.0, 0.0, 1.0, 0.0), (0.0, -4.0, -4.0, 1.0, 1.0, 0.0),
+        (0.0, 4.0, -4.0, -1.0, 1.0, 0.0), (0.0, -2.0, -1.0, 2.0, 1.0, 0.0),
+        (0.0, 2.0, -1.0, -2.0, 1.0, 0.0), (0.0, 4.0, 0.0, -5.0, 0.0, 1.0))  # fmt: skip
+_G4 = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))  # fmt: skip
+_AT4 = ((1.0, 1.0, 1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, 2.0, -2.0, 0.0),
+        (0.0, 1.0, 1.0, 4.0, 4.0, 0.0), (0.0, 1.0, -1.0, 8.0, -8.0, 1.0))  # fmt: skip
 
 
 def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
@@ -57,10 +66,10 @@ class _WinogradConv(torch.autograd.Function):
     oneDNN's, or with `winograd_grad` the native Winograd one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, winograd_grad):
+    def forward(ctx, x, weight, bias, winograd_grad, grad_tile):
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.winograd_grad = bias is not None, winograd_grad
+        ctx.has_bias, ctx.winograd_grad, ctx.grad_tile = bias is not None, winograd_grad, grad_tile
         return torch.ops.fastcifar.winograd_conv3x3(x, packed_weight_tiles(weight), bias)
 
     @staticmethod
@@ -72,7 +81,7 @@ class _WinogradConv(torch.autograd.Function):
             turned = weight.flip(2, 3).transpose(0, 1)
             grad_x = torch.ops.fastcifar.winograd_conv3x3(grad, packed_weight_tiles(turned), None)
         if ctx.needs_input_grad[1] and ctx.winograd_grad:
-            grad_w, pixel_sums = weight_grad(grad, x)
+            grad_w, pixel_sums = weight_grad(grad, x, tile=ctx.grad_tile)
             grad_w = grad_w.to(weight.dtype)
         elif ctx.needs_input_grad[1]:
             _, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -82,36 +91,41 @@ class _WinogradConv(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3), dtype=torch.float32) if pixel_sums is None else pixel_sums
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     winograd_weight_grad: bool = False) -> torch.Tensor:  # fmt: skip
+                     winograd_weight_grad: bool = False, weight_grad_tile: int = 2) -> torch.Tensor:  # fmt: skip
     """`F.conv2d(x, weight, bias, padding=1)` for 3x3 kernels through Winograd F(2x2, 3x3);
     x bf16 channels-last on the CPU with an even height and width (the weights' tiles are
     rounded to bf16, the bias added in fp32). With `winograd_weight_grad` the weight's
-    gradient is Winograd's too (channels in multiples of 16)."""
-    return _WinogradConv.apply(x, weight, bias, winograd_weight_grad)
+    gradient is Winograd's too (channels in multiples of 16), as F(2x2, 3x3) or with
+    `weight_grad_tile=4` F(4x4, 3x3) (height and width in multiples of 4)."""
+    return _WinogradConv.apply(x, weight, bias, winograd_weight_grad, weight_grad_tile)
 
 
-def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_grad(
+    grad: torch.Tensor, x: torch.Tensor, tile: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The 3x3 weights' gradient (C_out, C_in, 3, 3), fp32, of the convolution of `x` whose
     output's gradient is `grad` (both bf16 channels-last): G^T [the native op's sum over
-    blocks of (B^T d B) * (A g A^T)] G; and the bias's, `grad`'s sum over pixels (C_out),
-    fp32, which the op adds up as it reads `grad` (torch's sum of a bf16 channels-last
-    tensor to fp32 casts it whole first, 3% of a CerberusNet step)."""
-    tiles, pixel_sums = torch.ops.fastcifar.winograd_conv3x3_weight_grad(grad, x)
+    blocks of (B^T d B) * (A g A^T)] G, blocks of 2 x 2 output pixels or with `tile=4` of
+    4 x 4; and the bias's, `grad`'s sum over pixels (C_out), fp32, which the op adds up as
+    it reads `grad` (torch's sum of a bf16 channels-last tensor to fp32 casts it whole
+    first, 3% of a CerberusNet step)."""
+    tiles, pixel_sums = torch.ops.fastcifar.winograd_conv3x3_weight_grad(grad, x, tile)
     return _weights_from_tiles(tiles), pixel_sums
 
 
 def _weights_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """G^T t G of each (C_in, C_out) pair's 4 x 4 tile t of `tiles` (16, C_in, C_out), as
-    (C_out, C_in, 3, 3): one (9 x 16) product, kron(G, G)^T with every pair's tile, in
-    place of an einsum that copies the tiles about first."""
-    g = _matrix(_G, tiles)
+    """G^T t G of each (C_in, C_out) pair's tile t of `tiles` (16 or 36, C_in, C_out): 4 x 4
+    for F(2x2, 3x3), 6 x 6 for F(4x4, 3x3); as (C_out, C_in, 3, 3): one (9 x 16 or 36)
+    product, kron(G, G)^T with every pair's tile, in place of an einsum that copies the
+    tiles about first."""
+    g = _matrix(_G if tiles.shape[0] == 16 else _G4, tiles)
     c_in, c_out = tiles.shape[1:]
     with torch.autocast("cpu", enabled=False):
-        taps = torch.kron(g, g).T @ tiles.float().reshape(16, -1)  # (9, C_in * C_out)
+        taps = torch.kron(g, g).T @ tiles.float().reshape(len(tiles), -1)  # (9, C_in * C_out)
     return taps.view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
 
 
@@ -129,19 +143,21 @@ def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y if bias is None else y + bias.float().view(1, -1, 1, 1)
 
 
-def reference_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def reference_weight_grad(grad: torch.Tensor, x: torch.Tensor, tile: int = 2) -> torch.Tensor:
     """`weight_grad`'s arithmetic in plain torch ops, in fp32, the transformed input and
     gradient rounded to bf16 as the native op rounds them: its reference."""
-    a = _matrix(_AT, x).T
-    blocks = grad.float().unfold(2, 2, 2).unfold(3, 2, 2)  # N,C_out,th,tw,2,2
-    m = (a @ blocks @ a.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, grad.shape[1])
-    v = _input_tiles(x).to(torch.bfloat16).float()
+    a = _matrix(_AT if tile == 2 else _AT4, x).T
+    planes = (tile + 2) ** 2
+    blocks = grad.float().unfold(2, tile, tile).unfold(3, tile, tile)  # N,C_out,th,tw,t,t
+    m = (a @ blocks @ a.T).permute(4, 5, 0, 2, 3, 1).reshape(planes, -1, grad.shape[1])
+    v = _input_tiles(x, tile).to(torch.bfloat16).float()
     return _weights_from_tiles(torch.bmm(v.transpose(1, 2), m.to(torch.bfloat16).float()))
 
 
-def _input_tiles(x: torch.Tensor) -> torch.Tensor:
-    """B^T d B of every 4 x 4 patch d around a 2 x 2 block of `x`'s pixels (zero-padded),
-    in fp32, as (16, blocks, C)."""
-    bt = _matrix(_BT, x)
-    patches = F.pad(x.float(), (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 4, 2)  # N,C,th,tw,4,4
-    return (bt @ patches @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(16, -1, x.shape[1])
+def _input_tiles(x: torch.Tensor, tile: int = 2) -> torch.Tensor:
+    """B^T d B of every (tile + 2)-square patch d around a tile x tile block of `x`'s
+    pixels (zero-padded), in fp32, as ((tile + 2)^2, blocks, C)."""
+    bt = _matrix(_BT if tile == 2 else _BT4, x)
+    size = tile + 2
+    patches = F.pad(x.float(), (1, 1, 1, 1)).unfold(2, size, tile).unfold(3, size, tile)
+    return (bt @ patches @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(size**2, -1, x.shape[1])

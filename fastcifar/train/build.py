@@ -79,16 +79,23 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     if winograd_wanted(cfg, device):
         use_winograd(model)
         if cfg.winograd_weight_grad != "off":
-            use_winograd_weight_grad(model)  # its rule held too (benchmarks/NOTES.md)
+            # its rule held too (benchmarks/NOTES.md); F(4x4, 3x3)'s has not been put to one
+            use_winograd_weight_grad(model, cfg.winograd_grad_tile)
     elif cfg.winograd_weight_grad == "on":
         raise UserError("--winograd-weight-grad on needs Winograd convolutions (--winograd auto "
                         "or on, for bf16 channels-last training on an AVX512-BF16 CPU)")  # fmt: skip
+    if cfg.winograd_grad_tile != 2 and not any(
+        getattr(m, "winograd_weight_grad", False) for m in model.modules()
+    ):
+        raise UserError("--winograd-grad-tile 4 needs Winograd's weight gradient (--winograd and "
+                        "--winograd-weight-grad auto or on, on an AVX512-BF16 CPU)")  # fmt: skip
     return model
 
 
 # The layers `build_model` may swap in, as the run's log line and env.json name them
 WINOGRAD_LAYER = "Winograd conv"
 WINOGRAD_WEIGHT_GRAD_LAYER = f"{WINOGRAD_LAYER} (and weight gradient)"
+WINOGRAD_F4_WEIGHT_GRAD_LAYER = f"{WINOGRAD_LAYER} (and F(4x4) weight gradient)"
 NATIVE_LAYERS = {
     WinogradConv2d: WINOGRAD_LAYER,
     AmxGradConv2d: "AMX weight-gradient conv",
@@ -109,7 +116,8 @@ def native_layers(model: torch.nn.Module) -> dict[str, int]:
     def visit(module: torch.nn.Module) -> None:
         name = NATIVE_LAYERS.get(type(module))
         if getattr(module, "winograd_weight_grad", False):
-            name = WINOGRAD_WEIGHT_GRAD_LAYER
+            four = module.weight_grad_tile == 4
+            name = WINOGRAD_F4_WEIGHT_GRAD_LAYER if four else WINOGRAD_WEIGHT_GRAD_LAYER
         if name is not None:
             counts[name] = counts.get(name, 0) + 1
             return
