@@ -82,3 +82,19 @@ def test_training_step_with_the_winograd_weight_gradient(benchmark, full, device
                                    swap=use_winograd_weight_grad, prepare=winograd_forward,
                                    images=2048, rounds=7)  # fmt: skip
     assert result["speedup"] > 0
+
+
+def winograd_with_its_weight_gradient(model) -> None:
+    winograd_forward(model)
+    use_winograd_weight_grad(model)
+
+
+@pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4"])
+def test_training_step_with_the_f4_weight_gradient(benchmark, full, device, arch):
+    """F(4x4, 3x3)'s weight gradient ("native") against F(2x2, 3x3)'s ("aten"), both sides
+    with Winograd's forward: the speed half of its rule (benchmarks/NOTES.md)."""
+    result = paired_training_steps(benchmark, arch, full, device, kind="winograd_f4_weight_grad_step",
+                                   swap=lambda model: use_winograd_weight_grad(model, tile=4),
+                                   prepare=winograd_with_its_weight_gradient, images=2048,
+                                   rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
