@@ -458,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_tiles(const at::Tensor& grad, con
   const Shape s{h, w, c_in, c_out, (h / kTile) * (w / kTile), w / kTile};
   const int64_t tiles = n * s.tiles_per_image;
   // tiles a chunk (even): both transforms together about 2 MiB, and for F(4x4) at least
-  // 256 tiles, so that each chunk's products outweigh reading and writing the thread's
+  // 128 tiles, so that each chunk's products outweigh reading and writing the thread's
   // sums (36 planes: 9 MiB at 256 channels, beyond the L2 cache)
   const int64_t fit = (1 << 21) / (2 * kPlanes * (c_in + c_out));
   const int64_t chunk = 2 * std::max<int64_t>(kTile == 2 ? 32 : 64, fit / 2);
