@@ -226,43 +226,6 @@ FASTCIFAR_AVX512_BF16 inline __m512i bf16_pairs(__m512 a, __m512 b) {
   return _mm512_permutexvar_epi16(interleave, halves);
 }
 
-// P[16][count / 2][c][2], planes `plane` elements apart: the transform of each of tiles
-// first .. first + count (count even; a tile from `tiles` on is zero), two tiles to a
-// pair, as gemm takes either operand: the input's B^T d B (kGradient false, c = C_in) or
-// the gradient's A g A^T (c = C_out, channels in multiples of 16). For the gradient it
-// also adds each channel's sum over the tiles' pixels into `pixel_sums` (C_out floats):
-// a tile's four pixels sum to its A g A^T's value (1, 1).
-template <bool kGradient>
-FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s, int64_t first,
-                                        int64_t count, int64_t tiles, at::BFloat16* out,
-                                        int64_t plane, float* pixel_sums = nullptr) {
-  const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t t0 = first + 2 * p, t1 = t0 + 1;
-    const bool second = t1 < tiles;  // else the pair's second tile is zero
-    const TileAt at0 = locate(s, t0), at1 = locate(s, second ? t1 : t0);
-    const Patch patch0 = kGradient ? Patch{} : patch_at(src, s, at0);
-    const Patch patch1 = kGradient ? Patch{} : patch_at(src, s, at1);
-    for (int64_t ch = 0; ch < c; ch += 16) {
-      __m512 a[16], b[16];
-      if constexpr (kGradient) gradient_tile(src, s, at0, ch, a);
-      else input_tile(patch0, ch, 0xFFFF, a);
-      if (!second) {
-        for (int k = 0; k < 16; ++k) b[k] = _mm512_setzero_ps();
-      } else if constexpr (kGradient) {
-        gradient_tile(src, s, at1, ch, b);
-      } else {
-        input_tile(patch1, ch, 0xFFFF, b);
-      }
-      for (int k = 0; k < 16; ++k)
-        _mm512_storeu_si512(out + k * plane + (p * c + ch) * 2, bf16_pairs(a[k], b[k]));
-      if constexpr (kGradient)
-        _mm512_storeu_ps(pixel_sums + ch, _mm512_add_ps(_mm512_loadu_ps(pixel_sums + ch),
-                                                        _mm512_add_ps(a[5], b[5])));
-    }
-  }
-}
-
 // F(4x4, 3x3), for the weight gradient: a tile is 4 x 4 output pixels, its input patch
 // 6 x 6, and B^T (6 x 6), A^T (4 x 6) and G (6 x 3) are Lavin and Gray's, with the
 // points 0, 1, -1, 2, -2. 36 products a tile where F(2x2, 3x3) does 16 for a quarter of
@@ -332,34 +295,46 @@ FASTCIFAR_AVX512 inline void gradient_tile6(const at::BFloat16* grad, const Shap
   for (int i = 0; i < 6; ++i) a6(r[i], v + 6 * i);  // (A g) A^T, row by row
 }
 
-// paired_tiles for F(4x4): P[36][count / 2][c][2], the same layout with 36 planes; for the
-// gradient it adds each channel's pixel sums too (a block's 16 pixels sum to its
-// A g A^T's value (1, 1)).
-template <bool kGradient>
-FASTCIFAR_AVX512_BF16 void paired_tiles6(const at::BFloat16* src, const Shape& s, int64_t first,
-                                         int64_t count, int64_t tiles, at::BFloat16* out,
-                                         int64_t plane, float* pixel_sums = nullptr) {
+// P[planes][count / 2][c][2], planes `plane` elements apart: the transform of each of
+// tiles first .. first + count (count even; a tile from `tiles` on is zero), two tiles to
+// a pair, as gemm takes either operand: the input's B^T d B (kGradient false, c = C_in)
+// or the gradient's A g A^T (c = C_out, channels in multiples of 16), with F(2x2, 3x3)'s
+// 16 planes (kTile 2) or F(4x4, 3x3)'s 36 (kTile 4). For the gradient it also adds each
+// channel's sum over the tiles' pixels into `pixel_sums` (C_out floats): a tile's pixels
+// sum to its A g A^T's value (1, 1).
+template <int kTile, bool kGradient>
+FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s, int64_t first,
+                                        int64_t count, int64_t tiles, at::BFloat16* out,
+                                        int64_t plane, float* pixel_sums = nullptr) {
+  constexpr int kPlanes = (kTile + 2) * (kTile + 2), kPixelSum = kTile + 3;  // value (1, 1)
+  constexpr bool kPatch = !kGradient && kTile == 2;  // F(2x2)'s input patch, located once
   const int64_t c = kGradient ? s.c_out : s.c_in, pairs = count / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t t0 = first + 2 * p, t1 = t0 + 1;
     const bool second = t1 < tiles;  // else the pair's second tile is zero
-    const TileAt at0 = locate(s, t0), at1 = locate(s, second ? t1 : t0);
+    const TileAt at[2] = {locate(s, t0), locate(s, second ? t1 : t0)};
+    const Patch patch[2] = {kPatch ? patch_at(src, s, at[0]) : Patch{},
+                            kPatch ? patch_at(src, s, at[1]) : Patch{}};
     for (int64_t ch = 0; ch < c; ch += 16) {
-      __m512 a[36], b[36];
-      if constexpr (kGradient) gradient_tile6(src, s, at0, ch, a);
-      else input_tile6(src, s, at0, ch, a);
-      if (!second) {
-        for (int k = 0; k < 36; ++k) b[k] = _mm512_setzero_ps();
-      } else if constexpr (kGradient) {
-        gradient_tile6(src, s, at1, ch, b);
-      } else {
-        input_tile6(src, s, at1, ch, b);
+      __m512 v[2][kPlanes];
+      for (int k = 0; k < 2; ++k) {
+        if (k == 1 && !second) {
+          for (int q = 0; q < kPlanes; ++q) v[1][q] = _mm512_setzero_ps();
+        } else if constexpr (kGradient && kTile == 2) {
+          gradient_tile(src, s, at[k], ch, v[k]);
+        } else if constexpr (kGradient) {
+          gradient_tile6(src, s, at[k], ch, v[k]);
+        } else if constexpr (kTile == 2) {
+          input_tile(patch[k], ch, 0xFFFF, v[k]);
+        } else {
+          input_tile6(src, s, at[k], ch, v[k]);
+        }
       }
-      for (int k = 0; k < 36; ++k)
-        _mm512_storeu_si512(out + k * plane + (p * c + ch) * 2, bf16_pairs(a[k], b[k]));
+      for (int q = 0; q < kPlanes; ++q)
+        _mm512_storeu_si512(out + q * plane + (p * c + ch) * 2, bf16_pairs(v[0][q], v[1][q]));
       if constexpr (kGradient)
         _mm512_storeu_ps(pixel_sums + ch, _mm512_add_ps(_mm512_loadu_ps(pixel_sums + ch),
-                                                        _mm512_add_ps(a[7], b[7])));
+                                                        _mm512_add_ps(v[0][kPixelSum], v[1][kPixelSum])));
     }
   }
 }
@@ -481,13 +456,8 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_tiles(const at::Tensor& grad, con
       const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
       const int64_t even = count + (count & 1);
       std::fill(chunk_pixel_sums.begin(), chunk_pixel_sums.end(), 0.0f);
-      if constexpr (kTile == 2) {
-        paired_tiles<false>(in, s, first, even, tiles, v.data(), v_plane);
-        paired_tiles<true>(g, s, first, even, tiles, m.data(), m_plane, chunk_pixel_sums.data());
-      } else {
-        paired_tiles6<false>(in, s, first, even, tiles, v.data(), v_plane);
-        paired_tiles6<true>(g, s, first, even, tiles, m.data(), m_plane, chunk_pixel_sums.data());
-      }
+      paired_tiles<kTile, false>(in, s, first, even, tiles, v.data(), v_plane);
+      paired_tiles<kTile, true>(g, s, first, even, tiles, m.data(), m_plane, chunk_pixel_sums.data());
       for (int k = 0; k < kPlanes; ++k)
         gemm<true>(v.data() + k * v_plane, 2, 2 * c_in, c_in, m.data() + k * m_plane, c_out, even,
                    mine + k * c_in * c_out);
