@@ -108,21 +108,6 @@ WEIGHT_GRAD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), WEIGHT_GRAD_SHAPES)
-def test_the_weight_gradient_is_the_reference_arithmetic(n, c_in, c_out, h, w):
-    """The native sums over tiles and the torch-op reference, with the same bf16
-    operands, differ only in the fp32 sums' order."""
-    x = channels_last(n, c_in, h, w).relu()
-    grad = channels_last(n, c_out, h, w, seed=2, scale=1e-3)
-    got, got_bias = weight_grad(grad, x)
-    want = reference_weight_grad(grad, x)
-    assert got.shape == (c_out, c_in, 3, 3) and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
-    want_bias = grad.double().sum((0, 2, 3))
-    assert got_bias.shape == (c_out,) and got_bias.dtype == torch.float32
-    torch.testing.assert_close(got_bias.double(), want_bias, rtol=1e-5, atol=1e-9)
-
-
 # F(4x4, 3x3)'s: one tile, an odd number (the last pair half zero) on a non-square image,
 # several chunks of tiles with a partial last one
 F4_WEIGHT_GRAD_SHAPES = [
@@ -134,19 +119,23 @@ F4_WEIGHT_GRAD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), F4_WEIGHT_GRAD_SHAPES)
-def test_the_f4_weight_gradient_is_the_reference_arithmetic(n, c_in, c_out, h, w):
-    """F(4x4, 3x3): the native sums and the torch-op reference with the same bf16
-    operands differ only in the fp32 sums' order; the bias's gradient is the same sum."""
+@pytest.mark.parametrize(
+    ("tile", "n", "c_in", "c_out", "h", "w"),
+    [(2, *shape) for shape in WEIGHT_GRAD_SHAPES]
+    + [(4, *shape) for shape in F4_WEIGHT_GRAD_SHAPES],
+)
+def test_the_weight_gradient_is_the_reference_arithmetic(tile, n, c_in, c_out, h, w):
+    """F(2x2, 3x3) and F(4x4, 3x3): the native sums and the torch-op reference, with the
+    same bf16 operands, differ only in the fp32 sums' order."""
     x = channels_last(n, c_in, h, w).relu()
     grad = channels_last(n, c_out, h, w, seed=2, scale=1e-3)
-    got, got_bias = weight_grad(grad, x, tile=4)
-    want = reference_weight_grad(grad, x, tile=4)
+    got, got_bias = weight_grad(grad, x, tile=tile)
+    want = reference_weight_grad(grad, x, tile=tile)
     assert got.shape == (c_out, c_in, 3, 3) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
-    torch.testing.assert_close(
-        got_bias.double(), grad.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-9
-    )
+    want_bias = grad.double().sum((0, 2, 3))
+    assert got_bias.shape == (c_out,) and got_bias.dtype == torch.float32
+    torch.testing.assert_close(got_bias.double(), want_bias, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), F4_WEIGHT_GRAD_SHAPES[2:])

@@ -38,7 +38,8 @@ class WinogradConv2d(nn.Conv2d):
             return super().forward(x)
         from fastcifar.ops.winograd import winograd_conv3x3
 
-        tile = self.weight_grad_tile if x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 else 2
+        tile = self.weight_grad_tile
+        tile = tile if x.shape[2] % tile == 0 and x.shape[3] % tile == 0 else 2
         return winograd_conv3x3(x.to(torch.bfloat16), self.weight, self.bias,
                                 winograd_weight_grad=self.winograd_weight_grad,
                                 weight_grad_tile=tile)  # fmt: skip

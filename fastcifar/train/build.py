@@ -76,17 +76,16 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
                 use_relu_bn_pool(model)  # with the 2x2 max pools that follow them
             if amx_conv_available():
                 use_amx_conv(model)  # 3x3 convolutions' weight gradient on AMX tiles
+    with_winograd_grad = 0
     if winograd_wanted(cfg, device):
         use_winograd(model)
         if cfg.winograd_weight_grad != "off":
             # its rule held too (benchmarks/NOTES.md); F(4x4, 3x3)'s has not been put to one
-            use_winograd_weight_grad(model, cfg.winograd_grad_tile)
+            with_winograd_grad = use_winograd_weight_grad(model, cfg.winograd_grad_tile)
     elif cfg.winograd_weight_grad == "on":
         raise UserError("--winograd-weight-grad on needs Winograd convolutions (--winograd auto "
                         "or on, for bf16 channels-last training on an AVX512-BF16 CPU)")  # fmt: skip
-    if cfg.winograd_grad_tile != 2 and not any(
-        getattr(m, "winograd_weight_grad", False) for m in model.modules()
-    ):
+    if cfg.winograd_grad_tile != 2 and not with_winograd_grad:
         raise UserError("--winograd-grad-tile 4 needs Winograd's weight gradient (--winograd and "
                         "--winograd-weight-grad auto or on, on an AVX512-BF16 CPU)")  # fmt: skip
     return model
