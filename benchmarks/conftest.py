@@ -147,17 +147,18 @@ def paired_windows(sides: dict, window, rounds: int) -> dict:
 
 
 def paired_training_steps(benchmark, arch: str, full: bool, device, *, kind: str, swap,
-                          prepare=None, images: int, rounds: int) -> dict:  # fmt: skip
+                          prepare=None, images: int, rounds: int, bf16: bool = True) -> dict:  # fmt: skip
     """Whole bf16 training steps (autocast, channels-last, SGD, random batches of the CPU
     recipe's size; the loader left out) of `arch` with ATen's layers ("aten") against
     the same model after `swap(model)` ("native"), `prepare(model)` applied to both first:
-    alternating timed windows of about `images` images each, `rounds` times. The result
-    goes into `benchmark.extra_info` under `kind` and is returned."""
+    alternating timed windows of about `images` images each, `rounds` times; fp32 steps
+    (no autocast) without `bf16`. The result goes into `benchmark.extra_info` under
+    `kind` and is returned."""
     from fastcifar.recipes import recipe
 
     batch = recipe(arch, "cpu").get("batch_size", 256) if full else 8
     return _paired_steps(benchmark, arch, full, device, kind=kind, swap=swap, prepare=prepare,
-                         images=images, rounds=rounds, batch=batch, train=True)  # fmt: skip
+                         images=images, rounds=rounds, batch=batch, train=True, bf16=bf16)  # fmt: skip
 
 
 def paired_evaluation_steps(benchmark, arch: str, full: bool, device, *, kind: str, swap,
@@ -186,7 +187,7 @@ def cpu_default_layers(model) -> None:
 
 
 def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images, rounds, batch,
-                  train) -> dict:  # fmt: skip
+                  train, bf16=True) -> dict:  # fmt: skip
     if device.type != "cpu":
         pytest.skip("CPU kernels: the paired steps run on the CPU")
     import torch.nn.functional as F
@@ -215,7 +216,7 @@ def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images,
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                     model(x)
                 continue
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -225,7 +226,8 @@ def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images,
     benchmark.pedantic(lambda: result.update(paired_windows(sides, window, rounds if full else 1)),
                        rounds=1, iterations=1)  # fmt: skip
     per_step = {k: v / steps for k, v in result.items() if k.endswith("_ms")}
-    info = dict(kind=kind, arch=arch, batch_size=batch, steps=steps, speedup=result["speedup"],
+    info = dict(kind=kind, arch=arch, batch_size=batch, dtype="bfloat16" if bf16 else "float32",
+                steps=steps, speedup=result["speedup"],
                 rounds=result["rounds"], aten_images_per_sec=batch * 1e3 / per_step["aten_ms"],
                 native_images_per_sec=batch * 1e3 / per_step["native_ms"],
                 **environment(device))  # fmt: skip

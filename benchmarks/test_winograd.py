@@ -1,9 +1,10 @@
 """Winograd convolutions on the CPU against oneDNN's, side by side, in alternating timed
 windows (medians of the per-round ratios): each 3x3 layer shape that Winograd takes in
-CerberusNet, conv5 and wide4 alone, forward and backward; and whole bf16 training steps
+CerberusNet, conv5 and wide4 alone, forward and backward; whole bf16 training steps
 with Winograd's weight gradient (`use_winograd_weight_grad`) against oneDNN's, both sides
 with Winograd's forward and input gradient and the CPU's other default native layers, so
-only the weight gradients differ."""
+only the weight gradients differ; and whole fp32 training steps with Winograd throughout
+against oneDNN's direct convolutions."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fastcifar.models.winograd import (
 
 from .conftest import cpu_default_layers, environment, paired_training_steps, paired_windows
 
-pytestmark = pytest.mark.skipif(
+bf16_only = pytest.mark.skipif(
     not winograd_available()[0], reason="needs fastcifar._C and a CPU with AVX512-BF16 (no AMX)"
 )
 
@@ -36,6 +37,7 @@ def bf16_channels_last(batch: int, channels: int, size: int) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@bf16_only
 @pytest.mark.parametrize(("arch", "c_in", "c_out", "size"), LAYERS)
 def test_layer_forward_backward(benchmark, full, device, arch, c_in, c_out, size):
     """One layer under bf16 autocast, channels-last, at batch 256: forward, then the input's
@@ -76,6 +78,7 @@ def winograd_forward(model) -> None:
     use_winograd(model)
 
 
+@bf16_only
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4", "conv4_relu_bn"])
 def test_training_step_with_the_winograd_weight_gradient(benchmark, full, device, arch):
     result = paired_training_steps(benchmark, arch, full, device, kind="winograd_weight_grad_step",
@@ -89,6 +92,7 @@ def winograd_with_its_weight_gradient(model) -> None:
     use_winograd_weight_grad(model)
 
 
+@bf16_only
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4"])
 def test_training_step_with_the_f4_weight_gradient(benchmark, full, device, arch):
     """F(4x4, 3x3)'s weight gradient ("native") against F(2x2, 3x3)'s ("aten"), both sides
@@ -97,4 +101,22 @@ def test_training_step_with_the_f4_weight_gradient(benchmark, full, device, arch
                                    swap=lambda model: use_winograd_weight_grad(model, tile=4),
                                    prepare=winograd_with_its_weight_gradient, images=2048,
                                    rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+def winograd_in_full(model) -> int:
+    use_winograd(model)
+    return use_winograd_weight_grad(model)
+
+
+@pytest.mark.skipif(not winograd_available("none")[0], reason="needs fastcifar._C and AVX2 and FMA")
+@pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4", "conv4_relu_bn"])
+def test_fp32_training_step_with_winograd(benchmark, full, device, arch):
+    """fp32 training steps (no autocast) with Winograd's forward, input and weight
+    gradients ("native") against oneDNN's direct convolutions ("aten"), both sides with
+    the CPU's other default native layers: the speed half of the fp32 default's rule on
+    an AVX2 CPU (benchmarks/NOTES.md)."""
+    result = paired_training_steps(benchmark, arch, full, device, kind="winograd_fp32_step",
+                                   swap=winograd_in_full, prepare=cpu_default_layers,
+                                   images=1024, rounds=7, bf16=False)  # fmt: skip
     assert result["speedup"] > 0

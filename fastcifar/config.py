@@ -64,7 +64,7 @@ class TrainConfig:
     dali_decode: bool = False  # --loader dali: DALI decodes the image files (on the GPU with CUDA)
     dali_images_per_run: int = 0  # --loader dali: images a pipeline run makes; 0 = one batch
     native: str = "auto"  # auto | on | off: fastcifar._C (the loader's op; AVX-512 bf16 pooling)
-    winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd (bf16, AVX512-BF16 CPU)
+    winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd (bf16 AVX512-BF16, fp32 AVX2)
     winograd_weight_grad: str = "auto"  # auto | on | off: the Winograd convs' weight gradient too
     winograd_grad_tile: int = 2  # 2 | 4: the Winograd weight gradient as F(2x2, 3x3) or F(4x4, 3x3)
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "avx512.h"
+#include "winograd.h"
 
 namespace fastcifar {
 namespace {
@@ -96,26 +97,6 @@ FASTCIFAR_AVX512_BF16 void gemm(const at::BFloat16* a, int64_t a_row, int64_t a_
 // 16 floats rounded to the nearest bf16, ties to even, in one instruction (vcvtneps2bf16:
 // round_to_bf16's values, but for subnormals, which it flushes to zero).
 FASTCIFAR_AVX512_BF16 inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
-
-// Elements (bf16) after each of a chunk's 16 transform planes, so that the planes start a
-// cache line more than a multiple of 4 KiB apart: a tile's 16 values, one in each plane,
-// then fall in 16 sets of the L1 cache rather than all in one (its 8 ways) and evict
-// each other (fp32 planes take half as many).
-constexpr int64_t kPlanePad = 32;
-
-struct Shape {
-  int64_t h, w, c_in, c_out, tiles_per_image, tiles_per_row;
-};
-
-// Where tile `tile` of the batch lies: its image, and its row and column of tiles.
-struct TileAt {
-  int64_t image, ty, tx;
-};
-
-inline TileAt locate(const Shape& s, int64_t tile) {
-  return {tile / s.tiles_per_image, (tile % s.tiles_per_image) / s.tiles_per_row,
-          tile % s.tiles_per_row};
-}
 
 // Where the 4 x 4 input patch around a tile lies: its rows' starts and its columns'
 // offsets, clamped into the image, and which of its 16 values lie inside it. A value
@@ -374,7 +355,8 @@ FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, int64_t plane, const f
 
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
                                 const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3 needs a CPU with AVX512-BF16");
+  if (x.scalar_type() == at::kFloat) return winograd_conv3x3_fp32(x, packed, bias);
+  TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3 in bf16 needs a CPU with AVX512-BF16");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.scalar_type() == at::kBFloat16 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "winograd_conv3x3 takes a 4-D bf16 channels-last input on the CPU");
@@ -469,8 +451,12 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_tiles(const at::Tensor& grad, con
 
 std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad,
                                                                     const at::Tensor& x, int64_t tile) {
-  TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3_weight_grad needs a CPU with AVX512-BF16");
   TORCH_CHECK(tile == 2 || tile == 4, "winograd_conv3x3_weight_grad: tile must be 2 or 4, not ", tile);
+  if (x.scalar_type() == at::kFloat) {
+    TORCH_CHECK(tile == 2, "winograd_conv3x3_weight_grad in fp32 takes tile 2 only");
+    return winograd_conv3x3_weight_grad_fp32(grad, x);
+  }
+  TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3_weight_grad in bf16 needs a CPU with AVX512-BF16");
   for (const at::Tensor* t : {&grad, &x})
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == at::kBFloat16 &&
                     t->is_contiguous(at::MemoryFormat::ChannelsLast),

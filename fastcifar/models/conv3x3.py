@@ -1,6 +1,6 @@
 """What the 3x3 convolution layers with native kernels share (`models.winograd`,
-`models.amx_conv`): which convolutions they take, whether a batch reaches them in bf16,
-and swapping them into a model with the same parameters."""
+`models.amx_conv`): which convolutions they take, whether a batch reaches them in bf16
+or fp32, and swapping them into a model with the same parameters."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def plain_conv3x3(conv: nn.Module, channel_multiple: int) -> bool:
         and conv.padding_mode == "zeros"
         and conv.in_channels % channel_multiple == 0
         and conv.out_channels % channel_multiple == 0
+    )
+
+
+def fp32_cpu_batch(x: torch.Tensor) -> bool:
+    """Whether `x` is a 4-D channels-last fp32 CPU batch that reaches a convolution in
+    fp32 (no CPU autocast)."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype == torch.float32
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_autocast_enabled("cpu")
     )
 
 

@@ -1,18 +1,20 @@
-"""3x3 convolutions as Winograd F(2x2, 3x3) where that is faster: bf16 channels-last
-activations on a CPU whose bf16 arithmetic is AVX512-BF16 (`fastcifar._C`'s
-`winograd_conv3x3`; `fastcifar/ops/winograd.py`). There oneDNN's direct convolutions
-already run at the bf16 matmul peak, so only fewer multiplications make them faster: a
-Winograd tile does in 16 what nine taps do in 36. On a CPU with AMX, oneDNN's
-convolutions run several times faster than these kernels could, so they stay."""
+"""3x3 convolutions as Winograd F(2x2, 3x3) where that is faster (`fastcifar._C`'s
+`winograd_conv3x3`; `fastcifar/ops/winograd.py`): bf16 channels-last activations on a CPU
+whose bf16 arithmetic is AVX512-BF16, and fp32 ones on a CPU that trains in fp32 (AVX2,
+no bf16 instructions). There oneDNN's direct convolutions already run near the matmul
+peak, so only fewer multiplications make them faster: a Winograd tile does in 16 what
+nine taps do in 36. On a CPU with AMX, oneDNN's convolutions run several times faster
+than these kernels could, so they stay."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fastcifar.models.conv3x3 import bf16_cpu_batch, plain_conv3x3, swap_convs
+from fastcifar.models.conv3x3 import bf16_cpu_batch, fp32_cpu_batch, plain_conv3x3, swap_convs
 
 CHANNEL_MULTIPLE = 16  # the kernel's channel block, in and out (the input's gradient swaps them)
+FP32_CAPABILITIES = ("AVX2", "AVX512")  # torch's names for CPUs with AVX2 and FMA
 
 
 def takes(conv: nn.Module) -> bool:
@@ -23,9 +25,9 @@ def takes(conv: nn.Module) -> bool:
 
 class WinogradConv2d(nn.Conv2d):
     """An `nn.Conv2d` (3x3, padding 1) computed through Winograd F(2x2, 3x3) for CPU bf16
-    channels-last batches of an even height and width; anything else goes to
+    or fp32 channels-last batches of an even height and width; anything else goes to
     `F.conv2d`. Its weight's gradient is oneDNN's, or Winograd's with
-    `winograd_weight_grad` (`use_winograd_weight_grad`), as F(2x2, 3x3) or with
+    `winograd_weight_grad` (`use_winograd_weight_grad`), as F(2x2, 3x3) or, in bf16, with
     `weight_grad_tile` 4 as F(4x4, 3x3) where the height and width are multiples of 4.
     Parameters and state dict are `nn.Conv2d`'s."""
 
@@ -33,14 +35,15 @@ class WinogradConv2d(nn.Conv2d):
     weight_grad_tile = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fits = bf16_cpu_batch(x) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+        bf16 = bf16_cpu_batch(x)
+        fits = (bf16 or fp32_cpu_batch(x)) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
         if not fits:
             return super().forward(x)
         from fastcifar.ops.winograd import winograd_conv3x3
 
-        tile = self.weight_grad_tile
+        tile = self.weight_grad_tile if bf16 else 2
         tile = tile if x.shape[2] % tile == 0 and x.shape[3] % tile == 0 else 2
-        return winograd_conv3x3(x.to(torch.bfloat16), self.weight, self.bias,
+        return winograd_conv3x3(x.to(torch.bfloat16) if bf16 else x, self.weight, self.bias,
                                 winograd_weight_grad=self.winograd_weight_grad,
                                 weight_grad_tile=tile)  # fmt: skip
 
@@ -60,14 +63,31 @@ def use_winograd_weight_grad(model: nn.Module, tile: int = 2) -> int:
     return len(layers)
 
 
-def winograd_available() -> tuple[bool, str]:
-    """(available, why): a CPU whose bf16 arithmetic is AVX512-BF16 (not AMX) and
-    `fastcifar._C` loaded."""
+def winograd_available(amp: str = "bf16") -> tuple[bool, str]:
+    """(available, why) for training with autocast `amp` ("bf16", or "none" for fp32): in
+    bf16 a CPU whose bf16 arithmetic is AVX512-BF16 (not AMX), in fp32 one with AVX2 and
+    FMA; and `fastcifar._C` loaded."""
     from fastcifar.train.device import cpu_instructions
 
     found = cpu_instructions()
-    if found != "AVX512-BF16":
-        return False, f"the Winograd convolution is for AVX512-BF16 CPUs, and this one has {found}"
+    if amp == "bf16" and found != "AVX512-BF16":
+        return (
+            False,
+            f"the bf16 Winograd convolution is for AVX512-BF16 CPUs, and this one has {found}",
+        )
+    if amp == "none" and torch.backends.cpu.get_cpu_capability() not in FP32_CAPABILITIES:
+        return False, f"the fp32 Winograd convolution needs AVX2 and FMA, and this CPU has {found}"
+    if amp not in ("bf16", "none"):
+        return False, f"the Winograd convolution runs in bf16 or fp32, not {amp}"
     from fastcifar.ops import native
 
     return native.load()
+
+
+def fp32_by_default() -> bool:
+    """Whether `--winograd auto` turns fp32 Winograd on: on a CPU without bf16
+    instructions or AVX-512 (AVX2 only), where training runs in fp32 and the kernel's rule
+    held (benchmarks/NOTES.md, "fp32 Winograd on the AVX2 CPU")."""
+    from fastcifar.train.device import cpu_instructions
+
+    return cpu_instructions() == "AVX2"

@@ -1,6 +1,7 @@
-"""A 3x3 convolution (stride 1, padding 1) as Winograd F(2x2, 3x3) on a CPU with
-AVX512-BF16, for bf16 channels-last activations: `fastcifar._C`'s `winograd_conv3x3`
-(kernels/winograd_cpu.cpp), forward and the input's gradient.
+"""A 3x3 convolution (stride 1, padding 1) as Winograd F(2x2, 3x3) on the CPU, for
+channels-last activations: `fastcifar._C`'s `winograd_conv3x3`, forward and the input's
+gradient, in bf16 on a CPU with AVX512-BF16 (kernels/winograd_cpu.cpp) or in fp32 on one
+with AVX2 and FMA (kernels/winograd_fp32_cpu.cpp).
 
 Each 2 x 2 block of output pixels is A^T [(G w G^T) * (B^T d B)] A, with d the 4 x 4
 input patch around it: per block and channel pair, 16 multiplications where the direct
@@ -49,16 +50,18 @@ def weight_tiles(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return u.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0]).to(dtype)
 
 
-def packed_weight_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """`weight_tiles` in bf16 as the native op takes them, pairs of input channels
-    together: (16, C_in / 2, C_out, 2). One (16 x 9) product, kron(G, G) with each
-    kernel's nine taps, in place of a batch of tiny 4 x 3 ones."""
+def packed_weight_tiles(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`weight_tiles` as the native op takes them for activations of `dtype`: bf16 with
+    pairs of input channels together, (16, C_in / 2, C_out, 2), or fp32 (16, C_in, C_out).
+    One (16 x 9) product, kron(G, G) with each kernel's nine taps, in place of a batch of
+    tiny 4 x 3 ones."""
     c_out, c_in = weight.shape[:2]
     g = _matrix(_G, weight)
-    taps = weight.float().reshape(c_out, c_in // 2, 2, 9).permute(1, 0, 2, 3).reshape(-1, 9)
+    pair = 2 if dtype == torch.bfloat16 else 1
+    taps = weight.float().reshape(c_out, c_in // pair, pair, 9).permute(1, 0, 2, 3).reshape(-1, 9)
     with torch.autocast("cpu", enabled=False):  # the product in fp32, then rounded
-        tiles = torch.kron(g, g) @ taps.T
-    return tiles.to(torch.bfloat16).reshape(16, c_in // 2, c_out, 2)
+        tiles = (torch.kron(g, g) @ taps.T).to(dtype)
+    return tiles.reshape(16, c_in // 2, c_out, 2) if pair == 2 else tiles.reshape(16, c_in, c_out)
 
 
 class _WinogradConv(torch.autograd.Function):
@@ -70,7 +73,7 @@ class _WinogradConv(torch.autograd.Function):
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.winograd_grad, ctx.grad_tile = bias is not None, winograd_grad, grad_tile
-        return torch.ops.fastcifar.winograd_conv3x3(x, packed_weight_tiles(weight), bias)
+        return torch.ops.fastcifar.winograd_conv3x3(x, packed_weight_tiles(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -79,7 +82,8 @@ class _WinogradConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = pixel_sums = None
         if ctx.needs_input_grad[0]:
             turned = weight.flip(2, 3).transpose(0, 1)
-            grad_x = torch.ops.fastcifar.winograd_conv3x3(grad, packed_weight_tiles(turned), None)
+            tiles = packed_weight_tiles(turned, x.dtype)
+            grad_x = torch.ops.fastcifar.winograd_conv3x3(grad, tiles, None)
         if ctx.needs_input_grad[1] and ctx.winograd_grad:
             grad_w, pixel_sums = weight_grad(grad, x, tile=ctx.grad_tile)
             grad_w = grad_w.to(weight.dtype)
@@ -97,10 +101,11 @@ class _WinogradConv(torch.autograd.Function):
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      winograd_weight_grad: bool = False, weight_grad_tile: int = 2) -> torch.Tensor:  # fmt: skip
     """`F.conv2d(x, weight, bias, padding=1)` for 3x3 kernels through Winograd F(2x2, 3x3);
-    x bf16 channels-last on the CPU with an even height and width (the weights' tiles are
-    rounded to bf16, the bias added in fp32). With `winograd_weight_grad` the weight's
-    gradient is Winograd's too (channels in multiples of 16), as F(2x2, 3x3) or with
-    `weight_grad_tile=4` F(4x4, 3x3) (height and width in multiples of 4)."""
+    x channels-last on the CPU with an even height and width, bf16 (the weights' tiles are
+    rounded to bf16, the bias added in fp32) or fp32 (channels in multiples of 8). With
+    `winograd_weight_grad` the weight's gradient is Winograd's too (bf16: channels in
+    multiples of 16), as F(2x2, 3x3) or, in bf16, with `weight_grad_tile=4` F(4x4, 3x3)
+    (height and width in multiples of 4)."""
     return _WinogradConv.apply(x, weight, bias, winograd_weight_grad, weight_grad_tile)
 
 
@@ -108,9 +113,9 @@ def weight_grad(
     grad: torch.Tensor, x: torch.Tensor, tile: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 3x3 weights' gradient (C_out, C_in, 3, 3), fp32, of the convolution of `x` whose
-    output's gradient is `grad` (both bf16 channels-last): G^T [the native op's sum over
-    blocks of (B^T d B) * (A g A^T)] G, blocks of 2 x 2 output pixels or with `tile=4` of
-    4 x 4; and the bias's, `grad`'s sum over pixels (C_out), fp32, which the op adds up as
+    output's gradient is `grad` (both bf16 or both fp32, channels-last): G^T [the native
+    op's sum over blocks of (B^T d B) * (A g A^T)] G, blocks of 2 x 2 output pixels or
+    with `tile=4` (bf16 only) of 4 x 4; and the bias's, `grad`'s sum over pixels (C_out), fp32, which the op adds up as
     it reads `grad` (torch's sum of a bf16 channels-last tensor to fp32 casts it whole
     first, 3% of a CerberusNet step)."""
     tiles, pixel_sums = torch.ops.fastcifar.winograd_conv3x3_weight_grad(grad, x, tile)

@@ -28,6 +28,7 @@ from fastcifar.models.relu_bn import (
 )
 from fastcifar.models.winograd import (
     WinogradConv2d,
+    fp32_by_default,
     use_winograd,
     use_winograd_weight_grad,
     winograd_available,
@@ -84,10 +85,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
             with_winograd_grad = use_winograd_weight_grad(model, cfg.winograd_grad_tile)
     elif cfg.winograd_weight_grad == "on":
         raise UserError("--winograd-weight-grad on needs Winograd convolutions (--winograd auto "
-                        "or on, for bf16 channels-last training on an AVX512-BF16 CPU)")  # fmt: skip
+                        "or on, for channels-last CPU training in bf16 on an AVX512-BF16 CPU "
+                        "or in fp32)")  # fmt: skip
     if cfg.winograd_grad_tile != 2 and not with_winograd_grad:
-        raise UserError("--winograd-grad-tile 4 needs Winograd's weight gradient (--winograd and "
-                        "--winograd-weight-grad auto or on, on an AVX512-BF16 CPU)")  # fmt: skip
+        raise UserError("--winograd-grad-tile 4 needs Winograd's bf16 weight gradient (--winograd "
+                        "and --winograd-weight-grad auto or on, on an AVX512-BF16 CPU)")  # fmt: skip
     return model
 
 
@@ -133,25 +135,32 @@ def describe_layers(counts: dict[str, int]) -> str:
 
 
 def winograd_wanted(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether 3x3 convolutions run as Winograd (`models.winograd`): for bf16 channels-last
-    training on a CPU where it is available (AVX512-BF16 without AMX), with `--winograd
-    auto` or `on`; `on` elsewhere is a user error. Its rule for the default held: it
-    trained CerberusNet 1.15x faster, no model below 0.98x, and conv5 and CerberusNet to
-    their recorded accuracy (benchmarks/NOTES.md, "Winograd's default on the AVX512-BF16
-    CPU")."""
+    """Whether 3x3 convolutions run as Winograd (`models.winograd`): for channels-last CPU
+    training where it is available, with `--winograd on`, or by default (`auto`) in bf16
+    on an AVX512-BF16 CPU without AMX and in fp32 on an AVX2 one; `on` where it cannot run
+    is a user error. Each default's rule held (benchmarks/NOTES.md: "Winograd's default on
+    the AVX512-BF16 CPU": CerberusNet trained 1.15x faster, no model below 0.98x, conv5
+    and CerberusNet to their recorded accuracy; "fp32 Winograd on the AVX2 CPU")."""
     if cfg.winograd == "off":
         return False
     refusal = winograd_refusal(cfg, device)
     if refusal and cfg.winograd == "on":
         raise UserError(f"--winograd on, but {refusal}")
-    return refusal is None
+    return refusal is None and (cfg.winograd == "on" or cfg.amp == "bf16" or fp32_by_default())
 
 
 def winograd_refusal(cfg: TrainConfig, device: torch.device) -> str | None:
     """Why `--winograd on` cannot run with `cfg` on `device`; None when it can."""
-    if device.type != "cpu" or cfg.amp != "bf16" or not cfg.channels_last or cfg.fused:
-        return "it runs bf16 channels-last CPU training only"
-    available, why = winograd_available()
+    if (
+        device.type != "cpu"
+        or cfg.amp not in ("bf16", "none")
+        or not cfg.channels_last
+        or cfg.fused
+    ):
+        return "it runs bf16 or fp32 channels-last CPU training only"
+    if cfg.amp == "none" and cfg.winograd_grad_tile != 2:
+        return "--winograd-grad-tile 4 runs in bf16 only (fp32's weight gradient is F(2x2, 3x3))"
+    available, why = winograd_available(cfg.amp)
     return None if available else why
 
 

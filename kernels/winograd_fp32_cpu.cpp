@@ -1,0 +1,318 @@
+// fastcifar::winograd_conv3x3 and its weight gradient for fp32 channels-last activations,
+// as Winograd F(2x2, 3x3) on a CPU with AVX2 and FMA: the tiles, chunks and planes of
+// winograd_cpu.cpp's bf16 kernels, 8 channels to a vector, the products on FMA. Where a
+// CPU has no bf16 instructions training runs in fp32, and oneDNN's direct convolutions
+// there run near the fp32 matmul peak: only fewer multiplications make them faster.
+//
+// Forward: per chunk of tiles, B^T d B of each tile's 4 x 4 patch into 16 planes
+// (tiles x C_in), 16 matrix products with the weights' tiles G w G^T (C_in x C_out), and
+// A^T m A + bias of each tile's 16 products into its 2 x 2 output pixels. Weight gradient:
+// the same input planes and A g A^T of the output's gradient (tiles x C_out), summed over
+// tiles as 16 products (C_in x tiles) by (tiles x C_out).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "winograd.h"
+
+namespace fastcifar {
+
+bool has_avx2_fma() {  // the CPU's features, read once
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return supported;
+}
+
+namespace {
+
+#define FASTCIFAR_AVX2 __attribute__((target("avx2,fma")))
+
+// C[MR x 8 NV] (+)= A[MR x K] B[K x 8 NV]: A's element (r, p) at a + r * a_row + p * a_k,
+// B's rows ldb floats apart, C's ldc apart, added to with kAccumulate.
+template <int MR, int NV, bool kAccumulate>
+FASTCIFAR_AVX2 void gemm_block(const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb,
+                               int64_t k, float* c, int64_t ldc) {
+  __m256 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = kAccumulate ? _mm256_loadu_ps(c + r * ldc + 8 * v) : _mm256_setzero_ps();
+  int64_t p = 0;
+  do {  // k >= 1
+    __m256 w[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(b + p * ldb + 8 * v);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r * a_row + p * a_k);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(x, w[v], acc[r][v]);
+    }
+  } while (++p < k);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
+}
+
+constexpr int kRows = 6;  // rows of A per register block: 12 accumulators, 2 of B, 1 of A
+
+// MR rows of A by a panel of B 16 columns wide, or 8 where only 8 are left.
+template <int MR, bool kAccumulate>
+FASTCIFAR_AVX2 inline void panel_block(const float* a, int64_t a_row, int64_t a_k, const float* b,
+                                       int64_t ldb, int64_t k, float* c, int64_t ldc, bool wide) {
+  if (wide) gemm_block<MR, 2, kAccumulate>(a, a_row, a_k, b, ldb, k, c, ldc);
+  else gemm_block<MR, 1, kAccumulate>(a, a_row, a_k, b, ldb, k, c, ldc);
+}
+
+// C[m x n] (+)= A[m x k] B[k x n], n a multiple of 8, A laid out as gemm_block says. The
+// panels of B's columns come outermost, so each stays in the L1 cache while A's rows pass.
+template <bool kAccumulate>
+FASTCIFAR_AVX2 void gemm(const float* a, int64_t a_row, int64_t a_k, int64_t m, const float* b,
+                         int64_t n, int64_t k, float* c) {
+  for (int64_t col = 0; col < n; col += 16) {
+    const bool wide = col + 16 <= n;
+    int64_t row = 0;
+    for (; row + kRows <= m; row += kRows)
+      panel_block<kRows, kAccumulate>(a + row * a_row, a_row, a_k, b + col, n, k, c + row * n + col, n, wide);
+    const float* rest = a + row * a_row;
+    float* c_rest = c + row * n + col;
+    switch (m - row) {
+      case 5: panel_block<5, kAccumulate>(rest, a_row, a_k, b + col, n, k, c_rest, n, wide); break;
+      case 4: panel_block<4, kAccumulate>(rest, a_row, a_k, b + col, n, k, c_rest, n, wide); break;
+      case 3: panel_block<3, kAccumulate>(rest, a_row, a_k, b + col, n, k, c_rest, n, wide); break;
+      case 2: panel_block<2, kAccumulate>(rest, a_row, a_k, b + col, n, k, c_rest, n, wide); break;
+      case 1: panel_block<1, kAccumulate>(rest, a_row, a_k, b + col, n, k, c_rest, n, wide); break;
+      default: break;
+    }
+  }
+}
+
+// Where the 4 x 4 input patch around a tile lies: its rows' starts and its columns'
+// offsets, clamped into the image, and which of its 16 values (bit 4 i + j) lie inside
+// it. A value outside is zero: loaded from the clamped address and masked off.
+struct Patch {
+  const float* rows[4];
+  int64_t cols[4];
+  unsigned inside;
+};
+
+inline Patch patch_at(const float* x, const Shape& s, const TileAt& where) {
+  Patch p;
+  p.inside = 0;
+  for (int j = 0; j < 4; ++j) p.cols[j] = std::clamp<int64_t>(2 * where.tx - 1 + j, 0, s.w - 1) * s.c_in;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = 2 * where.ty - 1 + i;
+    p.rows[i] = x + (where.image * s.h + std::clamp<int64_t>(row, 0, s.h - 1)) * s.w * s.c_in;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = 2 * where.tx - 1 + j;
+      const bool inside = row >= 0 && row < s.h && col >= 0 && col < s.w;
+      p.inside |= unsigned(inside) << (4 * i + j);
+    }
+  }
+  return p;
+}
+
+// B^T d B of a tile's patch for 8 input channels from ch: v[4 i + j]. With kAllInside
+// the whole patch lies inside the image (most tiles): no masks.
+template <bool kAllInside>
+FASTCIFAR_AVX2 inline void patch_transform(const Patch& p, int64_t ch, __m256 v[16]) {
+  __m256 d[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      d[i][j] = _mm256_loadu_ps(p.rows[i] + p.cols[j] + ch);
+      if constexpr (!kAllInside) {
+        const int keep = -int((p.inside >> (4 * i + j)) & 1);
+        d[i][j] = _mm256_and_ps(d[i][j], _mm256_castsi256_ps(_mm256_set1_epi32(keep)));
+      }
+    }
+  __m256 r[4][4];  // B^T d: rows
+  for (int j = 0; j < 4; ++j) {
+    r[0][j] = _mm256_sub_ps(d[0][j], d[2][j]);
+    r[1][j] = _mm256_add_ps(d[1][j], d[2][j]);
+    r[2][j] = _mm256_sub_ps(d[2][j], d[1][j]);
+    r[3][j] = _mm256_sub_ps(d[1][j], d[3][j]);
+  }
+  for (int i = 0; i < 4; ++i) {  // (B^T d) B: columns
+    v[4 * i + 0] = _mm256_sub_ps(r[i][0], r[i][2]);
+    v[4 * i + 1] = _mm256_add_ps(r[i][1], r[i][2]);
+    v[4 * i + 2] = _mm256_sub_ps(r[i][2], r[i][1]);
+    v[4 * i + 3] = _mm256_sub_ps(r[i][1], r[i][3]);
+  }
+}
+
+// V[16][count][c_in], planes `plane` floats apart: B^T d B for tiles first .. first +
+// count of the whole batch.
+FASTCIFAR_AVX2 void input_tiles(const float* x, const Shape& s, int64_t first, int64_t count, float* v,
+                                int64_t plane) {
+  for (int64_t t = 0; t < count; ++t) {
+    float* out = v + t * s.c_in;
+    const Patch patch = patch_at(x, s, locate(s, first + t));
+    for (int64_t ch = 0; ch < s.c_in; ch += 8) {
+      __m256 tile[16];
+      if (patch.inside == 0xFFFF) patch_transform<true>(patch, ch, tile);
+      else patch_transform<false>(patch, ch, tile);
+      for (int k = 0; k < 16; ++k) _mm256_storeu_ps(out + k * plane + ch, tile[k]);
+    }
+  }
+}
+
+// G[16][count][c_out], planes `plane` floats apart: A g A^T for tiles first .. first +
+// count, g the output's gradient at the tile's 2 x 2 pixels; and each channel's sum of
+// those pixels added into `pixel_sums` (a tile's pixels sum to its value (1, 1)).
+FASTCIFAR_AVX2 void gradient_tiles(const float* grad, const Shape& s, int64_t first, int64_t count,
+                                   float* out, int64_t plane, float* pixel_sums) {
+  const int64_t c = s.c_out;
+  for (int64_t t = 0; t < count; ++t) {
+    const TileAt where = locate(s, first + t);
+    const float* top = grad + ((where.image * s.h + 2 * where.ty) * s.w + 2 * where.tx) * c;
+    for (int64_t ch = 0; ch < c; ch += 8) {
+      const __m256 g00 = _mm256_loadu_ps(top + ch), g01 = _mm256_loadu_ps(top + c + ch);
+      const __m256 g10 = _mm256_loadu_ps(top + s.w * c + ch);
+      const __m256 g11 = _mm256_loadu_ps(top + (s.w + 1) * c + ch);
+      const __m256 zero = _mm256_setzero_ps();
+      const __m256 r[4][2] = {{g00, g01},  // A g: rows
+                              {_mm256_add_ps(g00, g10), _mm256_add_ps(g01, g11)},
+                              {_mm256_sub_ps(g00, g10), _mm256_sub_ps(g01, g11)},
+                              {_mm256_sub_ps(zero, g10), _mm256_sub_ps(zero, g11)}};
+      float* o = out + t * c + ch;
+      for (int i = 0; i < 4; ++i) {  // (A g) A^T: columns
+        _mm256_storeu_ps(o + (4 * i + 0) * plane, r[i][0]);
+        _mm256_storeu_ps(o + (4 * i + 1) * plane, _mm256_add_ps(r[i][0], r[i][1]));
+        _mm256_storeu_ps(o + (4 * i + 2) * plane, _mm256_sub_ps(r[i][0], r[i][1]));
+        _mm256_storeu_ps(o + (4 * i + 3) * plane, _mm256_sub_ps(zero, r[i][1]));
+      }
+      const __m256 sum = _mm256_add_ps(r[1][0], r[1][1]);
+      _mm256_storeu_ps(pixel_sums + ch, _mm256_add_ps(_mm256_loadu_ps(pixel_sums + ch), sum));
+    }
+  }
+}
+
+// The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out], planes
+// `plane` floats apart.
+FASTCIFAR_AVX2 void output_pixels(const float* mt, int64_t plane, const float* bias, const Shape& s,
+                                  int64_t first, int64_t count, float* y) {
+  const int64_t c = s.c_out;
+  for (int64_t t = 0; t < count; ++t) {
+    const TileAt where = locate(s, first + t);
+    const float* in = mt + t * c;
+    float* top = y + ((where.image * s.h + 2 * where.ty) * s.w + 2 * where.tx) * c;
+    float* rows[2] = {top, top + s.w * c};
+    for (int64_t ch = 0; ch < c; ch += 8) {
+      __m256 r[2][4];  // A^T m: rows
+      for (int j = 0; j < 4; ++j) {
+        const __m256 m0 = _mm256_loadu_ps(in + j * plane + ch);
+        const __m256 m1 = _mm256_loadu_ps(in + (4 + j) * plane + ch);
+        const __m256 m2 = _mm256_loadu_ps(in + (8 + j) * plane + ch);
+        const __m256 m3 = _mm256_loadu_ps(in + (12 + j) * plane + ch);
+        r[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+        r[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+      }
+      const __m256 b = bias ? _mm256_loadu_ps(bias + ch) : _mm256_setzero_ps();
+      for (int a = 0; a < 2; ++a) {  // (A^T m) A: columns
+        const __m256 left = _mm256_add_ps(_mm256_add_ps(r[a][0], r[a][1]), r[a][2]);
+        const __m256 right = _mm256_sub_ps(_mm256_sub_ps(r[a][1], r[a][2]), r[a][3]);
+        _mm256_storeu_ps(rows[a] + ch, _mm256_add_ps(left, b));
+        _mm256_storeu_ps(rows[a] + c + ch, _mm256_add_ps(right, b));
+      }
+    }
+  }
+}
+
+void check_fp32(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(has_avx2_fma(), op, " in fp32 needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.scalar_type() == at::kFloat &&
+                  t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              op, " in fp32 takes 4-D float channels-last tensors on the CPU");
+}
+
+}  // namespace
+
+at::Tensor winograd_conv3x3_fp32(const at::Tensor& x, const at::Tensor& tiles,
+                                 const std::optional<at::Tensor>& bias) {
+  check_fp32(x, "winograd_conv3x3");
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(h % 2 == 0 && w % 2 == 0, "winograd_conv3x3 needs an even height and width, not ", h,
+              " x ", w);
+  TORCH_CHECK(tiles.scalar_type() == at::kFloat && tiles.is_contiguous() && tiles.dim() == 3 &&
+                  tiles.size(0) == 16 && tiles.size(1) == c_in,
+              "winograd_conv3x3: the fp32 weight tiles must be contiguous float (16, C_in, C_out) "
+              "for ", c_in, " input channels");
+  const int64_t c_out = tiles.size(2);
+  TORCH_CHECK(c_in % 8 == 0 && c_out % 8 == 0,
+              "winograd_conv3x3 in fp32 needs channels in multiples of 8, not ", c_in, " and ", c_out);
+  at::Tensor b;
+  if (bias) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == c_out, "winograd_conv3x3: the bias needs ", c_out, " values");
+  }
+  auto y = at::empty({n, c_out, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const Shape s{h, w, c_in, c_out, (h / 2) * (w / 2), w / 2};
+  const int64_t count_all = n * s.tiles_per_image;
+  // tiles a chunk: its transformed inputs and products about 384 KiB
+  const int64_t chunk = std::max<int64_t>(kRows, 393216 / (16 * 4 * (c_in + c_out)));
+  const int64_t chunks = (count_all + chunk - 1) / chunk;
+  const float* in = x.const_data_ptr<float>();
+  const float* u = tiles.const_data_ptr<float>();
+  float* out = y.mutable_data_ptr<float>();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const int64_t v_plane = chunk * c_in + kPlanePad / 2, m_plane = chunk * c_out + kPlanePad / 2;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(16 * v_plane), products(16 * m_plane);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t first = part * chunk, count = std::min(chunk, count_all - first);
+      input_tiles(in, s, first, count, v.data(), v_plane);
+      for (int k = 0; k < 16; ++k)
+        gemm<false>(v.data() + k * v_plane, c_in, 1, count, u + k * c_in * c_out, c_out, c_in,
+                    products.data() + k * m_plane);
+      output_pixels(products.data(), m_plane, bp, s, first, count, out);
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_fp32(const at::Tensor& grad,
+                                                                     const at::Tensor& x) {
+  for (const at::Tensor* t : {&grad, &x}) check_fp32(*t, "winograd_conv3x3_weight_grad");
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), c_out = grad.size(1);
+  TORCH_CHECK(grad.size(0) == n && grad.size(2) == h && grad.size(3) == w,
+              "winograd_conv3x3_weight_grad: the gradient's batch and size must be the input's");
+  TORCH_CHECK(h % 2 == 0 && w % 2 == 0 && c_in % 8 == 0 && c_out % 8 == 0,
+              "winograd_conv3x3_weight_grad in fp32 needs an even height and width and channels "
+              "in multiples of 8, not ", h, " x ", w, " with ", c_in, " and ", c_out);
+  const Shape s{h, w, c_in, c_out, (h / 2) * (w / 2), w / 2};
+  const int64_t count_all = n * s.tiles_per_image;
+  // tiles a chunk: both transforms together about 2 MiB, at least 64 tiles, so that each
+  // chunk's products outweigh reading and writing the thread's sums
+  const int64_t chunk = std::max<int64_t>(64, (1 << 21) / (16 * 4 * (c_in + c_out)));
+  const int64_t chunks = (count_all + chunk - 1) / chunk;
+  const int64_t threads = at::get_num_threads();
+  auto sums = at::zeros({threads, 16, c_in, c_out}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto pixel_sums = at::zeros({threads, c_out}, x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous));
+  const float* in = x.const_data_ptr<float>();
+  const float* g = grad.const_data_ptr<float>();
+  float* all = sums.mutable_data_ptr<float>();
+  const int64_t v_plane = chunk * c_in + kPlanePad / 2, m_plane = chunk * c_out + kPlanePad / 2;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(thread < threads, "winograd_conv3x3_weight_grad: thread ", thread);
+    float* mine = all + thread * 16 * c_in * c_out;
+    double* my_pixel_sums = pixel_sums.mutable_data_ptr<double>() + thread * c_out;
+    std::vector<float> v(16 * v_plane), m(16 * m_plane), chunk_pixel_sums(c_out);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t first = part * chunk, count = std::min(chunk, count_all - first);
+      std::fill(chunk_pixel_sums.begin(), chunk_pixel_sums.end(), 0.0f);
+      input_tiles(in, s, first, count, v.data(), v_plane);
+      gradient_tiles(g, s, first, count, m.data(), m_plane, chunk_pixel_sums.data());
+      for (int k = 0; k < 16; ++k)
+        gemm<true>(v.data() + k * v_plane, 1, c_in, c_in, m.data() + k * m_plane, c_out, count,
+                   mine + k * c_in * c_out);
+      for (int64_t o = 0; o < c_out; ++o) my_pixel_sums[o] += chunk_pixel_sums[o];
+    }
+  });
+  return {sums.sum(0), pixel_sums.sum(0).to(at::kFloat)};
+}
+
+}  // namespace fastcifar
