@@ -73,12 +73,18 @@ def report() -> list[tuple[str, bool, str]]:
 
 
 def winograd_row() -> tuple[str, bool, str]:
-    """Whether Winograd convolutions run here (fastcifar/models/winograd.py)."""
-    from fastcifar.models.winograd import winograd_available
+    """Whether Winograd convolutions run here, in bf16 and in fp32, and which one
+    `--winograd auto` picks (fastcifar/models/winograd.py)."""
+    from fastcifar.models.winograd import fp32_by_default, winograd_available
 
-    ok, why = winograd_available()
-    if ok:
+    bf16, why = winograd_available("bf16")
+    fp32, _ = winograd_available("none")
+    if bf16:
         return "winograd", True, "bf16 3x3 convs as Winograd F(2x2,3x3); --winograd off: direct"
+    if fp32 and fp32_by_default():
+        return "winograd", True, "fp32 3x3 convs as Winograd F(2x2,3x3); --winograd off: direct"
+    if fp32:
+        return "winograd", True, "fp32 with --winograd on (auto: direct convs here); " + why
     return "winograd", False, why
 
 

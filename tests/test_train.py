@@ -375,12 +375,16 @@ def test_the_tutorial_baseline_keeps_torchs_default_optimizer(monkeypatch):
 @pytest.mark.parametrize("change", [{"amp": "none"}, {"channels_last": False}, {"amx": True}])
 def test_winograd_auto_stays_off_where_it_cannot_run(change, monkeypatch):
     """`--winograd auto` is the default: outside bf16 channels-last training on an
-    AVX512-BF16 CPU without AMX it keeps the direct convolutions, and says nothing."""
+    AVX512-BF16 CPU without AMX, or fp32 on an AVX2 one, it keeps the direct
+    convolutions, and says nothing (fp32 here as on a CPU with AVX-512)."""
     from fastcifar.models.winograd import WinogradConv2d
+    from fastcifar.train import device
     from fastcifar.train.build import build_model
 
     if change.pop("amx", False):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    if change.get("amp") == "none":
+        monkeypatch.setattr(device, "cpu_instructions", lambda: "AVX512")
     cfg = TrainConfig(**{"arch": "cerberus", "amp": "bf16", "channels_last": True} | change)
     model = build_model(cfg, torch.device("cpu"))
     assert not any(isinstance(m, WinogradConv2d) for m in model.modules())

@@ -199,10 +199,12 @@ def test_the_op_refuses_what_it_cannot_compute():
     packed = packed_weight_tiles(weights(16, 16)[0])
     with pytest.raises(RuntimeError, match="even height and width"):
         torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 16, 5, 4), packed, None)
-    with pytest.raises(RuntimeError, match="bf16 channels-last"):
+    with pytest.raises(RuntimeError, match="fp32 weight tiles"):  # fp32 input, bf16 tiles
         torch.ops.fastcifar.winograd_conv3x3(
             channels_last(1, 16, 4, 4, dtype=torch.float32), packed, None
         )
+    with pytest.raises(RuntimeError, match="bf16 channels-last"):
+        torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 16, 4, 4, dtype=torch.half), packed, None)
     with pytest.raises(RuntimeError, match="weight tiles"):
         torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 32, 4, 4), packed, None)
 
@@ -247,9 +249,10 @@ def test_only_plain_3x3_convolutions_are_replaced():
 
 
 def test_other_inputs_go_to_f_conv2d():
-    """fp32 without autocast, NCHW memory, an odd size: nn.Conv2d's own result."""
+    """NCHW memory, an odd size: nn.Conv2d's own result (fp32 channels-last without
+    autocast goes to the fp32 op: tests/test_winograd_fp32.py)."""
     for dtype, x in (
-        (torch.float32, channels_last(2, 16, 6, 6, dtype=torch.float32)),
+        (torch.float32, torch.randn(2, 16, 6, 6)),
         (torch.bfloat16, torch.randn(2, 16, 6, 6).bfloat16()),
         (torch.bfloat16, channels_last(2, 16, 5, 6)),
     ):
@@ -333,12 +336,12 @@ def test_the_f4_weight_gradient_is_asked_for():
         cfg.replace(winograd_grad_tile=3)
 
 
-@pytest.mark.parametrize("change", [{"amp": "none"}, {"channels_last": False}])
-def test_on_outside_bf16_channels_last_is_a_user_error(change):
+@pytest.mark.parametrize("change", [{"channels_last": False}, {"amp": "fp16"}])
+def test_on_outside_channels_last_cpu_training_is_a_user_error(change):
     from fastcifar.train.build import build_model
 
     cfg = TrainConfig(**{"arch": "cerberus", "amp": "bf16", "winograd": "on"} | change)
-    with pytest.raises(UserError, match="runs bf16 channels-last CPU training only"):
+    with pytest.raises(UserError, match="runs bf16 or fp32 channels-last CPU training only"):
         build_model(cfg, torch.device("cpu"))
 
 

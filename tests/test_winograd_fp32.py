@@ -1,0 +1,167 @@
+"""The fp32 Winograd F(2x2, 3x3) convolution on CPUs with AVX2 and FMA
+(kernels/winograd_fp32_cpu.cpp through fastcifar._C's winograd_conv3x3 and its weight
+gradient) against plain PyTorch: F.conv2d and its gradients in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
+from fastcifar.models.winograd import WinogradConv2d, winograd_available
+from fastcifar.ops.winograd import packed_weight_tiles, weight_grad, winograd_conv3x3
+
+from .tensors import random_channels_last
+
+pytestmark = pytest.mark.skipif(
+    not winograd_available("none")[0], reason="needs fastcifar._C and a CPU with AVX2 and FMA"
+)
+
+
+def channels_last(*shape, seed=0):
+    return random_channels_last(*shape, dtype=torch.float32, seed=seed)
+
+
+def weights(c_out, c_in, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5
+    return weight, torch.randn(c_out, generator=g)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+# one tile; a non-square image; output channels of one 8-lane vector and of one and a half
+# 16-wide panels; tile counts off the kernel's six-row blocks; several chunks of tiles
+# with a partial last one; CerberusNet's widest layer
+SHAPES = [
+    (1, 8, 8, 2, 2),
+    (2, 16, 24, 4, 6),
+    (3, 24, 40, 6, 6),
+    (1, 32, 16, 10, 4),
+    (5, 64, 64, 16, 16),
+    (2, 256, 256, 8, 8),
+]
+
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), SHAPES)
+def test_values_and_gradients_against_float64(n, c_in, c_out, h, w):
+    """Output, input, weight and bias gradients of the layer with Winograd's weight
+    gradient, each within a few fp32 roundings of F.conv2d's in float64."""
+    x = channels_last(n, c_in, h, w)
+    weight, bias = weights(c_out, c_in)
+    grad = channels_last(n, c_out, h, w, seed=2)
+    ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = winograd_conv3x3(*ours, winograd_weight_grad=True)
+    out.backward(grad)
+    exact = [t.double().requires_grad_() for t in (x, weight, bias)]
+    want = F.conv2d(*exact, padding=1)
+    want.backward(grad.double())
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, want) < 1e-5
+    for got, expected in zip(ours, exact, strict=True):
+        assert got.grad.dtype == torch.float32
+        assert relative_error(got.grad, expected.grad) < 1e-5
+
+
+def test_the_weight_gradient_op_against_float64():
+    """`weight_grad` alone: the weights' and the bias's gradients from the op's sums."""
+    x, grad = channels_last(3, 16, 6, 8), channels_last(3, 32, 6, 8, seed=2)
+    got_w, got_b = weight_grad(grad, x)
+    _, want_w, want_b = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), torch.zeros(32, 16, 3, 3, dtype=torch.float64), [32],
+        [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, True],
+    )  # fmt: skip
+    assert relative_error(got_w, want_w) < 1e-5 and relative_error(got_b, want_b) < 1e-5
+
+
+def test_the_ops_refuse_what_they_cannot_compute():
+    tiles = packed_weight_tiles(weights(16, 16)[0], torch.float32)
+    conv, grad_op = (
+        torch.ops.fastcifar.winograd_conv3x3,
+        torch.ops.fastcifar.winograd_conv3x3_weight_grad,
+    )
+    with pytest.raises(RuntimeError, match="even height and width"):
+        conv(channels_last(1, 16, 5, 4), tiles, None)
+    with pytest.raises(RuntimeError, match="fp32 weight tiles"):
+        conv(channels_last(1, 16, 4, 4), packed_weight_tiles(weights(16, 16)[0]), None)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        conv(
+            channels_last(1, 12, 4, 4), packed_weight_tiles(weights(16, 12)[0], torch.float32), None
+        )
+    with pytest.raises(RuntimeError, match="float channels-last"):
+        conv(torch.randn(1, 16, 4, 4), tiles, None)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        grad_op(channels_last(1, 16, 4, 4), channels_last(1, 12, 4, 4))
+    with pytest.raises(RuntimeError, match="tile 2 only"):
+        grad_op(channels_last(1, 16, 4, 4), channels_last(1, 16, 4, 4), 4)
+
+
+def test_opcheck():
+    weight, bias = weights(16, 24)
+    x = channels_last(2, 24, 4, 6)
+    torch.library.opcheck(
+        torch.ops.fastcifar.winograd_conv3x3.default,
+        (x, packed_weight_tiles(weight, torch.float32), bias),
+    )
+    torch.library.opcheck(
+        torch.ops.fastcifar.winograd_conv3x3_weight_grad.default,
+        (channels_last(2, 16, 4, 6, seed=2), x, 2),
+    )
+
+
+def test_the_layer_takes_fp32_batches_and_leaves_the_rest_to_f_conv2d():
+    """fp32 channels-last without autocast goes through the fp32 op; NCHW memory and an
+    odd size give nn.Conv2d's own result."""
+    ours = WinogradConv2d(16, 16, 3, padding=1)
+    x = channels_last(2, 16, 6, 6)
+    tiles = packed_weight_tiles(ours.weight, torch.float32)
+    assert torch.equal(ours(x), torch.ops.fastcifar.winograd_conv3x3(x, tiles, ours.bias))
+    for other in (torch.randn(2, 16, 6, 6), channels_last(2, 16, 5, 6)):
+        assert torch.equal(ours(other), F.conv2d(other, ours.weight, ours.bias, padding=1))
+
+
+def test_traced_by_torch_compile():
+    ours = WinogradConv2d(16, 16, 3, padding=1)
+    ours.winograd_weight_grad = True
+    x = channels_last(2, 16, 8, 8).requires_grad_()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    got = compiled(x)
+    got.sum().backward()
+    assert torch.equal(got, ours(x.detach()))
+    assert x.grad is not None and ours.weight.grad is not None
+
+
+def fp32_model(monkeypatch, instructions: str, **settings):
+    """`build_model` of a fp32 CerberusNet as if on a CPU whose widest instructions are
+    `instructions`; its Winograd layers, and how many have Winograd's weight gradient."""
+    from fastcifar.train import device
+    from fastcifar.train.build import build_model
+
+    monkeypatch.setattr(device, "cpu_instructions", lambda: instructions)
+    cfg = TrainConfig(**{"arch": "cerberus", "amp": "none", "channels_last": True} | settings)
+    model = build_model(cfg, torch.device("cpu"))
+    layers = [m for m in model.modules() if type(m) is WinogradConv2d]
+    return len(layers), sum(m.winograd_weight_grad for m in layers)
+
+
+def test_auto_turns_it_on_for_fp32_on_an_avx2_cpu(monkeypatch):
+    assert fp32_model(monkeypatch, "AVX2") == (11, 11)
+    assert fp32_model(monkeypatch, "AVX2", winograd_weight_grad="off") == (11, 0)
+    assert fp32_model(monkeypatch, "AVX2", winograd="off") == (0, 0)
+
+
+def test_on_an_avx512_cpu_fp32_winograd_is_asked_for(monkeypatch):
+    """Where the CPU has AVX-512 (oneDNN's fp32 at twice AVX2's width) `auto` keeps the
+    direct convolutions; `--winograd on` runs the fp32 kernel."""
+    for instructions in ("AVX512", "AVX512-BF16", "AMX"):
+        assert fp32_model(monkeypatch, instructions) == (0, 0)
+    assert fp32_model(monkeypatch, "AVX512", winograd="on") == (11, 11)
+
+
+def test_the_f4_weight_gradient_is_bf16_only(monkeypatch):
+    with pytest.raises(UserError, match="--winograd-grad-tile 4 runs in bf16 only"):
+        fp32_model(monkeypatch, "AVX2", winograd="on", winograd_grad_tile=4)
+    with pytest.raises(UserError, match="--winograd-grad-tile 4 needs Winograd's bf16 weight"):
+        fp32_model(monkeypatch, "AVX2", winograd_grad_tile=4)
