@@ -90,44 +90,52 @@ FASTCIFAR_AVX2 void gemm(const float* a, int64_t a_row, int64_t a_k, int64_t m, 
   }
 }
 
-// Where the 4 x 4 input patch around a tile lies: its rows' starts and its columns'
-// offsets, clamped into the image, and which of its 16 values (bit 4 i + j) lie inside
-// it. A value outside is zero: loaded from the clamped address and masked off.
+// Where the N x N input patch around a tile (N - 2 square output pixels) lies: its rows'
+// starts and its columns' offsets, clamped into the image, and which of its values (bit
+// N i + j) lie inside it. A value outside is zero: loaded from the clamped address and
+// masked off.
+template <int N>
 struct Patch {
-  const float* rows[4];
-  int64_t cols[4];
-  unsigned inside;
+  const float* rows[N];
+  int64_t cols[N];
+  uint64_t inside;
+  static constexpr uint64_t kAll = (uint64_t(1) << (N * N)) - 1;
 };
 
-inline Patch patch_at(const float* x, const Shape& s, const TileAt& where) {
-  Patch p;
+template <int N>
+inline Patch<N> patch_at(const float* x, const Shape& s, const TileAt& where) {
+  Patch<N> p;
   p.inside = 0;
-  for (int j = 0; j < 4; ++j) p.cols[j] = std::clamp<int64_t>(2 * where.tx - 1 + j, 0, s.w - 1) * s.c_in;
-  for (int i = 0; i < 4; ++i) {
-    const int64_t row = 2 * where.ty - 1 + i;
+  const int64_t top = (N - 2) * where.ty - 1, left = (N - 2) * where.tx - 1;
+  for (int j = 0; j < N; ++j) p.cols[j] = std::clamp<int64_t>(left + j, 0, s.w - 1) * s.c_in;
+  for (int i = 0; i < N; ++i) {
+    const int64_t row = top + i;
     p.rows[i] = x + (where.image * s.h + std::clamp<int64_t>(row, 0, s.h - 1)) * s.w * s.c_in;
-    for (int j = 0; j < 4; ++j) {
-      const int64_t col = 2 * where.tx - 1 + j;
+    for (int j = 0; j < N; ++j) {
+      const int64_t col = left + j;
       const bool inside = row >= 0 && row < s.h && col >= 0 && col < s.w;
-      p.inside |= unsigned(inside) << (4 * i + j);
+      p.inside |= uint64_t(inside) << (N * i + j);
     }
   }
   return p;
 }
 
-// B^T d B of a tile's patch for 8 input channels from ch: v[4 i + j]. With kAllInside
-// the whole patch lies inside the image (most tiles): no masks.
+// The patch's value (i, j) for 8 channels from ch; with kAllInside no mask.
+template <bool kAllInside, int N>
+FASTCIFAR_AVX2 inline __m256 patch_value(const Patch<N>& p, int i, int j, int64_t ch) {
+  const __m256 d = _mm256_loadu_ps(p.rows[i] + p.cols[j] + ch);
+  if constexpr (kAllInside) return d;
+  const int keep = -int((p.inside >> (N * i + j)) & 1);
+  return _mm256_and_ps(d, _mm256_castsi256_ps(_mm256_set1_epi32(keep)));
+}
+
+// F(2x2, 3x3)'s B^T d B of a tile's 4 x 4 patch for 8 input channels from ch: v[4 i + j].
+// With kAllInside the whole patch lies inside the image (most tiles): no masks.
 template <bool kAllInside>
-FASTCIFAR_AVX2 inline void patch_transform(const Patch& p, int64_t ch, __m256 v[16]) {
+FASTCIFAR_AVX2 inline void patch_transform(const Patch<4>& p, int64_t ch, __m256 v[16]) {
   __m256 d[4][4];
   for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      d[i][j] = _mm256_loadu_ps(p.rows[i] + p.cols[j] + ch);
-      if constexpr (!kAllInside) {
-        const int keep = -int((p.inside >> (4 * i + j)) & 1);
-        d[i][j] = _mm256_and_ps(d[i][j], _mm256_castsi256_ps(_mm256_set1_epi32(keep)));
-      }
-    }
+    for (int j = 0; j < 4; ++j) d[i][j] = patch_value<kAllInside>(p, i, j, ch);
   __m256 r[4][4];  // B^T d: rows
   for (int j = 0; j < 4; ++j) {
     r[0][j] = _mm256_sub_ps(d[0][j], d[2][j]);
@@ -143,18 +151,56 @@ FASTCIFAR_AVX2 inline void patch_transform(const Patch& p, int64_t ch, __m256 v[
   }
 }
 
-// V[16][count][c_in], planes `plane` floats apart: B^T d B for tiles first .. first +
-// count of the whole batch.
+// F(4x4, 3x3) (Lavin and Gray's matrices, points 0, 1, -1, 2, -2; fastcifar/ops/winograd.py
+// has them): B^T x of one column (or row) x[0..5] of a 6 x 6 patch.
+FASTCIFAR_AVX2 inline void bt6(const __m256 x[6], __m256 y[6]) {
+  const __m256 four = _mm256_set1_ps(4.0f), five = _mm256_set1_ps(5.0f), two = _mm256_set1_ps(2.0f);
+  const __m256 x4_x2 = _mm256_sub_ps(x[4], x[2]), x3_x1 = _mm256_sub_ps(x[3], x[1]);
+  y[0] = _mm256_add_ps(_mm256_fnmadd_ps(five, x[2], _mm256_mul_ps(four, x[0])), x[4]);
+  y[1] = _mm256_fnmadd_ps(four, _mm256_add_ps(x[1], x[2]), _mm256_add_ps(x[4], x[3]));
+  y[2] = _mm256_fmadd_ps(four, _mm256_sub_ps(x[1], x[2]), _mm256_sub_ps(x[4], x[3]));
+  y[3] = _mm256_fmadd_ps(two, x3_x1, x4_x2);
+  y[4] = _mm256_fnmadd_ps(two, x3_x1, x4_x2);
+  y[5] = _mm256_add_ps(_mm256_fnmadd_ps(five, x[3], _mm256_mul_ps(four, x[1])), x[5]);
+}
+
+// A^T m of one column (or row) m[0..5] of a tile's 6 x 6 products: 4 values.
+FASTCIFAR_AVX2 inline void at6(const __m256 m[6], __m256 y[4]) {
+  const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), eight = _mm256_set1_ps(8.0f);
+  const __m256 s12 = _mm256_add_ps(m[1], m[2]), d12 = _mm256_sub_ps(m[1], m[2]);
+  const __m256 s34 = _mm256_add_ps(m[3], m[4]), d34 = _mm256_sub_ps(m[3], m[4]);
+  y[0] = _mm256_add_ps(_mm256_add_ps(m[0], s12), s34);
+  y[1] = _mm256_fmadd_ps(two, d34, d12);
+  y[2] = _mm256_fmadd_ps(four, s34, s12);
+  y[3] = _mm256_add_ps(_mm256_fmadd_ps(eight, d34, d12), m[5]);
+}
+
+// F(4x4, 3x3)'s B^T d B of a tile's 6 x 6 patch for 8 input channels from ch: v[6 i + j].
+template <bool kAllInside>
+FASTCIFAR_AVX2 inline void patch_transform(const Patch<6>& p, int64_t ch, __m256 v[36]) {
+  __m256 r[6][6];  // B^T d, column by column
+  for (int j = 0; j < 6; ++j) {
+    __m256 d[6], column[6];
+    for (int i = 0; i < 6; ++i) d[i] = patch_value<kAllInside>(p, i, j, ch);
+    bt6(d, column);
+    for (int i = 0; i < 6; ++i) r[i][j] = column[i];
+  }
+  for (int i = 0; i < 6; ++i) bt6(r[i], v + 6 * i);  // (B^T d) B, row by row
+}
+
+// V[N^2][count][c_in], planes `plane` floats apart: B^T d B of the N x N patches of tiles
+// first .. first + count of the whole batch (N = 4: F(2x2, 3x3); 6: F(4x4, 3x3)).
+template <int N>
 FASTCIFAR_AVX2 void input_tiles(const float* x, const Shape& s, int64_t first, int64_t count, float* v,
                                 int64_t plane) {
   for (int64_t t = 0; t < count; ++t) {
     float* out = v + t * s.c_in;
-    const Patch patch = patch_at(x, s, locate(s, first + t));
+    const Patch<N> patch = patch_at<N>(x, s, locate(s, first + t));
     for (int64_t ch = 0; ch < s.c_in; ch += 8) {
-      __m256 tile[16];
-      if (patch.inside == 0xFFFF) patch_transform<true>(patch, ch, tile);
+      __m256 tile[N * N];
+      if (patch.inside == Patch<N>::kAll) patch_transform<true>(patch, ch, tile);
       else patch_transform<false>(patch, ch, tile);
-      for (int k = 0; k < 16; ++k) _mm256_storeu_ps(out + k * plane + ch, tile[k]);
+      for (int k = 0; k < N * N; ++k) _mm256_storeu_ps(out + k * plane + ch, tile[k]);
     }
   }
 }
@@ -221,6 +267,44 @@ FASTCIFAR_AVX2 void output_pixels(const float* mt, int64_t plane, const float* b
   }
 }
 
+// F(4x4, 3x3)'s 4 x 4 output pixels of each tile, A^T m A + bias, from M[36][count][c_out].
+FASTCIFAR_AVX2 void output_pixels6(const float* mt, int64_t plane, const float* bias, const Shape& s,
+                                   int64_t first, int64_t count, float* y) {
+  const int64_t c = s.c_out;
+  for (int64_t t = 0; t < count; ++t) {
+    const TileAt where = locate(s, first + t);
+    const float* in = mt + t * c;
+    float* top = y + ((where.image * s.h + 4 * where.ty) * s.w + 4 * where.tx) * c;
+    for (int64_t ch = 0; ch < c; ch += 8) {
+      __m256 r[4][6];  // A^T m, column by column
+      for (int j = 0; j < 6; ++j) {
+        __m256 m[6], column[4];
+        for (int i = 0; i < 6; ++i) m[i] = _mm256_loadu_ps(in + (6 * i + j) * plane + ch);
+        at6(m, column);
+        for (int a = 0; a < 4; ++a) r[a][j] = column[a];
+      }
+      const __m256 b = bias ? _mm256_loadu_ps(bias + ch) : _mm256_setzero_ps();
+      for (int a = 0; a < 4; ++a) {  // (A^T m) A, row by row
+        __m256 row[4];
+        at6(r[a], row);
+        for (int q = 0; q < 4; ++q) _mm256_storeu_ps(top + (a * s.w + q) * c + ch, _mm256_add_ps(row[q], b));
+      }
+    }
+  }
+}
+
+// Tiles a chunk of the forward: its transformed inputs and products about 384 KiB, so
+// that they stay in the L2 cache between the transforms and the products. For F(4x4,
+// 3x3) (36 planes) also as many, up to 64, as fit one plane's inputs, weights and
+// products into those 384 KiB: each chunk reads every plane of the weights once, and at
+// 256 channels 5 tiles a chunk would read 9 MiB of them for 80 pixels.
+int64_t forward_chunk(int64_t planes, int64_t c_in, int64_t c_out) {
+  const int64_t fit = 393216 / (planes * 4 * (c_in + c_out));
+  if (planes == 16) return std::max<int64_t>(kRows, fit);
+  const int64_t plane_fit = std::max<int64_t>(0, (393216 - 4 * c_in * c_out) / (4 * (c_in + c_out)));
+  return std::max<int64_t>({kRows, fit, std::min<int64_t>(plane_fit, 64)});
+}
+
 void check_fp32(const at::Tensor& t, const char* op) {
   TORCH_CHECK(has_avx2_fma(), op, " in fp32 needs a CPU with AVX2 and FMA");
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.scalar_type() == at::kFloat &&
@@ -234,13 +318,14 @@ at::Tensor winograd_conv3x3_fp32(const at::Tensor& x, const at::Tensor& tiles,
                                  const std::optional<at::Tensor>& bias) {
   check_fp32(x, "winograd_conv3x3");
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
-  TORCH_CHECK(h % 2 == 0 && w % 2 == 0, "winograd_conv3x3 needs an even height and width, not ", h,
-              " x ", w);
   TORCH_CHECK(tiles.scalar_type() == at::kFloat && tiles.is_contiguous() && tiles.dim() == 3 &&
-                  tiles.size(0) == 16 && tiles.size(1) == c_in,
-              "winograd_conv3x3: the fp32 weight tiles must be contiguous float (16, C_in, C_out) "
-              "for ", c_in, " input channels");
-  const int64_t c_out = tiles.size(2);
+                  (tiles.size(0) == 16 || tiles.size(0) == 36) && tiles.size(1) == c_in,
+              "winograd_conv3x3: the fp32 weight tiles must be contiguous float (16 or 36, C_in, "
+              "C_out) for ", c_in, " input channels");
+  const int64_t planes = tiles.size(0), tile = planes == 16 ? 2 : 4, c_out = tiles.size(2);
+  TORCH_CHECK(h % tile == 0 && w % tile == 0, "winograd_conv3x3 with ", planes, " weight tiles needs ",
+              tile == 2 ? "an even height and width" : "a height and width in multiples of 4",
+              ", not ", h, " x ", w);
   TORCH_CHECK(c_in % 8 == 0 && c_out % 8 == 0,
               "winograd_conv3x3 in fp32 needs channels in multiples of 8, not ", c_in, " and ", c_out);
   at::Tensor b;
@@ -249,10 +334,9 @@ at::Tensor winograd_conv3x3_fp32(const at::Tensor& x, const at::Tensor& tiles,
     TORCH_CHECK(b.dim() == 1 && b.size(0) == c_out, "winograd_conv3x3: the bias needs ", c_out, " values");
   }
   auto y = at::empty({n, c_out, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const Shape s{h, w, c_in, c_out, (h / 2) * (w / 2), w / 2};
+  const Shape s{h, w, c_in, c_out, (h / tile) * (w / tile), w / tile};
   const int64_t count_all = n * s.tiles_per_image;
-  // tiles a chunk: its transformed inputs and products about 384 KiB
-  const int64_t chunk = std::max<int64_t>(kRows, 393216 / (16 * 4 * (c_in + c_out)));
+  const int64_t chunk = forward_chunk(planes, c_in, c_out);
   const int64_t chunks = (count_all + chunk - 1) / chunk;
   const float* in = x.const_data_ptr<float>();
   const float* u = tiles.const_data_ptr<float>();
@@ -260,14 +344,16 @@ at::Tensor winograd_conv3x3_fp32(const at::Tensor& x, const at::Tensor& tiles,
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const int64_t v_plane = chunk * c_in + kPlanePad / 2, m_plane = chunk * c_out + kPlanePad / 2;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(16 * v_plane), products(16 * m_plane);
+    std::vector<float> v(planes * v_plane), products(planes * m_plane);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = part * chunk, count = std::min(chunk, count_all - first);
-      input_tiles(in, s, first, count, v.data(), v_plane);
-      for (int k = 0; k < 16; ++k)
+      if (tile == 2) input_tiles<4>(in, s, first, count, v.data(), v_plane);
+      else input_tiles<6>(in, s, first, count, v.data(), v_plane);
+      for (int k = 0; k < planes; ++k)
         gemm<false>(v.data() + k * v_plane, c_in, 1, count, u + k * c_in * c_out, c_out, c_in,
                     products.data() + k * m_plane);
-      output_pixels(products.data(), m_plane, bp, s, first, count, out);
+      if (tile == 2) output_pixels(products.data(), m_plane, bp, s, first, count, out);
+      else output_pixels6(products.data(), m_plane, bp, s, first, count, out);
     }
   });
   return y;
@@ -304,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_fp32(const at::T
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = part * chunk, count = std::min(chunk, count_all - first);
       std::fill(chunk_pixel_sums.begin(), chunk_pixel_sums.end(), 0.0f);
-      input_tiles(in, s, first, count, v.data(), v_plane);
+      input_tiles<4>(in, s, first, count, v.data(), v_plane);
       gradient_tiles(g, s, first, count, m.data(), m_plane, chunk_pixel_sums.data());
       for (int k = 0; k < 16; ++k)
         gemm<true>(v.data() + k * v_plane, 1, c_in, c_in, m.data() + k * m_plane, c_out, count,

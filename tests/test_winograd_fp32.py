@@ -45,24 +45,35 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), SHAPES)
-def test_values_and_gradients_against_float64(n, c_in, c_out, h, w):
+# F(4x4, 3x3)'s (sizes in multiples of 4): one tile, a non-square image, several chunks
+F4_SHAPES = [(1, 8, 8, 4, 4), (2, 16, 24, 4, 12), (3, 24, 40, 8, 8), (5, 64, 64, 16, 16),
+             (2, 256, 256, 8, 8)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tile", "n", "c_in", "c_out", "h", "w"),
+    [(2, *shape) for shape in SHAPES] + [(4, *shape) for shape in F4_SHAPES],
+)
+def test_values_and_gradients_against_float64(tile, n, c_in, c_out, h, w):
     """Output, input, weight and bias gradients of the layer with Winograd's weight
-    gradient, each within a few fp32 roundings of F.conv2d's in float64."""
+    gradient, against F.conv2d's in float64: F(2x2, 3x3) within a few fp32 roundings,
+    F(4x4, 3x3) (its matrices' larger coefficients) within 1e-4, a hundredth of bf16's
+    rounding."""
     x = channels_last(n, c_in, h, w)
     weight, bias = weights(c_out, c_in)
     grad = channels_last(n, c_out, h, w, seed=2)
     ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    out = winograd_conv3x3(*ours, winograd_weight_grad=True)
+    out = winograd_conv3x3(*ours, winograd_weight_grad=True, tile=tile)
     out.backward(grad)
     exact = [t.double().requires_grad_() for t in (x, weight, bias)]
     want = F.conv2d(*exact, padding=1)
     want.backward(grad.double())
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
-    assert relative_error(out, want) < 1e-5
+    bound = 1e-5 if tile == 2 else 1e-4
+    assert relative_error(out, want) < bound
     for got, expected in zip(ours, exact, strict=True):
         assert got.grad.dtype == torch.float32
-        assert relative_error(got.grad, expected.grad) < 1e-5
+        assert relative_error(got.grad, expected.grad) < bound
 
 
 def test_the_weight_gradient_op_against_float64():
@@ -92,6 +103,9 @@ def test_the_ops_refuse_what_they_cannot_compute():
         )
     with pytest.raises(RuntimeError, match="float channels-last"):
         conv(torch.randn(1, 16, 4, 4), tiles, None)
+    f4_tiles = packed_weight_tiles(weights(16, 16)[0], torch.float32, tile=4)
+    with pytest.raises(RuntimeError, match="multiples of 4"):
+        conv(channels_last(1, 16, 6, 4), f4_tiles, None)
     with pytest.raises(RuntimeError, match="multiples of 8"):
         grad_op(channels_last(1, 16, 4, 4), channels_last(1, 12, 4, 4))
     with pytest.raises(RuntimeError, match="tile 2 only"):
@@ -101,10 +115,11 @@ def test_the_ops_refuse_what_they_cannot_compute():
 def test_opcheck():
     weight, bias = weights(16, 24)
     x = channels_last(2, 24, 4, 6)
-    torch.library.opcheck(
-        torch.ops.fastcifar.winograd_conv3x3.default,
-        (x, packed_weight_tiles(weight, torch.float32), bias),
-    )
+    for tile in (2, 4):
+        torch.library.opcheck(
+            torch.ops.fastcifar.winograd_conv3x3.default,
+            (channels_last(2, 24, 4, 8), packed_weight_tiles(weight, torch.float32, tile), bias),
+        )
     torch.library.opcheck(
         torch.ops.fastcifar.winograd_conv3x3_weight_grad.default,
         (channels_last(2, 16, 4, 6, seed=2), x, 2),
@@ -112,12 +127,14 @@ def test_opcheck():
 
 
 def test_the_layer_takes_fp32_batches_and_leaves_the_rest_to_f_conv2d():
-    """fp32 channels-last without autocast goes through the fp32 op; NCHW memory and an
-    odd size give nn.Conv2d's own result."""
+    """fp32 channels-last without autocast goes through the fp32 op, as F(4x4, 3x3) where
+    the size is a multiple of 4, else F(2x2, 3x3); NCHW memory and an odd size give
+    nn.Conv2d's own result."""
     ours = WinogradConv2d(16, 16, 3, padding=1)
-    x = channels_last(2, 16, 6, 6)
-    tiles = packed_weight_tiles(ours.weight, torch.float32)
-    assert torch.equal(ours(x), torch.ops.fastcifar.winograd_conv3x3(x, tiles, ours.bias))
+    for size, tile in ((6, 2), (8, ours.fp32_tile)):
+        x = channels_last(2, 16, size, size)
+        tiles = packed_weight_tiles(ours.weight, torch.float32, tile)
+        assert torch.equal(ours(x), torch.ops.fastcifar.winograd_conv3x3(x, tiles, ours.bias))
     for other in (torch.randn(2, 16, 6, 6), channels_last(2, 16, 5, 6)):
         assert torch.equal(ours(other), F.conv2d(other, ours.weight, ours.bias, padding=1))
 

@@ -33,6 +33,7 @@ class WinogradConv2d(nn.Conv2d):
 
     winograd_weight_grad = False
     weight_grad_tile = 2
+    fp32_tile = 4  # fp32 forward and input gradient as F(4x4, 3x3) where the size allows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bf16 = bf16_cpu_batch(x)
@@ -41,11 +42,13 @@ class WinogradConv2d(nn.Conv2d):
             return super().forward(x)
         from fastcifar.ops.winograd import winograd_conv3x3
 
-        tile = self.weight_grad_tile if bf16 else 2
-        tile = tile if x.shape[2] % tile == 0 and x.shape[3] % tile == 0 else 2
+        def fitting(tile: int) -> int:
+            return tile if x.shape[2] % tile == 0 and x.shape[3] % tile == 0 else 2
+
         return winograd_conv3x3(x.to(torch.bfloat16) if bf16 else x, self.weight, self.bias,
                                 winograd_weight_grad=self.winograd_weight_grad,
-                                weight_grad_tile=tile)  # fmt: skip
+                                weight_grad_tile=fitting(self.weight_grad_tile) if bf16 else 2,
+                                tile=2 if bf16 else fitting(self.fp32_tile))  # fmt: skip
 
 
 def use_winograd(model: nn.Module) -> int:

@@ -50,18 +50,21 @@ def weight_tiles(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return u.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0]).to(dtype)
 
 
-def packed_weight_tiles(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def packed_weight_tiles(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                        tile: int = 2) -> torch.Tensor:  # fmt: skip
     """`weight_tiles` as the native op takes them for activations of `dtype`: bf16 with
-    pairs of input channels together, (16, C_in / 2, C_out, 2), or fp32 (16, C_in, C_out).
-    One (16 x 9) product, kron(G, G) with each kernel's nine taps, in place of a batch of
-    tiny 4 x 3 ones."""
+    pairs of input channels together, (16, C_in / 2, C_out, 2), or fp32 (16, C_in, C_out),
+    or with `tile=4` (fp32 only) F(4x4, 3x3)'s (36, C_in, C_out). One (16 x 9) product,
+    kron(G, G) with each kernel's nine taps, in place of a batch of tiny 4 x 3 ones."""
     c_out, c_in = weight.shape[:2]
-    g = _matrix(_G, weight)
+    g = _matrix(_G if tile == 2 else _G4, weight)
     pair = 2 if dtype == torch.bfloat16 else 1
     taps = weight.float().reshape(c_out, c_in // pair, pair, 9).permute(1, 0, 2, 3).reshape(-1, 9)
     with torch.autocast("cpu", enabled=False):  # the product in fp32, then rounded
         tiles = (torch.kron(g, g) @ taps.T).to(dtype)
-    return tiles.reshape(16, c_in // 2, c_out, 2) if pair == 2 else tiles.reshape(16, c_in, c_out)
+    if pair == 2:
+        return tiles.reshape(16, c_in // 2, c_out, 2)
+    return tiles.reshape(len(tiles), c_in, c_out)
 
 
 class _WinogradConv(torch.autograd.Function):
@@ -69,11 +72,13 @@ class _WinogradConv(torch.autograd.Function):
     oneDNN's, or with `winograd_grad` the native Winograd one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, winograd_grad, grad_tile):
+    def forward(ctx, x, weight, bias, winograd_grad, grad_tile, tile):
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.winograd_grad, ctx.grad_tile = bias is not None, winograd_grad, grad_tile
-        return torch.ops.fastcifar.winograd_conv3x3(x, packed_weight_tiles(weight, x.dtype), bias)
+        ctx.tile = tile
+        tiles = packed_weight_tiles(weight, x.dtype, tile)
+        return torch.ops.fastcifar.winograd_conv3x3(x, tiles, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -82,7 +87,7 @@ class _WinogradConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = pixel_sums = None
         if ctx.needs_input_grad[0]:
             turned = weight.flip(2, 3).transpose(0, 1)
-            tiles = packed_weight_tiles(turned, x.dtype)
+            tiles = packed_weight_tiles(turned, x.dtype, ctx.tile)
             grad_x = torch.ops.fastcifar.winograd_conv3x3(grad, tiles, None)
         if ctx.needs_input_grad[1] and ctx.winograd_grad:
             grad_w, pixel_sums = weight_grad(grad, x, tile=ctx.grad_tile)
@@ -95,18 +100,20 @@ class _WinogradConv(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3), dtype=torch.float32) if pixel_sums is None else pixel_sums
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     winograd_weight_grad: bool = False, weight_grad_tile: int = 2) -> torch.Tensor:  # fmt: skip
-    """`F.conv2d(x, weight, bias, padding=1)` for 3x3 kernels through Winograd F(2x2, 3x3);
-    x channels-last on the CPU with an even height and width, bf16 (the weights' tiles are
-    rounded to bf16, the bias added in fp32) or fp32 (channels in multiples of 8). With
-    `winograd_weight_grad` the weight's gradient is Winograd's too (bf16: channels in
-    multiples of 16), as F(2x2, 3x3) or, in bf16, with `weight_grad_tile=4` F(4x4, 3x3)
-    (height and width in multiples of 4)."""
-    return _WinogradConv.apply(x, weight, bias, winograd_weight_grad, weight_grad_tile)
+                     winograd_weight_grad: bool = False, weight_grad_tile: int = 2,
+                     tile: int = 2) -> torch.Tensor:  # fmt: skip
+    """`F.conv2d(x, weight, bias, padding=1)` for 3x3 kernels through Winograd F(2x2, 3x3),
+    or in fp32 with `tile=4` F(4x4, 3x3) (height and width in multiples of 4), forward and
+    input gradient; x channels-last on the CPU with an even height and width, bf16 (the
+    weights' tiles are rounded to bf16, the bias added in fp32) or fp32 (channels in
+    multiples of 8). With `winograd_weight_grad` the weight's gradient is Winograd's too
+    (bf16: channels in multiples of 16), as F(2x2, 3x3) or, in bf16, with
+    `weight_grad_tile=4` F(4x4, 3x3) (height and width in multiples of 4)."""
+    return _WinogradConv.apply(x, weight, bias, winograd_weight_grad, weight_grad_tile, tile)
 
 
 def weight_grad(
@@ -115,9 +122,9 @@ def weight_grad(
     """The 3x3 weights' gradient (C_out, C_in, 3, 3), fp32, of the convolution of `x` whose
     output's gradient is `grad` (both bf16 or both fp32, channels-last): G^T [the native
     op's sum over blocks of (B^T d B) * (A g A^T)] G, blocks of 2 x 2 output pixels or
-    with `tile=4` (bf16 only) of 4 x 4; and the bias's, `grad`'s sum over pixels (C_out), fp32, which the op adds up as
-    it reads `grad` (torch's sum of a bf16 channels-last tensor to fp32 casts it whole
-    first, 3% of a CerberusNet step)."""
+    with `tile=4` (bf16 only) of 4 x 4; and the bias's, `grad`'s sum over pixels (C_out),
+    fp32, which the op adds up as it reads `grad` (torch's sum of a bf16 channels-last
+    tensor to fp32 casts it whole first, 3% of a CerberusNet step)."""
     tiles, pixel_sums = torch.ops.fastcifar.winograd_conv3x3_weight_grad(grad, x, tile)
     return _weights_from_tiles(tiles), pixel_sums
 
