@@ -204,7 +204,9 @@ def test_the_op_refuses_what_it_cannot_compute():
             channels_last(1, 16, 4, 4, dtype=torch.float32), packed, None
         )
     with pytest.raises(RuntimeError, match="bf16 channels-last"):
-        torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 16, 4, 4, dtype=torch.half), packed, None)
+        torch.ops.fastcifar.winograd_conv3x3(
+            channels_last(1, 16, 4, 4, dtype=torch.half), packed, None
+        )
     with pytest.raises(RuntimeError, match="weight tiles"):
         torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 32, 4, 4), packed, None)
 
