@@ -25,7 +25,8 @@ def takes(conv: nn.Module) -> bool:
 
 class WinogradConv2d(nn.Conv2d):
     """An `nn.Conv2d` (3x3, padding 1) computed through Winograd F(2x2, 3x3) for CPU bf16
-    or fp32 channels-last batches of an even height and width; anything else goes to
+    or fp32 channels-last batches of an even height and width, fp32 ones as F(4x4, 3x3)
+    (`fp32_tile`) where the height and width are multiples of 4; anything else goes to
     `F.conv2d`. Its weight's gradient is oneDNN's, or Winograd's with
     `winograd_weight_grad` (`use_winograd_weight_grad`), as F(2x2, 3x3) or, in bf16, with
     `weight_grad_tile` 4 as F(4x4, 3x3) where the height and width are multiples of 4.
