@@ -236,58 +236,47 @@ FASTCIFAR_AVX2 void gradient_tiles(const float* grad, const Shape& s, int64_t fi
   }
 }
 
-// The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out], planes
-// `plane` floats apart.
+// The kTile x kTile output pixels of each tile, A^T m A + bias, from M[(kTile + 2)^2]
+// [count][c_out], planes `plane` floats apart (kTile 2: F(2x2, 3x3); 4: F(4x4, 3x3)).
+template <int kTile>
 FASTCIFAR_AVX2 void output_pixels(const float* mt, int64_t plane, const float* bias, const Shape& s,
                                   int64_t first, int64_t count, float* y) {
   const int64_t c = s.c_out;
   for (int64_t t = 0; t < count; ++t) {
     const TileAt where = locate(s, first + t);
     const float* in = mt + t * c;
-    float* top = y + ((where.image * s.h + 2 * where.ty) * s.w + 2 * where.tx) * c;
-    float* rows[2] = {top, top + s.w * c};
+    float* top = y + ((where.image * s.h + kTile * where.ty) * s.w + kTile * where.tx) * c;
     for (int64_t ch = 0; ch < c; ch += 8) {
-      __m256 r[2][4];  // A^T m: rows
-      for (int j = 0; j < 4; ++j) {
-        const __m256 m0 = _mm256_loadu_ps(in + j * plane + ch);
-        const __m256 m1 = _mm256_loadu_ps(in + (4 + j) * plane + ch);
-        const __m256 m2 = _mm256_loadu_ps(in + (8 + j) * plane + ch);
-        const __m256 m3 = _mm256_loadu_ps(in + (12 + j) * plane + ch);
-        r[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
-        r[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
-      }
       const __m256 b = bias ? _mm256_loadu_ps(bias + ch) : _mm256_setzero_ps();
-      for (int a = 0; a < 2; ++a) {  // (A^T m) A: columns
-        const __m256 left = _mm256_add_ps(_mm256_add_ps(r[a][0], r[a][1]), r[a][2]);
-        const __m256 right = _mm256_sub_ps(_mm256_sub_ps(r[a][1], r[a][2]), r[a][3]);
-        _mm256_storeu_ps(rows[a] + ch, _mm256_add_ps(left, b));
-        _mm256_storeu_ps(rows[a] + c + ch, _mm256_add_ps(right, b));
-      }
-    }
-  }
-}
-
-// F(4x4, 3x3)'s 4 x 4 output pixels of each tile, A^T m A + bias, from M[36][count][c_out].
-FASTCIFAR_AVX2 void output_pixels6(const float* mt, int64_t plane, const float* bias, const Shape& s,
-                                   int64_t first, int64_t count, float* y) {
-  const int64_t c = s.c_out;
-  for (int64_t t = 0; t < count; ++t) {
-    const TileAt where = locate(s, first + t);
-    const float* in = mt + t * c;
-    float* top = y + ((where.image * s.h + 4 * where.ty) * s.w + 4 * where.tx) * c;
-    for (int64_t ch = 0; ch < c; ch += 8) {
-      __m256 r[4][6];  // A^T m, column by column
-      for (int j = 0; j < 6; ++j) {
-        __m256 m[6], column[4];
-        for (int i = 0; i < 6; ++i) m[i] = _mm256_loadu_ps(in + (6 * i + j) * plane + ch);
-        at6(m, column);
-        for (int a = 0; a < 4; ++a) r[a][j] = column[a];
-      }
-      const __m256 b = bias ? _mm256_loadu_ps(bias + ch) : _mm256_setzero_ps();
-      for (int a = 0; a < 4; ++a) {  // (A^T m) A, row by row
-        __m256 row[4];
-        at6(r[a], row);
-        for (int q = 0; q < 4; ++q) _mm256_storeu_ps(top + (a * s.w + q) * c + ch, _mm256_add_ps(row[q], b));
+      if constexpr (kTile == 2) {
+        __m256 r[2][4];  // A^T m: rows
+        for (int j = 0; j < 4; ++j) {
+          const __m256 m0 = _mm256_loadu_ps(in + j * plane + ch);
+          const __m256 m1 = _mm256_loadu_ps(in + (4 + j) * plane + ch);
+          const __m256 m2 = _mm256_loadu_ps(in + (8 + j) * plane + ch);
+          const __m256 m3 = _mm256_loadu_ps(in + (12 + j) * plane + ch);
+          r[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+          r[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+        }
+        for (int a = 0; a < 2; ++a) {  // (A^T m) A: columns
+          const __m256 left = _mm256_add_ps(_mm256_add_ps(r[a][0], r[a][1]), r[a][2]);
+          const __m256 right = _mm256_sub_ps(_mm256_sub_ps(r[a][1], r[a][2]), r[a][3]);
+          _mm256_storeu_ps(top + a * s.w * c + ch, _mm256_add_ps(left, b));
+          _mm256_storeu_ps(top + (a * s.w + 1) * c + ch, _mm256_add_ps(right, b));
+        }
+      } else {
+        __m256 r[4][6];  // A^T m, column by column
+        for (int j = 0; j < 6; ++j) {
+          __m256 m[6], column[4];
+          for (int i = 0; i < 6; ++i) m[i] = _mm256_loadu_ps(in + (6 * i + j) * plane + ch);
+          at6(m, column);
+          for (int a = 0; a < 4; ++a) r[a][j] = column[a];
+        }
+        for (int a = 0; a < 4; ++a) {  // (A^T m) A, row by row
+          __m256 row[4];
+          at6(r[a], row);
+          for (int q = 0; q < 4; ++q) _mm256_storeu_ps(top + (a * s.w + q) * c + ch, _mm256_add_ps(row[q], b));
+        }
       }
     }
   }
@@ -352,8 +341,8 @@ at::Tensor winograd_conv3x3_fp32(const at::Tensor& x, const at::Tensor& tiles,
       for (int k = 0; k < planes; ++k)
         gemm<false>(v.data() + k * v_plane, c_in, 1, count, u + k * c_in * c_out, c_out, c_in,
                     products.data() + k * m_plane);
-      if (tile == 2) output_pixels(products.data(), m_plane, bp, s, first, count, out);
-      else output_pixels6(products.data(), m_plane, bp, s, first, count, out);
+      if (tile == 2) output_pixels<2>(products.data(), m_plane, bp, s, first, count, out);
+      else output_pixels<4>(products.data(), m_plane, bp, s, first, count, out);
     }
   });
   return y;
