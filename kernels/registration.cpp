@@ -13,11 +13,13 @@ TORCH_LIBRARY(fastcifar, m) {
   m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad, Tensor where, int height, int width) -> Tensor");
   // 3x3 convolution, stride 1, padding 1, as Winograd F(2x2, 3x3): bf16 channels-last
-  // input, the weights' tiles packed (16, C_in / 2, C_out, 2), CPU with AVX512-BF16
+  // input, the weights' tiles packed (16, C_in / 2, C_out, 2), CPU with AVX512-BF16; or
+  // fp32 input, the tiles (16, C_in, C_out), or (36, C_in, C_out) for F(4x4, 3x3), CPU
+  // with AVX2 and FMA
   m.def("winograd_conv3x3(Tensor x, Tensor packed_weight, Tensor? bias) -> Tensor");
   // its weights' tiles' gradient (16, C_in, C_out) float and its bias's gradient (C_out)
-  // float, from the output's gradient and the input (channels in multiples of 16); with
-  // tile 4, as F(4x4, 3x3): (36, C_in, C_out)
+  // float, from the output's gradient and the input (bf16: channels in multiples of 16;
+  // fp32: of 8); with tile 4 (bf16 only), as F(4x4, 3x3): (36, C_in, C_out)
   m.def("winograd_conv3x3_weight_grad(Tensor grad, Tensor x, int tile=2) -> (Tensor, Tensor)");
   // ReLU then training-mode BatchNorm, channels-last, CPU with AVX-512, the ReLU
   // recomputed from the pre-activation x: per-channel sums (2, C) float64 of (relu(x),

@@ -1,8 +1,10 @@
 // fastcifar::winograd_conv3x3 and its weight gradient for fp32 channels-last activations,
-// as Winograd F(2x2, 3x3) on a CPU with AVX2 and FMA: the tiles, chunks and planes of
-// winograd_cpu.cpp's bf16 kernels, 8 channels to a vector, the products on FMA. Where a
-// CPU has no bf16 instructions training runs in fp32, and oneDNN's direct convolutions
-// there run near the fp32 matmul peak: only fewer multiplications make them faster.
+// as Winograd F(2x2, 3x3) (the forward also as F(4x4, 3x3), given its 36 weight tiles: a
+// 6 x 6 patch for 4 x 4 output pixels) on a CPU with AVX2 and FMA: the tiles, chunks and
+// planes of winograd_cpu.cpp's bf16 kernels, 8 channels to a vector, the products on FMA.
+// Where a CPU has no bf16 instructions training runs in fp32, and oneDNN's direct
+// convolutions there run near the fp32 matmul peak: only fewer multiplications make them
+// faster.
 //
 // Forward: per chunk of tiles, B^T d B of each tile's 4 x 4 patch into 16 planes
 // (tiles x C_in), 16 matrix products with the weights' tiles G w G^T (C_in x C_out), and

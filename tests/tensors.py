@@ -16,3 +16,11 @@ def random_channels_last(
     else:
         x = torch.randn(shape, generator=g) * scale + shift
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def conv3x3_weights(c_out: int, c_in: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded 3x3 convolution's weight (He-scaled, so outputs keep the inputs' scale)
+    and bias, fp32."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5
+    return weight, torch.randn(c_out, generator=g)

@@ -27,18 +27,12 @@ from fastcifar.ops.winograd import (
     winograd_conv3x3,
 )
 
+from .tensors import conv3x3_weights
 from .tensors import random_channels_last as channels_last
 
 pytestmark = pytest.mark.skipif(
     not winograd_available()[0], reason="needs fastcifar._C and a CPU with AVX512-BF16"
 )
-
-
-def weights(c_out, c_in, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(c_out, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5, torch.randn(
-        c_out, generator=g
-    )
 
 
 def relative_rms(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -64,7 +58,7 @@ def test_the_op_is_the_reference_arithmetic(n, c_in, c_out, h, w):
     """With the transformed operands rounded to bf16 as the op rounds them, the op and
     the torch-op reference differ only in the fp32 sums' order and the output's rounding."""
     x = channels_last(n, c_in, h, w)
-    weight, bias = weights(c_out, c_in)
+    weight, bias = conv3x3_weights(c_out, c_in)
     got = torch.ops.fastcifar.winograd_conv3x3(x, packed_weight_tiles(weight), bias)
     want = reference_conv(x, weight, bias, operands=torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
@@ -76,7 +70,7 @@ def test_values_and_gradients_against_float64(n, c_in, c_out, h, w):
     """Output and input gradient within 3x the error of the direct bf16 convolution (both
     against float64); the weight's gradient is the direct one's, the bias's a sum."""
     x = channels_last(n, c_in, h, w)
-    weight, bias = weights(c_out, c_in)
+    weight, bias = conv3x3_weights(c_out, c_in)
     grad = channels_last(n, c_out, h, w, seed=2)
     ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
     out = winograd_conv3x3(*ours)
@@ -143,7 +137,7 @@ def test_the_f4_weight_gradient_against_float64(n, c_in, c_out, h, w):
     """Through autograd: F(4x4, 3x3)'s weight gradient within 4% of float64's (it strays
     about 2%, six times F(2x2)'s: benchmarks/NOTES.md); the input's gradient is F(2x2)'s."""
     x = channels_last(n, c_in, h, w)
-    weight, bias = weights(c_out, c_in)
+    weight, bias = conv3x3_weights(c_out, c_in)
     grad = channels_last(n, c_out, h, w, seed=2)
     grads = []
     for tile in (2, 4):
@@ -163,7 +157,7 @@ def test_the_winograd_weight_gradient_against_float64(n, c_in, c_out, h, w):
     """Through autograd, within 3x the error of oneDNN's bf16 weight gradient (both
     against float64); the input's gradient is the same as without it."""
     x = channels_last(n, c_in, h, w)
-    weight, bias = weights(c_out, c_in)
+    weight, bias = conv3x3_weights(c_out, c_in)
     grad = channels_last(n, c_out, h, w, seed=2)
     grads = []
     for winograd_grad in (False, True):
@@ -196,7 +190,7 @@ def test_the_weight_gradient_refuses_what_it_cannot_compute():
 
 
 def test_the_op_refuses_what_it_cannot_compute():
-    packed = packed_weight_tiles(weights(16, 16)[0])
+    packed = packed_weight_tiles(conv3x3_weights(16, 16)[0])
     with pytest.raises(RuntimeError, match="even height and width"):
         torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 16, 5, 4), packed, None)
     with pytest.raises(RuntimeError, match="fp32 weight tiles"):  # fp32 input, bf16 tiles
@@ -212,7 +206,7 @@ def test_the_op_refuses_what_it_cannot_compute():
 
 
 def test_opcheck():
-    weight, bias = weights(16, 32)
+    weight, bias = conv3x3_weights(16, 32)
     torch.library.opcheck(
         torch.ops.fastcifar.winograd_conv3x3.default,
         (channels_last(2, 32, 4, 6), packed_weight_tiles(weight), bias),

@@ -1,4 +1,4 @@
-"""The fp32 Winograd F(2x2, 3x3) convolution on CPUs with AVX2 and FMA
+"""The fp32 Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions on CPUs with AVX2 and FMA
 (kernels/winograd_fp32_cpu.cpp through fastcifar._C's winograd_conv3x3 and its weight
 gradient) against plain PyTorch: F.conv2d and its gradients in float64."""
 
@@ -11,7 +11,7 @@ from fastcifar.errors import UserError
 from fastcifar.models.winograd import WinogradConv2d, winograd_available
 from fastcifar.ops.winograd import packed_weight_tiles, weight_grad, winograd_conv3x3
 
-from .tensors import random_channels_last
+from .tensors import conv3x3_weights, random_channels_last
 
 pytestmark = pytest.mark.skipif(
     not winograd_available("none")[0], reason="needs fastcifar._C and a CPU with AVX2 and FMA"
@@ -20,12 +20,6 @@ pytestmark = pytest.mark.skipif(
 
 def channels_last(*shape, seed=0):
     return random_channels_last(*shape, dtype=torch.float32, seed=seed)
-
-
-def weights(c_out, c_in, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(c_out, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5
-    return weight, torch.randn(c_out, generator=g)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -60,7 +54,7 @@ def test_values_and_gradients_against_float64(tile, n, c_in, c_out, h, w):
     F(4x4, 3x3) (its matrices' larger coefficients) within 1e-4, a hundredth of bf16's
     rounding."""
     x = channels_last(n, c_in, h, w)
-    weight, bias = weights(c_out, c_in)
+    weight, bias = conv3x3_weights(c_out, c_in)
     grad = channels_last(n, c_out, h, w, seed=2)
     ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
     out = winograd_conv3x3(*ours, winograd_weight_grad=True, tile=tile)
@@ -88,7 +82,7 @@ def test_the_weight_gradient_op_against_float64():
 
 
 def test_the_ops_refuse_what_they_cannot_compute():
-    tiles = packed_weight_tiles(weights(16, 16)[0], torch.float32)
+    tiles = packed_weight_tiles(conv3x3_weights(16, 16)[0], torch.float32)
     conv, grad_op = (
         torch.ops.fastcifar.winograd_conv3x3,
         torch.ops.fastcifar.winograd_conv3x3_weight_grad,
@@ -96,14 +90,16 @@ def test_the_ops_refuse_what_they_cannot_compute():
     with pytest.raises(RuntimeError, match="even height and width"):
         conv(channels_last(1, 16, 5, 4), tiles, None)
     with pytest.raises(RuntimeError, match="fp32 weight tiles"):
-        conv(channels_last(1, 16, 4, 4), packed_weight_tiles(weights(16, 16)[0]), None)
+        conv(channels_last(1, 16, 4, 4), packed_weight_tiles(conv3x3_weights(16, 16)[0]), None)
     with pytest.raises(RuntimeError, match="multiples of 8"):
         conv(
-            channels_last(1, 12, 4, 4), packed_weight_tiles(weights(16, 12)[0], torch.float32), None
+            channels_last(1, 12, 4, 4),
+            packed_weight_tiles(conv3x3_weights(16, 12)[0], torch.float32),
+            None,
         )
     with pytest.raises(RuntimeError, match="float channels-last"):
         conv(torch.randn(1, 16, 4, 4), tiles, None)
-    f4_tiles = packed_weight_tiles(weights(16, 16)[0], torch.float32, tile=4)
+    f4_tiles = packed_weight_tiles(conv3x3_weights(16, 16)[0], torch.float32, tile=4)
     with pytest.raises(RuntimeError, match="multiples of 4"):
         conv(channels_last(1, 16, 6, 4), f4_tiles, None)
     with pytest.raises(RuntimeError, match="multiples of 8"):
@@ -113,7 +109,7 @@ def test_the_ops_refuse_what_they_cannot_compute():
 
 
 def test_opcheck():
-    weight, bias = weights(16, 24)
+    weight, bias = conv3x3_weights(16, 24)
     x = channels_last(2, 24, 4, 6)
     for tile in (2, 4):
         torch.library.opcheck(

@@ -54,8 +54,8 @@ def packed_weight_tiles(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat1
                         tile: int = 2) -> torch.Tensor:  # fmt: skip
     """`weight_tiles` as the native op takes them for activations of `dtype`: bf16 with
     pairs of input channels together, (16, C_in / 2, C_out, 2), or fp32 (16, C_in, C_out),
-    or with `tile=4` (fp32 only) F(4x4, 3x3)'s (36, C_in, C_out). One (16 x 9) product,
-    kron(G, G) with each kernel's nine taps, in place of a batch of tiny 4 x 3 ones."""
+    or with `tile=4` (fp32 only) F(4x4, 3x3)'s (36, C_in, C_out). One (16 or 36 x 9)
+    product, kron(G, G) with each kernel's nine taps, in place of a batch of tiny ones."""
     c_out, c_in = weight.shape[:2]
     g = _matrix(_G if tile == 2 else _G4, weight)
     pair = 2 if dtype == torch.bfloat16 else 1
