@@ -107,14 +107,15 @@ def test_training_step_with_the_f4_weight_gradient(benchmark, full, device, arch
     assert result["speedup"] > 0
 
 
-def winograd_in_full(model, fp32_tile: int = 2) -> int:
+def winograd_in_full(model, fp32_tile: int = 2, grad_tile: int = 2) -> int:
     """Winograd's forward, input and weight gradients in every layer it takes, the fp32
-    forward and input gradient as F(`fp32_tile` x `fp32_tile`, 3x3); returns how many."""
+    forward and input gradient as F(`fp32_tile` x `fp32_tile`, 3x3), the weight gradient
+    as F(`grad_tile` x `grad_tile`, 3x3); returns how many."""
     use_winograd(model)
     for layer in model.modules():
         if isinstance(layer, WinogradConv2d):
             layer.fp32_tile = fp32_tile
-    return use_winograd_weight_grad(model)
+    return use_winograd_weight_grad(model, grad_tile)
 
 
 @fp32_winograd
@@ -144,4 +145,21 @@ def test_fp32_training_step_with_the_f4_forward(benchmark, full, device, arch):
     result = paired_training_steps(benchmark, arch, full, device, kind="winograd_fp32_f4_step",
                                    swap=lambda model: winograd_in_full(model, fp32_tile=4),
                                    prepare=f2, images=1024, rounds=7, bf16=False)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+@fp32_winograd
+@pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4", "conv4_relu_bn"])
+def test_fp32_training_step_with_the_f4_weight_gradient(benchmark, full, device, arch):
+    """fp32 training steps with Winograd throughout, the forward and input gradient as
+    F(4x4, 3x3) on both sides, the weight gradient as F(4x4, 3x3) ("native") against F(2x2,
+    3x3) ("aten"): the speed half of its fp32 rule on an AVX2 CPU (benchmarks/NOTES.md)."""
+
+    def f2_grad(model) -> None:
+        cpu_default_layers(model)
+        winograd_in_full(model, fp32_tile=4, grad_tile=2)
+
+    result = paired_training_steps(benchmark, arch, full, device, kind="winograd_fp32_f4_grad_step",
+                                   swap=lambda model: winograd_in_full(model, 4, grad_tile=4),
+                                   prepare=f2_grad, images=1024, rounds=7, bf16=False)  # fmt: skip
     assert result["speedup"] > 0

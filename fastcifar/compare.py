@@ -213,22 +213,25 @@ def _read_run(run: Path, label: str) -> _Run:
     data = run_data(run)
     settings["data"] = data_name(data) if data else None
     if "winograd" in config:
-        settings["winograd"], settings["winograd_weight_grad"] = winograd_ran(config, run)
-        settings["winograd_grad_tile"] = config.get("winograd_grad_tile", 2)  # older runs: 2
+        ran = winograd_ran(config, run)
+        settings["winograd"], settings["winograd_weight_grad"], settings["winograd_grad_tile"] = ran
     return _Run(row, rows, best, settings, config.get("seed"), run)
 
 
-def winograd_ran(config: dict, run: Path) -> tuple[str, str]:
+def winograd_ran(config: dict, run: Path) -> tuple[str, str, int]:
     """Whether the run's 3x3 convolutions ran as Winograd, and whether their weight
-    gradient did too, each "on" or "off", from the layers its env.json records (`auto`
-    decides by the CPU); a run from before they were recorded gives its flags (one from
-    before the weight gradient's flag, "off")."""
+    gradient did too, each "on" or "off", and that gradient's tile (2 or 4), from the
+    layers its env.json records (`auto` and an unset tile decide by the CPU and the
+    precision); a run from before they were recorded gives its flags (one from before the
+    weight gradient's flag, "off"; from before the tile's, 2)."""
     layers = read_json(run / "env.json").get("native_layers")
     if layers is None:
-        return config["winograd"], config.get("winograd_weight_grad", "off")
+        flags = config["winograd"], config.get("winograd_weight_grad", "off")
+        return *flags, config.get("winograd_grad_tile") or 2
     forward = any(name.startswith(WINOGRAD_LAYER) for name in layers)
     grad = {WINOGRAD_WEIGHT_GRAD_LAYER, WINOGRAD_F4_WEIGHT_GRAD_LAYER} & set(layers)
-    return ("on" if forward else "off"), ("on" if grad else "off")
+    tile = 4 if WINOGRAD_F4_WEIGHT_GRAD_LAYER in layers else 2
+    return ("on" if forward else "off"), ("on" if grad else "off"), tile
 
 
 def expand_runs(paths: list[Path], log=print) -> list[Path]:

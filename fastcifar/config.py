@@ -66,7 +66,7 @@ class TrainConfig:
     native: str = "auto"  # auto | on | off: fastcifar._C (the loader's op; AVX-512 bf16 pooling)
     winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd (bf16 AVX512-BF16, fp32 AVX2)
     winograd_weight_grad: str = "auto"  # auto | on | off: the Winograd convs' weight gradient too
-    winograd_grad_tile: int = 2  # 2 | 4: the Winograd weight gradient as F(2x2, 3x3) or F(4x4, 3x3)
+    winograd_grad_tile: int | None = None  # 2 | 4: Winograd weight gradient F(2x2) or F(4x4)
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode (on CUDA reduce-overhead: CUDA graphs)
@@ -101,7 +101,7 @@ class TrainConfig:
                 f"not {self.winograd_weight_grad!r}",
             ),
             (
-                self.winograd_grad_tile in (2, 4),
+                self.winograd_grad_tile in (None, 2, 4),
                 f"--winograd-grad-tile must be 2 or 4, not {self.winograd_grad_tile}",
             ),
             (not self.dali_decode or self.loader == "dali", "--dali-decode needs --loader dali"),

@@ -19,7 +19,7 @@ TORCH_LIBRARY(fastcifar, m) {
   m.def("winograd_conv3x3(Tensor x, Tensor packed_weight, Tensor? bias) -> Tensor");
   // its weights' tiles' gradient (16, C_in, C_out) float and its bias's gradient (C_out)
   // float, from the output's gradient and the input (bf16: channels in multiples of 16;
-  // fp32: of 8); with tile 4 (bf16 only), as F(4x4, 3x3): (36, C_in, C_out)
+  // fp32: of 8); with tile 4, as F(4x4, 3x3): (36, C_in, C_out)
   m.def("winograd_conv3x3_weight_grad(Tensor grad, Tensor x, int tile=2) -> (Tensor, Tensor)");
   // ReLU then training-mode BatchNorm, channels-last, CPU with AVX-512, the ReLU
   // recomputed from the pre-activation x: per-channel sums (2, C) float64 of (relu(x),

@@ -37,8 +37,9 @@ bool has_avx2_fma();
 at::Tensor winograd_conv3x3_fp32(const at::Tensor& x, const at::Tensor& tiles,
                                  const std::optional<at::Tensor>& bias);
 
-// winograd_conv3x3_weight_grad (F(2x2, 3x3)) for fp32 channels-last grad and x
+// winograd_conv3x3_weight_grad for fp32 channels-last grad and x: F(2x2, 3x3) (tile 2)
+// or F(4x4, 3x3) (tile 4)
 std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_fp32(const at::Tensor& grad,
-                                                                     const at::Tensor& x);
+                                                                     const at::Tensor& x, int64_t tile);
 
 }  // namespace fastcifar

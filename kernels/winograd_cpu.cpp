@@ -452,10 +452,7 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_tiles(const at::Tensor& grad, con
 std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Tensor& grad,
                                                                     const at::Tensor& x, int64_t tile) {
   TORCH_CHECK(tile == 2 || tile == 4, "winograd_conv3x3_weight_grad: tile must be 2 or 4, not ", tile);
-  if (x.scalar_type() == at::kFloat) {
-    TORCH_CHECK(tile == 2, "winograd_conv3x3_weight_grad in fp32 takes tile 2 only");
-    return winograd_conv3x3_weight_grad_fp32(grad, x);
-  }
+  if (x.scalar_type() == at::kFloat) return winograd_conv3x3_weight_grad_fp32(grad, x, tile);
   TORCH_CHECK(has_avx512_bf16(), "winograd_conv3x3_weight_grad in bf16 needs a CPU with AVX512-BF16");
   for (const at::Tensor* t : {&grad, &x})
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == at::kBFloat16 &&

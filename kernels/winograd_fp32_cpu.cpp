@@ -1,6 +1,7 @@
 // fastcifar::winograd_conv3x3 and its weight gradient for fp32 channels-last activations,
-// as Winograd F(2x2, 3x3) (the forward also as F(4x4, 3x3), given its 36 weight tiles: a
-// 6 x 6 patch for 4 x 4 output pixels) on a CPU with AVX2 and FMA: the tiles, chunks and
+// as Winograd F(2x2, 3x3) or F(4x4, 3x3) (a 6 x 6 patch for 4 x 4 output pixels: the
+// forward given its 36 weight tiles, the weight gradient given tile 4) on a CPU with AVX2
+// and FMA: the tiles, chunks and
 // planes of winograd_cpu.cpp's bf16 kernels, 8 channels to a vector, the products on FMA.
 // Where a CPU has no bf16 instructions training runs in fp32, and oneDNN's direct
 // convolutions there run near the fp32 matmul peak: only fewer multiplications make them
@@ -10,7 +11,8 @@
 // (tiles x C_in), 16 matrix products with the weights' tiles G w G^T (C_in x C_out), and
 // A^T m A + bias of each tile's 16 products into its 2 x 2 output pixels. Weight gradient:
 // the same input planes and A g A^T of the output's gradient (tiles x C_out), summed over
-// tiles as 16 products (C_in x tiles) by (tiles x C_out).
+// tiles as 16 products (C_in x tiles) by (tiles x C_out). F(4x4, 3x3) does the same with
+// 36 planes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -207,33 +209,70 @@ FASTCIFAR_AVX2 void input_tiles(const float* x, const Shape& s, int64_t first, i
   }
 }
 
-// G[16][count][c_out], planes `plane` floats apart: A g A^T for tiles first .. first +
-// count, g the output's gradient at the tile's 2 x 2 pixels; and each channel's sum of
-// those pixels added into `pixel_sums` (a tile's pixels sum to its value (1, 1)).
+// A x of one column (or row) x[0..3] of F(4x4, 3x3)'s 4 x 4 gradient block: 6 values.
+FASTCIFAR_AVX2 inline void a6(const __m256 x[4], __m256 y[6]) {
+  const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), eight = _mm256_set1_ps(8.0f);
+  const __m256 even = _mm256_add_ps(x[0], x[2]), odd = _mm256_add_ps(x[1], x[3]);
+  const __m256 even4 = _mm256_fmadd_ps(four, x[2], x[0]);
+  const __m256 odd8 = _mm256_fmadd_ps(eight, x[3], _mm256_mul_ps(two, x[1]));
+  y[0] = x[0];
+  y[1] = _mm256_add_ps(even, odd);
+  y[2] = _mm256_sub_ps(even, odd);
+  y[3] = _mm256_add_ps(even4, odd8);
+  y[4] = _mm256_sub_ps(even4, odd8);
+  y[5] = x[3];
+}
+
+// A g A^T of the tile at `where` for 8 output channels from ch, g the output's gradient at
+// its kTile x kTile pixels: v[N i + j], N = kTile + 2 (F(2x2, 3x3): 16 values; F(4x4,
+// 3x3): 36).
+template <int kTile>
+FASTCIFAR_AVX2 inline void gradient_tile(const float* grad, const Shape& s, const TileAt& where,
+                                         int64_t ch, __m256* v) {
+  const int64_t c = s.c_out;
+  const float* top = grad + ((where.image * s.h + kTile * where.ty) * s.w + kTile * where.tx) * c + ch;
+  if constexpr (kTile == 2) {
+    const __m256 g00 = _mm256_loadu_ps(top), g01 = _mm256_loadu_ps(top + c);
+    const __m256 g10 = _mm256_loadu_ps(top + s.w * c), g11 = _mm256_loadu_ps(top + (s.w + 1) * c);
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 r[4][2] = {{g00, g01},  // A g: rows
+                            {_mm256_add_ps(g00, g10), _mm256_add_ps(g01, g11)},
+                            {_mm256_sub_ps(g00, g10), _mm256_sub_ps(g01, g11)},
+                            {_mm256_sub_ps(zero, g10), _mm256_sub_ps(zero, g11)}};
+    for (int i = 0; i < 4; ++i) {  // (A g) A^T: columns
+      v[4 * i + 0] = r[i][0];
+      v[4 * i + 1] = _mm256_add_ps(r[i][0], r[i][1]);
+      v[4 * i + 2] = _mm256_sub_ps(r[i][0], r[i][1]);
+      v[4 * i + 3] = _mm256_sub_ps(zero, r[i][1]);
+    }
+  } else {
+    __m256 r[6][4];  // A g, column by column
+    for (int q = 0; q < 4; ++q) {
+      __m256 g[4], column[6];
+      for (int p = 0; p < 4; ++p) g[p] = _mm256_loadu_ps(top + (p * s.w + q) * c);
+      a6(g, column);
+      for (int i = 0; i < 6; ++i) r[i][q] = column[i];
+    }
+    for (int i = 0; i < 6; ++i) a6(r[i], v + 6 * i);  // (A g) A^T, row by row
+  }
+}
+
+// G[N^2][count][c_out], planes `plane` floats apart: A g A^T for tiles first .. first +
+// count (N = kTile + 2); and each channel's sum of their pixels added into `pixel_sums` (a
+// tile's pixels sum to its value (1, 1)).
+template <int kTile>
 FASTCIFAR_AVX2 void gradient_tiles(const float* grad, const Shape& s, int64_t first, int64_t count,
                                    float* out, int64_t plane, float* pixel_sums) {
+  constexpr int kN = kTile + 2;
   const int64_t c = s.c_out;
   for (int64_t t = 0; t < count; ++t) {
     const TileAt where = locate(s, first + t);
-    const float* top = grad + ((where.image * s.h + 2 * where.ty) * s.w + 2 * where.tx) * c;
     for (int64_t ch = 0; ch < c; ch += 8) {
-      const __m256 g00 = _mm256_loadu_ps(top + ch), g01 = _mm256_loadu_ps(top + c + ch);
-      const __m256 g10 = _mm256_loadu_ps(top + s.w * c + ch);
-      const __m256 g11 = _mm256_loadu_ps(top + (s.w + 1) * c + ch);
-      const __m256 zero = _mm256_setzero_ps();
-      const __m256 r[4][2] = {{g00, g01},  // A g: rows
-                              {_mm256_add_ps(g00, g10), _mm256_add_ps(g01, g11)},
-                              {_mm256_sub_ps(g00, g10), _mm256_sub_ps(g01, g11)},
-                              {_mm256_sub_ps(zero, g10), _mm256_sub_ps(zero, g11)}};
+      __m256 v[kN * kN];
+      gradient_tile<kTile>(grad, s, where, ch, v);
       float* o = out + t * c + ch;
-      for (int i = 0; i < 4; ++i) {  // (A g) A^T: columns
-        _mm256_storeu_ps(o + (4 * i + 0) * plane, r[i][0]);
-        _mm256_storeu_ps(o + (4 * i + 1) * plane, _mm256_add_ps(r[i][0], r[i][1]));
-        _mm256_storeu_ps(o + (4 * i + 2) * plane, _mm256_sub_ps(r[i][0], r[i][1]));
-        _mm256_storeu_ps(o + (4 * i + 3) * plane, _mm256_sub_ps(zero, r[i][1]));
-      }
-      const __m256 sum = _mm256_add_ps(r[1][0], r[1][1]);
-      _mm256_storeu_ps(pixel_sums + ch, _mm256_add_ps(_mm256_loadu_ps(pixel_sums + ch), sum));
+      for (int k = 0; k < kN * kN; ++k) _mm256_storeu_ps(o + k * plane, v[k]);
+      _mm256_storeu_ps(pixel_sums + ch, _mm256_add_ps(_mm256_loadu_ps(pixel_sums + ch), v[kN + 1]));
     }
   }
 }
@@ -350,24 +389,26 @@ at::Tensor winograd_conv3x3_fp32(const at::Tensor& x, const at::Tensor& tiles,
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_fp32(const at::Tensor& grad,
-                                                                     const at::Tensor& x) {
-  for (const at::Tensor* t : {&grad, &x}) check_fp32(*t, "winograd_conv3x3_weight_grad");
+namespace {
+
+// winograd_conv3x3_weight_grad_fp32 for blocks of kTile x kTile output pixels
+template <int kTile>
+std::tuple<at::Tensor, at::Tensor> weight_grad_tiles(const at::Tensor& grad, const at::Tensor& x) {
+  constexpr int kN = kTile + 2, kPlanes = kN * kN;
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), c_out = grad.size(1);
-  TORCH_CHECK(grad.size(0) == n && grad.size(2) == h && grad.size(3) == w,
-              "winograd_conv3x3_weight_grad: the gradient's batch and size must be the input's");
-  TORCH_CHECK(h % 2 == 0 && w % 2 == 0 && c_in % 8 == 0 && c_out % 8 == 0,
-              "winograd_conv3x3_weight_grad in fp32 needs an even height and width and channels "
-              "in multiples of 8, not ", h, " x ", w, " with ", c_in, " and ", c_out);
-  const Shape s{h, w, c_in, c_out, (h / 2) * (w / 2), w / 2};
+  const Shape s{h, w, c_in, c_out, (h / kTile) * (w / kTile), w / kTile};
   const int64_t count_all = n * s.tiles_per_image;
-  // tiles a chunk: both transforms together about 2 MiB, at least 64 tiles, so that each
-  // chunk's products outweigh reading and writing the thread's sums
-  const int64_t chunk = std::max<int64_t>(64, (1 << 21) / (16 * 4 * (c_in + c_out)));
+  // tiles a chunk: both transforms together about 2 MiB, and at least 64 (F(2x2)) or 128
+  // (F(4x4)), so that each chunk's products outweigh reading and writing the thread's sums
+  // (36 planes: 9 MiB at 256 channels, beyond the L2 cache)
+  const int64_t fit = (1 << 21) / (kPlanes * 4 * (c_in + c_out));
+  const int64_t chunk = std::max<int64_t>(kTile == 2 ? 64 : 128, fit);
   const int64_t chunks = (count_all + chunk - 1) / chunk;
   const int64_t threads = at::get_num_threads();
-  auto sums = at::zeros({threads, 16, c_in, c_out}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  auto pixel_sums = at::zeros({threads, c_out}, x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous));
+  auto sums = at::zeros({threads, kPlanes, c_in, c_out},
+                        x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto pixel_sums = at::zeros({threads, c_out},
+                              x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous));
   const float* in = x.const_data_ptr<float>();
   const float* g = grad.const_data_ptr<float>();
   float* all = sums.mutable_data_ptr<float>();
@@ -375,21 +416,36 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_fp32(const at::T
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(thread < threads, "winograd_conv3x3_weight_grad: thread ", thread);
-    float* mine = all + thread * 16 * c_in * c_out;
+    float* mine = all + thread * kPlanes * c_in * c_out;
     double* my_pixel_sums = pixel_sums.mutable_data_ptr<double>() + thread * c_out;
-    std::vector<float> v(16 * v_plane), m(16 * m_plane), chunk_pixel_sums(c_out);
+    std::vector<float> v(kPlanes * v_plane), m(kPlanes * m_plane), chunk_pixel_sums(c_out);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = part * chunk, count = std::min(chunk, count_all - first);
       std::fill(chunk_pixel_sums.begin(), chunk_pixel_sums.end(), 0.0f);
-      input_tiles<4>(in, s, first, count, v.data(), v_plane);
-      gradient_tiles(g, s, first, count, m.data(), m_plane, chunk_pixel_sums.data());
-      for (int k = 0; k < 16; ++k)
+      input_tiles<kN>(in, s, first, count, v.data(), v_plane);
+      gradient_tiles<kTile>(g, s, first, count, m.data(), m_plane, chunk_pixel_sums.data());
+      for (int k = 0; k < kPlanes; ++k)
         gemm<true>(v.data() + k * v_plane, 1, c_in, c_in, m.data() + k * m_plane, c_out, count,
                    mine + k * c_in * c_out);
       for (int64_t o = 0; o < c_out; ++o) my_pixel_sums[o] += chunk_pixel_sums[o];
     }
   });
   return {sums.sum(0), pixel_sums.sum(0).to(at::kFloat)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_fp32(const at::Tensor& grad,
+                                                                     const at::Tensor& x, int64_t tile) {
+  for (const at::Tensor* t : {&grad, &x}) check_fp32(*t, "winograd_conv3x3_weight_grad");
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), c_out = grad.size(1);
+  TORCH_CHECK(grad.size(0) == n && grad.size(2) == h && grad.size(3) == w,
+              "winograd_conv3x3_weight_grad: the gradient's batch and size must be the input's");
+  TORCH_CHECK(h % tile == 0 && w % tile == 0 && c_in % 8 == 0 && c_out % 8 == 0,
+              "winograd_conv3x3_weight_grad in fp32 with tile ", tile, " needs a height and width "
+              "in multiples of ", tile, " and channels in multiples of 8, not ", h, " x ", w, " with ",
+              c_in, " and ", c_out);
+  return tile == 2 ? weight_grad_tiles<2>(grad, x) : weight_grad_tiles<4>(grad, x);
 }
 
 }  // namespace fastcifar

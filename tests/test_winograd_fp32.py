@@ -45,19 +45,20 @@ F4_SHAPES = [(1, 8, 8, 4, 4), (2, 16, 24, 4, 12), (3, 24, 40, 8, 8), (5, 64, 64,
 
 
 @pytest.mark.parametrize(
-    ("tile", "n", "c_in", "c_out", "h", "w"),
-    [(2, *shape) for shape in SHAPES] + [(4, *shape) for shape in F4_SHAPES],
+    ("tile", "grad_tile", "n", "c_in", "c_out", "h", "w"),
+    [(2, 2, *shape) for shape in SHAPES]
+    + [(4, grad_tile, *shape) for shape in F4_SHAPES for grad_tile in (2, 4)],
 )
-def test_values_and_gradients_against_float64(tile, n, c_in, c_out, h, w):
+def test_values_and_gradients_against_float64(tile, grad_tile, n, c_in, c_out, h, w):
     """Output, input, weight and bias gradients of the layer with Winograd's weight
-    gradient, against F.conv2d's in float64: F(2x2, 3x3) within a few fp32 roundings,
-    F(4x4, 3x3) (its matrices' larger coefficients) within 1e-4, a hundredth of bf16's
-    rounding."""
+    gradient (F(`grad_tile` x `grad_tile`, 3x3)), against F.conv2d's in float64: F(2x2,
+    3x3) within a few fp32 roundings, F(4x4, 3x3) (its matrices' larger coefficients)
+    within 1e-4, a hundredth of bf16's rounding."""
     x = channels_last(n, c_in, h, w)
     weight, bias = conv3x3_weights(c_out, c_in)
     grad = channels_last(n, c_out, h, w, seed=2)
     ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    out = winograd_conv3x3(*ours, winograd_weight_grad=True, tile=tile)
+    out = winograd_conv3x3(*ours, winograd_weight_grad=True, weight_grad_tile=grad_tile, tile=tile)
     out.backward(grad)
     exact = [t.double().requires_grad_() for t in (x, weight, bias)]
     want = F.conv2d(*exact, padding=1)
@@ -70,15 +71,17 @@ def test_values_and_gradients_against_float64(tile, n, c_in, c_out, h, w):
         assert relative_error(got.grad, expected.grad) < bound
 
 
-def test_the_weight_gradient_op_against_float64():
-    """`weight_grad` alone: the weights' and the bias's gradients from the op's sums."""
-    x, grad = channels_last(3, 16, 6, 8), channels_last(3, 32, 6, 8, seed=2)
-    got_w, got_b = weight_grad(grad, x)
+@pytest.mark.parametrize(("tile", "h", "w", "bound"), [(2, 6, 8, 1e-5), (4, 8, 12, 1e-4)])
+def test_the_weight_gradient_op_against_float64(tile, h, w, bound):
+    """`weight_grad` alone, F(2x2, 3x3) and F(4x4, 3x3): the weights' and the bias's
+    gradients from the op's sums."""
+    x, grad = channels_last(3, 16, h, w), channels_last(3, 32, h, w, seed=2)
+    got_w, got_b = weight_grad(grad, x, tile=tile)
     _, want_w, want_b = torch.ops.aten.convolution_backward(
         grad.double(), x.double(), torch.zeros(32, 16, 3, 3, dtype=torch.float64), [32],
         [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, True],
     )  # fmt: skip
-    assert relative_error(got_w, want_w) < 1e-5 and relative_error(got_b, want_b) < 1e-5
+    assert relative_error(got_w, want_w) < bound and relative_error(got_b, want_b) < bound
 
 
 def test_the_ops_refuse_what_they_cannot_compute():
@@ -104,22 +107,24 @@ def test_the_ops_refuse_what_they_cannot_compute():
         conv(channels_last(1, 16, 6, 4), f4_tiles, None)
     with pytest.raises(RuntimeError, match="multiples of 8"):
         grad_op(channels_last(1, 16, 4, 4), channels_last(1, 12, 4, 4))
-    with pytest.raises(RuntimeError, match="tile 2 only"):
-        grad_op(channels_last(1, 16, 4, 4), channels_last(1, 16, 4, 4), 4)
+    with pytest.raises(RuntimeError, match="tile 4 needs a height and width in multiples of 4"):
+        grad_op(channels_last(1, 16, 6, 4), channels_last(1, 16, 6, 4), 4)
+    with pytest.raises(RuntimeError, match="tile must be 2 or 4, not 3"):
+        grad_op(channels_last(1, 16, 6, 6), channels_last(1, 16, 6, 6), 3)
 
 
 def test_opcheck():
     weight, bias = conv3x3_weights(16, 24)
-    x = channels_last(2, 24, 4, 6)
     for tile in (2, 4):
         torch.library.opcheck(
             torch.ops.fastcifar.winograd_conv3x3.default,
             (channels_last(2, 24, 4, 8), packed_weight_tiles(weight, torch.float32, tile), bias),
         )
-    torch.library.opcheck(
-        torch.ops.fastcifar.winograd_conv3x3_weight_grad.default,
-        (channels_last(2, 16, 4, 6, seed=2), x, 2),
-    )
+    for tile in (2, 4):
+        torch.library.opcheck(
+            torch.ops.fastcifar.winograd_conv3x3_weight_grad.default,
+            (channels_last(2, 16, 4, 8, seed=2), channels_last(2, 24, 4, 8), tile),
+        )
 
 
 def test_the_layer_takes_fp32_batches_and_leaves_the_rest_to_f_conv2d():
@@ -156,25 +161,28 @@ def fp32_model(monkeypatch, instructions: str, **settings):
     cfg = TrainConfig(**{"arch": "cerberus", "amp": "none", "channels_last": True} | settings)
     model = build_model(cfg, torch.device("cpu"))
     layers = [m for m in model.modules() if type(m) is WinogradConv2d]
-    return len(layers), sum(m.winograd_weight_grad for m in layers)
+    grad_tiles = {m.weight_grad_tile for m in layers if m.winograd_weight_grad}
+    return len(layers), sum(m.winograd_weight_grad for m in layers), grad_tiles
 
 
 def test_auto_turns_it_on_for_fp32_on_an_avx2_cpu(monkeypatch):
-    assert fp32_model(monkeypatch, "AVX2") == (11, 11)
-    assert fp32_model(monkeypatch, "AVX2", winograd_weight_grad="off") == (11, 0)
-    assert fp32_model(monkeypatch, "AVX2", winograd="off") == (0, 0)
+    assert fp32_model(monkeypatch, "AVX2")[:2] == (11, 11)
+    assert fp32_model(monkeypatch, "AVX2", winograd_weight_grad="off")[:2] == (11, 0)
+    assert fp32_model(monkeypatch, "AVX2", winograd="off")[:2] == (0, 0)
 
 
 def test_on_an_avx512_cpu_fp32_winograd_is_asked_for(monkeypatch):
     """Where the CPU has AVX-512 (oneDNN's fp32 at twice AVX2's width) `auto` keeps the
     direct convolutions; `--winograd on` runs the fp32 kernel."""
     for instructions in ("AVX512", "AVX512-BF16", "AMX"):
-        assert fp32_model(monkeypatch, instructions) == (0, 0)
-    assert fp32_model(monkeypatch, "AVX512", winograd="on") == (11, 11)
+        assert fp32_model(monkeypatch, instructions)[:2] == (0, 0)
+    assert fp32_model(monkeypatch, "AVX512", winograd="on")[:2] == (11, 11)
 
 
-def test_the_f4_weight_gradient_is_bf16_only(monkeypatch):
-    with pytest.raises(UserError, match="--winograd-grad-tile 4 runs in bf16 only"):
-        fp32_model(monkeypatch, "AVX2", winograd="on", winograd_grad_tile=4)
-    with pytest.raises(UserError, match="--winograd-grad-tile 4 needs Winograd's bf16 weight"):
-        fp32_model(monkeypatch, "AVX2", winograd_grad_tile=4)
+def test_the_weight_gradient_tile_in_fp32(monkeypatch):
+    """`--winograd-grad-tile` picks the fp32 weight gradient's tile; 4 without Winograd's
+    weight gradient is a user error."""
+    for tile in (2, 4):
+        assert fp32_model(monkeypatch, "AVX2", winograd_grad_tile=tile) == (11, 11, {tile})
+    with pytest.raises(UserError, match="--winograd-grad-tile 4 needs Winograd's weight"):
+        fp32_model(monkeypatch, "AVX2", winograd="off", winograd_grad_tile=4)

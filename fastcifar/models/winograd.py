@@ -28,7 +28,7 @@ class WinogradConv2d(nn.Conv2d):
     or fp32 channels-last batches of an even height and width, fp32 ones as F(4x4, 3x3)
     (`fp32_tile`) where the height and width are multiples of 4; anything else goes to
     `F.conv2d`. Its weight's gradient is oneDNN's, or Winograd's with
-    `winograd_weight_grad` (`use_winograd_weight_grad`), as F(2x2, 3x3) or, in bf16, with
+    `winograd_weight_grad` (`use_winograd_weight_grad`), as F(2x2, 3x3) or with
     `weight_grad_tile` 4 as F(4x4, 3x3) where the height and width are multiples of 4.
     Parameters and state dict are `nn.Conv2d`'s."""
 
@@ -48,7 +48,7 @@ class WinogradConv2d(nn.Conv2d):
 
         return winograd_conv3x3(x.to(torch.bfloat16) if bf16 else x, self.weight, self.bias,
                                 winograd_weight_grad=self.winograd_weight_grad,
-                                weight_grad_tile=fitting(self.weight_grad_tile) if bf16 else 2,
+                                weight_grad_tile=fitting(self.weight_grad_tile),
                                 tile=2 if bf16 else fitting(self.fp32_tile))  # fmt: skip
 
 
@@ -65,6 +65,13 @@ def use_winograd_weight_grad(model: nn.Module, tile: int = 2) -> int:
     for layer in layers:
         layer.winograd_weight_grad, layer.weight_grad_tile = True, tile
     return len(layers)
+
+
+def default_grad_tile(amp: str) -> int:
+    """The Winograd weight gradient's tile where `--winograd-grad-tile` is unset, for
+    training with autocast `amp`: F(2x2, 3x3) (2) in bf16, whose rounding F(4x4, 3x3)
+    multiplies by six; F(2x2, 3x3) in fp32 too."""
+    return 2
 
 
 def winograd_available(amp: str = "bf16") -> tuple[bool, str]:

@@ -111,8 +111,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     input gradient; x channels-last on the CPU with an even height and width, bf16 (the
     weights' tiles are rounded to bf16, the bias added in fp32) or fp32 (channels in
     multiples of 8). With `winograd_weight_grad` the weight's gradient is Winograd's too
-    (bf16: channels in multiples of 16), as F(2x2, 3x3) or, in bf16, with
-    `weight_grad_tile=4` F(4x4, 3x3) (height and width in multiples of 4)."""
+    (bf16: channels in multiples of 16), as F(2x2, 3x3) or with `weight_grad_tile=4`
+    F(4x4, 3x3) (height and width in multiples of 4)."""
     return _WinogradConv.apply(x, weight, bias, winograd_weight_grad, weight_grad_tile, tile)
 
 
@@ -122,7 +122,7 @@ def weight_grad(
     """The 3x3 weights' gradient (C_out, C_in, 3, 3), fp32, of the convolution of `x` whose
     output's gradient is `grad` (both bf16 or both fp32, channels-last): G^T [the native
     op's sum over blocks of (B^T d B) * (A g A^T)] G, blocks of 2 x 2 output pixels or
-    with `tile=4` (bf16 only) of 4 x 4; and the bias's, `grad`'s sum over pixels (C_out),
+    with `tile=4` of 4 x 4; and the bias's, `grad`'s sum over pixels (C_out),
     fp32, which the op adds up as it reads `grad` (torch's sum of a bf16 channels-last
     tensor to fp32 casts it whole first, 3% of a CerberusNet step)."""
     tiles, pixel_sums = torch.ops.fastcifar.winograd_conv3x3_weight_grad(grad, x, tile)

@@ -28,6 +28,7 @@ from fastcifar.models.relu_bn import (
 )
 from fastcifar.models.winograd import (
     WinogradConv2d,
+    default_grad_tile,
     fp32_by_default,
     use_winograd,
     use_winograd_weight_grad,
@@ -82,14 +83,15 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
         use_winograd(model)
         if cfg.winograd_weight_grad != "off":
             # its rule held too (benchmarks/NOTES.md); F(4x4, 3x3)'s has not been put to one
-            with_winograd_grad = use_winograd_weight_grad(model, cfg.winograd_grad_tile)
+            tile = cfg.winograd_grad_tile or default_grad_tile(cfg.amp)
+            with_winograd_grad = use_winograd_weight_grad(model, tile)
     elif cfg.winograd_weight_grad == "on":
         raise UserError("--winograd-weight-grad on needs Winograd convolutions (--winograd auto "
                         "or on, for channels-last CPU training in bf16 on an AVX512-BF16 CPU "
                         "or in fp32)")  # fmt: skip
-    if cfg.winograd_grad_tile != 2 and not with_winograd_grad:
-        raise UserError("--winograd-grad-tile 4 needs Winograd's bf16 weight gradient (--winograd "
-                        "and --winograd-weight-grad auto or on, on an AVX512-BF16 CPU)")  # fmt: skip
+    if cfg.winograd_grad_tile == 4 and not with_winograd_grad:
+        raise UserError("--winograd-grad-tile 4 needs Winograd's weight gradient (--winograd and "
+                        "--winograd-weight-grad auto or on, where Winograd runs)")  # fmt: skip
     return model
 
 
@@ -158,8 +160,6 @@ def winograd_refusal(cfg: TrainConfig, device: torch.device) -> str | None:
         or cfg.fused
     ):
         return "it runs bf16 or fp32 channels-last CPU training only"
-    if cfg.amp == "none" and cfg.winograd_grad_tile != 2:
-        return "--winograd-grad-tile 4 runs in bf16 only (fp32's weight gradient is F(2x2, 3x3))"
     available, why = winograd_available(cfg.amp)
     return None if available else why
 
