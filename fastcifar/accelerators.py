@@ -82,8 +82,7 @@ def winograd_row() -> tuple[str, bool, str]:
     if bf16:
         return "winograd", True, "bf16 3x3 convs as Winograd F(2x2,3x3); --winograd off: direct"
     if fp32 and fp32_by_default():
-        return ("winograd", True, "fp32 3x3 convs as Winograd F(4x4,3x3), weight gradient "
-                "F(2x2,3x3); --winograd off: direct")  # fmt: skip
+        return "winograd", True, "fp32 3x3 convs as Winograd F(4x4,3x3); --winograd off: direct"
     if fp32:
         return "winograd", True, "fp32 with --winograd on (auto: direct convs here); " + why
     return "winograd", False, why

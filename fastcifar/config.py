@@ -66,7 +66,7 @@ class TrainConfig:
     native: str = "auto"  # auto | on | off: fastcifar._C (the loader's op; AVX-512 bf16 pooling)
     winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd (bf16 AVX512-BF16, fp32 AVX2)
     winograd_weight_grad: str = "auto"  # auto | on | off: the Winograd convs' weight gradient too
-    winograd_grad_tile: int | None = None  # 2 | 4: Winograd weight gradient F(2x2) or F(4x4)
+    winograd_grad_tile: int | None = None  # 2 | 4: Winograd weight-grad tile; unset: fp32 4, bf16 2
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode (on CUDA reduce-overhead: CUDA graphs)

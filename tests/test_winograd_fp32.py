@@ -166,7 +166,8 @@ def fp32_model(monkeypatch, instructions: str, **settings):
 
 
 def test_auto_turns_it_on_for_fp32_on_an_avx2_cpu(monkeypatch):
-    assert fp32_model(monkeypatch, "AVX2")[:2] == (11, 11)
+    """Forward and both gradients, the weight's as F(4x4, 3x3) unless asked otherwise."""
+    assert fp32_model(monkeypatch, "AVX2") == (11, 11, {4})
     assert fp32_model(monkeypatch, "AVX2", winograd_weight_grad="off")[:2] == (11, 0)
     assert fp32_model(monkeypatch, "AVX2", winograd="off")[:2] == (0, 0)
 

@@ -70,8 +70,9 @@ def use_winograd_weight_grad(model: nn.Module, tile: int = 2) -> int:
 def default_grad_tile(amp: str) -> int:
     """The Winograd weight gradient's tile where `--winograd-grad-tile` is unset, for
     training with autocast `amp`: F(2x2, 3x3) (2) in bf16, whose rounding F(4x4, 3x3)
-    multiplies by six; F(2x2, 3x3) in fp32 too."""
-    return 2
+    multiplies by six (its rule is not met); F(4x4, 3x3) (4) in fp32, where its rule held
+    (benchmarks/NOTES.md, "F(4x4, 3x3) for the fp32 weight gradient")."""
+    return 4 if amp == "none" else 2
 
 
 def winograd_available(amp: str = "bf16") -> tuple[bool, str]:
