@@ -28,8 +28,8 @@ native.load()  # registers the op (where the extension loads)
 _BT = ((1.0, 0.0, -1.0, 0.0), (0.0, 1.0, 1.0, 0.0), (0.0, -1.0, 1.0, 0.0), (0.0, 1.0, 0.0, -1.0))
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
-# F(4x4, 3x3)'s (Lavin and Gray's, points 0, 1, -1, 2, -2), for the weight gradient with
-# `weight_grad_tile=4`
+# F(4x4, 3x3)'s (Lavin and Gray's, points 0, 1, -1, 2, -2), for the fp32 forward and input
+# gradient with `tile=4` and the weight gradient with `weight_grad_tile=4`
 _BT4 = ((4.0, 0.0, -5.0, 0.0, 1.0, 0.0), (0.0, -4.0, -4.0, 1.0, 1.0, 0.0),
         (0.0, 4.0, -4.0, -1.0, 1.0, 0.0), (0.0, -2.0, -1.0, 2.0, 1.0, 0.0),
         (0.0, 2.0, -1.0, -2.0, 1.0, 0.0), (0.0, 4.0, 0.0, -5.0, 0.0, 1.0))  # fmt: skip
