@@ -227,7 +227,9 @@ def test_compare_pools_runs_that_differ_only_in_their_seed(tmp_path, capsys):
     # --winograd auto decides by the CPU: what ran, as env.json records it, is the setting
     for name, winograd, layers in [("w0", "on", None), ("w1", "auto", {"Winograd conv": 3}),
                                    ("w2", "auto", {"native max pool": 2}),
-                                   ("w3", "auto", {"Winograd conv (and weight gradient)": 3})]:  # fmt: skip
+                                   ("w3", "auto", {"Winograd conv (and weight gradient)": 3}),
+                                   ("w4", "auto",
+                                    {"Winograd conv (and F(4x4) weight gradient)": 3})]:  # fmt: skip
         trained(name, 3, 0.5, arch="conv4", seed=int(name[1]), winograd=winograd)
         if layers is not None:
             (tmp_path / "runs" / name / "env.json").write_text(
@@ -236,12 +238,17 @@ def test_compare_pools_runs_that_differ_only_in_their_seed(tmp_path, capsys):
     notes = []
     rows = compare_settings([tmp_path / "runs"], tmp_path / "c.png", log=notes.append)
     by_setting = {r["settings"]: r for r in rows}
-    with_winograd = "conv4, winograd=on, winograd_weight_grad="
-    assert sorted(by_setting) == ["conv3", "conv4, winograd=off, winograd_weight_grad=off",
-                                  f"{with_winograd}off", f"{with_winograd}on",
+    # the weight gradient's tile from the layers too (an unset flag: the precision's default)
+    with_winograd = "conv4, winograd=on, winograd_grad_tile="
+    assert sorted(by_setting) == ["conv3",
+                                  "conv4, winograd=off, winograd_grad_tile=2, winograd_weight_grad=off",
+                                  f"{with_winograd}2, winograd_weight_grad=off",
+                                  f"{with_winograd}2, winograd_weight_grad=on",
+                                  f"{with_winograd}4, winograd_weight_grad=on",
                                   "lenet, epochs=3, lr=0.05", "lenet, epochs=4, lr=0.1"]  # fmt: skip
-    assert by_setting[f"{with_winograd}off"]["seeds"] == "0 1"
-    assert by_setting[f"{with_winograd}on"]["seeds"] == "3"
+    assert by_setting[f"{with_winograd}2, winograd_weight_grad=off"]["seeds"] == "0 1"
+    assert by_setting[f"{with_winograd}2, winograd_weight_grad=on"]["seeds"] == "3"
+    assert by_setting[f"{with_winograd}4, winograd_weight_grad=on"]["seeds"] == "4"
     pooled = by_setting["lenet, epochs=3, lr=0.05"]
     stats = accuracy_stats([0.61, 0.65])
     assert (pooled["runs"], pooled["seeds"]) == (2, "0 1")
