@@ -162,14 +162,15 @@ def paired_training_steps(benchmark, arch: str, full: bool, device, *, kind: str
 
 
 def paired_evaluation_steps(benchmark, arch: str, full: bool, device, *, kind: str, swap,
-                            prepare=None, images: int, rounds: int) -> dict:  # fmt: skip
+                            prepare=None, images: int, rounds: int, bf16: bool = True) -> dict:  # fmt: skip
     """`paired_training_steps` for evaluation: the models in eval mode, forward only under
-    `torch.no_grad()` and bf16 autocast, batches of the evaluation's size (1,000)."""
+    `torch.no_grad()` and bf16 autocast (fp32 without `bf16`), batches of the evaluation's
+    size (1,000)."""
     from fastcifar.config import TrainConfig
 
     batch = TrainConfig().eval_batch_size if full else 8
     return _paired_steps(benchmark, arch, full, device, kind=kind, swap=swap, prepare=prepare,
-                         images=images, rounds=rounds, batch=batch, train=False)  # fmt: skip
+                         images=images, rounds=rounds, batch=batch, train=False, bf16=bf16)  # fmt: skip
 
 
 def cpu_default_layers(model) -> None:
@@ -184,6 +185,19 @@ def cpu_default_layers(model) -> None:
     if relu_bn_by_default():
         use_relu_bn(model)
         use_relu_bn_pool(model)
+
+
+def winograd_in_full(model, fp32_tile: int = 2, grad_tile: int = 2) -> int:
+    """Winograd's forward, input and weight gradients in every layer it takes, the fp32
+    forward and input gradient as F(`fp32_tile` x `fp32_tile`, 3x3), the weight gradient
+    as F(`grad_tile` x `grad_tile`, 3x3); returns how many."""
+    from fastcifar.models.winograd import WinogradConv2d, use_winograd, use_winograd_weight_grad
+
+    use_winograd(model)
+    for layer in model.modules():
+        if isinstance(layer, WinogradConv2d):
+            layer.fp32_tile = fp32_tile
+    return use_winograd_weight_grad(model, grad_tile)
 
 
 def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images, rounds, batch,
@@ -213,7 +227,7 @@ def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images,
         model, optimizer = side
         for _ in range(steps):
             if not train:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     model(x)
                 continue
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -6,7 +6,9 @@ layer and the native pool apart; and the layer with the AMX convolution after it
 (its backward's sums from the convolution's gradients), against the two apart; the layer
 and the folded pools together against ATen's pairs (what the default swaps in); and
 evaluation (no autograd) of the models with the layers in their one pass, the pools
-folded in, against ATen's ReLU and BatchNorm and the native pool. Medians of the
+folded in, against ATen's ReLU and BatchNorm and the native pool; and the same default
+swap in fp32 steps, training and evaluation, with the fp32 default's Winograd
+convolutions on both sides (the measure for CPUs that train in fp32). Medians of the
 per-round ratios."""
 
 from __future__ import annotations
@@ -21,17 +23,26 @@ from fastcifar.models.relu_bn import (
     use_relu_bn_conv,
     use_relu_bn_pool,
 )
+from fastcifar.models.winograd import default_grad_tile, winograd_available
+from fastcifar.ops.relu_bn import kernels_take_bf16
 
-from .conftest import paired_evaluation_steps, paired_training_steps
+from .conftest import paired_evaluation_steps, paired_training_steps, winograd_in_full
 
 pytestmark = pytest.mark.skipif(
-    not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX-512"
+    not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX2 or AVX-512"
 )
+bf16_kernels = pytest.mark.skipif(not kernels_take_bf16(), reason="bf16 kernels need AVX-512")
+fp32_winograd = pytest.mark.skipif(
+    not winograd_available("none")[0], reason="needs fastcifar._C and a CPU with AVX2 and FMA"
+)
+# the architectures with ReLU-BatchNorm pairs
+PAIRED = ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "conv4_leaky_dropout"]
 
 # both sides' pools native where they can be, so that only the ReLU-BatchNorm pairs differ
 POOLS_ONLY = use_native_pooling if native_pooling_available() else None
 
 
+@bf16_kernels
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn"])
 def test_training_step_with_relu_batch_norm(benchmark, full, device, arch):
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_step",
@@ -49,6 +60,7 @@ def cpu_layers(model) -> None:
         use_amx_conv(model)
 
 
+@bf16_kernels
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky"])
 def test_training_step_with_the_max_pool_folded_in(benchmark, full, device, arch):
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_pool_step",
@@ -63,6 +75,7 @@ def cpu_default_layers(model) -> None:
     use_relu_bn_pool(model)
 
 
+@bf16_kernels
 @pytest.mark.parametrize("arch", ["cerberus", "conv5"])
 def test_training_step_with_the_next_convolution_folded_in(benchmark, full, device, arch):
     if not amx_conv_available():
@@ -73,9 +86,8 @@ def test_training_step_with_the_next_convolution_folded_in(benchmark, full, devi
     assert result["speedup"] > 0
 
 
-@pytest.mark.parametrize(
-    "arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "conv4_leaky_dropout"]
-)
+@bf16_kernels
+@pytest.mark.parametrize("arch", PAIRED)
 def test_training_step_with_the_default_layers(benchmark, full, device, arch):
     """What the CPU default swaps in (the layer, the pools after it folded in) against
     ATen's pairs, without the AMX weight gradient: the measure for CPUs without AMX."""
@@ -85,13 +97,40 @@ def test_training_step_with_the_default_layers(benchmark, full, device, arch):
     assert result["speedup"] > 0
 
 
-@pytest.mark.parametrize(
-    "arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "conv4_leaky_dropout"]
-)
+@bf16_kernels
+@pytest.mark.parametrize("arch", PAIRED)
 def test_evaluation_in_one_pass(benchmark, full, device, arch):
     result = paired_evaluation_steps(benchmark, arch, full, device, kind="relu_bn_eval",
                                      swap=swap_relu_bn_and_pools, prepare=POOLS_ONLY,
                                      images=5000, rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+def fp32_default_convolutions(model) -> None:
+    """The fp32 default's Winograd convolutions: F(4x4, 3x3) forward, input and weight
+    gradients in every layer Winograd takes."""
+    winograd_in_full(model, fp32_tile=4, grad_tile=default_grad_tile("none"))
+
+
+@fp32_winograd
+@pytest.mark.parametrize("arch", PAIRED)
+def test_fp32_training_step_with_the_default_layers(benchmark, full, device, arch):
+    """fp32 steps (no autocast): the layer with the pools folded in against ATen's pairs
+    and pools, both sides with the fp32 default's Winograd convolutions: the speed half of
+    the ReLU-BatchNorm rule on an AVX2 CPU (benchmarks/NOTES.md)."""
+    result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_fp32_step",
+                                   swap=swap_relu_bn_and_pools, prepare=fp32_default_convolutions,
+                                   images=1024, rounds=7, bf16=False)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+@fp32_winograd
+@pytest.mark.parametrize("arch", PAIRED)
+def test_fp32_evaluation_in_one_pass(benchmark, full, device, arch):
+    result = paired_evaluation_steps(benchmark, arch, full, device, kind="relu_bn_fp32_eval",
+                                     swap=swap_relu_bn_and_pools,
+                                     prepare=fp32_default_convolutions, images=3000, rounds=7,
+                                     bf16=False)  # fmt: skip
     assert result["speedup"] > 0
 
 

@@ -19,7 +19,13 @@ from fastcifar.models.winograd import (
     winograd_available,
 )
 
-from .conftest import cpu_default_layers, environment, paired_training_steps, paired_windows
+from .conftest import (
+    cpu_default_layers,
+    environment,
+    paired_training_steps,
+    paired_windows,
+    winograd_in_full,
+)
 
 bf16_only = pytest.mark.skipif(
     not winograd_available()[0], reason="needs fastcifar._C and a CPU with AVX512-BF16 (no AMX)"
@@ -105,17 +111,6 @@ def test_training_step_with_the_f4_weight_gradient(benchmark, full, device, arch
                                    prepare=winograd_with_its_weight_gradient, images=2048,
                                    rounds=7)  # fmt: skip
     assert result["speedup"] > 0
-
-
-def winograd_in_full(model, fp32_tile: int = 2, grad_tile: int = 2) -> int:
-    """Winograd's forward, input and weight gradients in every layer it takes, the fp32
-    forward and input gradient as F(`fp32_tile` x `fp32_tile`, 3x3), the weight gradient
-    as F(`grad_tile` x `grad_tile`, 3x3); returns how many."""
-    use_winograd(model)
-    for layer in model.modules():
-        if isinstance(layer, WinogradConv2d):
-            layer.fp32_tile = fp32_tile
-    return use_winograd_weight_grad(model, grad_tile)
 
 
 @fp32_winograd

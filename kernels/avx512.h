@@ -1,14 +1,15 @@
 // AVX-512 helpers the CPU kernels share: 16 channels at a time as floats, loaded from
-// and stored to float or bf16, and the CPU checks.
+// and stored to float or bf16.
 #pragma once
 #include <ATen/Dispatch.h>
 #include <immintrin.h>
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu_features.h"
+
 namespace fastcifar {
 
-#define FASTCIFAR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 // The two dtypes the kernels take, as cases of ATen's AT_DISPATCH_SWITCH
 #define FASTCIFAR_FLOAT_AND_BF16(...) \
   AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
@@ -56,22 +57,5 @@ FASTCIFAR_AVX512 inline void store16_rounded(T* p, __mmask16 m, __m512 v) {
 }
 
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
-
-inline bool has_avx512() {  // the CPU's features, read once
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return supported;
-}
-
-inline bool has_avx512_bf16() {  // and the bf16 dot products (vdpbf16ps)
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return has_avx512() && __builtin_cpu_supports("avx512bf16");
-  }();
-  return supported;
-}
 
 }  // namespace fastcifar

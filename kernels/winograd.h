@@ -30,8 +30,6 @@ inline TileAt locate(const Shape& s, int64_t tile) {
           tile % s.tiles_per_row};
 }
 
-bool has_avx2_fma();
-
 // winograd_conv3x3 for fp32 channels-last x, the weights' tiles fp32 (16, C_in, C_out) for
 // F(2x2, 3x3) or (36, C_in, C_out) for F(4x4, 3x3)
 at::Tensor winograd_conv3x3_fp32(const at::Tensor& x, const at::Tensor& tiles,

@@ -20,21 +20,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_features.h"
 #include "winograd.h"
 
 namespace fastcifar {
 
-bool has_avx2_fma() {  // the CPU's features, read once
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return supported;
-}
-
 namespace {
-
-#define FASTCIFAR_AVX2 __attribute__((target("avx2,fma")))
 
 // C[MR x 8 NV] (+)= A[MR x K] B[K x 8 NV]: A's element (r, p) at a + r * a_row + p * a_k,
 // B's rows ldb floats apart, C's ldc apart, added to with kAccumulate.

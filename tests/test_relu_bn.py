@@ -18,13 +18,15 @@ from fastcifar.models.relu_bn import (
     use_relu_bn,
     use_relu_bn_pool,
 )
-from fastcifar.ops.relu_bn import relu_batch_norm, relu_bn_fits
+from fastcifar.ops.relu_bn import kernels_take_bf16, relu_batch_norm, relu_bn_fits
 
 from .tensors import random_channels_last
 
 pytestmark = pytest.mark.skipif(
-    not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX-512"
+    not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX2 or AVX-512"
 )
+# the kernels take bf16 on AVX-512 only; on AVX2, fp32
+bf16_kernels = pytest.mark.skipif(not kernels_take_bf16(), reason="bf16 kernels need AVX-512")
 
 channels_last = functools.partial(random_channels_last, dtype=torch.float32)
 
@@ -77,6 +79,7 @@ def test_fp32_matches_eager_relu_and_batch_norm(shape):
     assert got[1].is_contiguous(memory_format=torch.channels_last)
 
 
+@bf16_kernels
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_bf16_is_within_its_rounding_of_the_float64_reference(shape):
     """Inputs in bf16, references from the same bf16 values in float64: each output is
@@ -199,6 +202,7 @@ def test_cerberus_swaps_every_relu_batch_norm_pair_and_trains_the_same():
                 assert F.cosine_similarity(*flat, dim=0) > 0.99
 
 
+@bf16_kernels
 def test_cerberus_evaluates_in_bf16_as_eager_layers_do():
     """Evaluation without autograd through the one-pass kernels (the pools folded in),
     under bf16 autocast, against the eager model, after a few training steps have moved

@@ -1,7 +1,7 @@
 """The ReLU-BatchNorm layer with a 2x2 max pool folded in (fastcifar._C's
 relu_affine_max_pool kernels, fastcifar.models.relu_bn.ReluBatchNormMaxPool2d): the
-kernels against the unfused ones they replace, bit for bit, and the layer against eager
-ReLU, BatchNorm and max pooling in float64."""
+kernels against the unfused affine kernels followed by ATen's max pool, bit for bit, and
+the layer against eager ReLU, BatchNorm and max pooling in float64."""
 
 import copy
 
@@ -18,7 +18,7 @@ from fastcifar.models.relu_bn import (
     use_relu_bn,
     use_relu_bn_pool,
 )
-from fastcifar.ops.relu_bn import relu_batch_norm
+from fastcifar.ops.relu_bn import kernels_take_bf16, relu_batch_norm
 
 from .test_relu_bn import (
     assert_trains_alike,
@@ -29,10 +29,12 @@ from .test_relu_bn import (
 )
 
 pytestmark = pytest.mark.skipif(
-    not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX-512"
+    not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX2 or AVX-512"
 )
 
 ops = torch.ops.fastcifar
+# the kernels take bf16 on AVX-512 only; on AVX2, fp32
+DTYPES = [torch.bfloat16, torch.float32] if kernels_take_bf16() else [torch.float32]
 
 # even sizes, odd ones (the last row and column outside every window), 2 x 2
 SHAPES = [(4, 64, 8, 8), (3, 16, 7, 9), (2, 128, 2, 2), (2, 32, 5, 4)]
@@ -46,7 +48,26 @@ def with_ties(shape, dtype, seed=0):
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def max_pool_with_positions(y):
+    """ATen's 2x2 max pool of `y` and each window's winner as 0 to 3 (row-major in the
+    window), channels-last uint8."""
+    pooled, indices = F.max_pool2d(y, 2, return_indices=True)
+    width = y.shape[3]
+    where = 2 * (indices // width % 2) + indices % width % 2
+    return pooled, where.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+
+
+def unpool(grad, where, height, width):
+    """Each window's gradient at its winner, zero elsewhere (and outside the windows of an
+    odd height or width)."""
+    n, c, oh, ow = grad.shape
+    full = torch.zeros(n, c, height, width, dtype=grad.dtype)
+    for p in range(4):
+        full[:, :, p // 2 : 2 * oh : 2, p % 2 : 2 * ow : 2] = torch.where(where == p, grad, 0)
+    return full.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_the_forward_kernel_is_relu_affine_then_max_pool(shape, dtype, ties):
@@ -56,7 +77,7 @@ def test_the_forward_kernel_is_relu_affine_then_max_pool(shape, dtype, ties):
     scale, shift = parameters(shape[1])
     scale[::3] *= -1
     y, winner_relu, where = ops.relu_affine_max_pool(x, scale, shift)
-    want_y, want_where = ops.max_pool2x2(ops.relu_affine(x, scale, shift))
+    want_y, want_where = max_pool_with_positions(ops.relu_affine(x, scale, shift))
     assert torch.equal(y, want_y) and torch.equal(where, want_where)
     assert y.is_contiguous(memory_format=torch.channels_last)
     n, c, h, w = shape
@@ -66,7 +87,7 @@ def test_the_forward_kernel_is_relu_affine_then_max_pool(shape, dtype, ties):
     assert torch.equal(winner_relu, winners)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_backward_kernel_is_max_pool_backward_then_relu_affine_backward(shape, dtype):
     x = with_ties(shape, dtype, seed=1)
@@ -76,23 +97,40 @@ def test_the_backward_kernel_is_max_pool_backward_then_relu_affine_backward(shap
     grad_scale, x_scale = parameters(shape[1], seed=3)
     offset = torch.randn(shape[1])
     got = ops.relu_affine_max_pool_backward(grad, where, x, grad_scale, x_scale, offset)
-    full = ops.max_pool2x2_backward(grad, where, *shape[2:])
+    full = unpool(grad, where, *shape[2:])
     want = ops.relu_affine_backward(full, x, grad_scale, x_scale, offset)
     assert torch.equal(got, want)
     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_the_kernels_refuse_what_they_cannot_take():
-    x = channels_last(2, 16, 1, 4, dtype=torch.bfloat16)
+    x = channels_last(2, 16, 1, 4)
     with pytest.raises(RuntimeError, match="2 x 2 pixels"):
         ops.relu_affine_max_pool(x, torch.ones(16), torch.zeros(16))
-    x = channels_last(2, 16, 4, 4, dtype=torch.bfloat16)
+    x = channels_last(2, 16, 4, 4)
     where = torch.zeros(2, 16, 2, 2, dtype=torch.uint8).contiguous(
         memory_format=torch.channels_last
     )
-    grad = channels_last(2, 16, 3, 3, dtype=torch.bfloat16)
+    grad = channels_last(2, 16, 3, 3)
     with pytest.raises(RuntimeError, match="pooled shape"):
         ops.relu_affine_max_pool_backward(grad, where, x, *[torch.ones(16)] * 3)
+
+
+@pytest.mark.skipif(kernels_take_bf16(), reason="a CPU whose kernels take fp32 only (AVX2)")
+def test_bf16_goes_through_aten_where_the_kernels_take_fp32_only():
+    """On AVX2 the kernels refuse bf16 with a reason, and the layer (training and
+    evaluation) sends bf16 batches through ATen's ReLU, BatchNorm and max pool."""
+    x = channels_last(2, 16, 4, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="AVX-512"):
+        ops.relu_affine_max_pool(x, torch.ones(16), torch.zeros(16))
+    layer = ReluBatchNormMaxPool2d(16).to(torch.bfloat16)
+    want = F.max_pool2d(F.batch_norm(F.relu(x), None, None, layer.weight, layer.bias, True), 2)
+    torch.testing.assert_close(layer(x), want)
+    layer.eval()
+    with torch.no_grad():
+        want = F.max_pool2d(F.batch_norm(F.relu(x), layer.running_mean, layer.running_var,
+                                         layer.weight, layer.bias, False), 2)  # fmt: skip
+        torch.testing.assert_close(layer(x), want)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

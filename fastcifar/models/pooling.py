@@ -27,14 +27,14 @@ def native_pooling_fits(x: torch.Tensor) -> bool:
 
 
 class MaxPool2x2(nn.Module):
-    """`nn.MaxPool2d(2)`, through `fastcifar._C` where it loads and `native_pooling_fits`,
-    else ATen."""
+    """`nn.MaxPool2d(2)`, through `fastcifar._C` where its AVX-512 kernel runs and
+    `native_pooling_fits`, else ATen."""
 
     def __init__(self):
         super().__init__()
         from fastcifar.ops import native
 
-        self.native = native.load()[0]
+        self.native = native.avx512_kernels_loaded()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and native_pooling_fits(x):

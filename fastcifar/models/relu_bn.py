@@ -1,6 +1,6 @@
 """`nn.ReLU` followed by `nn.BatchNorm2d` as one layer on the CPU (`fastcifar.ops.relu_bn`):
 in training, for channels-last batches with channels in multiples of 16 on a CPU with
-AVX-512, the pair becomes two passes forward and two backward over the activations
+AVX-512 (bf16 or fp32) or AVX2 (fp32), the pair becomes two passes forward and two backward over the activations
 where ATen makes about five and eight; in evaluation without autograd, one pass where
 ATen makes two; for other batches, ATen's ReLU and BatchNorm. Where a 2x2 max pool
 follows the pair, `ReluBatchNormMaxPool2d` takes it in too: the full-size output and its
@@ -187,10 +187,11 @@ def _same_batch_norm(cls: type[nn.BatchNorm2d], bn: nn.BatchNorm2d) -> nn.BatchN
 
 
 def relu_bn_available() -> bool:
-    """A CPU with AVX-512 (as ATen detects it) and `fastcifar._C` loaded."""
+    """A CPU with AVX-512 or AVX2 (as ATen detects them) and `fastcifar._C` loaded: fp32
+    batches on both, bf16 on AVX-512 (`fastcifar.ops.relu_bn.relu_bn_fits`)."""
     from fastcifar.ops import native
 
-    return native.avx512_kernels_loaded()
+    return native.avx2_kernels_loaded()
 
 
 def relu_bn_by_default() -> bool:

@@ -9,7 +9,7 @@ backward from the window positions the forward keeps. `winograd_conv3x3` is a 3x
 convolution of bf16 channels-last activations on an AVX512-BF16 CPU
 (`fastcifar.models.winograd`; its autograd is `fastcifar.ops.winograd`'s). The
 `relu_*` operators are a ReLU followed by training-mode BatchNorm over channels-last
-activations on a CPU with AVX-512 (`fastcifar.models.relu_bn`; autograd and per-channel
+activations on a CPU with AVX-512 (bf16 and fp32) or AVX2 (fp32) (`fastcifar.models.relu_bn`; autograd and per-channel
 arithmetic in `fastcifar.ops.relu_bn`). `conv3x3_weight_grad` is a 3x3 convolution's weight and bias
 gradients on AMX tiles (`fastcifar.models.amx_conv`, `fastcifar.ops.amx_conv`);
 `amx_tiles_usable` says whether this CPU and kernel let it run; with `windows` it also sums
@@ -42,9 +42,15 @@ def load() -> tuple[bool, str]:
 
 
 def avx512_kernels_loaded() -> bool:
-    """Whether the AVX-512 CPU kernels (max pooling, ReLU-BatchNorm) can run: a CPU with
-    AVX-512 (as ATen detects it) and the extension loaded."""
+    """Whether the AVX-512 CPU kernels (max pooling, ReLU-BatchNorm in bf16 and fp32) can
+    run: a CPU with AVX-512 (as ATen detects it) and the extension loaded."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and load()[0]
+
+
+def avx2_kernels_loaded() -> bool:
+    """Whether the CPU kernels that AVX2 serves (ReLU-BatchNorm in fp32) can run: a CPU
+    with AVX2 or AVX-512 (as ATen detects them) and the extension loaded."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and load()[0]
 
 
 def amx_tiles_usable() -> bool:

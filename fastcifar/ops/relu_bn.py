@@ -17,22 +17,33 @@ so the two sums come from the pooled tensors and the input's gradient is one pas
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 CHANNEL_MULTIPLE = 16  # the kernels' channel block
 
 
 def relu_bn_fits(x: torch.Tensor) -> bool:
-    """Whether the kernels take `x`: a CPU bf16 or fp32 channels-last batch with channels in
-    multiples of 16 and more than one value per channel."""
+    """Whether the kernels take `x`: a CPU fp32 channels-last batch (bf16 too where the CPU
+    has AVX-512) with channels in multiples of 16 and more than one value per channel."""
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.bfloat16, torch.float32)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and kernels_take_bf16()))
         and x.dim() == 4
         and x.shape[1] % CHANNEL_MULTIPLE == 0
         and x.numel() > x.shape[1]
         and x.is_contiguous(memory_format=torch.channels_last)
     )
+
+
+@torch.compiler.assume_constant_result
+@functools.cache
+def kernels_take_bf16() -> bool:
+    """Whether this CPU's kernels take bf16: AVX-512's do, AVX2's take fp32 only."""
+    from fastcifar.ops import native
+
+    return native.avx512_kernels_loaded()
 
 
 class _ReluBatchNorm(torch.autograd.Function):
