@@ -173,16 +173,16 @@ def paired_evaluation_steps(benchmark, arch: str, full: bool, device, *, kind: s
                          images=images, rounds=rounds, batch=batch, train=False, bf16=bf16)  # fmt: skip
 
 
-def cpu_default_layers(model) -> None:
-    """The CPU's default native pooling and ReLU-BatchNorm layers, where they are the
-    default (`build_model`'s rules), so that a paired benchmark's sides differ only in
+def cpu_default_layers(model, arch: str) -> None:
+    """The CPU's default native pooling and ReLU-BatchNorm layers for `arch`, where they are
+    the default (`build_model`'s rules), so that a paired benchmark's sides differ only in
     what it swaps."""
     from fastcifar.models.pooling import native_pooling_available, use_native_pooling
     from fastcifar.models.relu_bn import relu_bn_by_default, use_relu_bn, use_relu_bn_pool
 
     if native_pooling_available():
         use_native_pooling(model)
-    if relu_bn_by_default():
+    if relu_bn_by_default(arch):
         use_relu_bn(model)
         use_relu_bn_pool(model)
 

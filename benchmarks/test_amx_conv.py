@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "conv4_relu_bn", "conv4_leaky", "wide4"])
 def test_training_step_with_the_amx_weight_gradient(benchmark, full, device, arch):
     result = paired_training_steps(benchmark, arch, full, device, kind="amx_conv_step",
-                                   swap=use_amx_conv, prepare=cpu_default_layers, images=2048,
+                                   swap=use_amx_conv, prepare=lambda model: cpu_default_layers(model, arch),
+                                   images=2048,
                                    rounds=7)  # fmt: skip
     assert result["speedup"] > 0

@@ -69,7 +69,7 @@ def test_training_step_with_the_max_pool_folded_in(benchmark, full, device, arch
     assert result["speedup"] > 0
 
 
-def cpu_default_layers(model) -> None:
+def amx_default_layers(model) -> None:
     """`cpu_layers` with the pools folded, as the AMX CPU's default has them."""
     cpu_layers(model)
     use_relu_bn_pool(model)
@@ -81,7 +81,7 @@ def test_training_step_with_the_next_convolution_folded_in(benchmark, full, devi
     if not amx_conv_available():
         pytest.skip("a CPU kernel with AMX")
     result = paired_training_steps(benchmark, arch, full, device, kind="relu_bn_conv_step",
-                                   swap=use_relu_bn_conv, prepare=cpu_default_layers,
+                                   swap=use_relu_bn_conv, prepare=amx_default_layers,
                                    images=2048, rounds=7)  # fmt: skip
     assert result["speedup"] > 0
 

@@ -82,8 +82,8 @@ def test_layer_forward_backward(benchmark, full, device, arch, c_in, c_out, size
     assert result["speedup"] > 0
 
 
-def winograd_forward(model) -> None:
-    cpu_default_layers(model)
+def winograd_forward(model, arch: str) -> None:
+    cpu_default_layers(model, arch)
     use_winograd(model)
 
 
@@ -91,13 +91,14 @@ def winograd_forward(model) -> None:
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4", "conv4_relu_bn"])
 def test_training_step_with_the_winograd_weight_gradient(benchmark, full, device, arch):
     result = paired_training_steps(benchmark, arch, full, device, kind="winograd_weight_grad_step",
-                                   swap=use_winograd_weight_grad, prepare=winograd_forward,
+                                   swap=use_winograd_weight_grad,
+                                   prepare=lambda model: winograd_forward(model, arch),
                                    images=2048, rounds=7)  # fmt: skip
     assert result["speedup"] > 0
 
 
-def winograd_with_its_weight_gradient(model) -> None:
-    winograd_forward(model)
+def winograd_with_its_weight_gradient(model, arch: str) -> None:
+    winograd_forward(model, arch)
     use_winograd_weight_grad(model)
 
 
@@ -108,7 +109,8 @@ def test_training_step_with_the_f4_weight_gradient(benchmark, full, device, arch
     with Winograd's forward: the speed half of its rule (benchmarks/NOTES.md)."""
     result = paired_training_steps(benchmark, arch, full, device, kind="winograd_f4_weight_grad_step",
                                    swap=lambda model: use_winograd_weight_grad(model, tile=4),
-                                   prepare=winograd_with_its_weight_gradient, images=2048,
+                                   prepare=lambda model: winograd_with_its_weight_gradient(model, arch),
+                                   images=2048,
                                    rounds=7)  # fmt: skip
     assert result["speedup"] > 0
 
@@ -121,7 +123,8 @@ def test_fp32_training_step_with_winograd(benchmark, full, device, arch):
     the CPU's other default native layers: the speed half of the fp32 default's rule on
     an AVX2 CPU (benchmarks/NOTES.md)."""
     result = paired_training_steps(benchmark, arch, full, device, kind="winograd_fp32_step",
-                                   swap=winograd_in_full, prepare=cpu_default_layers,
+                                   swap=winograd_in_full,
+                                   prepare=lambda model: cpu_default_layers(model, arch),
                                    images=1024, rounds=7, bf16=False)  # fmt: skip
     assert result["speedup"] > 0
 
@@ -134,7 +137,7 @@ def test_fp32_training_step_with_the_f4_forward(benchmark, full, device, arch):
     rule on an AVX2 CPU (benchmarks/NOTES.md)."""
 
     def f2(model) -> None:
-        cpu_default_layers(model)
+        cpu_default_layers(model, arch)
         winograd_in_full(model, fp32_tile=2)
 
     result = paired_training_steps(benchmark, arch, full, device, kind="winograd_fp32_f4_step",
@@ -151,7 +154,7 @@ def test_fp32_training_step_with_the_f4_weight_gradient(benchmark, full, device,
     3x3) ("aten"): the speed half of its fp32 rule on an AVX2 CPU (benchmarks/NOTES.md)."""
 
     def f2_grad(model) -> None:
-        cpu_default_layers(model)
+        cpu_default_layers(model, arch)
         winograd_in_full(model, fp32_tile=4, grad_tile=2)
 
     result = paired_training_steps(benchmark, arch, full, device, kind="winograd_fp32_f4_grad_step",

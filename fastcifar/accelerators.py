@@ -52,10 +52,14 @@ def report() -> list[tuple[str, bool, str]]:
             if native_pooling_available()
             else "; max pooling stays with ATen (no AVX-512)"
         )
-        from fastcifar.models.relu_bn import relu_bn_by_default
+        from fastcifar.models.relu_bn import relu_bn_default_archs
 
-        if relu_bn_by_default():
+        archs = relu_bn_default_archs()
+        if archs is None:
             why += "; ReLU-BatchNorm pairs as one layer, with the max pools after them"
+        elif archs:
+            why += (f"; ReLU-BatchNorm pairs as one layer in fp32, with the max pools after "
+                    f"them, for {', '.join(archs)}")  # fmt: skip
         from fastcifar.models.amx_conv import amx_conv_available
 
         if amx_conv_available():

@@ -230,17 +230,23 @@ def test_compile_traces_the_layer_without_graph_breaks():
     assert explanation.graph_break_count == 0
 
 
-@pytest.mark.parametrize(("amx", "bf16", "native", "swapped"),
-                         [(True, True, "auto", True), (False, True, "auto", True),
-                          (True, True, "off", False), (False, False, "auto", False)])  # fmt: skip
-def test_the_cpu_model_uses_it_where_bf16_instructions_are_and_native_is_not_off(
-    amx, bf16, native, swapped, monkeypatch
+@pytest.mark.parametrize(("amx", "bf16", "capability", "native", "swapped"),
+                         [(True, True, "AVX512", "auto", True), (False, True, "AVX512", "auto", True),
+                          (True, True, "AVX512", "off", False), (False, False, "AVX512", "auto", False),
+                          (False, False, "AVX2", "auto", True), (False, False, "AVX2", "off", False),
+                          (False, False, "DEFAULT", "auto", False)])  # fmt: skip
+def test_the_cpu_model_uses_it_where_measured_faster_and_native_is_not_off(
+    amx, bf16, capability, native, swapped, monkeypatch
 ):
+    """On CPUs with AMX or AVX512-BF16 (bf16 training) and on AVX2 ones (fp32) for the
+    architectures measured faster there (conv5 among them); not on AVX-512 CPUs without
+    bf16 (never measured) or CPUs without AVX2 (no kernels)."""
     from fastcifar.config import TrainConfig
     from fastcifar.train.build import build_model
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     cfg = TrainConfig(arch="conv5", channels_last=True, native=native)
     model = build_model(cfg, torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, ReluBatchNorm2d)]

@@ -73,7 +73,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
         if device.type == "cpu" and use_native(cfg.native, device):
             if native_pooling_available():
                 use_native_pooling(model)  # bf16 max pooling (fp32 stays with ATen at run time)
-            if relu_bn_by_default():
+            if relu_bn_by_default(cfg.arch):
                 use_relu_bn(model)  # ReLU-BatchNorm pairs as one layer in training
                 use_relu_bn_pool(model)  # with the 2x2 max pools that follow them
             if amx_conv_available():
