@@ -200,6 +200,14 @@ def winograd_in_full(model, fp32_tile: int = 2, grad_tile: int = 2) -> int:
     return use_winograd_weight_grad(model, grad_tile)
 
 
+def fp32_default_convolutions(model) -> None:
+    """The fp32 default's Winograd convolutions: F(4x4, 3x3) forward, input and weight
+    gradients in every layer Winograd takes."""
+    from fastcifar.models.winograd import default_grad_tile
+
+    winograd_in_full(model, fp32_tile=4, grad_tile=default_grad_tile("none"))
+
+
 def _paired_steps(benchmark, arch, full, device, *, kind, swap, prepare, images, rounds, batch,
                   train, bf16=True) -> dict:  # fmt: skip
     if device.type != "cpu":

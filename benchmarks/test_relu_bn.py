@@ -23,10 +23,10 @@ from fastcifar.models.relu_bn import (
     use_relu_bn_conv,
     use_relu_bn_pool,
 )
-from fastcifar.models.winograd import default_grad_tile, winograd_available
+from fastcifar.models.winograd import winograd_available
 from fastcifar.ops.relu_bn import kernels_take_bf16
 
-from .conftest import paired_evaluation_steps, paired_training_steps, winograd_in_full
+from .conftest import fp32_default_convolutions, paired_evaluation_steps, paired_training_steps
 
 pytestmark = pytest.mark.skipif(
     not relu_bn_available(), reason="needs fastcifar._C and a CPU with AVX2 or AVX-512"
@@ -104,12 +104,6 @@ def test_evaluation_in_one_pass(benchmark, full, device, arch):
                                      swap=swap_relu_bn_and_pools, prepare=POOLS_ONLY,
                                      images=5000, rounds=7)  # fmt: skip
     assert result["speedup"] > 0
-
-
-def fp32_default_convolutions(model) -> None:
-    """The fp32 default's Winograd convolutions: F(4x4, 3x3) forward, input and weight
-    gradients in every layer Winograd takes."""
-    winograd_in_full(model, fp32_tile=4, grad_tile=default_grad_tile("none"))
 
 
 @fp32_winograd

@@ -21,7 +21,8 @@ TORCH_LIBRARY(fastcifar, m) {
   // float, from the output's gradient and the input (bf16: channels in multiples of 16;
   // fp32: of 8); with tile 4, as F(4x4, 3x3): (36, C_in, C_out)
   m.def("winograd_conv3x3_weight_grad(Tensor grad, Tensor x, int tile=2) -> (Tensor, Tensor)");
-  // ReLU then training-mode BatchNorm, channels-last, CPU with AVX-512, the ReLU
+  // ReLU then training-mode BatchNorm, channels-last, CPU with AVX-512 (bf16 or float)
+  // or AVX2 and FMA (float), the ReLU
   // recomputed from the pre-activation x: per-channel sums (2, C) float64 of (relu(x),
   // relu(x)^2) and of (grad, grad * relu(x)); relu(x) * scale + shift; and the input's
   // gradient, x > 0 ? grad * grad_scale + x * x_scale + offset : 0
@@ -49,6 +50,10 @@ TORCH_LIBRARY(fastcifar, m) {
   // reads an input pixel inside the image
   m.def("conv3x3_weight_grad(Tensor grad, Tensor x, bool windows=False) -> Tensor[]");
   m.def("amx_tiles_usable() -> bool");
+  // The same gradients (C_out, C_in, 3, 3) and (C_out), float, for fp32 channels-last
+  // tensors with few input channels (a first layer), output channels in multiples of 8,
+  // CPU with AVX2 and FMA
+  m.def("conv3x3_narrow_weight_grad(Tensor grad, Tensor x) -> (Tensor, Tensor)");
 }
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -14,6 +14,8 @@ arithmetic in `fastcifar.ops.relu_bn`). `conv3x3_weight_grad` is a 3x3 convoluti
 gradients on AMX tiles (`fastcifar.models.amx_conv`, `fastcifar.ops.amx_conv`);
 `amx_tiles_usable` says whether this CPU and kernel let it run; with `windows` it also sums
 the output gradient over each tap's window (`fastcifar.ops.relu_bn_conv`).
+`conv3x3_narrow_weight_grad` is the same gradients for fp32 layers with few input
+channels on a CPU with AVX2 (`fastcifar.models.narrow_conv`, `fastcifar.ops.narrow_conv`).
 """
 
 from __future__ import annotations
@@ -129,6 +131,16 @@ def _register() -> None:
     def _(grad_shape, x_shape, *_, **__) -> int:
         n, c_in, h, w = x_shape
         return 2 * n * h * w * c_in * grad_shape[1] * 9
+
+    @register_flop_formula(torch.ops.fastcifar.conv3x3_narrow_weight_grad)
+    def _(grad_shape, x_shape, *_, **__) -> int:
+        n, c_in, h, w = x_shape
+        return 2 * n * h * w * c_in * grad_shape[1] * 9
+
+    @torch.library.register_fake("fastcifar::conv3x3_narrow_weight_grad")
+    def _(grad, x):
+        c_out, c_in = grad.shape[1], x.shape[1]
+        return x.new_empty((c_out, c_in, 3, 3)), x.new_empty(c_out)
 
     @torch.library.register_fake("fastcifar::conv3x3_weight_grad")
     def _(grad, x, windows=False):
