@@ -5,8 +5,8 @@
 // term a pixel) into a small (C_out x 27) result. Here each output pixel's gradient
 // vector is multiplied by the input values under each tap and summed in registers, 8
 // output channels a vector: per chunk of image rows (its gradient rows kept in the L2
-// cache), per group of 16 output channels, per input channel and tap row, the three taps
-// of a row in 6 accumulators over the chunk's pixels.
+// cache), per group of 16 output channels, per two tap rows (an input channel under a
+// kernel row), their six taps in 12 accumulators over the chunk's pixels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "cpu_features.h"
 
@@ -26,40 +27,82 @@ struct Sizes {
   int64_t h, w, c_in, c_out;
 };
 
+// A tap row: input channel ci under kernel row kh.
+struct TapRow {
+  int64_t ci;
+  int kh;
+};
+
 // Adds to sums[(ci * 9 + 3 kh + kw) * c_out + co ...] the gradient's channels [co, co + 8
-// NV) times the input under tap (kh, kw), for input channel ci, tap row kh and every
-// pixel of image rows [begin, end) (rows counted over the batch).
-template <int NV>
-FASTCIFAR_AVX2 void tap_row(const float* x, const float* grad, const Sizes& s, int64_t begin,
-                            int64_t end, int64_t ci, int kh, int64_t co, float* sums) {
-  __m256 acc[3][NV];
-  for (int k = 0; k < 3; ++k)
-    for (int v = 0; v < NV; ++v) acc[k][v] = _mm256_setzero_ps();
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t image = row / s.h, y = row % s.h, source = y + kh - 1;
-    if (source < 0 || source >= s.h) continue;  // the tap row lies in the padding
-    const float* in = x + (image * s.h + source) * s.w * s.c_in + ci;
-    const float* g = grad + row * s.w * s.c_out + co;
-    for (int64_t col = 0; col < s.w; ++col, g += s.c_out) {
-      __m256 gv[NV];
-      for (int v = 0; v < NV; ++v) gv[v] = _mm256_loadu_ps(g + 8 * v);
-      if (col > 0) {
-        const __m256 left = _mm256_broadcast_ss(in + (col - 1) * s.c_in);
-        for (int v = 0; v < NV; ++v) acc[0][v] = _mm256_fmadd_ps(left, gv[v], acc[0][v]);
+// NV) times the input under tap (kh, kw), for B tap rows at once and every pixel of image
+// rows [begin, end) (rows counted over the batch, begin < end): 6 B accumulators, 12 for
+// B = 2, enough independent sums to keep both FMA pipes busy. Each tap row's input rows
+// are first copied into `padded` (w + 2 floats a row, zero at both ends and where the
+// row lies in the padding), so that the three taps read them without branches; the
+// products then run in loops that hold the accumulators in registers (no call inside,
+// and loops that run at least once, else GCC keeps them in memory).
+template <int NV, int B>
+FASTCIFAR_AVX2 void tap_rows(const float* x, const float* grad, const Sizes& s, int64_t begin,
+                             int64_t end, const TapRow* taps, int64_t co, float* sums,
+                             float* padded) {
+  const int64_t stride = s.w + 2, rows = end - begin;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t image = (begin + r) / s.h, y = (begin + r) % s.h;
+    for (int b = 0; b < B; ++b) {
+      float* line = padded + (r * B + b) * stride;
+      const int64_t source = y + taps[b].kh - 1;
+      line[0] = line[s.w + 1] = 0.0f;
+      if (source < 0 || source >= s.h) {
+        std::fill(line + 1, line + 1 + s.w, 0.0f);
+        continue;
       }
-      const __m256 middle = _mm256_broadcast_ss(in + col * s.c_in);
-      for (int v = 0; v < NV; ++v) acc[1][v] = _mm256_fmadd_ps(middle, gv[v], acc[1][v]);
-      if (col + 1 < s.w) {
-        const __m256 right = _mm256_broadcast_ss(in + (col + 1) * s.c_in);
-        for (int v = 0; v < NV; ++v) acc[2][v] = _mm256_fmadd_ps(right, gv[v], acc[2][v]);
-      }
+      const float* in = x + (image * s.h + source) * s.w * s.c_in + taps[b].ci;
+      for (int64_t col = 0; col < s.w; ++col) line[col + 1] = in[col * s.c_in];
     }
   }
-  for (int k = 0; k < 3; ++k) {
-    float* out = sums + (ci * 9 + 3 * kh + k) * s.c_out + co;
-    for (int v = 0; v < NV; ++v)
-      _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(_mm256_loadu_ps(out + 8 * v), acc[k][v]));
-  }
+  __m256 acc[B][3][NV];
+  for (int b = 0; b < B; ++b)
+    for (int k = 0; k < 3; ++k)
+      for (int v = 0; v < NV; ++v) acc[b][k][v] = _mm256_setzero_ps();
+  // one loop over the rows' pixels (the gradient's rows lie one after another)
+  const float* g = grad + begin * s.w * s.c_out + co;
+  const float* at = padded;  // the pixel's left tap in its first tap row
+  int64_t col = 0, left = rows * s.w;
+  do {
+    __m256 gv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) gv[v] = _mm256_loadu_ps(g + 8 * v);
+#pragma GCC unroll 2
+    for (int b = 0; b < B; ++b)
+#pragma GCC unroll 3
+      for (int k = 0; k < 3; ++k) {
+        const __m256 value = _mm256_broadcast_ss(at + b * stride + k);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[b][k][v] = _mm256_fmadd_ps(value, gv[v], acc[b][k][v]);
+      }
+    g += s.c_out;
+    ++at;
+    if (++col == s.w) {  // the next image row's tap rows
+      col = 0;
+      at += B * stride - s.w;
+    }
+  } while (--left > 0);
+  for (int b = 0; b < B; ++b)
+    for (int k = 0; k < 3; ++k) {
+      float* out = sums + (taps[b].ci * 9 + 3 * taps[b].kh + k) * s.c_out + co;
+      for (int v = 0; v < NV; ++v)
+        _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(_mm256_loadu_ps(out + 8 * v), acc[b][k][v]));
+    }
+}
+
+// tap_rows for B tap rows at once and output channels [co, co + 16), or [co, co + 8)
+// where only 8 are left.
+template <int B>
+FASTCIFAR_AVX2 void tap_rows_at(const float* x, const float* grad, const Sizes& s, int64_t begin,
+                                int64_t end, const TapRow* taps, int64_t co, float* sums,
+                                float* padded) {
+  if (co + 16 <= s.c_out) tap_rows<2, B>(x, grad, s, begin, end, taps, co, sums, padded);
+  else tap_rows<1, B>(x, grad, s, begin, end, taps, co, sums, padded);
 }
 
 // Adds the gradient's channels [co, co + 8 NV) over image rows [begin, end) to bias[co ...].
@@ -75,18 +118,20 @@ FASTCIFAR_AVX2 void bias_rows(const float* grad, const Sizes& s, int64_t begin, 
     _mm256_storeu_ps(bias + co + 8 * v, _mm256_add_ps(_mm256_loadu_ps(bias + co + 8 * v), acc[v]));
 }
 
-// One chunk of rows into a thread's sums (c_in * 9 + 1 rows of c_out: the taps, then the bias)
+// One chunk of rows into a thread's sums (c_in * 9 + 1 rows of c_out: the taps, then the
+// bias), the tap rows two at a time.
 FASTCIFAR_AVX2 void chunk_sums(const float* x, const float* grad, const Sizes& s, int64_t begin,
-                               int64_t end, float* sums) {
+                               int64_t end, float* sums, float* padded) {
+  std::vector<TapRow> taps;
+  for (int64_t ci = 0; ci < s.c_in; ++ci)
+    for (int kh = 0; kh < 3; ++kh) taps.push_back({ci, kh});
+  const int64_t count = static_cast<int64_t>(taps.size());
   for (int64_t co = 0; co < s.c_out; co += 16) {
-    const bool pair = co + 16 <= s.c_out;
-    for (int64_t ci = 0; ci < s.c_in; ++ci)
-      for (int kh = 0; kh < 3; ++kh) {
-        if (pair) tap_row<2>(x, grad, s, begin, end, ci, kh, co, sums);
-        else tap_row<1>(x, grad, s, begin, end, ci, kh, co, sums);
-      }
+    int64_t t = 0;
+    for (; t + 2 <= count; t += 2) tap_rows_at<2>(x, grad, s, begin, end, &taps[t], co, sums, padded);
+    if (t < count) tap_rows_at<1>(x, grad, s, begin, end, &taps[t], co, sums, padded);
     float* bias = sums + s.c_in * 9 * s.c_out;
-    if (pair) bias_rows<2>(grad, s, begin, end, co, bias);
+    if (co + 16 <= s.c_out) bias_rows<2>(grad, s, begin, end, co, bias);
     else bias_rows<1>(grad, s, begin, end, co, bias);
   }
 }
@@ -104,6 +149,9 @@ std::tuple<at::Tensor, at::Tensor> conv3x3_narrow_weight_grad(const at::Tensor& 
   TORCH_CHECK(c_out % 8 == 0, "conv3x3_narrow_weight_grad needs output channels in multiples of 8, not ",
               c_out);
   const Sizes s{h, w, c_in, c_out};
+  if (x.numel() == 0)  // no pixels (or no input channels): nothing to sum
+    return {at::zeros({c_out, c_in, 3, 3}, x.options().memory_format(at::MemoryFormat::Contiguous)),
+            at::zeros({c_out}, x.options())};
   const int64_t rows = n * h, chunks = (rows + kChunkRows - 1) / kChunkRows;
   const int64_t threads = at::get_num_threads(), per_thread = (c_in * 9 + 1) * c_out;
   auto sums = at::zeros({threads, per_thread}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -113,9 +161,10 @@ std::tuple<at::Tensor, at::Tensor> conv3x3_narrow_weight_grad(const at::Tensor& 
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     const int64_t thread = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(thread < threads, "conv3x3_narrow_weight_grad: thread ", thread);
+    std::vector<float> padded(kChunkRows * 2 * (w + 2));
     for (int64_t chunk = first; chunk < last; ++chunk)
       chunk_sums(in, g, s, chunk * kChunkRows, std::min(rows, (chunk + 1) * kChunkRows),
-                 all + thread * per_thread);
+                 all + thread * per_thread, padded.data());
   });
   const at::Tensor total = sums.sum(0);
   // (c_in, 3, 3, c_out) -> (c_out, c_in, 3, 3)
