@@ -33,6 +33,19 @@ def conv3x3_input_grad(grad, x, w):
     )[0]
 
 
+def conv3x3_grads(ctx, grad, x, w, weight_grad):
+    """The backward of a 3x3 convolution whose weight and bias gradients come from the
+    native op `weight_grad(grad, x)`: (input, weight, bias) gradients, each where `ctx`
+    needs it, the input's from oneDNN."""
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = conv3x3_input_grad(grad, x, w)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_w, grad_b = weight_grad(grad, x)
+        grad_b = grad_b if ctx.has_bias else None
+    return grad_x, grad_w, grad_b
+
+
 class _AmxGradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -45,14 +58,7 @@ class _AmxGradConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        grad = bf16_grad(grad)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = conv3x3_input_grad(grad, x, w)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w, grad_b = torch.ops.fastcifar.conv3x3_weight_grad(grad, x)
-            grad_b = grad_b if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
+        return conv3x3_grads(ctx, bf16_grad(grad), x, w, torch.ops.fastcifar.conv3x3_weight_grad)
 
 
 def amx_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

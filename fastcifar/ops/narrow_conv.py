@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastcifar.ops.amx_conv import conv3x3_input_grad
+from fastcifar.ops.amx_conv import conv3x3_grads
 
 OUTPUT_MULTIPLE = 8  # output channels: the kernel's 8 floats a vector
 
@@ -26,13 +26,7 @@ class _NarrowGradConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = conv3x3_input_grad(grad, x, weight)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w, grad_b = torch.ops.fastcifar.conv3x3_narrow_weight_grad(grad, x)
-            grad_b = grad_b if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
+        return conv3x3_grads(ctx, grad, x, weight, torch.ops.fastcifar.conv3x3_narrow_weight_grad)
 
 
 def narrow_conv3x3(
