@@ -16,9 +16,10 @@ import numpy as np
 from fastcifar.errors import UserError
 from fastcifar.results import accuracy_stats, data_name, read_results
 from fastcifar.train.build import (
-    WINOGRAD_F4_WEIGHT_GRAD_LAYER,
+    WINOGRAD_F4_INPUT_GRAD,
+    WINOGRAD_F4_WEIGHT_GRAD,
     WINOGRAD_LAYER,
-    WINOGRAD_WEIGHT_GRAD_LAYER,
+    WINOGRAD_WEIGHT_GRAD,
 )
 from fastcifar.train.rundir import is_training, read_json, read_metrics, read_predictions, run_data
 
@@ -213,25 +214,31 @@ def _read_run(run: Path, label: str) -> _Run:
     data = run_data(run)
     settings["data"] = data_name(data) if data else None
     if "winograd" in config:
-        ran = winograd_ran(config, run)
-        settings["winograd"], settings["winograd_weight_grad"], settings["winograd_grad_tile"] = ran
+        keys = (
+            "winograd",
+            "winograd_weight_grad",
+            "winograd_grad_tile",
+            "winograd_input_grad_tile",
+        )
+        settings |= dict(zip(keys, winograd_ran(config, run), strict=True))
     return _Run(row, rows, best, settings, config.get("seed"), run)
 
 
-def winograd_ran(config: dict, run: Path) -> tuple[str, str, int]:
+def winograd_ran(config: dict, run: Path) -> tuple[str, str, int, int]:
     """Whether the run's 3x3 convolutions ran as Winograd, and whether their weight
-    gradient did too, each "on" or "off", and that gradient's tile (2 or 4), from the
-    layers its env.json records (`auto` and an unset tile decide by the CPU and the
-    precision); a run from before they were recorded gives its flags (one from before the
-    weight gradient's flag, "off"; from before the tile's, 2)."""
+    gradient did too, each "on" or "off", that gradient's tile (2 or 4) and the bf16 input
+    gradient's, from the layers its env.json records (`auto` and an unset tile decide by
+    the CPU and the precision); a run from before they were recorded gives its flags (one
+    from before the weight gradient's flag, "off"; from before a tile's, 2)."""
     layers = read_json(run / "env.json").get("native_layers")
     if layers is None:
         flags = config["winograd"], config.get("winograd_weight_grad", "off")
-        return *flags, config.get("winograd_grad_tile") or 2
-    forward = any(name.startswith(WINOGRAD_LAYER) for name in layers)
-    grad = {WINOGRAD_WEIGHT_GRAD_LAYER, WINOGRAD_F4_WEIGHT_GRAD_LAYER} & set(layers)
-    tile = 4 if WINOGRAD_F4_WEIGHT_GRAD_LAYER in layers else 2
-    return ("on" if forward else "off"), ("on" if grad else "off"), tile
+        return *flags, config.get("winograd_grad_tile") or 2, 2
+    winograd = [name for name in layers if name.startswith(WINOGRAD_LAYER)]
+    grad = any(WINOGRAD_WEIGHT_GRAD in name for name in winograd)
+    tile = 4 if any(WINOGRAD_F4_WEIGHT_GRAD in name for name in winograd) else 2
+    input_tile = 4 if any(WINOGRAD_F4_INPUT_GRAD in name for name in winograd) else 2
+    return ("on" if winograd else "off"), ("on" if grad else "off"), tile, input_tile
 
 
 def expand_runs(paths: list[Path], log=print) -> list[Path]:

@@ -67,6 +67,7 @@ class TrainConfig:
     winograd: str = "auto"  # auto | on | off: 3x3 convs as Winograd (bf16 AVX512-BF16, fp32 AVX2)
     winograd_weight_grad: str = "auto"  # auto | on | off: the Winograd convs' weight gradient too
     winograd_grad_tile: int | None = None  # 2 | 4: Winograd weight-grad tile; unset: fp32 4, bf16 2
+    winograd_input_grad_tile: int = 2  # 2 | 4: the bf16 Winograd convs' input-gradient tile
     prefetch: str = "auto"  # auto | on | off: a thread makes training batches ahead (auto: off)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode (on CUDA reduce-overhead: CUDA graphs)
@@ -103,6 +104,10 @@ class TrainConfig:
             (
                 self.winograd_grad_tile in (None, 2, 4),
                 f"--winograd-grad-tile must be 2 or 4, not {self.winograd_grad_tile}",
+            ),
+            (
+                self.winograd_input_grad_tile in (2, 4),
+                f"--winograd-input-grad-tile must be 2 or 4, not {self.winograd_input_grad_tile}",
             ),
             (not self.dali_decode or self.loader == "dali", "--dali-decode needs --loader dali"),
             (

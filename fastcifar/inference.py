@@ -30,7 +30,9 @@ def load_trained(path: Path, device_name: str = "auto") -> tuple[torch.nn.Module
     cfg = cfg.replace(device=device.type)
     if cfg.winograd == "on" and winograd_refusal(cfg, device):  # a speed switch: same weights
         cfg = cfg.replace(winograd="off")
-    cfg = cfg.replace(winograd_weight_grad="off", winograd_grad_tile=2)  # training only
+    cfg = cfg.replace(
+        winograd_weight_grad="off", winograd_grad_tile=2, winograd_input_grad_tile=2
+    )  # training only
     model = build_model(cfg, device)
     load_model_state(model, ckpt["model"], cfg.arch, path)
     return model.eval(), cfg

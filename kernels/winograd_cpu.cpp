@@ -1,5 +1,6 @@
 // fastcifar::winograd_conv3x3: a 3x3 convolution, stride 1, padding 1, of bf16
-// channels-last activations as Winograd F(2x2, 3x3), on a CPU with AVX512-BF16.
+// channels-last activations as Winograd F(2x2, 3x3), on a CPU with AVX512-BF16 (or, given
+// 36 weight tiles, F(4x4, 3x3): the input's gradient with `input_grad_tile` 4).
 //
 // A tile is 2 x 2 output pixels; its input is the 4 x 4 patch d around them (zero outside
 // the image). Per tile, the output is A^T [sum over input channels of (B^T d B) * U] A,
@@ -179,23 +180,6 @@ FASTCIFAR_AVX512 inline void gradient_tile(const at::BFloat16* grad, const Shape
   }
 }
 
-// V[16][count][c_in], planes `plane` elements apart: B^T d B for tiles first .. first +
-// count of the whole batch.
-FASTCIFAR_AVX512_BF16 void input_tiles(const at::BFloat16* x, const Shape& s, int64_t first,
-                                       int64_t count, at::BFloat16* v, int64_t plane) {
-  const int64_t c = s.c_in;
-  for (int64_t t = 0; t < count; ++t) {
-    at::BFloat16* out = v + t * c;
-    const Patch patch = patch_at(x, s, locate(s, first + t));
-    for (int64_t ch = 0; ch < c; ch += 16) {
-      const __mmask16 m = lanes(c - ch);
-      __m512 tile[16];
-      input_tile(patch, ch, m, tile);
-      for (int k = 0; k < 16; ++k) _mm256_mask_storeu_epi16(out + k * plane + ch, m, to_bf16(tile[k]));
-    }
-  }
-}
-
 // Two tiles' values rounded to bf16 as pairs: each word's low half from a, high half from
 // b. vcvtne2ps2bf16 puts a's 16 values in the low half of the vector and b's in the high
 // half; one permutation of the 32 halves interleaves them.
@@ -238,6 +222,17 @@ FASTCIFAR_AVX512 inline void a6(const __m512 x[4], __m512 y[6]) {
   y[5] = x[3];
 }
 
+// A^T m of one column (or row) m[0..5] of F(4x4)'s 6 x 6 products: 4 values.
+FASTCIFAR_AVX512 inline void at6(const __m512 m[6], __m512 y[4]) {
+  const __m512 two = _mm512_set1_ps(2.0f), four = _mm512_set1_ps(4.0f), eight = _mm512_set1_ps(8.0f);
+  const __m512 s12 = _mm512_add_ps(m[1], m[2]), d12 = _mm512_sub_ps(m[1], m[2]);
+  const __m512 s34 = _mm512_add_ps(m[3], m[4]), d34 = _mm512_sub_ps(m[3], m[4]);
+  y[0] = _mm512_add_ps(_mm512_add_ps(m[0], s12), s34);
+  y[1] = _mm512_fmadd_ps(two, d34, d12);
+  y[2] = _mm512_fmadd_ps(four, s34, s12);
+  y[3] = _mm512_add_ps(_mm512_fmadd_ps(eight, d34, d12), m[5]);
+}
+
 // The 6 x 6 patch around F(4x4)'s tile at `where` (rows and columns from 4 t - 1), zero
 // outside the image, for 16 channels from ch: B^T d B as v[6 i + j].
 FASTCIFAR_AVX512 inline void input_tile6(const at::BFloat16* x, const Shape& s, const TileAt& where,
@@ -274,6 +269,28 @@ FASTCIFAR_AVX512 inline void gradient_tile6(const at::BFloat16* grad, const Shap
     for (int i = 0; i < 6; ++i) r[i][q] = column[i];
   }
   for (int i = 0; i < 6; ++i) a6(r[i], v + 6 * i);  // (A g) A^T, row by row
+}
+
+// V[N^2][count][c_in], planes `plane` elements apart, N = kTile + 2: B^T d B for tiles
+// first .. first + count of the whole batch, F(2x2, 3x3)'s (kTile 2) or F(4x4, 3x3)'s
+// (kTile 4, input channels in multiples of 16).
+template <int kTile>
+FASTCIFAR_AVX512_BF16 void input_tiles(const at::BFloat16* x, const Shape& s, int64_t first,
+                                       int64_t count, at::BFloat16* v, int64_t plane) {
+  constexpr int kPlanes = (kTile + 2) * (kTile + 2);
+  const int64_t c = s.c_in;
+  for (int64_t t = 0; t < count; ++t) {
+    at::BFloat16* out = v + t * c;
+    const TileAt where = locate(s, first + t);
+    const Patch patch = kTile == 2 ? patch_at(x, s, where) : Patch{};
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const __mmask16 m = lanes(c - ch);
+      __m512 tile[kPlanes];
+      if constexpr (kTile == 2) input_tile(patch, ch, m, tile);
+      else input_tile6(x, s, where, ch, tile);
+      for (int k = 0; k < kPlanes; ++k) _mm256_mask_storeu_epi16(out + k * plane + ch, m, to_bf16(tile[k]));
+    }
+  }
 }
 
 // P[planes][count / 2][c][2], planes `plane` elements apart: the transform of each of
@@ -320,8 +337,9 @@ FASTCIFAR_AVX512_BF16 void paired_tiles(const at::BFloat16* src, const Shape& s,
   }
 }
 
-// The 2 x 2 output pixels of each tile, A^T m A + bias, from M[16][count][c_out], planes
-// `plane` elements apart.
+// The kTile x kTile output pixels of each tile, A^T m A + bias, from M[(kTile + 2)^2]
+// [count][c_out], planes `plane` elements apart (kTile 2: F(2x2, 3x3); 4: F(4x4, 3x3)).
+template <int kTile>
 FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, int64_t plane, const float* bias,
                                          const Shape& s, int64_t first, int64_t count,
                                          at::BFloat16* y) {
@@ -329,28 +347,81 @@ FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, int64_t plane, const f
   for (int64_t t = 0; t < count; ++t) {
     const TileAt where = locate(s, first + t);
     const float* in = mt + t * c;
-    at::BFloat16* top = y + ((where.image * s.h + 2 * where.ty) * s.w + 2 * where.tx) * c;
-    at::BFloat16* rows[2] = {top, top + s.w * c};
+    at::BFloat16* top = y + ((where.image * s.h + kTile * where.ty) * s.w + kTile * where.tx) * c;
     for (int64_t ch = 0; ch < c; ch += 16) {
       const __mmask16 m = lanes(c - ch);
-      __m512 r[2][4];  // A^T m: rows
-      for (int j = 0; j < 4; ++j) {
-        const __m512 m0 = _mm512_maskz_loadu_ps(m, in + j * plane + ch);
-        const __m512 m1 = _mm512_maskz_loadu_ps(m, in + (4 + j) * plane + ch);
-        const __m512 m2 = _mm512_maskz_loadu_ps(m, in + (8 + j) * plane + ch);
-        const __m512 m3 = _mm512_maskz_loadu_ps(m, in + (12 + j) * plane + ch);
-        r[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-        r[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
-      }
       const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + ch) : _mm512_setzero_ps();
-      for (int a = 0; a < 2; ++a) {  // (A^T m) A: columns
-        const __m512 left = _mm512_add_ps(_mm512_add_ps(r[a][0], r[a][1]), r[a][2]);
-        const __m512 right = _mm512_sub_ps(_mm512_sub_ps(r[a][1], r[a][2]), r[a][3]);
-        _mm256_mask_storeu_epi16(rows[a] + ch, m, to_bf16(_mm512_add_ps(left, b)));
-        _mm256_mask_storeu_epi16(rows[a] + c + ch, m, to_bf16(_mm512_add_ps(right, b)));
+      if constexpr (kTile == 2) {
+        __m512 r[2][4];  // A^T m: rows
+        for (int j = 0; j < 4; ++j) {
+          const __m512 m0 = _mm512_maskz_loadu_ps(m, in + j * plane + ch);
+          const __m512 m1 = _mm512_maskz_loadu_ps(m, in + (4 + j) * plane + ch);
+          const __m512 m2 = _mm512_maskz_loadu_ps(m, in + (8 + j) * plane + ch);
+          const __m512 m3 = _mm512_maskz_loadu_ps(m, in + (12 + j) * plane + ch);
+          r[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+          r[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+        }
+        for (int a = 0; a < 2; ++a) {  // (A^T m) A: columns
+          const __m512 left = _mm512_add_ps(_mm512_add_ps(r[a][0], r[a][1]), r[a][2]);
+          const __m512 right = _mm512_sub_ps(_mm512_sub_ps(r[a][1], r[a][2]), r[a][3]);
+          _mm256_mask_storeu_epi16(top + a * s.w * c + ch, m, to_bf16(_mm512_add_ps(left, b)));
+          _mm256_mask_storeu_epi16(top + (a * s.w + 1) * c + ch, m, to_bf16(_mm512_add_ps(right, b)));
+        }
+      } else {
+        __m512 r[4][6];  // A^T m, column by column
+        for (int j = 0; j < 6; ++j) {
+          __m512 col[6], out[4];
+          for (int i = 0; i < 6; ++i) col[i] = _mm512_maskz_loadu_ps(m, in + (6 * i + j) * plane + ch);
+          at6(col, out);
+          for (int a = 0; a < 4; ++a) r[a][j] = out[a];
+        }
+        for (int a = 0; a < 4; ++a) {  // (A^T m) A, row by row
+          __m512 row[4];
+          at6(r[a], row);
+          for (int q = 0; q < 4; ++q)
+            _mm256_mask_storeu_epi16(top + (a * s.w + q) * c + ch, m, to_bf16(_mm512_add_ps(row[q], b)));
+        }
       }
     }
   }
+}
+
+// Tiles a chunk of the forward: its transformed inputs (bf16) and products (fp32) about
+// 384 KiB, so that they stay in the L2 cache between the transforms and the products;
+// for F(4x4, 3x3)'s 36 planes also as many, up to 64, as fit one plane's inputs, weights
+// and products into those 384 KiB, since each chunk reads every plane of the weights.
+int64_t forward_chunk(int64_t planes, int64_t c_in, int64_t c_out) {
+  const int64_t fit = 393216 / (planes * (2 * c_in + 4 * c_out));
+  if (planes == 16) return std::max<int64_t>(kRows, fit);
+  const int64_t plane_fit = std::max<int64_t>(0, (393216 - 2 * c_in * c_out) / (2 * c_in + 4 * c_out));
+  return std::max<int64_t>({kRows, fit, std::min<int64_t>(plane_fit, 64)});
+}
+
+// winograd_conv3x3's bf16 body for kTile x kTile output tiles.
+template <int kTile>
+void forward_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bias, at::Tensor& y) {
+  constexpr int kPlanes = (kTile + 2) * (kTile + 2);
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), c_out = packed.size(2);
+  const Shape s{h, w, c_in, c_out, (h / kTile) * (w / kTile), w / kTile};
+  const int64_t tiles = n * s.tiles_per_image;
+  const int64_t chunk = forward_chunk(kPlanes, c_in, c_out);
+  const int64_t chunks = (tiles + chunk - 1) / chunk;
+  const auto* in = reinterpret_cast<const at::BFloat16*>(x.const_data_ptr());
+  const auto* u = reinterpret_cast<const at::BFloat16*>(packed.const_data_ptr());
+  auto* out = reinterpret_cast<at::BFloat16*>(y.mutable_data_ptr());
+  const int64_t v_plane = chunk * c_in + kPlanePad, m_plane = chunk * c_out + kPlanePad / 2;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> v(kPlanes * v_plane);
+    std::vector<float> products(kPlanes * m_plane);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
+      input_tiles<kTile>(in, s, first, count, v.data(), v_plane);
+      for (int k = 0; k < kPlanes; ++k)
+        gemm<false>(v.data() + k * v_plane, c_in, 2, count, u + k * c_in * c_out, c_out, c_in,
+                    products.data() + k * m_plane);
+      output_pixels<kTile>(products.data(), m_plane, bias, s, first, count, out);
+    }
+  });
 }
 
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
@@ -361,44 +432,27 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "winograd_conv3x3 takes a 4-D bf16 channels-last input on the CPU");
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
-  TORCH_CHECK(h % 2 == 0 && w % 2 == 0, "winograd_conv3x3 needs an even height and width, not ", h,
-              " x ", w);
+  const int64_t planes = packed.dim() == 4 ? packed.size(0) : 0, tile = planes == 36 ? 4 : 2;
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && packed.dim() == 4 &&
-                  packed.size(0) == 16 && 2 * packed.size(1) == c_in && packed.size(3) == 2,
-              "winograd_conv3x3: the weight tiles must be contiguous bf16 (16, C_in / 2, C_out, 2) "
-              "for ", c_in, " input channels");
+                  (planes == 16 || planes == 36) && 2 * packed.size(1) == c_in && packed.size(3) == 2,
+              "winograd_conv3x3: the weight tiles must be contiguous bf16 (16 or 36, C_in / 2, "
+              "C_out, 2) for ", c_in, " input channels");
+  TORCH_CHECK(h % tile == 0 && w % tile == 0, "winograd_conv3x3 with ", planes, " weight tiles needs ",
+              tile == 2 ? "an even height and width" : "a height and width in multiples of 4",
+              ", not ", h, " x ", w);
   const int64_t c_out = packed.size(2);
-  TORCH_CHECK(c_in % 2 == 0 && c_out % 16 == 0,
-              "winograd_conv3x3 needs an even number of input channels and output channels in "
-              "multiples of 16, not ", c_in, " and ", c_out);
+  TORCH_CHECK(c_in % (tile == 2 ? 2 : 16) == 0 && c_out % 16 == 0,
+              "winograd_conv3x3 with ", planes, " weight tiles needs input channels in multiples of ",
+              tile == 2 ? 2 : 16, " and output channels in multiples of 16, not ", c_in, " and ", c_out);
   at::Tensor b;
   if (bias) {
     b = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(b.dim() == 1 && b.size(0) == c_out, "winograd_conv3x3: the bias needs ", c_out, " values");
   }
   auto y = at::empty({n, c_out, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const Shape s{h, w, c_in, c_out, (h / 2) * (w / 2), w / 2};
-  const int64_t tiles = n * s.tiles_per_image;
-  // tiles a chunk: its transformed inputs and products about 384 KiB
-  const int64_t chunk = std::max<int64_t>(kRows, 393216 / (16 * (2 * c_in + 4 * c_out)));
-  const int64_t chunks = (tiles + chunk - 1) / chunk;
-  const auto* in = reinterpret_cast<const at::BFloat16*>(x.const_data_ptr());
-  const auto* u = reinterpret_cast<const at::BFloat16*>(packed.const_data_ptr());
-  auto* out = reinterpret_cast<at::BFloat16*>(y.mutable_data_ptr());
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
-  const int64_t v_plane = chunk * c_in + kPlanePad, m_plane = chunk * c_out + kPlanePad / 2;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<at::BFloat16> v(16 * v_plane);
-    std::vector<float> products(16 * m_plane);
-    for (int64_t part = begin; part < end; ++part) {
-      const int64_t first = part * chunk, count = std::min(chunk, tiles - first);
-      input_tiles(in, s, first, count, v.data(), v_plane);
-      for (int k = 0; k < 16; ++k)
-        gemm<false>(v.data() + k * v_plane, c_in, 2, count, u + k * c_in * c_out, c_out, c_in,
-                    products.data() + k * m_plane);
-      output_pixels(products.data(), m_plane, bp, s, first, count, out);
-    }
-  });
+  if (tile == 2) forward_tiles<2>(x, packed, bp, y);
+  else forward_tiles<4>(x, packed, bp, y);
   return y;
 }
 

@@ -3,6 +3,7 @@ winograd_conv3x3, fastcifar.models.winograd) against plain PyTorch: the same ari
 in torch ops, and F.conv2d in float64."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -63,6 +64,57 @@ def test_the_op_is_the_reference_arithmetic(n, c_in, c_out, h, w):
     want = reference_conv(x, weight, bias, operands=torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3 * want.abs().max().item())
+
+
+# F(4x4, 3x3)'s forward (the input gradient's, with `input_grad_tile=4`; input channels
+# in multiples of 16): one tile, a non-square image with output channels of three 16-lane
+# vectors, several chunks of tiles, cerberus's channels both ways at 8 x 8
+F4_SHAPES = [
+    (1, 16, 16, 4, 4),
+    (1, 32, 48, 4, 12),
+    (3, 16, 16, 32, 32),
+    (2, 128, 256, 8, 8),
+    (2, 256, 128, 8, 8),
+]
+
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), F4_SHAPES)
+def test_the_f4_op_is_the_reference_arithmetic(n, c_in, c_out, h, w):
+    """Given 36 weight tiles the op is F(4x4, 3x3): the same arithmetic as the torch-op
+    reference with the same bf16 operands, up to the fp32 sums' order and the output's
+    rounding."""
+    x = channels_last(n, c_in, h, w)
+    weight, bias = conv3x3_weights(c_out, c_in)
+    tiles = packed_weight_tiles(weight, torch.bfloat16, tile=4)
+    assert tiles.shape == (36, c_in // 2, c_out, 2)
+    got = torch.ops.fastcifar.winograd_conv3x3(x, tiles, bias)
+    want = reference_conv(x, weight, bias, operands=torch.bfloat16, tile=4)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), F4_SHAPES[2:])
+def test_the_f4_input_gradient_against_float64(n, c_in, c_out, h, w):
+    """Through autograd with `input_grad_tile=4`: the input's gradient within 4% of
+    float64's (F(4x4, 3x3) in bf16 strays about 2%, six times F(2x2)'s:
+    benchmarks/NOTES.md); the output and the weight's gradient are F(2x2)'s."""
+    x = channels_last(n, c_in, h, w)
+    weight, bias = conv3x3_weights(c_out, c_in)
+    grad = channels_last(n, c_out, h, w, seed=2)
+    outs, grads = [], []
+    for tile in (2, 4):
+        ours = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = winograd_conv3x3(*ours, winograd_weight_grad=True, input_grad_tile=tile)
+        out.backward(grad)
+        outs.append(out)
+        grads.append([t.grad for t in ours])
+    exact = [t.double().requires_grad_() for t in (x, weight, bias)]
+    F.conv2d(*exact, padding=1).backward(grad.double())
+    (f2, f4), exact_x = grads, exact[0].grad
+    assert relative_rms(f4[0], exact_x) < 0.04 and f4[0].dtype == torch.bfloat16
+    assert relative_rms(f4[0], exact_x) > relative_rms(f2[0], exact_x)  # not F(2x2)'s again
+    assert torch.equal(outs[1], outs[0])
+    assert torch.equal(f4[1], f2[1]) and torch.equal(f4[2], f2[2])
 
 
 @pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w"), SHAPES)
@@ -193,6 +245,14 @@ def test_the_op_refuses_what_it_cannot_compute():
     packed = packed_weight_tiles(conv3x3_weights(16, 16)[0])
     with pytest.raises(RuntimeError, match="even height and width"):
         torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 16, 5, 4), packed, None)
+    four = packed_weight_tiles(conv3x3_weights(16, 16)[0], tile=4)
+    with pytest.raises(
+        RuntimeError, match="36 weight tiles needs a height and width in multiples of 4"
+    ):
+        torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 16, 6, 4), four, None)
+    eight = packed_weight_tiles(conv3x3_weights(16, 8)[0], tile=4)
+    with pytest.raises(RuntimeError, match="input channels in multiples of 16"):
+        torch.ops.fastcifar.winograd_conv3x3(channels_last(1, 8, 4, 4), eight, None)
     with pytest.raises(RuntimeError, match="fp32 weight tiles"):  # fp32 input, bf16 tiles
         torch.ops.fastcifar.winograd_conv3x3(
             channels_last(1, 16, 4, 4, dtype=torch.float32), packed, None
@@ -332,6 +392,47 @@ def test_the_f4_weight_gradient_is_asked_for():
         cfg.replace(winograd_grad_tile=3)
 
 
+def test_the_f4_input_gradient_is_asked_for():
+    """`--winograd-input-grad-tile 4` gives every Winograd layer F(4x4, 3x3)'s input
+    gradient in bf16, and the run records it (and `compare` reads it back); in fp32 or
+    without Winograd it is a user error."""
+    from fastcifar.train.build import build_model, native_layers, winograd_layer_name
+
+    cfg = TrainConfig(arch="conv5", amp="bf16", winograd_input_grad_tile=4)
+    model = build_model(cfg, torch.device("cpu"))
+    layers = [m for m in model.modules() if type(m) is WinogradConv2d]
+    assert len(layers) == 4 and all(m.input_grad_tile == 4 for m in layers)
+    name = "Winograd conv (and weight gradient and F(4x4) input gradient)"
+    assert winograd_layer_name(layers[0]) == name
+
+    def winograd_layers(model):
+        return {k: v for k, v in native_layers(model).items() if k.startswith("Winograd")}
+
+    assert winograd_layers(model) == {name: 4}
+    default = build_model(cfg.replace(winograd_input_grad_tile=2), torch.device("cpu"))
+    assert winograd_layers(default) == {"Winograd conv (and weight gradient)": 4}
+    for change in ({"amp": "none"}, {"winograd": "off"}):
+        with pytest.raises(UserError, match="--winograd-input-grad-tile 4 is for Winograd"):
+            build_model(cfg.replace(**change), torch.device("cpu"))
+    with pytest.raises(UserError, match="--winograd-input-grad-tile must be 2 or 4, not 3"):
+        cfg.replace(winograd_input_grad_tile=3)
+
+
+def test_compare_reads_the_input_gradients_tile_from_the_run(tmp_path):
+    from fastcifar.compare import winograd_ran
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"winograd": "auto", "winograd_weight_grad": "auto"}
+    layers = {"Winograd conv (and F(4x4) weight gradient and F(4x4) input gradient)": 11}
+    (run / "env.json").write_text(json.dumps({"native_layers": layers}))
+    assert winograd_ran(config, run) == ("on", "on", 4, 4)
+    (run / "env.json").write_text(json.dumps({"native_layers": {"Winograd conv": 4}}))
+    assert winograd_ran(config, run) == ("on", "off", 2, 2)
+    (run / "env.json").write_text(json.dumps({"native_layers": {"ReLU-BatchNorm": 3}}))
+    assert winograd_ran(config, run) == ("off", "off", 2, 2)
+
+
 @pytest.mark.parametrize("change", [{"channels_last": False}, {"amp": "fp16"}])
 def test_on_outside_channels_last_cpu_training_is_a_user_error(change):
     from fastcifar.train.build import build_model
@@ -401,7 +502,7 @@ def test_a_winograd_checkpoint_loads_where_winograd_cannot_run(tmp_path, capsys,
     run = _winograd_run(tmp_path, capsys)
     model, cfg = load_trained(run / "best.pt")
     assert cfg.winograd == "on" and any(type(m) is WinogradConv2d for m in model.modules())
-    monkeypatch.setattr(build, "winograd_available", lambda: (False, "no AVX512-BF16"))
+    monkeypatch.setattr(build, "winograd_available", lambda amp="bf16": (False, "no AVX512-BF16"))
     model, cfg = load_trained(run / "best.pt")
     assert cfg.winograd == "off" and not any(type(m) is WinogradConv2d for m in model.modules())
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2

@@ -14,7 +14,7 @@ from fastcifar.config import TrainConfig, read_config, read_run_config
 from fastcifar.errors import UserError
 
 RESUME_OVERRIDES = {"data", "epochs", "device", "threads", "winograd", "winograd_weight_grad",
-                    "winograd_grad_tile"}  # fmt: skip
+                    "winograd_grad_tile", "winograd_input_grad_tile"}  # fmt: skip
 NOT_CONFIG = ("command", "handler", "parser", "argv", "config", "resume", "quiet", "print_config")
 
 

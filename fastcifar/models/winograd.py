@@ -30,10 +30,13 @@ class WinogradConv2d(nn.Conv2d):
     `F.conv2d`. Its weight's gradient is oneDNN's, or Winograd's with
     `winograd_weight_grad` (`use_winograd_weight_grad`), as F(2x2, 3x3) or with
     `weight_grad_tile` 4 as F(4x4, 3x3) where the height and width are multiples of 4.
-    Parameters and state dict are `nn.Conv2d`'s."""
+    In bf16 the input's gradient is F(2x2, 3x3)'s, or with `input_grad_tile` 4
+    (`use_winograd_input_grad_tile`) F(4x4, 3x3)'s where the size allows. Parameters and
+    state dict are `nn.Conv2d`'s."""
 
     winograd_weight_grad = False
     weight_grad_tile = 2
+    input_grad_tile = 2  # bf16; in fp32 the input's gradient takes the forward's tile
     fp32_tile = 4  # fp32 forward and input gradient as F(4x4, 3x3) where the size allows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +52,8 @@ class WinogradConv2d(nn.Conv2d):
         return winograd_conv3x3(x.to(torch.bfloat16) if bf16 else x, self.weight, self.bias,
                                 winograd_weight_grad=self.winograd_weight_grad,
                                 weight_grad_tile=fitting(self.weight_grad_tile),
-                                tile=2 if bf16 else fitting(self.fp32_tile))  # fmt: skip
+                                tile=2 if bf16 else fitting(self.fp32_tile),
+                                input_grad_tile=fitting(self.input_grad_tile) if bf16 else None)  # fmt: skip
 
 
 def use_winograd(model: nn.Module) -> int:
@@ -64,6 +68,15 @@ def use_winograd_weight_grad(model: nn.Module, tile: int = 2) -> int:
     layers = [m for m in model.modules() if isinstance(m, WinogradConv2d)]
     for layer in layers:
         layer.winograd_weight_grad, layer.weight_grad_tile = True, tile
+    return len(layers)
+
+
+def use_winograd_input_grad_tile(model: nn.Module, tile: int) -> int:
+    """Give every `WinogradConv2d` of `model` F(2x2, 3x3)'s (`tile=2`) or F(4x4, 3x3)'s
+    (`tile=4`) input gradient in bf16; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+    for layer in layers:
+        layer.input_grad_tile = tile
     return len(layers)
 
 

@@ -43,19 +43,22 @@ def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32, device=like.device)
 
 
-def weight_tiles(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """G w G^T of each (C_out, C_in) 3 x 3 kernel, as (16, C_in, C_out) in `dtype`."""
-    g = _matrix(_G, weight)
-    u = g @ weight.float() @ g.T  # (C_out, C_in, 4, 4)
-    return u.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0]).to(dtype)
+def weight_tiles(weight: torch.Tensor, dtype: torch.dtype, tile: int = 2) -> torch.Tensor:
+    """G w G^T of each (C_out, C_in) 3 x 3 kernel, as ((tile + 2)^2, C_in, C_out) in `dtype`:
+    kron(G, G) times the kernel's nine taps, as `packed_weight_tiles` computes them."""
+    g = _matrix(_G if tile == 2 else _G4, weight)
+    c_out, c_in = weight.shape[:2]
+    taps = weight.float().permute(1, 0, 2, 3).reshape(-1, 9)  # (C_in C_out, 9)
+    with torch.autocast("cpu", enabled=False):
+        return (torch.kron(g, g) @ taps.T).reshape(-1, c_in, c_out).to(dtype)
 
 
 def packed_weight_tiles(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
                         tile: int = 2) -> torch.Tensor:  # fmt: skip
     """`weight_tiles` as the native op takes them for activations of `dtype`: bf16 with
     pairs of input channels together, (16, C_in / 2, C_out, 2), or fp32 (16, C_in, C_out),
-    or with `tile=4` (fp32 only) F(4x4, 3x3)'s (36, C_in, C_out). One (16 or 36 x 9)
-    product, kron(G, G) with each kernel's nine taps, in place of a batch of tiny ones."""
+    or with `tile=4` F(4x4, 3x3)'s 36 in place of 16. One (16 or 36 x 9) product,
+    kron(G, G) with each kernel's nine taps, in place of a batch of tiny ones."""
     c_out, c_in = weight.shape[:2]
     g = _matrix(_G if tile == 2 else _G4, weight)
     pair = 2 if dtype == torch.bfloat16 else 1
@@ -63,20 +66,20 @@ def packed_weight_tiles(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat1
     with torch.autocast("cpu", enabled=False):  # the product in fp32, then rounded
         tiles = (torch.kron(g, g) @ taps.T).to(dtype)
     if pair == 2:
-        return tiles.reshape(16, c_in // 2, c_out, 2)
+        return tiles.reshape(len(tiles), c_in // 2, c_out, 2)
     return tiles.reshape(len(tiles), c_in, c_out)
 
 
 class _WinogradConv(torch.autograd.Function):
-    """Forward and the input's gradient through the native op; the weight's gradient
-    oneDNN's, or with `winograd_grad` the native Winograd one."""
+    """Forward and the input's gradient through the native op (each with its own tile);
+    the weight's gradient oneDNN's, or with `winograd_grad` the native Winograd one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, winograd_grad, grad_tile, tile):
+    def forward(ctx, x, weight, bias, winograd_grad, grad_tile, tile, input_grad_tile):
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.winograd_grad, ctx.grad_tile = bias is not None, winograd_grad, grad_tile
-        ctx.tile = tile
+        ctx.input_grad_tile = input_grad_tile
         tiles = packed_weight_tiles(weight, x.dtype, tile)
         return torch.ops.fastcifar.winograd_conv3x3(x, tiles, bias)
 
@@ -87,7 +90,7 @@ class _WinogradConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = pixel_sums = None
         if ctx.needs_input_grad[0]:
             turned = weight.flip(2, 3).transpose(0, 1)
-            tiles = packed_weight_tiles(turned, x.dtype, ctx.tile)
+            tiles = packed_weight_tiles(turned, x.dtype, ctx.input_grad_tile)
             grad_x = torch.ops.fastcifar.winograd_conv3x3(grad, tiles, None)
         if ctx.needs_input_grad[1] and ctx.winograd_grad:
             grad_w, pixel_sums = weight_grad(grad, x, tile=ctx.grad_tile)
@@ -100,20 +103,24 @@ class _WinogradConv(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3), dtype=torch.float32) if pixel_sums is None else pixel_sums
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      winograd_weight_grad: bool = False, weight_grad_tile: int = 2,
-                     tile: int = 2) -> torch.Tensor:  # fmt: skip
+                     tile: int = 2, input_grad_tile: int | None = None) -> torch.Tensor:  # fmt: skip
     """`F.conv2d(x, weight, bias, padding=1)` for 3x3 kernels through Winograd F(2x2, 3x3),
-    or in fp32 with `tile=4` F(4x4, 3x3) (height and width in multiples of 4), forward and
-    input gradient; x channels-last on the CPU with an even height and width, bf16 (the
-    weights' tiles are rounded to bf16, the bias added in fp32) or fp32 (channels in
-    multiples of 8). With `winograd_weight_grad` the weight's gradient is Winograd's too
-    (bf16: channels in multiples of 16), as F(2x2, 3x3) or with `weight_grad_tile=4`
-    F(4x4, 3x3) (height and width in multiples of 4)."""
-    return _WinogradConv.apply(x, weight, bias, winograd_weight_grad, weight_grad_tile, tile)
+    or with `tile=4` F(4x4, 3x3) (height and width in multiples of 4; bf16: channels in
+    multiples of 16), forward and input gradient, or the input gradient alone with
+    `input_grad_tile=4` (unset: `tile`); x channels-last on the CPU with an even height
+    and width, bf16 (the weights' tiles are rounded to bf16, the bias added in fp32) or
+    fp32 (channels in multiples of 8). With `winograd_weight_grad` the weight's gradient is
+    Winograd's too (bf16: channels in multiples of 16), as F(2x2, 3x3) or with
+    `weight_grad_tile=4` F(4x4, 3x3) (height and width in multiples of 4)."""
+    input_grad_tile = tile if input_grad_tile is None else input_grad_tile
+    return _WinogradConv.apply(
+        x, weight, bias, winograd_weight_grad, weight_grad_tile, tile, input_grad_tile
+    )
 
 
 def weight_grad(
@@ -142,15 +149,15 @@ def _weights_from_tiles(tiles: torch.Tensor) -> torch.Tensor:
 
 
 def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                   operands: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+                   operands: torch.dtype = torch.float32, tile: int = 2) -> torch.Tensor:  # fmt: skip
     """The same arithmetic in plain torch ops, in fp32, with the transformed input and
-    weight tiles rounded to `operands` first (bf16: as the native op rounds them): the
-    native op's reference."""
+    weight tiles rounded to `operands` first (bf16: as the native op rounds them), for
+    F(2x2, 3x3) or with `tile=4` F(4x4, 3x3): the native op's reference."""
     n, _, h, w = x.shape
-    at = _matrix(_AT, x)
-    u = weight_tiles(weight, operands).float()
-    m = torch.bmm(_input_tiles(x).to(operands).float(), u)
-    m = m.reshape(4, 4, n, h // 2, w // 2, -1).permute(2, 5, 3, 4, 0, 1)
+    at = _matrix(_AT if tile == 2 else _AT4, x)
+    u = weight_tiles(weight, operands, tile).float()
+    m = torch.bmm(_input_tiles(x, tile).to(operands).float(), u)
+    m = m.reshape(tile + 2, tile + 2, n, h // tile, w // tile, -1).permute(2, 5, 3, 4, 0, 1)
     y = (at @ m @ at.T).permute(0, 1, 2, 4, 3, 5).reshape(n, -1, h, w)
     return y if bias is None else y + bias.float().view(1, -1, 1, 1)
 

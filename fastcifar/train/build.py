@@ -31,6 +31,7 @@ from fastcifar.models.winograd import (
     default_grad_tile,
     fp32_by_default,
     use_winograd,
+    use_winograd_input_grad_tile,
     use_winograd_weight_grad,
     winograd_available,
 )
@@ -79,8 +80,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
             if amx_conv_available():
                 use_amx_conv(model)  # 3x3 convolutions' weight gradient on AMX tiles
     with_winograd_grad = 0
-    if winograd_wanted(cfg, device):
+    winograd = winograd_wanted(cfg, device)
+    if cfg.winograd_input_grad_tile == 4 and not (winograd and cfg.amp == "bf16"):
+        raise UserError("--winograd-input-grad-tile 4 is for Winograd convolutions in bf16 (--amp "
+                        "bf16 where Winograd runs; in fp32 the input's gradient takes the "
+                        "forward's tile)")  # fmt: skip
+    if winograd:
         use_winograd(model)
+        use_winograd_input_grad_tile(model, cfg.winograd_input_grad_tile)
         if cfg.winograd_weight_grad != "off":
             # its rule held too (benchmarks/NOTES.md); F(4x4, 3x3)'s has not been put to one
             tile = cfg.winograd_grad_tile or default_grad_tile(cfg.amp)
@@ -96,9 +103,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 
 # The layers `build_model` may swap in, as the run's log line and env.json name them
+# (a Winograd layer's name adds the gradients it computes: `winograd_layer_name`)
 WINOGRAD_LAYER = "Winograd conv"
-WINOGRAD_WEIGHT_GRAD_LAYER = f"{WINOGRAD_LAYER} (and weight gradient)"
-WINOGRAD_F4_WEIGHT_GRAD_LAYER = f"{WINOGRAD_LAYER} (and F(4x4) weight gradient)"
+WINOGRAD_WEIGHT_GRAD = "weight gradient"
+WINOGRAD_F4_WEIGHT_GRAD = "F(4x4) weight gradient"
+WINOGRAD_F4_INPUT_GRAD = "F(4x4) input gradient"
 NATIVE_LAYERS = {
     WinogradConv2d: WINOGRAD_LAYER,
     AmxGradConv2d: "AMX weight-gradient conv",
@@ -118,9 +127,8 @@ def native_layers(model: torch.nn.Module) -> dict[str, int]:
 
     def visit(module: torch.nn.Module) -> None:
         name = NATIVE_LAYERS.get(type(module))
-        if getattr(module, "winograd_weight_grad", False):
-            four = module.weight_grad_tile == 4
-            name = WINOGRAD_F4_WEIGHT_GRAD_LAYER if four else WINOGRAD_WEIGHT_GRAD_LAYER
+        if isinstance(module, WinogradConv2d):
+            name = winograd_layer_name(module)
         if name is not None:
             counts[name] = counts.get(name, 0) + 1
             return
@@ -129,6 +137,18 @@ def native_layers(model: torch.nn.Module) -> dict[str, int]:
 
     visit(model)
     return counts
+
+
+def winograd_layer_name(layer: WinogradConv2d) -> str:
+    """ "Winograd conv", with "(and ...)" naming the gradients it computes through Winograd
+    beyond F(2x2, 3x3)'s input gradient: "Winograd conv (and F(4x4) weight gradient)"."""
+    parts = []
+    if layer.winograd_weight_grad:
+        four = layer.weight_grad_tile == 4
+        parts.append(WINOGRAD_F4_WEIGHT_GRAD if four else WINOGRAD_WEIGHT_GRAD)
+    if layer.input_grad_tile == 4:
+        parts.append(WINOGRAD_F4_INPUT_GRAD)
+    return WINOGRAD_LAYER + (f" (and {' and '.join(parts)})" if parts else "")
 
 
 def describe_layers(counts: dict[str, int]) -> str:
