@@ -3,7 +3,8 @@ windows (medians of the per-round ratios): each 3x3 layer shape that Winograd ta
 CerberusNet, conv5 and wide4 alone, forward and backward; whole bf16 training steps
 with Winograd's weight gradient (`use_winograd_weight_grad`) against oneDNN's, both sides
 with Winograd's forward and input gradient and the CPU's other default native layers, so
-only the weight gradients differ; and whole fp32 training steps with Winograd throughout
+only the weight gradients differ (or only the input gradients: F(4x4) against F(2x2));
+and whole fp32 training steps with Winograd throughout
 against oneDNN's direct convolutions."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from fastcifar.models.winograd import (
     WinogradConv2d,
     use_winograd,
+    use_winograd_input_grad_tile,
     use_winograd_weight_grad,
     winograd_available,
 )
@@ -109,6 +111,20 @@ def test_training_step_with_the_f4_weight_gradient(benchmark, full, device, arch
     with Winograd's forward: the speed half of its rule (benchmarks/NOTES.md)."""
     result = paired_training_steps(benchmark, arch, full, device, kind="winograd_f4_weight_grad_step",
                                    swap=lambda model: use_winograd_weight_grad(model, tile=4),
+                                   prepare=lambda model: winograd_with_its_weight_gradient(model, arch),
+                                   images=2048,
+                                   rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
+
+
+@bf16_only
+@pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4"])
+def test_training_step_with_the_f4_input_gradient(benchmark, full, device, arch):
+    """F(4x4, 3x3)'s input gradient ("native") against F(2x2, 3x3)'s ("aten"), both sides
+    with Winograd's forward and F(2x2)'s weight gradient (the default): the speed half of
+    its rule (benchmarks/NOTES.md)."""
+    result = paired_training_steps(benchmark, arch, full, device, kind="winograd_f4_input_grad_step",
+                                   swap=lambda model: use_winograd_input_grad_tile(model, 4),
                                    prepare=lambda model: winograd_with_its_weight_gradient(model, arch),
                                    images=2048,
                                    rounds=7)  # fmt: skip

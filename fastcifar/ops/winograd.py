@@ -7,7 +7,8 @@ Each 2 x 2 block of output pixels is A^T [(G w G^T) * (B^T d B)] A, with d the 4
 input patch around it: per block and channel pair, 16 multiplications where the direct
 convolution needs 36. The 16 elementwise products, summed over input channels, are 16
 matrix products of (tiles x C_in) by (C_in x C_out). The input's gradient is the same
-convolution of the output's gradient with the weights turned 180 degrees and transposed.
+convolution of the output's gradient with the weights turned 180 degrees and transposed,
+F(2x2, 3x3)'s or with `input_grad_tile=4` F(4x4, 3x3)'s (the op takes 36 weight tiles).
 The weight's gradient is oneDNN's, or with `winograd_weight_grad` Winograd's too: the
 weights' tiles' gradient is the sum over blocks of (B^T d B) * (A g A^T), g the output's
 gradient at the block, 16 matrix products of (C_in x tiles) by (tiles x C_out), and the
