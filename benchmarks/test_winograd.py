@@ -131,6 +131,23 @@ def test_training_step_with_the_f4_input_gradient(benchmark, full, device, arch)
     assert result["speedup"] > 0
 
 
+def f4_gradients(model) -> None:
+    use_winograd_weight_grad(model, tile=4)
+    use_winograd_input_grad_tile(model, 4)
+
+
+@bf16_only
+@pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4"])
+def test_training_step_with_both_f4_gradients(benchmark, full, device, arch):
+    """F(4x4, 3x3) for both gradients ("native") against the default's F(2x2, 3x3) for
+    both ("aten"), both sides with Winograd's forward."""
+    result = paired_training_steps(benchmark, arch, full, device, kind="winograd_f4_grads_step",
+                                   swap=f4_gradients,
+                                   prepare=lambda model: winograd_with_its_weight_gradient(model, arch),
+                                   images=2048, rounds=7)  # fmt: skip
+    assert result["speedup"] > 0
+
+
 @fp32_winograd
 @pytest.mark.parametrize("arch", ["cerberus", "conv5", "wide4", "conv4_relu_bn"])
 def test_fp32_training_step_with_winograd(benchmark, full, device, arch):
