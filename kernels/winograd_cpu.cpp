@@ -388,13 +388,15 @@ FASTCIFAR_AVX512_BF16 void output_pixels(const float* mt, int64_t plane, const f
 
 // Tiles a chunk of the forward: its transformed inputs (bf16) and products (fp32) about
 // 384 KiB, so that they stay in the L2 cache between the transforms and the products;
-// for F(4x4, 3x3)'s 36 planes also as many, up to 64, as fit one plane's inputs, weights
-// and products into those 384 KiB, since each chunk reads every plane of the weights.
+// for F(4x4, 3x3)'s 36 planes at least as many, up to 16, as fit one plane's inputs,
+// weights and products into those 384 KiB, since each chunk reads every plane of the
+// weights (caps of 8 to 64 within 8% of each other at CerberusNet's shapes, 16 fastest or
+// tied; 128 up to 1.3x slower).
 int64_t forward_chunk(int64_t planes, int64_t c_in, int64_t c_out) {
   const int64_t fit = 393216 / (planes * (2 * c_in + 4 * c_out));
   if (planes == 16) return std::max<int64_t>(kRows, fit);
   const int64_t plane_fit = std::max<int64_t>(0, (393216 - 2 * c_in * c_out) / (2 * c_in + 4 * c_out));
-  return std::max<int64_t>({kRows, fit, std::min<int64_t>(plane_fit, 64)});
+  return std::max<int64_t>({kRows, fit, std::min<int64_t>(plane_fit, 16)});
 }
 
 // winograd_conv3x3's bf16 body for kTile x kTile output tiles.
