@@ -131,9 +131,9 @@ def test_training_step_with_the_f4_input_gradient(benchmark, full, device, arch)
     assert result["speedup"] > 0
 
 
-def f4_gradients(model) -> None:
+def f4_gradients(model) -> int:
     use_winograd_weight_grad(model, tile=4)
-    use_winograd_input_grad_tile(model, 4)
+    return use_winograd_input_grad_tile(model, 4)
 
 
 @bf16_only
