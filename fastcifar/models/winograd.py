@@ -65,7 +65,7 @@ def use_winograd(model: nn.Module) -> int:
 def use_winograd_weight_grad(model: nn.Module, tile: int = 2) -> int:
     """Give every `WinogradConv2d` of `model` Winograd's weight gradient, F(2x2, 3x3) or
     with `tile=4` F(4x4, 3x3); returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+    layers = winograd_layers(model)
     for layer in layers:
         layer.winograd_weight_grad, layer.weight_grad_tile = True, tile
     return len(layers)
@@ -74,10 +74,15 @@ def use_winograd_weight_grad(model: nn.Module, tile: int = 2) -> int:
 def use_winograd_input_grad_tile(model: nn.Module, tile: int) -> int:
     """Give every `WinogradConv2d` of `model` F(2x2, 3x3)'s (`tile=2`) or F(4x4, 3x3)'s
     (`tile=4`) input gradient in bf16; returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+    layers = winograd_layers(model)
     for layer in layers:
         layer.input_grad_tile = tile
     return len(layers)
+
+
+def winograd_layers(model: nn.Module) -> list[WinogradConv2d]:
+    """The `WinogradConv2d` layers of `model`."""
+    return [m for m in model.modules() if isinstance(m, WinogradConv2d)]
 
 
 def default_grad_tile(amp: str) -> int:

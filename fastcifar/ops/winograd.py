@@ -46,12 +46,8 @@ def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
 
 def weight_tiles(weight: torch.Tensor, dtype: torch.dtype, tile: int = 2) -> torch.Tensor:
     """G w G^T of each (C_out, C_in) 3 x 3 kernel, as ((tile + 2)^2, C_in, C_out) in `dtype`:
-    kron(G, G) times the kernel's nine taps, as `packed_weight_tiles` computes them."""
-    g = _matrix(_G if tile == 2 else _G4, weight)
-    c_out, c_in = weight.shape[:2]
-    taps = weight.float().permute(1, 0, 2, 3).reshape(-1, 9)  # (C_in C_out, 9)
-    with torch.autocast("cpu", enabled=False):
-        return (torch.kron(g, g) @ taps.T).reshape(-1, c_in, c_out).to(dtype)
+    `packed_weight_tiles`' fp32 values, rounded as it rounds them for bf16."""
+    return packed_weight_tiles(weight, torch.float32, tile).to(dtype)
 
 
 def packed_weight_tiles(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16,

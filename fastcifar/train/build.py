@@ -109,7 +109,6 @@ WINOGRAD_WEIGHT_GRAD = "weight gradient"
 WINOGRAD_F4_WEIGHT_GRAD = "F(4x4) weight gradient"
 WINOGRAD_F4_INPUT_GRAD = "F(4x4) input gradient"
 NATIVE_LAYERS = {
-    WinogradConv2d: WINOGRAD_LAYER,
     AmxGradConv2d: "AMX weight-gradient conv",
     FoldedAmxGradConv2d: "AMX weight-gradient conv",
     ReluBatchNorm2d: "ReLU-BatchNorm",
@@ -120,15 +119,17 @@ NATIVE_LAYERS = {
 
 
 def native_layers(model: torch.nn.Module) -> dict[str, int]:
-    """How many layers of each kind in `NATIVE_LAYERS` `model` holds (a layer's own
-    submodules, such as a folded pool, are part of it), in the order first met; which
-    native paths a run took depends on the CPU, so its files record them."""
+    """How many layers of each kind in `NATIVE_LAYERS`, and of each Winograd layer's
+    `winograd_layer_name`, `model` holds (a layer's own submodules, such as a folded pool,
+    are part of it), in the order first met; which native paths a run took depends on the
+    CPU, so its files record them."""
     counts: dict[str, int] = {}
 
     def visit(module: torch.nn.Module) -> None:
-        name = NATIVE_LAYERS.get(type(module))
-        if isinstance(module, WinogradConv2d):
+        if type(module) is WinogradConv2d:
             name = winograd_layer_name(module)
+        else:
+            name = NATIVE_LAYERS.get(type(module))
         if name is not None:
             counts[name] = counts.get(name, 0) + 1
             return
@@ -140,8 +141,9 @@ def native_layers(model: torch.nn.Module) -> dict[str, int]:
 
 
 def winograd_layer_name(layer: WinogradConv2d) -> str:
-    """ "Winograd conv", with "(and ...)" naming the gradients it computes through Winograd
-    beyond F(2x2, 3x3)'s input gradient: "Winograd conv (and F(4x4) weight gradient)"."""
+    """The layer's name in a run's records: `WINOGRAD_LAYER`, with "(and ...)" naming the
+    gradients it computes through Winograd beyond F(2x2, 3x3)'s input gradient: "Winograd
+    conv (and F(4x4) weight gradient)"."""
     parts = []
     if layer.winograd_weight_grad:
         four = layer.weight_grad_tile == 4
